@@ -1,0 +1,50 @@
+# IoT platform: common tasks. `make` alone lists them.
+SHELL := /bin/bash
+UV ?= uv
+PYTEST := $(UV) run --frozen pytest
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-unit test-integration test-e2e lint fmt migrate bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+install: ## Install every package, console script and dev tool into .venv (uv, from uv.lock)
+	@command -v $(UV) >/dev/null || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+
+run: ## Migrate, then run the three services locally until Ctrl-C
+	$(UV) run --frozen iot-migrate
+	$(UV) run --frozen python scripts/run_local.py
+
+test: ## Run every test suite (unit, integration, end-to-end)
+	$(PYTEST)
+
+test-unit: ## Fast tests, no network
+	$(PYTEST) tests/unit
+
+test-integration: ## Tests against real PostgreSQL, Redis and Mosquitto
+	$(PYTEST) tests/integration
+
+test-e2e: ## The services as processes, driven by real clients
+	$(PYTEST) tests/e2e
+
+lint: ## ruff check, ruff format --check, mypy
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy
+
+fmt: ## Format and fix what ruff can
+	$(UV) run --frozen ruff check --fix .
+	$(UV) run --frozen ruff format .
+
+migrate: ## Apply the database schema (IOT_DATABASE_URL)
+	$(UV) run --frozen iot-migrate
+
+bench: ## Run the benchmarks under bench/
+	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmark yet under bench/"; exit 0; }; \
+	for b in bench/bench_*.py; do echo "== $$b"; $(UV) run --frozen python $$b || exit 1; done
+
+clean: ## Remove caches, build output and test artifacts (keeps .venv)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache artifacts build dist
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

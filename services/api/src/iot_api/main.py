@@ -1,0 +1,45 @@
+"""``iot-api``: runs the REST API under uvicorn until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import uvicorn
+
+from iot_api.app import create_app
+from iot_api.settings import ApiSettings
+from iot_common.service import run_service
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: :func:`run_service` owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
+    """Serve the API until ``stop`` is set; in-flight requests finish before the pool closes."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host="0.0.0.0",
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    server = _Server(config)
+    task = asyncio.create_task(server.serve())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    stopped.cancel()
+    await task
+
+
+def main() -> None:
+    run_service("iot-api", ApiSettings, serve)

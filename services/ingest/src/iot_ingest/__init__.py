@@ -1,0 +1,1 @@
+"""Ingest service: devices' MQTT telemetry into PostgreSQL, the Redis cache and Redis pub/sub."""

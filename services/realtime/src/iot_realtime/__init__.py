@@ -1,0 +1,1 @@
+"""Realtime service: a WebSocket gateway that fans Redis pub/sub messages out to clients."""

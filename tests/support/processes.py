@@ -1,0 +1,105 @@
+"""Running the platform's console scripts and private brokers as processes under test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import httpx
+
+from tests.support.backends import MOSQUITTO_TEST_CONFIG, port_open
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    """A console script of the platform, started with the given environment, logs kept in a file."""
+
+    def __init__(self, script: str, env: Mapping[str, str], log_dir: Path) -> None:
+        self.script = script
+        self.env = {**os.environ, "IOT_LOG_FORMAT": "json", **env}
+        self.log_path = log_dir / f"{script}-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / self.script)], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        return self
+
+    def wait_http(self, url: str, timeout: float = 30.0, status: int = 200) -> None:
+        """Wait until ``url`` answers ``status``; fail with the process log if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.script} exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(url, timeout=1.0).status_code == status:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{url} did not answer {status} within {timeout}s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send ``sig`` and wait for the exit; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(
+                    f"{self.script} ignored {sig!r} for {timeout}s:\n{self.logs()}"
+                ) from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+
+@contextlib.contextmanager
+def mosquitto(extra_config: str = "", port: int | None = None) -> Iterator[str]:
+    """A private Mosquitto on a free port (for tests that restart it or need a special config)."""
+    port = port or free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp, "mosquitto.conf")
+        base = MOSQUITTO_TEST_CONFIG.replace("listener 1883", f"listener {port} 127.0.0.1")
+        config.write_text(base + extra_config)
+        proc = subprocess.Popen(
+            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not port_open("127.0.0.1", port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    raise RuntimeError(f"mosquitto did not start on {port}: {err}")
+                time.sleep(0.05)
+            yield f"mqtt://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
