@@ -22,9 +22,7 @@ def main() -> int:
     env = {**os.environ}
     env.setdefault("IOT_LOG_FORMAT", "console")
     procs = {
-        name: subprocess.Popen(
-            [str(BIN / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        name: subprocess.Popen([str(BIN / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for name in SERVICES
     }
     stopping = False
