@@ -67,7 +67,7 @@ class BaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 class WebSettings(BaseSettings, frozen=True, kw_only=True):
     """Settings shared by the services browsers talk to (API and realtime)."""
 
-    jwt_secret: Annotated[str, msgspec.Meta(min_length=16)] = "dev-only-insecure-jwt-secret"
+    jwt_secret: Annotated[str, msgspec.Meta(min_length=32)] = "dev-only-insecure-jwt-secret-change-me"
     cors_origins: list[str] = msgspec.field(
         default_factory=lambda: ["http://localhost:8000", "http://127.0.0.1:8000"]
     )

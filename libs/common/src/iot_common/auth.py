@@ -1,0 +1,135 @@
+"""Credentials shared by the API (which issues them) and the realtime service (which checks them).
+
+- Access tokens are JWTs (HS256, ``IOT_JWT_SECRET``) with ``sub``, ``scopes``, ``typ`` and ``exp``.
+  ``typ`` is ``access`` for API calls and ``realtime`` for the short-lived WebSocket token.
+- API keys look like ``iotk_<prefix>_<secret>``. Only the prefix (for lookup) and a SHA-256 of the whole
+  key are stored: the key has 192 bits of entropy, so a fast hash is safe, unlike a password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import jwt
+import msgspec
+
+if TYPE_CHECKING:
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any] | asyncpg.Pool[Any]
+
+Scope = Literal["read", "write", "admin"]
+TokenType = Literal["access", "realtime"]
+ALL_SCOPES: frozenset[str] = frozenset({"read", "write", "admin"})
+API_KEY_PREFIX = "iotk_"
+JWT_ALGORITHM = "HS256"
+JWT_ISSUER = "iot-platform"
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who a request or connection acts for."""
+
+    subject: str
+    kind: Literal["user", "api_key"]
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        """``admin`` implies ``write``, which implies ``read``."""
+        if "admin" in self.scopes:
+            return True
+        if scope == "read":
+            return bool(self.scopes & {"read", "write"})
+        return scope in self.scopes
+
+
+class InvalidCredential(Exception):
+    """A token or key that is malformed, expired, revoked or unknown; the message says which."""
+
+
+def issue_token(
+    secret: str,
+    subject: str,
+    scopes: frozenset[str] | set[str] | list[str],
+    ttl_s: int,
+    token_type: TokenType = "access",
+    kind: Literal["user", "api_key"] = "user",
+) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": JWT_ISSUER,
+        "sub": subject,
+        "scopes": sorted(scopes),
+        "typ": token_type,
+        "knd": kind,
+        "iat": now,
+        "exp": now + ttl_s,
+        "jti": secrets.token_hex(8),
+    }
+    return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM)
+
+
+def decode_token(secret: str, token: str, accept: tuple[TokenType, ...] = ("access",)) -> Principal:
+    """Verify signature, expiry and type; raise :class:`InvalidCredential` saying what is wrong."""
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[JWT_ALGORITHM],
+            issuer=JWT_ISSUER,
+            options={"require": ["exp", "sub", "iss"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise InvalidCredential("token expired") from None
+    except jwt.InvalidTokenError as exc:
+        raise InvalidCredential(f"invalid token: {exc}") from None
+    if claims.get("typ") not in accept:
+        raise InvalidCredential(f"token type {claims.get('typ')!r} not accepted here")
+    scopes = frozenset(s for s in claims.get("scopes", []) if s in ALL_SCOPES)
+    if claims.get("knd") == "api_key":
+        return Principal(subject=str(claims["sub"]), kind="api_key", scopes=scopes)
+    return Principal(subject=str(claims["sub"]), kind="user", scopes=scopes)
+
+
+def looks_like_api_key(credential: str) -> bool:
+    return credential.startswith(API_KEY_PREFIX)
+
+
+def generate_api_key() -> tuple[str, str, str]:
+    """A new key: (the key to show once, its lookup prefix, its hash to store)."""
+    prefix = secrets.token_hex(6)
+    key = f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(24)}"
+    return key, prefix, hash_api_key(key)
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def api_key_prefix(key: str) -> str | None:
+    """The lookup prefix of a well-formed key, else None."""
+    if not looks_like_api_key(key):
+        return None
+    prefix, sep, rest = key[len(API_KEY_PREFIX) :].partition("_")
+    if not sep or len(prefix) != 12 or not rest:
+        return None
+    return prefix
+
+
+async def verify_api_key(conn: Conn, key: str) -> Principal:
+    """The principal of an active API key; raise :class:`InvalidCredential` if unknown or revoked."""
+    prefix = api_key_prefix(key)
+    if prefix is None:
+        raise InvalidCredential("malformed API key")
+    row = await conn.fetchrow(
+        "SELECT id, key_hash, scopes, revoked_at FROM api_keys WHERE prefix = $1", prefix
+    )
+    if row is None or not hmac.compare_digest(row["key_hash"], hash_api_key(key)):
+        raise InvalidCredential("unknown API key")
+    if row["revoked_at"] is not None:
+        raise InvalidCredential("API key revoked")
+    return Principal(subject=f"key:{row['id']}", kind="api_key", scopes=frozenset(row["scopes"]))
