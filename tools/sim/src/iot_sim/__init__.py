@@ -1,0 +1,1 @@
+"""Device simulator: a fleet of devices publishing realistic telemetry over MQTT."""

@@ -1,0 +1,64 @@
+"""Realistic metric values: a slow mean-reverting drift plus noise, with occasional spikes.
+
+Pure and seeded, so tests and benchmarks get the same series for the same seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    mean: float
+    drift: float
+    noise: float
+    spike: float
+    decimals: int = 2
+
+
+KNOWN_METRICS = (
+    MetricSpec("temperature", 21.0, 0.05, 0.1, 40.0),
+    MetricSpec("humidity", 45.0, 0.1, 0.3, 40.0),
+    MetricSpec("pressure", 1013.0, 0.05, 0.2, 50.0, 1),
+    MetricSpec("battery", 90.0, 0.01, 0.05, -60.0, 1),
+    MetricSpec("co2", 600.0, 2.0, 5.0, 1500.0, 0),
+)
+
+
+def metric_specs(count: int) -> list[MetricSpec]:
+    """The first ``count`` known metrics, then generic ``metric_N`` ones."""
+    specs = list(KNOWN_METRICS[:count])
+    for i in range(len(specs), count):
+        specs.append(MetricSpec(f"metric_{i}", 50.0, 0.2, 1.0, 100.0))
+    return specs
+
+
+@dataclass
+class DeviceModel:
+    """One device's metrics; :meth:`sample` advances them one step."""
+
+    specs: list[MetricSpec]
+    rng: random.Random
+    spike_probability: float = 0.002
+    offsets: dict[str, float] = field(default_factory=dict)
+
+    def sample(self) -> dict[str, float]:
+        values = {}
+        for spec in self.specs:
+            offset = self.offsets.get(spec.name, 0.0)
+            # Mean reversion keeps the drift bounded; noise is added on top of it.
+            offset = offset * 0.995 + self.rng.gauss(0.0, spec.drift)
+            self.offsets[spec.name] = offset
+            value = spec.mean + offset + self.rng.gauss(0.0, spec.noise)
+            if self.rng.random() < self.spike_probability:
+                value += spec.spike
+            values[spec.name] = round(value, spec.decimals)
+        return values
+
+
+def fleet(count: int, metrics: int, seed: int, spike_probability: float) -> list[DeviceModel]:
+    specs = metric_specs(metrics)
+    return [DeviceModel(specs, random.Random(seed * 1_000_003 + i), spike_probability) for i in range(count)]
