@@ -4,7 +4,8 @@ UV ?= uv
 PYTEST := $(UV) run --frozen pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit test-integration test-e2e lint fmt migrate bench clean
+.PHONY: help install run up down test test-unit test-integration test-e2e lint fmt migrate bench clean
+COMPOSE := docker compose -f deploy/compose.yml
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -13,9 +14,14 @@ install: ## Install every package, console script and dev tool into .venv (uv, f
 	@command -v $(UV) >/dev/null || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 
-run: ## Migrate, then run the three services locally until Ctrl-C
-	$(UV) run --frozen iot-migrate
+run: ## Run the whole platform locally (migrate, 3 services, simulated devices) until Ctrl-C
 	$(UV) run --frozen python scripts/run_local.py
+
+up: ## Run the whole platform in Docker Compose (needs a Docker engine)
+	$(COMPOSE) up -d --build --wait
+
+down: ## Stop the Compose stack
+	$(COMPOSE) down
 
 test: ## Run every test suite (unit, integration, end-to-end)
 	$(PYTEST)

@@ -1,68 +1,208 @@
-"""Run the three services of the platform locally, with interleaved, prefixed logs, until Ctrl-C.
+"""``make run``: the whole platform on this machine, with a small simulated fleet, until Ctrl-C.
 
-Each service reads its configuration from the environment (see docs/configuration.md). Ctrl-C or SIGTERM
-stops every service with SIGTERM and waits for each to finish.
+It checks that PostgreSQL, Redis and the MQTT broker answer (and says how to start the one that does
+not), applies the schema, starts the three services, waits until each is ready, starts the simulator,
+prints the URLs, and interleaves every log line prefixed with its process. Ctrl-C or SIGTERM stops every
+process with SIGTERM and waits for each.
+
+Everything is configured by the usual ``IOT_*`` variables (docs/configuration.md), plus
+``IOT_SIM_DEVICES`` (default 5), ``IOT_SIM_RATE`` (readings per second per device, default 1) and
+``IOT_SIM_PREFIX`` (device id prefix, default ``sim``). For this local run the API bootstraps an admin
+(``IOT_BOOTSTRAP_ADMIN_EMAIL``/``IOT_BOOTSTRAP_ADMIN_PASSWORD``, default admin@example.com / admin-password)
+and an API key the simulator registers its devices with.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import selectors
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 BIN = Path(sys.executable).parent
-SERVICES = ("iot-api", "iot-realtime", "iot-ingest")
-COLOURS = ("\033[36m", "\033[35m", "\033[33m")
+COLOURS = {"api": "\033[36m", "realtime": "\033[35m", "ingest": "\033[33m", "sim": "\033[32m"}
+RESET = "\033[0m"
+HOW_TO_START = {
+    "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    "Redis": "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ''",
+    "MQTT broker": "mosquitto -d -c /etc/mosquitto/mosquitto.conf",
+}
+
+
+def answers(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 2):
+            return True
+    except OSError:
+        return False
+
+
+def check_backends(env: dict[str, str]) -> list[str]:
+    """A line per backing service that does not answer, saying how to start it."""
+    problems = []
+    for name, var, default, port in (
+        ("PostgreSQL", "IOT_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres", 5432),
+        ("Redis", "IOT_REDIS_URL", "redis://127.0.0.1:6379/0", 6379),
+        ("MQTT broker", "IOT_MQTT_URL", "mqtt://127.0.0.1:1883", 1883),
+    ):
+        url = env.get(var, default)
+        if not answers(url, port):
+            host = urlsplit(url).netloc.rpartition("@")[2]
+            problems.append(
+                f"{name} does not answer at {host} ({var}). Start it with:\n    {HOW_TO_START[name]}\n"
+                "  or run the whole platform in Docker with `make up`."
+            )
+    return problems
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+class Supervisor:
+    """Runs processes with prefixed, interleaved output and stops them all together."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.selector.register(proc.stdout, selectors.EVENT_READ, name)
+        self.procs[name] = proc
+        return proc
+
+    def pump(self, timeout: float) -> None:
+        """Copy whatever the processes printed, each line prefixed with its name."""
+        for key, _ in self.selector.select(timeout):
+            stream = key.fileobj
+            data = stream.read()  # type: ignore[union-attr]
+            if not data:
+                self.selector.unregister(stream)
+                continue
+            colour = COLOURS.get(key.data, "")
+            for line in data.decode(errors="replace").splitlines():
+                sys.stdout.write(f"{colour}{key.data:<8}{RESET} | {line}\n")
+            sys.stdout.flush()
+
+    def stop(self, *_: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def wait(self) -> dict[str, int]:
+        deadline = time.monotonic() + 60
+        while any(p.poll() is None for p in self.procs.values()) and time.monotonic() < deadline:
+            self.pump(0.2)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        self.pump(0)
+        return {name: proc.wait() for name, proc in self.procs.items()}
 
 
 def main() -> int:
-    env = {**os.environ}
+    env = dict(os.environ)
     env.setdefault("IOT_LOG_FORMAT", "console")
-    procs = {
-        name: subprocess.Popen([str(BIN / name)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for name in SERVICES
+    env.setdefault("IOT_INGEST_AUTO_REGISTER", "true")
+    env.setdefault("IOT_BOOTSTRAP_ADMIN_EMAIL", "admin@example.com")
+    env.setdefault("IOT_BOOTSTRAP_ADMIN_PASSWORD", "admin-password")
+    api_key = env.setdefault(
+        "IOT_BOOTSTRAP_API_KEY", f"iotk_{secrets.token_hex(6)}_{secrets.token_urlsafe(24)}"
+    )
+    problems = check_backends(env)
+    if problems:
+        print("make run: cannot start:\n" + "\n".join(f"- {p}" for p in problems), file=sys.stderr)
+        return 2
+    if subprocess.run([str(BIN / "iot-migrate")], env=env, check=False).returncode != 0:
+        print("make run: iot-migrate failed (see above)", file=sys.stderr)
+        return 1
+    ports = {
+        "api": env.get("IOT_API_PORT", "8000"),
+        "realtime": env.get("IOT_REALTIME_PORT", "8001"),
+        "ingest": env.get("IOT_INGEST_HTTP_PORT", "8002"),
     }
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            for proc in procs.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    api = env.get("IOT_API_PORT", "8000")
-    ws = env.get("IOT_REALTIME_PORT", "8001")
-    print(f"API        http://127.0.0.1:{api}/schema (OpenAPI docs)", flush=True)
-    print(f"WebSocket  ws://127.0.0.1:{ws}/ws", flush=True)
-    selector = selectors.DefaultSelector()
-    width = max(map(len, SERVICES))
-    for (name, proc), colour in zip(procs.items(), COLOURS, strict=True):
-        assert proc.stdout is not None
-        selector.register(proc.stdout, selectors.EVENT_READ, (name, colour))
-    open_streams = len(procs)
-    while open_streams:
-        for key, _ in selector.select(timeout=1.0):
-            name, colour = key.data
-            line = key.fileobj.readline()  # type: ignore[union-attr]
-            if not line:
-                selector.unregister(key.fileobj)
-                open_streams -= 1
-                continue
-            sys.stdout.write(f"{colour}{name:<{width}}\033[0m | {line.decode(errors='replace')}")
-            sys.stdout.flush()
-        if not stopping and any(p.poll() is not None for p in procs.values()):
-            stop()
-    codes = {name: proc.wait() for name, proc in procs.items()}
-    failed = {n: c for n, c in codes.items() if c != 0}
-    if failed:
-        print(f"stopped with errors: {failed}", file=sys.stderr)
+    sup = Supervisor()
+    signal.signal(signal.SIGINT, sup.stop)
+    signal.signal(signal.SIGTERM, sup.stop)
+    for name in ("api", "realtime", "ingest"):
+        sup.start(name, [str(BIN / f"iot-{name}")], env)
+    for name, port in ports.items():
+        deadline = time.monotonic() + 60
+        while not sup.stopping and time.monotonic() < deadline:
+            sup.pump(0.1)
+            if wait_ready(f"http://127.0.0.1:{port}/readyz", sup.procs[name], timeout=0.5):
+                break
+        else:
+            if not sup.stopping:
+                print(f"make run: {name} did not become ready on port {port}", file=sys.stderr)
+                sup.stop()
+    if not sup.stopping:
+        sim_env = {**env, "IOT_SIM_API_URL": f"http://127.0.0.1:{ports['api']}", "IOT_SIM_API_KEY": api_key}
+        sup.start(
+            "sim",
+            [
+                str(BIN / "iot-sim"),
+                "--devices",
+                env.get("IOT_SIM_DEVICES", "5"),
+                "--rate",
+                env.get("IOT_SIM_RATE", "1"),
+                "--prefix",
+                env.get("IOT_SIM_PREFIX", "sim"),
+                "--will",
+                "--quiet",
+            ],
+            sim_env,
+        )
+        print(
+            "\n".join(
+                [
+                    "",
+                    "IoT platform running. Ctrl-C stops everything.",
+                    f"  API docs     http://127.0.0.1:{ports['api']}/schema",
+                    f"  Dashboard    http://127.0.0.1:{ports['api']}/dashboard",
+                    f"  WebSocket    ws://127.0.0.1:{ports['realtime']}/ws",
+                    f"  Metrics      http://127.0.0.1:{ports['ingest']}/metrics",
+                    f"  Login        {env['IOT_BOOTSTRAP_ADMIN_EMAIL']} "
+                    f"/ {env['IOT_BOOTSTRAP_ADMIN_PASSWORD']}",
+                    f"  API key      {api_key}",
+                    "",
+                ]
+            ),
+            flush=True,
+        )
+    while not sup.stopping:
+        sup.pump(0.5)
+        exited = [n for n, p in sup.procs.items() if p.poll() is not None and n != "sim"]
+        if exited:
+            print(f"make run: {', '.join(exited)} exited; stopping the rest", file=sys.stderr)
+            sup.stop()
+    codes = sup.wait()
+    failed = {n: c for n, c in codes.items() if c not in (0, -signal.SIGTERM)}
+    print(f"make run: stopped ({', '.join(f'{n}={c}' for n, c in codes.items())})", flush=True)
     return 1 if failed else 0
 
 
