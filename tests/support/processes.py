@@ -82,13 +82,22 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
-def mosquitto(extra_config: str = "", port: int | None = None) -> Iterator[str]:
-    """A private Mosquitto on a free port (for tests that restart it or need a special config)."""
+def mosquitto(
+    extra_config: str = "", port: int | None = None, anonymous: bool = True, directory: Path | None = None
+) -> Iterator[str]:
+    """A private Mosquitto on a free port (for tests that restart it or need a special config).
+
+    ``extra_config`` may name files in ``directory`` (a temporary one by default), which outlives the
+    broker when given, so a test can restart a broker on the same port and state.
+    """
     port = port or free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp, "mosquitto.conf")
+        folder = directory or Path(tmp)
+        config = folder / "mosquitto.conf"
         base = MOSQUITTO_TEST_CONFIG.replace("listener 1883", f"listener {port} 127.0.0.1")
-        config.write_text(base + extra_config)
+        if not anonymous:
+            base = base.replace("allow_anonymous true", "allow_anonymous false")
+        config.write_text(base + extra_config.replace("{dir}", str(folder)))
         proc = subprocess.Popen(
             ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
