@@ -1,0 +1,130 @@
+"""Alert rules evaluated on each stored reading, without a database round trip per reading.
+
+Pure and deterministic: :class:`RuleEngine` takes readings and returns transitions (an alert opens or
+resolves); the caller stores and publishes them. Per rule and device the engine is ``idle``, ``pending``
+(the condition holds but not yet for ``for_seconds``) or ``open``. An open alert resolves only when the
+value leaves the threshold by more than the rule's ``hysteresis``, so a value flapping around the
+threshold opens no storm of alerts.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+Op = Literal[">", ">=", "<", "<=", "==", "!="]
+OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    metric: str
+    op: Op
+    threshold: float
+    device_id: str | None = None
+    device_type: str | None = None
+    for_seconds: int = 0
+    hysteresis: float = 0.0
+    severity: str = "warning"
+    message: str = ""
+    action: Mapping[str, Any] | None = None
+
+    def holds(self, value: float) -> bool:
+        return OPERATORS[self.op](value, self.threshold)
+
+    def cleared(self, value: float) -> bool:
+        """Whether ``value`` is far enough from the threshold to resolve an open alert."""
+        h = self.hysteresis
+        if self.op in (">", ">="):
+            return value < self.threshold - h if h else not self.holds(value)
+        if self.op in ("<", "<="):
+            return value > self.threshold + h if h else not self.holds(value)
+        if self.op == "==":
+            return abs(value - self.threshold) > h
+        return not self.holds(value)
+
+
+@dataclass(frozen=True)
+class Transition:
+    kind: Literal["open", "resolve"]
+    rule: Rule
+    device_id: str
+    value: float
+    ts: datetime
+
+
+@dataclass
+class _State:
+    pending_since: datetime | None = None
+
+
+@dataclass
+class RuleEngine:
+    """Rules indexed by device and by device type; which alerts are open is given by ``open_alerts``."""
+
+    rules: list[Rule] = field(default_factory=list)
+    open_alerts: set[tuple[str, str]] = field(default_factory=set)
+    _by_device: dict[str, list[Rule]] = field(default_factory=dict, init=False)
+    _by_type: dict[str, list[Rule]] = field(default_factory=dict, init=False)
+    _states: dict[tuple[str, str], _State] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.replace_rules(self.rules)
+
+    def replace_rules(self, rules: Iterable[Rule]) -> None:
+        """Install a new rule set (after a change); pending states of removed rules are forgotten."""
+        self.rules = list(rules)
+        self._by_device, self._by_type = {}, {}
+        for rule in self.rules:
+            if rule.device_id is not None:
+                self._by_device.setdefault(rule.device_id, []).append(rule)
+            elif rule.device_type is not None:
+                self._by_type.setdefault(rule.device_type, []).append(rule)
+        ids = {r.id for r in self.rules}
+        self._states = {k: v for k, v in self._states.items() if k[0] in ids}
+        self.open_alerts = {k for k in self.open_alerts if k[0] in ids}
+
+    def rules_for(self, device_id: str, device_type: str | None) -> list[Rule]:
+        found = self._by_device.get(device_id, [])
+        if device_type is not None and device_type in self._by_type:
+            found = found + self._by_type[device_type]
+        return found
+
+    def evaluate(
+        self, device_id: str, device_type: str | None, ts: datetime, metrics: Mapping[str, float | str]
+    ) -> list[Transition]:
+        """Advance every rule of this device with one reading; return what opened or resolved."""
+        out = []
+        for rule in self.rules_for(device_id, device_type):
+            value = metrics.get(rule.metric)
+            if value is None or isinstance(value, str):
+                continue
+            key = (rule.id, device_id)
+            if key in self.open_alerts:
+                if rule.cleared(value):
+                    self.open_alerts.discard(key)
+                    self._states.pop(key, None)
+                    out.append(Transition("resolve", rule, device_id, value, ts))
+                continue
+            if not rule.holds(value):
+                self._states.pop(key, None)
+                continue
+            state = self._states.setdefault(key, _State())
+            if state.pending_since is None or ts < state.pending_since:
+                state.pending_since = ts
+            if (ts - state.pending_since).total_seconds() >= rule.for_seconds:
+                self.open_alerts.add(key)
+                self._states.pop(key, None)
+                out.append(Transition("open", rule, device_id, value, ts))
+        return out

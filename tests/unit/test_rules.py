@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from iot_ingest.rules import Rule, RuleEngine
+
+T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def feed(engine: RuleEngine, values: list[float], device: str = "d1", step: float = 1.0) -> list[str]:
+    kinds = []
+    for i, value in enumerate(values):
+        ts = T0 + timedelta(seconds=i * step)
+        kinds += [t.kind for t in engine.evaluate(device, "sensor", ts, {"temperature": value})]
+    return kinds
+
+
+def test_an_alert_opens_once_while_the_condition_holds_and_resolves_when_it_clears() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1")])
+    assert feed(engine, [20, 31, 35, 40, 29]) == ["open", "resolve"]
+
+
+def test_hysteresis_stops_a_flapping_value_from_opening_a_storm() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1", hysteresis=2.0)])
+    flapping = [29.5, 30.5] * 20
+    assert feed(engine, flapping) == ["open"]
+    assert feed(engine, [27.9]) == ["resolve"]
+
+
+def test_for_seconds_needs_the_condition_to_hold_that_long() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1", for_seconds=5)])
+    assert feed(engine, [31, 31, 31, 20, 31, 31]) == []
+    assert feed(engine, [31] * 7) == ["open"]
+
+
+def test_type_rules_apply_to_every_device_of_that_type_separately() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", "<", 0.0, device_type="sensor")])
+    assert feed(engine, [-1], device="a") == ["open"]
+    assert feed(engine, [-1], device="b") == ["open"]
+    assert engine.evaluate("c", "other", T0, {"temperature": -5}) == []
+
+
+def test_text_values_and_missing_metrics_are_ignored() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", "==", 1.0, device_id="d1")])
+    assert engine.evaluate("d1", None, T0, {"temperature": "on"}) == []
+    assert engine.evaluate("d1", None, T0, {"humidity": 1.0}) == []
+
+
+def test_an_alert_opened_elsewhere_is_resolved_here() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1")], open_alerts={("r1", "d1")})
+    assert feed(engine, [35, 20]) == ["resolve"]
+
+
+def test_removing_a_rule_forgets_its_state() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1")])
+    assert feed(engine, [35]) == ["open"]
+    engine.replace_rules([])
+    assert engine.open_alerts == set()
+    assert feed(engine, [20, 40]) == []
