@@ -10,9 +10,10 @@ COMPOSE := docker compose -f deploy/compose.yml
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-install: ## Install every package, console script and dev tool into .venv (uv, from uv.lock)
+install: ## Install every package, console script and dev tool into .venv (uv.lock), build the dashboard
 	@command -v $(UV) >/dev/null || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
+	cd dashboard && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
 
 run: ## Run the whole platform locally (migrate, 3 services, simulated devices) until Ctrl-C
 	$(UV) run --frozen python scripts/run_local.py

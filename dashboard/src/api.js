@@ -1,0 +1,77 @@
+// A small client of the platform's REST API (docs/api.md).
+export class Api {
+  constructor(base) {
+    this.base = base.replace(/\/$/, "");
+    this.accessToken = null;
+    this.refreshToken = null;
+    this.apiKey = null;
+  }
+
+  useKey(key) {
+    this.apiKey = key;
+  }
+
+  headers() {
+    const headers = { "Content-Type": "application/json" };
+    if (this.apiKey) headers["X-API-Key"] = this.apiKey;
+    else if (this.accessToken) headers.Authorization = `Bearer ${this.accessToken}`;
+    return headers;
+  }
+
+  async request(method, path, body, retry = true) {
+    const response = await fetch(this.base + path, {
+      method,
+      headers: this.headers(),
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (response.status === 401 && retry && this.refreshToken) {
+      await this.refresh();
+      return this.request(method, path, body, false);
+    }
+    const data = response.status === 204 ? null : await response.json();
+    if (!response.ok) throw new Error(data?.detail || data?.title || `${method} ${path}: ${response.status}`);
+    return data;
+  }
+
+  async login(email, password) {
+    const data = await this.request("POST", "/api/v1/auth/login", { email, password }, false);
+    this.accessToken = data.access_token;
+    this.refreshToken = data.refresh_token;
+  }
+
+  async refresh() {
+    const data = await this.request("POST", "/api/v1/auth/refresh", { refresh_token: this.refreshToken }, false);
+    this.accessToken = data.access_token;
+    this.refreshToken = data.refresh_token || this.refreshToken;
+  }
+
+  async logout() {
+    if (this.refreshToken) await this.request("POST", "/api/v1/auth/logout", { refresh_token: this.refreshToken }, false);
+  }
+
+  async realtimeToken() {
+    if (this.apiKey) return this.apiKey;
+    return (await this.request("POST", "/api/v1/realtime/token")).token;
+  }
+
+  async devices() {
+    return (await this.request("GET", "/api/v1/devices?limit=200")).items;
+  }
+
+  async history(deviceId, from, to) {
+    const query = new URLSearchParams({ from: from.toISOString(), to: to.toISOString(), order: "asc", limit: "5000" });
+    return (await this.request("GET", `/api/v1/devices/${encodeURIComponent(deviceId)}/telemetry?${query}`)).items;
+  }
+
+  async openAlerts() {
+    try {
+      return (await this.request("GET", "/api/v1/alerts?state=open&limit=100")).items;
+    } catch {
+      return [];
+    }
+  }
+
+  async sendCommand(deviceId, name, params) {
+    return this.request("POST", `/api/v1/devices/${encodeURIComponent(deviceId)}/commands`, { name, params });
+  }
+}

@@ -1,0 +1,213 @@
+// The dashboard: signs in, lists devices, charts a device live, shows alerts, sends commands.
+// It talks to the API and the realtime endpoint on their own origins, as any external frontend would:
+// ?api=http://host:8000&ws=ws://host:8001/ws overrides the defaults (the page's origin, port 8001).
+import uPlot from "uplot";
+import "uplot/dist/uPlot.min.css";
+import { Api } from "./api.js";
+import { Realtime } from "./realtime.js";
+
+const params = new URLSearchParams(location.search);
+const wsScheme = location.protocol === "https:" ? "wss" : "ws";
+const config = {
+  api: params.get("api") || location.origin,
+  ws: params.get("ws") || `${wsScheme}://${location.hostname}:8001/ws`,
+};
+const HISTORY_MS = 60 * 60 * 1000;
+const MAX_POINTS = 3600;
+
+const $ = (id) => document.getElementById(id);
+const api = new Api(config.api);
+let realtime = null;
+let selected = null;
+const charts = new Map(); // metric -> {plot, xs, ys}
+const devices = new Map(); // id -> device
+const alerts = new Map(); // id -> alert
+
+function setStatus(text) {
+  $("connection").textContent = text;
+}
+
+function fmtTime(value) {
+  return value ? new Date(value).toLocaleTimeString() : "never";
+}
+
+async function signedIn() {
+  $("login").hidden = true;
+  $("app").hidden = false;
+  $("logout").hidden = false;
+  await refreshDevices();
+  await refreshAlerts();
+  realtime = new Realtime(config.ws, () => api.realtimeToken(), {
+    onState: setStatus,
+    onEvent: handleEvent,
+    onOpen: () => {
+      realtime.subscribe(["*"], ["__none__"]);
+      if (selected) realtime.subscribe([selected]);
+    },
+  });
+  realtime.connect();
+  setInterval(refreshDevices, 15000);
+}
+
+async function refreshDevices() {
+  const list = await api.devices();
+  devices.clear();
+  const rows = $("device-rows");
+  rows.replaceChildren();
+  for (const device of list) {
+    devices.set(device.id, device);
+    const row = document.createElement("tr");
+    row.dataset.device = device.id;
+    row.tabIndex = 0;
+    row.setAttribute("aria-selected", String(device.id === selected));
+    row.innerHTML = `<td></td><td class="status-${device.status}"></td><td></td>`;
+    row.cells[0].textContent = device.name && device.name !== device.id ? `${device.name} (${device.id})` : device.id;
+    row.cells[1].textContent = device.status;
+    row.cells[2].textContent = fmtTime(device.last_seen);
+    row.addEventListener("click", () => selectDevice(device.id));
+    row.addEventListener("keydown", (e) => e.key === "Enter" && selectDevice(device.id));
+    rows.append(row);
+  }
+}
+
+async function refreshAlerts() {
+  for (const alert of await api.openAlerts()) alerts.set(alert.id, alert);
+  renderAlerts();
+}
+
+function renderAlerts() {
+  const list = $("alert-list");
+  list.replaceChildren();
+  for (const alert of [...alerts.values()].filter((a) => a.state === "open")) {
+    const item = document.createElement("li");
+    item.className = alert.severity;
+    item.dataset.alert = alert.id;
+    item.textContent = `${alert.severity}: ${alert.device_id} ${alert.metric} = ${alert.value} ${alert.message || ""}`;
+    list.append(item);
+  }
+}
+
+async function selectDevice(id) {
+  if (realtime && selected) realtime.unsubscribe([selected]);
+  selected = id;
+  for (const row of $("device-rows").rows) row.setAttribute("aria-selected", String(row.dataset.device === id));
+  $("device-title").textContent = `Device ${id}`;
+  $("command-form").hidden = false;
+  $("commands").replaceChildren();
+  for (const chart of charts.values()) chart.plot.destroy();
+  charts.clear();
+  $("charts").replaceChildren();
+  const now = Date.now();
+  const points = await api.history(id, new Date(now - HISTORY_MS), new Date(now));
+  for (const point of points) addPoint(point.metric, Date.parse(point.ts), point.value);
+  if (realtime) realtime.subscribe([id]);
+}
+
+function chartFor(metric) {
+  let chart = charts.get(metric);
+  if (chart) return chart;
+  const holder = document.createElement("figure");
+  holder.dataset.metric = metric;
+  const caption = document.createElement("figcaption");
+  caption.textContent = metric;
+  holder.append(caption);
+  $("charts").append(holder);
+  const width = Math.max(300, $("charts").clientWidth - 20);
+  const plot = new uPlot(
+    { width, height: 160, series: [{}, { label: metric, stroke: "#0969da" }], axes: [{}, {}], legend: { show: true } },
+    [[], []],
+    holder,
+  );
+  chart = { plot, xs: [], ys: [], holder };
+  charts.set(metric, chart);
+  return chart;
+}
+
+function addPoint(metric, ms, value) {
+  if (typeof value !== "number") return;
+  const chart = chartFor(metric);
+  chart.xs.push(ms / 1000);
+  chart.ys.push(value);
+  if (chart.xs.length > MAX_POINTS) {
+    chart.xs.shift();
+    chart.ys.shift();
+  }
+  chart.plot.setData([chart.xs, chart.ys]);
+  chart.holder.dataset.points = String(chart.xs.length);
+}
+
+function handleEvent(event) {
+  if (event.type === "telemetry" && event.device_id === selected) {
+    for (const [metric, value] of Object.entries(event.metrics)) addPoint(metric, Date.parse(event.ts), value);
+  } else if (event.type === "alert") {
+    alerts.set(event.id, event);
+    renderAlerts();
+  } else if (event.type === "status") {
+    const device = devices.get(event.device_id);
+    if (device) {
+      device.status = event.status;
+      const row = $("device-rows").querySelector(`tr[data-device="${CSS.escape(event.device_id)}"]`);
+      if (row) {
+        row.cells[1].textContent = event.status;
+        row.cells[1].className = `status-${event.status}`;
+      }
+    }
+  } else if (event.type === "command" && event.device_id === selected) {
+    showCommand(event);
+  }
+}
+
+function showCommand(command) {
+  let item = $("commands").querySelector(`li[data-command="${CSS.escape(command.id)}"]`);
+  if (!item) {
+    item = document.createElement("li");
+    item.dataset.command = command.id;
+    $("commands").prepend(item);
+  }
+  item.dataset.state = command.state;
+  item.textContent = `${command.name}: ${command.state}`;
+}
+
+$("login-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const form = new FormData(e.target);
+  try {
+    await api.login(form.get("email"), form.get("password"));
+    $("login-error").textContent = "";
+    await signedIn();
+  } catch (err) {
+    $("login-error").textContent = err.message;
+  }
+});
+
+$("key-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  api.useKey(new FormData(e.target).get("key"));
+  try {
+    await signedIn();
+  } catch (err) {
+    $("login-error").textContent = err.message;
+  }
+});
+
+$("command-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const form = new FormData(e.target);
+  let params;
+  try {
+    params = JSON.parse(form.get("params") || "{}");
+  } catch {
+    showCommand({ id: "invalid", name: form.get("name"), state: "invalid parameters (not JSON)" });
+    return;
+  }
+  try {
+    showCommand(await api.sendCommand(selected, form.get("name"), params));
+  } catch (err) {
+    showCommand({ id: "error", name: form.get("name"), state: err.message });
+  }
+});
+
+$("logout").addEventListener("click", async () => {
+  await api.logout();
+  location.reload();
+});
