@@ -11,10 +11,11 @@ Nothing here does I/O, so every rule is unit-tested directly. Accepted telemetry
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal
 
 import msgspec
@@ -81,7 +82,12 @@ class _Invalid(Exception):
 
 def oldest_accepted(received_at: datetime, retention_days: int) -> datetime:
     """Start of the oldest daily partition that exists: older timestamps have nowhere to go."""
-    day = (received_at.astimezone(UTC) - timedelta(days=retention_days)).date()
+    return _oldest_for_day(received_at.astimezone(UTC).date(), retention_days)
+
+
+@functools.lru_cache(maxsize=4)
+def _oldest_for_day(today: date, retention_days: int) -> datetime:
+    day = today - timedelta(days=retention_days)
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 

@@ -95,6 +95,17 @@ ARGV holds (metric, sort key of its ts, encoded LatestValue) triples; see :func:
 _latest_encoder: Final = msgspec.json.Encoder()
 
 
+def _log_dead_letters(plan: Plan) -> None:
+    """Count dead letters by reason, and log one line per device and reason of the batch."""
+    counts: dict[tuple[str | None, str], int] = {}
+    for letter in plan.dead_letters:
+        key = (letter.device_id, letter.reason)
+        counts[key] = counts.get(key, 0) + 1
+    for (device_id, reason), count in counts.items():
+        metrics.REJECTED.labels(reason).inc(count)
+        log.info("dead letters written", device_id=device_id, reason=reason, count=count)
+
+
 class KnownDevices:
     """The ids of registered devices, cached so that a message costs no query.
 
@@ -199,8 +210,7 @@ class BatchWriter:
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.observe(len(batch))
             metrics.READINGS_STORED.inc(len(plan.readings))
-            for letter in plan.dead_letters:
-                metrics.REJECTED.labels(letter.reason).inc()
+            _log_dead_letters(plan)
             return plan
 
     async def _commit(self, batch: list[Delivery], isolate: bool) -> Plan:
