@@ -1,4 +1,4 @@
-"""Settings of the ingest service."""
+"""Settings of the ingest service (``IOT_*`` variables, documented in docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -13,4 +13,15 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     ingest_http_port: Port = 8002
     mqtt_share_group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "ingest"
     mqtt_client_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")] = ""
+    mqtt_session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86400
     ingest_auto_register: bool = False
+    ingest_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 2000
+    ingest_batch_delay_ms: Annotated[int, msgspec.Meta(ge=0, le=60000)] = 20
+    ingest_max_in_flight: Annotated[int, msgspec.Meta(ge=2, le=65535)] = 20000
+    ingest_max_payload_bytes: Annotated[int, msgspec.Meta(ge=64, le=16 * 1024 * 1024)] = 65536
+    ingest_max_readings: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1000
+    ingest_max_metrics: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    ingest_max_text_length: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 64
+    ingest_max_future_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 600
+    ingest_device_cache_s: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 60
+    ingest_shutdown_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 20

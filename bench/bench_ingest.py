@@ -1,0 +1,221 @@
+"""Ingest benchmark: sustained messages/s from publish to committed rows, beside the raw broker rate.
+
+Everything runs on 127.0.0.1: a private Mosquitto (no queue limit), a fresh database on the local
+PostgreSQL, the local Redis, ``iot-ingest`` as a process, and the publisher (bench/loadgen.py) as another
+process: QoS 1, K devices, 3 metrics per message, counting PUBACKs.
+
+- raw: the same publisher into a bare subscriber (acknowledges at once, does nothing): what the broker
+  and the publisher can do on this machine, measured in the same run;
+- ingest: from the first publish to the moment ``iot_ingest_readings_stored_total`` (committed readings)
+  reaches the number published.
+
+    uv run python bench/bench_ingest.py [--messages 100000] [--devices 100] [--runs 3] [--profile]
+
+``--profile`` runs the ingest process under py-spy (artifacts/bench_ingest.svg; ``PYSPY_FORMAT=raw`` for
+collapsed stacks in artifacts/bench_ingest.txt).
+The machine has 2 cores shared by the publisher, the broker, PostgreSQL and the service: figures are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.processes import ServiceProcess, free_port, mosquitto  # noqa: E402
+
+BIN = Path(sys.executable).parent
+LOADGEN = str(ROOT / "bench" / "loadgen.py")
+POSTGRES = os.environ.get("IOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("IOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return float(sample.value)
+    return 0.0
+
+
+def publisher(url: str, prefix: str, devices: int, messages: int, base_ms: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            *(sys.executable, LOADGEN, "publish", "--url", url, "--prefix", prefix),
+            *("--devices", str(devices), "--messages", str(messages), "--base-ms", str(base_ms)),
+            *("--max-inflight", "2000"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def raw_run(url: str, prefix: str, devices: int, messages: int) -> float:
+    sub = subprocess.Popen(
+        [
+            *(sys.executable, LOADGEN, "subscribe", "--url", url),
+            *("--topic", "devices/telemetry/+", "--count", str(messages)),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sub.stdout is not None
+    sub.stdout.readline()  # {"ready": true}
+    pub = publisher(url, prefix, devices, messages, int(time.time() * 1000))
+    published = json.loads(pub.communicate(timeout=300)[0])
+    received = json.loads(sub.communicate(timeout=300)[0])
+    assert published["acked"] == messages, published
+    assert received["received"] == messages, received
+    return messages / (received["last_at"] - published["started_at"])
+
+
+def ingest_run(
+    url: str, base: str, prefix: str, devices: int, messages: int, base_ms: int
+) -> dict[str, float]:
+    before = metric(base, "iot_ingest_readings_stored_total")
+    batches = metric(base, "iot_ingest_batch_size_count")
+    pub = publisher(url, prefix, devices, messages, base_ms)
+    deadline = time.monotonic() + 300
+    while metric(base, "iot_ingest_readings_stored_total") < before + messages:
+        if time.monotonic() > deadline:
+            raise RuntimeError("ingest did not store every message within 300 s")
+        time.sleep(0.02)
+    done = time.time()
+    published = json.loads(pub.communicate(timeout=300)[0])
+    assert published["acked"] == messages, published
+    batch_count = metric(base, "iot_ingest_batch_size_count") - batches
+    return {
+        "rate": messages / (done - published["started_at"]),
+        "publish_rate": published["rate"],
+        "mean_batch": messages / batch_count if batch_count else 0.0,
+    }
+
+
+async def prepare_database(devices: list[str]) -> str:
+    name = f"iot_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(POSTGRES)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    url = urlunsplit(urlsplit(POSTGRES)._replace(path=f"/{name}"))
+    env = {**os.environ, "IOT_DATABASE_URL": url, "IOT_LOG_FORMAT": "json"}
+    migrate = await asyncio.create_subprocess_exec(str(BIN / "iot-migrate"), env=env, stderr=subprocess.PIPE)
+    if await migrate.wait() != 0:
+        raise RuntimeError("iot-migrate failed")
+    conn = await asyncpg.connect(url)
+    await conn.execute("INSERT INTO devices (id) SELECT unnest($1::text[])", devices)
+    await conn.close()
+    return url
+
+
+async def drop_database(url: str) -> None:
+    admin = await asyncpg.connect(POSTGRES)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{urlsplit(url).path[1:]}" WITH (FORCE)')
+    await admin.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="ingest benchmark")
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="py-spy one extra run of the ingest process")
+    args = parser.parse_args()
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    devices = [f"{prefix}-{i:05d}" for i in range(args.devices)]
+    db_url = asyncio.run(prepare_database(devices))
+    artifacts = ROOT / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    fmt = os.environ.get("PYSPY_FORMAT", "flamegraph")
+    rows: list[tuple[int, float, float, float, float]] = []
+    try:
+        with mosquitto() as mqtt_url:
+            port = free_port()
+            proc = ServiceProcess(
+                "iot-ingest",
+                {
+                    "IOT_DATABASE_URL": db_url,
+                    "IOT_REDIS_URL": REDIS,
+                    "IOT_MQTT_URL": mqtt_url,
+                    "IOT_MQTT_SHARE_GROUP": f"bench-{prefix}",
+                    "IOT_MQTT_CLIENT_ID": f"bench-{prefix}",
+                    "IOT_INGEST_HTTP_PORT": str(port),
+                    "IOT_LOG_LEVEL": "warning",
+                },
+                artifacts,
+            )
+            if args.profile:
+                # py-spy starts the service and samples it for the whole benchmark (attaching to a running
+                # process is not permitted in every container).
+                out = artifacts / ("bench_ingest.txt" if fmt == "raw" else "bench_ingest.svg")
+                spy = [str(BIN / "py-spy"), "record", "-o", str(out), "-f", fmt, "-r", "100", "--"]
+                proc.proc = subprocess.Popen(
+                    [*spy, str(BIN / "iot-ingest")],
+                    env=proc.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            else:
+                proc.start()
+            base = f"http://127.0.0.1:{port}"
+            try:
+                proc.wait_http(f"{base}/readyz")
+                span = args.messages + 10_000
+                start_ms = int(time.time() * 1000) - (args.runs + 2) * span
+                for run in range(args.runs):
+                    raw = raw_run(mqtt_url, prefix, args.devices, args.messages)
+                    res = ingest_run(
+                        mqtt_url, base, prefix, args.devices, args.messages, start_ms + run * span
+                    )
+                    rows.append((run + 1, raw, res["rate"], res["rate"] / raw, res["mean_batch"]))
+                    print(
+                        f"run {run + 1}: raw {raw:,.0f} msg/s, ingest {res['rate']:,.0f} msg/s, "
+                        f"mean batch {res['mean_batch']:.0f}",
+                        flush=True,
+                    )
+            finally:
+                if args.profile:
+                    # SIGTERM the sampled service (py-spy's child); py-spy then writes its output and exits.
+                    assert proc.proc is not None
+                    children = (
+                        Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
+                    )
+                    for child in children:
+                        os.kill(int(child), 15)
+                    proc.proc.wait(60)
+                    print(f"py-spy profile of iot-ingest: {out}")
+                else:
+                    proc.stop()
+    finally:
+        asyncio.run(drop_database(db_url))
+
+    print()
+    print(
+        f"ingest benchmark: {args.messages:,} messages x {args.runs} runs, {args.devices} devices, 3 metrics"
+    )
+    print(f"{'run':>4} {'raw broker msg/s':>17} {'ingest msg/s':>13} {'ratio':>6} {'mean batch':>11}")
+    for run, raw, rate, ratio, batch in rows:
+        print(f"{run:>4} {raw:>17,.0f} {rate:>13,.0f} {ratio:>6.2f} {batch:>11.0f}")
+    med = [statistics.median(col) for col in list(zip(*rows, strict=True))[1:]]
+    print(f"{'med':>4} {med[0]:>17,.0f} {med[1]:>13,.0f} {med[2]:>6.2f} {med[3]:>11.0f}")
+    print("target: 25,000 msg/s sustained (2 shared cores: publisher, broker, PostgreSQL and ingest)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The MQTT edge: a gmqtt client on the shared subscriptions, translating each message into a delivery.
+
+gmqtt runs an ``async`` on_message handler as its own task (``asyncio.ensure_future``) and, with
+``optimistic_acknowledgement=False``, sends the PUBACK from that task's done-callback with the value it
+returns. So many messages wait in one batch at once, and each PUBACK leaves only after its batch commits.
+The broker's in-flight window is the Receive Maximum we announce (``IOT_INGEST_MAX_IN_FLIGHT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from datetime import UTC, datetime
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+import structlog
+from gmqtt import Client, Subscription
+from gmqtt.mqtt.constants import MQTTv50
+
+from iot_common.topics import (
+    STATUS_FILTER,
+    STATUS_PREFIX,
+    TELEMETRY_FILTER,
+    TELEMETRY_PREFIX,
+    device_id_from_topic,
+    shared_subscription,
+)
+from iot_ingest import metrics
+from iot_ingest.batcher import Batcher, BatcherClosed
+from iot_ingest.payload import Limits, Reject, parse_status, parse_telemetry
+from iot_ingest.plan import Delivery
+
+log = structlog.stdlib.get_logger(__name__)
+
+RECONNECT_MIN_S: Final = 0.5
+# Label children bound once: .labels() costs more than the increment on the per-message path.
+_RECEIVED_TELEMETRY: Final = metrics.MESSAGES_RECEIVED.labels("telemetry")
+_RECEIVED_STATUS: Final = metrics.MESSAGES_RECEIVED.labels("status")
+RECONNECT_MAX_S: Final = 30.0
+
+
+class NotAcknowledged(Exception):
+    """Raised by the handler to withhold the PUBACK: the broker redelivers the message later."""
+
+
+def default_client_id() -> str:
+    """``iot-ingest-{host name}``: stable across restarts of one pod or host, distinct between replicas."""
+    host = "".join(c if c.isalnum() or c in "_.:-" else "-" for c in socket.gethostname())
+    return f"iot-ingest-{host}"[:64]
+
+
+def translate(topic: str, payload: bytes, received_at: datetime, limits: Limits) -> Delivery:
+    """One MQTT message as a :class:`Delivery`: readings or a status, and rejects with reasons."""
+    device_id = device_id_from_topic(topic, TELEMETRY_PREFIX)
+    if device_id is not None:
+        _RECEIVED_TELEMETRY.inc()
+        parsed = parse_telemetry(device_id, payload, received_at, limits)
+        return Delivery(topic, device_id, received_at, payload, parsed.readings, parsed.rejects)
+    device_id = device_id_from_topic(topic, STATUS_PREFIX)
+    if device_id is not None:
+        _RECEIVED_STATUS.inc()
+        status = parse_status(payload, limits)
+        if isinstance(status, Reject):
+            return Delivery(topic, device_id, received_at, payload, rejects=[status])
+        return Delivery(topic, device_id, received_at, payload, status=status)
+    metrics.MESSAGES_RECEIVED.labels("other").inc()
+    reject = Reject("invalid_topic", "expected devices/telemetry/{device_id} or devices/status/{device_id}")
+    return Delivery(topic, None, received_at, payload, rejects=[reject])
+
+
+class Consumer:
+    """Owns the gmqtt client: connects with backoff, subscribes, and feeds the batcher."""
+
+    def __init__(
+        self,
+        *,
+        mqtt_url: str,
+        client_id: str,
+        share_group: str,
+        session_expiry_s: int,
+        max_in_flight: int,
+        batcher: Batcher[Delivery],
+        limits: Limits,
+    ) -> None:
+        self._url = urlsplit(mqtt_url)
+        self._batcher = batcher
+        self._limits = limits
+        self._accepting = True
+        self._generation = 0
+        self._reconnect_delay = RECONNECT_MIN_S
+        self._subscribed = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.connected = asyncio.Event()
+        self.subscriptions = [
+            Subscription(shared_subscription(share_group, TELEMETRY_FILTER), qos=1),
+            Subscription(shared_subscription(share_group, STATUS_FILTER), qos=1),
+        ]
+        self.client = Client(
+            client_id,
+            clean_session=False,
+            optimistic_acknowledgement=False,
+            session_expiry_interval=session_expiry_s,
+            receive_maximum=max_in_flight,
+        )
+        if self._url.username:
+            self.client.set_auth_credentials(
+                unquote(self._url.username), unquote(self._url.password) if self._url.password else None
+            )
+        self.client.set_config({"reconnect_retries": -1, "reconnect_delay": RECONNECT_MIN_S})
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    async def connect(self, stop: asyncio.Event) -> bool:
+        """Connect, retrying with backoff until it works or ``stop`` is set; False when stopped."""
+        delay = RECONNECT_MIN_S
+        port = self._url.port or (8883 if self._url.scheme == "mqtts" else 1883)
+        tls: Any = ssl.create_default_context() if self._url.scheme == "mqtts" else False
+        while not stop.is_set():
+            try:
+                await self.client.connect(self._url.hostname, port, ssl=tls, keepalive=30, version=MQTTv50)
+                return True
+            except Exception as exc:
+                log.warning("mqtt connect failed, retrying", error=str(exc), retry_in_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+        return False
+
+    def stop_accepting(self) -> None:
+        """New messages are left unacknowledged (the broker keeps them for this session or redelivers)."""
+        self._accepting = False
+
+    async def wait_idle(self) -> None:
+        """Wait until every handler has returned and gmqtt's done-callbacks have written the PUBACKs."""
+        await self._idle.wait()
+        for _ in range(2):
+            await asyncio.sleep(0)
+
+    async def disconnect(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
+        metrics.MQTT_CONNECTED.set(0)
+
+    def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
+        self._generation += 1
+        self._reconnect_delay = RECONNECT_MIN_S
+        client.reconnect_delay = RECONNECT_MIN_S
+        if self._subscribed:
+            for sub in client.subscriptions:
+                client.resubscribe(sub)
+        else:
+            client.subscribe(self.subscriptions)
+            self._subscribed = True
+        self.connected.set()
+        metrics.MQTT_CONNECTED.set(1)
+        log.info(
+            "mqtt connected", session_present=bool(flags), subscriptions=[s.topic for s in self.subscriptions]
+        )
+
+    def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:
+        self.connected.clear()
+        metrics.MQTT_CONNECTED.set(0)
+        # gmqtt reconnects by itself after reconnect_delay; doubling it each time gives the backoff.
+        client.reconnect_delay = self._reconnect_delay
+        self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX_S)
+        if self._accepting:
+            log.warning("mqtt disconnected, reconnecting", retry_in_s=client.reconnect_delay)
+
+    async def _on_message(
+        self, client: Client, topic: str | bytes, payload: bytes, qos: int, properties: Any
+    ) -> int:
+        generation = self._generation
+        if isinstance(topic, bytes):
+            topic = topic.decode("utf-8", errors="replace")
+        if not self._accepting:
+            raise NotAcknowledged("stopping")
+        delivery = translate(topic, payload, datetime.now(UTC), self._limits)
+        metrics.IN_FLIGHT.inc()
+        self._active += 1
+        self._idle.clear()
+        try:
+            await self._batcher.submit(delivery)
+        finally:
+            metrics.IN_FLIGHT.dec()
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+        if generation != self._generation:
+            # The connection it came on is gone: the broker redelivers it on the new one with the same
+            # packet id, which a PUBACK sent now might acknowledge before that copy is stored.
+            raise NotAcknowledged("connection replaced")
+        return 0
+
+
+def ignore_not_acknowledged(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Loop exception handler: a withheld PUBACK surfaces in gmqtt's done-callback; it is not an error."""
+    exc = context.get("exception")
+    if isinstance(exc, NotAcknowledged | BatcherClosed | asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)

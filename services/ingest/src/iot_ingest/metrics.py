@@ -1,0 +1,34 @@
+"""Prometheus metrics of the ingest service, served on ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES_RECEIVED = Counter(
+    "iot_ingest_messages_received", "MQTT messages received, by kind (telemetry, status, other)", ["kind"]
+)
+READINGS_STORED = Counter("iot_ingest_readings_stored", "Readings committed to PostgreSQL")
+ROWS_STORED = Counter("iot_ingest_rows_stored", "New telemetry rows (one per metric); duplicates excluded")
+ROWS_DUPLICATE = Counter(
+    "iot_ingest_rows_duplicate", "Telemetry rows already stored (a redelivered message), skipped"
+)
+REJECTED = Counter(
+    "iot_ingest_rejected", "Readings or messages written as dead letters, by reason", ["reason"]
+)
+DEVICES_REGISTERED = Counter("iot_ingest_devices_registered", "Unknown devices registered automatically")
+BATCH_SIZE = Histogram(
+    "iot_ingest_batch_size",
+    "MQTT messages per committed batch",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)
+COMMIT_SECONDS = Histogram(
+    "iot_ingest_commit_seconds",
+    "Time to write and commit one batch (the successful attempt)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+IN_FLIGHT = Gauge("iot_ingest_in_flight", "Messages received and not yet acknowledged")
+STORAGE_RETRIES = Counter("iot_ingest_storage_retries", "Batch writes that failed and were retried")
+REDIS_FAILURES = Counter(
+    "iot_ingest_redis_failures", "Batches whose Redis update (latest values, publish) failed; storage kept"
+)
+MQTT_CONNECTED = Gauge("iot_ingest_mqtt_connected", "1 while connected to the MQTT broker")

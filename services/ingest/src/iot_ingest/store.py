@@ -1,0 +1,291 @@
+"""Writing batches: PostgreSQL first (retried until committed), then Redis (best effort, pipelined).
+
+A batch is one transaction: telemetry rows, dead letters, devices' last-seen time and status. While
+PostgreSQL is unreachable the write is retried with backoff and nothing is acknowledged, so the broker
+keeps every message; a redelivered reading is a no-op thanks to the telemetry primary key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from iot_common.db.telemetry import insert_telemetry
+from iot_common.messages import LatestValue, StatusEvent, TelemetryEvent, encode_event
+from iot_common.topics import device_channel, latest_key
+from iot_ingest import metrics
+from iot_ingest.plan import Delivery, Plan, dead_letter, latest_values, plan_batch, ts_sort_key
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+
+log = structlog.stdlib.get_logger(__name__)
+
+TRANSIENT_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+"""Errors that a later attempt can get past: the batch is retried as a whole."""
+
+DATA_ERRORS: Final = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+"""Errors caused by some row of the batch: its messages are then written one by one to find it.
+
+Any other error (a missing table, a permission) is retried like a transient one: never dropped.
+"""
+
+INSERT_DEAD_LETTERS = """
+INSERT INTO ingest_rejects (topic, device_id, reason, detail, payload, payload_size, received_at)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::timestamptz[]
+)
+"""
+UPDATE_LAST_SEEN = """
+UPDATE devices d SET last_seen = GREATEST(d.last_seen, u.seen)
+FROM unnest($1::text[], $2::timestamptz[]) AS u(id, seen)
+WHERE d.id = u.id AND (d.last_seen IS NULL OR d.last_seen < u.seen)
+"""
+UPDATE_STATUS = """
+UPDATE devices d SET status = u.status, updated_at = now()
+FROM unnest($1::text[], $2::text[]) AS u(id, status)
+WHERE d.id = u.id AND d.status <> u.status
+"""
+REGISTER_DEVICES = """
+INSERT INTO devices (id) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT (id) DO NOTHING RETURNING id
+"""
+
+LATEST_SCRIPT = """
+local function sort_key(encoded)
+  local ok, doc = pcall(cjson.decode, encoded)
+  if not ok or type(doc) ~= 'table' or type(doc.ts) ~= 'string' then return '' end
+  local base, frac = string.match(doc.ts, '^(%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d)%.?(%d*)')
+  if not base then return '' end
+  return base .. string.sub(frac .. '000000', 1, 6)
+end
+local written = 0
+for i = 1, #ARGV, 3 do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
+  if not current or sort_key(current) <= ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    written = written + 1
+  end
+end
+return written
+"""
+"""Sets each metric of a device's latest-values hash unless the hash already holds a newer value.
+
+ARGV holds (metric, sort key of its ts, encoded LatestValue) triples; see :func:`plan.ts_sort_key`.
+"""
+
+_latest_encoder: Final = msgspec.json.Encoder()
+
+
+def _log_dead_letters(plan: Plan) -> None:
+    """Count dead letters by reason, and log one line per device and reason of the batch."""
+    counts: dict[tuple[str | None, str], int] = {}
+    for letter in plan.dead_letters:
+        key = (letter.device_id, letter.reason)
+        counts[key] = counts.get(key, 0) + 1
+    for (device_id, reason), count in counts.items():
+        metrics.REJECTED.labels(reason).inc(count)
+        log.info("dead letters written", device_id=device_id, reason=reason, count=count)
+
+
+class KnownDevices:
+    """The ids of registered devices, cached so that a message costs no query.
+
+    Reloaded in full every ``refresh_s`` (devices created or deleted through the API appear then); an id
+    missing from the cache is looked up once per batch before it is refused.
+    """
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    async def load(self, conn: Conn) -> None:
+        self.ids = {row[0] for row in await conn.fetch("SELECT id FROM devices")}
+
+    async def resolve(self, conn: Conn, candidates: Iterable[str], register: bool) -> set[str]:
+        """Of ``candidates``, the ids that are still unknown after a look-up (and registration)."""
+        missing = sorted(set(candidates) - self.ids)
+        if not missing:
+            return set()
+        if register:
+            created = await conn.fetch(REGISTER_DEVICES, missing)
+            metrics.DEVICES_REGISTERED.inc(len(created))
+            if created:
+                log.info("devices registered", device_ids=[r[0] for r in created][:20], count=len(created))
+            found = set(missing)
+        else:
+            rows = await conn.fetch("SELECT id FROM devices WHERE id = ANY($1::text[])", missing)
+            found = {row[0] for row in rows}
+        self.ids |= found
+        return set(missing) - found
+
+    async def refresh_forever(self, pool: asyncpg.Pool[Any], refresh_s: float) -> None:
+        while True:
+            await asyncio.sleep(refresh_s)
+            try:
+                async with pool.acquire() as conn:
+                    await self.load(conn)
+            except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("device cache refresh failed", error=str(exc))
+
+
+class BatchWriter:
+    """The batcher's flush: commit a batch to PostgreSQL, then update Redis.
+
+    Returns (so that the batch's messages are acknowledged) only once the transaction is committed; the
+    Redis step then runs in the background, each batch after the previous one, so Redis never delays an
+    acknowledgement and events of one device are published in commit order.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        redis_client: aioredis.Redis,
+        known: KnownDevices,
+        *,
+        auto_register: bool,
+        retry_initial_s: float = 0.1,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self._redis = redis_client
+        self._known = known
+        self._auto_register = auto_register
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._latest_script = redis_client.register_script(LATEST_SCRIPT)
+        self._redis_tail: asyncio.Task[None] | None = None
+
+    async def __call__(self, batch: list[Delivery]) -> None:
+        plan = await self._commit_with_retry(batch)
+        previous = self._redis_tail
+        self._redis_tail = asyncio.create_task(self._update_redis(plan, previous))
+
+    async def drain(self) -> None:
+        """Wait for the Redis step of every committed batch."""
+        while self._redis_tail is not None and not self._redis_tail.done():
+            await asyncio.wait([self._redis_tail])
+
+    async def _commit_with_retry(self, batch: list[Delivery]) -> Plan:
+        delay = self._retry_initial_s
+        isolate = False
+        while True:
+            started = time.perf_counter()
+            try:
+                plan = await self._commit(batch, isolate)
+            except DATA_ERRORS as exc:
+                if isolate:
+                    raise
+                log.warning("batch refused by PostgreSQL, writing its messages one by one", error=str(exc))
+                isolate = True
+                continue
+            except Exception as exc:
+                metrics.STORAGE_RETRIES.inc()
+                log.warning(
+                    "batch write failed, retrying",
+                    error=f"{type(exc).__name__}: {exc}",
+                    messages=len(batch),
+                    retry_in_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.observe(len(batch))
+            metrics.READINGS_STORED.inc(len(plan.readings))
+            _log_dead_letters(plan)
+            return plan
+
+    async def _commit(self, batch: list[Delivery], isolate: bool) -> Plan:
+        async with self._pool.acquire() as conn, conn.transaction():
+            candidates = (d.device_id for d in batch if d.needs_device and d.device_id not in self._known.ids)
+            unknown = await self._known.resolve(conn, candidates, self._auto_register)  # type: ignore[arg-type]
+            plan = plan_batch(batch, unknown)
+            if not isolate:
+                await self._write(conn, plan)
+                return plan
+            # One savepoint per message: a message PostgreSQL refuses becomes a dead letter.
+            merged = plan_batch([], set())
+            for delivery in batch:
+                one = plan_batch([delivery], unknown)
+                try:
+                    async with conn.transaction():
+                        await self._write(conn, one)
+                except DATA_ERRORS as exc:
+                    one = plan_batch([], set())
+                    one.dead_letters.append(dead_letter(delivery, "storage_error", str(exc)))
+                    await self._write(conn, one)
+                merged.readings += one.readings
+                merged.dead_letters += one.dead_letters
+                merged.statuses.update(one.statuses)
+                merged.last_seen.update(one.last_seen)
+            return merged
+
+    async def _write(self, conn: Conn, plan: Plan) -> None:
+        rows = sum(len(r.metrics) for r in plan.readings)
+        new_rows = await insert_telemetry(conn, plan.readings)
+        metrics.ROWS_STORED.inc(new_rows)
+        metrics.ROWS_DUPLICATE.inc(rows - new_rows)
+        if plan.dead_letters:
+            letters = plan.dead_letters
+            await conn.execute(
+                INSERT_DEAD_LETTERS,
+                [d.topic for d in letters],
+                [d.device_id for d in letters],
+                [d.reason for d in letters],
+                [d.detail for d in letters],
+                [d.payload for d in letters],
+                [d.payload_size for d in letters],
+                [d.received_at for d in letters],
+            )
+        # Sorted ids: concurrent replicas lock device rows in the same order and cannot deadlock.
+        if plan.last_seen:
+            ids = sorted(plan.last_seen)
+            await conn.execute(UPDATE_LAST_SEEN, ids, [plan.last_seen[i] for i in ids])
+        if plan.statuses:
+            ids = sorted(plan.statuses)
+            await conn.execute(UPDATE_STATUS, ids, [plan.statuses[i][0] for i in ids])
+
+    async def _update_redis(self, plan: Plan, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
+        if not plan.readings and not plan.statuses:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for device_id, values in latest_values(plan.readings).items():
+                    args: list[str | bytes] = []
+                    for name, (ts, value) in values.items():
+                        args += [name, ts_sort_key(ts), _latest_encoder.encode(LatestValue(value, ts))]
+                    await self._latest_script(keys=[latest_key(device_id)], args=args, client=pipe)
+                for reading in plan.readings:
+                    event = TelemetryEvent(reading.device_id, reading.ts, reading.metrics)
+                    pipe.publish(device_channel(reading.device_id), encode_event(event))
+                for device_id, (status, at) in plan.statuses.items():
+                    pipe.publish(device_channel(device_id), encode_event(StatusEvent(device_id, status, at)))
+                await pipe.execute()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            metrics.REDIS_FAILURES.inc()
+            log.warning(
+                "redis update failed; readings are stored, latest values and events of this batch are missed",
+                error=f"{type(exc).__name__}: {exc}",
+                readings=len(plan.readings),
+            )

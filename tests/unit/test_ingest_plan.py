@@ -1,0 +1,79 @@
+"""What a batch becomes in the database: dead letters, unknown devices, last seen, status, latest values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from iot_common.messages import Reading
+from iot_ingest.consumer import translate
+from iot_ingest.payload import Limits, Reject
+from iot_ingest.plan import PAYLOAD_EXCERPT_CHARS, Delivery, latest_values, plan_batch, ts_sort_key
+
+T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+
+
+def reading(device: str, seconds: int, **metrics: float | str) -> Reading:
+    return Reading(device, T0 + timedelta(seconds=seconds), dict(metrics))
+
+
+def test_unknown_devices_become_dead_letters_and_rejects_are_kept() -> None:
+    batch = [
+        Delivery("devices/telemetry/a", "a", T0, b'{"t": 1}', [reading("a", 0, t=1)]),
+        Delivery("devices/telemetry/b", "b", T0, b'{"t": 2}', [reading("b", 0, t=2)]),
+        Delivery("devices/telemetry/a", "a", T0, b"{", rejects=[Reject("malformed_json", "x")]),
+    ]
+    plan = plan_batch(batch, unknown={"b"})
+    assert [r.device_id for r in plan.readings] == ["a"]
+    assert sorted((d.device_id, d.reason) for d in plan.dead_letters) == [
+        ("a", "malformed_json"),
+        ("b", "unknown_device"),
+    ]
+    assert plan.last_seen == {"a": T0}
+
+
+def test_last_status_wins_and_offline_does_not_count_as_seen() -> None:
+    later = T0 + timedelta(seconds=5)
+    batch = [
+        Delivery("devices/status/a", "a", T0, b"online", status="online"),
+        Delivery("devices/status/a", "a", later, b"offline", status="offline"),
+    ]
+    plan = plan_batch(batch, unknown=set())
+    assert plan.statuses == {"a": ("offline", later)}
+    assert plan.last_seen == {"a": T0}
+
+
+def test_dead_letter_payload_is_truncated_and_safe_for_postgres() -> None:
+    payload = b"\x00" + b"x" * 5000 + b"\xff"
+    plan = plan_batch([Delivery("t", None, T0, payload, rejects=[Reject("invalid_topic", "t")])], set())
+    [letter] = plan.dead_letters
+    assert letter.payload_size == len(payload)
+    assert "\x00" not in letter.payload
+    assert len(letter.payload) <= PAYLOAD_EXCERPT_CHARS + 6
+
+
+def test_latest_values_keep_the_newest_reading_per_metric() -> None:
+    latest = latest_values([reading("a", 10, t=1, h=5), reading("a", 5, t=2), reading("b", 0, t=3)])
+    assert latest == {
+        "a": {"t": (T0 + timedelta(seconds=10), 1), "h": (T0 + timedelta(seconds=10), 5)},
+        "b": {"t": (T0, 3)},
+    }
+
+
+def test_sort_keys_order_like_the_instants() -> None:
+    stamps = [T0, T0 + timedelta(microseconds=1), T0 + timedelta(seconds=1), T0 + timedelta(days=400)]
+    keys = [ts_sort_key(ts) for ts in stamps]
+    assert keys == sorted(keys)
+    assert ts_sort_key(T0) == "2026-03-10T12:00:00000000"
+
+
+def test_translate_routes_topics() -> None:
+    limits = Limits()
+    tele = translate("devices/telemetry/dev-1", b'{"t": 1}', T0, limits)
+    assert tele.device_id == "dev-1"
+    assert len(tele.readings) == 1
+    status = translate("devices/status/dev-1", b"online", T0, limits)
+    assert status.status == "online"
+    assert status.readings == []
+    other = translate("devices/telemetry/bad id", b"{}", T0, limits)
+    assert other.device_id is None
+    assert [r.reason for r in other.rejects] == ["invalid_topic"]
