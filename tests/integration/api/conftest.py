@@ -74,7 +74,9 @@ def admin() -> dict[str, str]:
 
 async def make_key(client: AsyncTestClient[Any], admin: dict[str, str], *scopes: str) -> dict[str, str]:
     """Create an API key with ``scopes``; return the headers that use it."""
-    response = await client.post("/api/v1/api-keys", json={"name": "test", "scopes": list(scopes)}, headers=admin)
+    response = await client.post(
+        "/api/v1/api-keys", json={"name": "test", "scopes": list(scopes)}, headers=admin
+    )
     assert response.status_code == 201, response.text
     return {"X-API-Key": response.json()["key"]}
 

@@ -87,9 +87,7 @@ async def test_invalid_input_is_422_naming_the_field(client: Client, writer: dic
 
 async def test_body_over_the_limit_is_413(make_client: Any, admin: dict[str, str]) -> None:
     client = await make_client(api_max_body_bytes=2048)
-    response = await client.post(
-        "/api/v1/devices", json={"attributes": {"blob": "x" * 5000}}, headers=admin
-    )
+    response = await client.post("/api/v1/devices", json={"attributes": {"blob": "x" * 5000}}, headers=admin)
     assert_problem(response, 413)
 
 
@@ -125,7 +123,7 @@ async def test_list_paginates_with_cursor_and_filters(
     assert [d["id"] for d in pumps["items"]] == ids[1::2]
     by_name = (await client.get("/api/v1/devices", params={"q": "PUMP 3"}, headers=writer)).json()
     assert [d["id"] for d in by_name["items"]] == [ids[3]]
-    unknown = (await client.get("/api/v1/devices", params={"status": "online", "q": unique}, headers=writer))
+    unknown = await client.get("/api/v1/devices", params={"status": "online", "q": unique}, headers=writer)
     assert unknown.json()["items"] == []
     like = (await client.get("/api/v1/devices", params={"q": "%"}, headers=writer)).json()
     assert like["items"] == []

@@ -20,6 +20,7 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.types import Scope
 
 from iot_api.cache import Cache, make_redis
 from iot_api.context import RequestContext
@@ -78,7 +79,11 @@ def build_services(pool: asyncpg.Pool[Any], cache: Cache, settings: ApiSettings)
 
 
 class _Middleware(AuthMiddleware):
-    exclude_path_pattern = f"^{OPENAPI_PATH}"
+    """Authentication everywhere but the OpenAPI document and its viewers."""
+
+    @staticmethod
+    def should_bypass_for_scope(scope: Scope) -> bool:
+        return str(scope["path"]).startswith(OPENAPI_PATH)
 
 
 def create_app(settings: ApiSettings) -> Litestar:

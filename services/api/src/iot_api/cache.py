@@ -54,7 +54,7 @@ class Cache:
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    async def call(self, op: Callable[[aioredis.Redis], Awaitable[T]], default: T) -> T:
+    async def call(self, op: Callable[[aioredis.Redis], Awaitable[Any]], default: T) -> Any | T:
         """Run ``op`` on the client; on a Redis error return ``default``."""
         if not self.available:
             return default
@@ -83,7 +83,7 @@ class Cache:
         value: int | None = await self.call(lambda r: r.incr(key), None)
         return value
 
-    async def pipeline(self, build: Callable[[Any], None]) -> list[Any] | None:
+    async def pipeline(self, build: Callable[[Any], object]) -> list[Any] | None:
         """Run the commands ``build`` adds to a non-transactional pipeline; None on failure."""
 
         async def run(r: aioredis.Redis) -> list[Any] | None:
@@ -95,5 +95,5 @@ class Cache:
         return await self.call(run, None)
 
     async def hgetall_many(self, keys: Sequence[str]) -> list[dict[bytes, bytes]] | None:
-        result = await self.pipeline(lambda p: [p.hgetall(k) for k in keys])
+        result: list[dict[bytes, bytes]] | None = await self.pipeline(lambda p: [p.hgetall(k) for k in keys])
         return result

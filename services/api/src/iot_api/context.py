@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from typing import Any, cast
 
 import structlog
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import Histogram
 
@@ -28,10 +30,11 @@ class RequestContext:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+    async def __call__(self, asgi_scope: Scope, receive: Receive, send: Send) -> None:
+        if asgi_scope["type"] != ScopeType.HTTP:
+            await self.app(asgi_scope, receive, send)
             return
+        scope = cast("dict[str, Any]", asgi_scope)
         request_id = ""
         for name, value in scope["headers"]:
             if name == b"x-request-id":
@@ -56,7 +59,7 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(asgi_scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             REQUEST_SECONDS.labels(scope["method"], str(status)).observe(elapsed)

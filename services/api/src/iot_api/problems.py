@@ -6,6 +6,7 @@ route does not exist; OpenAPI documents the same struct through :func:`problem_r
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -86,6 +87,19 @@ def invalid(field: str, message: str, source: str = "query") -> Unprocessable:
     return Unprocessable(f"{field}: {message}", errors=[FieldError(field, message, source)])
 
 
+_MISSING_PARAM_RE = re.compile(r"Missing required (\w+) parameter '([^']+)'")
+_MISSING_RE = re.compile(r"missing required field `([^`]+)`")
+
+
+def _field_name(key: str, message: str) -> str:
+    """The wrong field: msgspec reports a missing field on its parent object, we name the field itself."""
+    key = key.rstrip("_")  # Python names of query parameters that are keywords: from_ -> from
+    missing = _MISSING_RE.search(message)
+    if missing is None:
+        return key
+    return missing.group(1) if key in ("data", "body") else f"{key}.{missing.group(1)}"
+
+
 def _type_uri(status: int) -> str:
     return f"https://iot-platform.dev/problems/{status}" if status >= 400 else "about:blank"
 
@@ -101,15 +115,20 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
         status = 422
         for item in exc.extra if isinstance(exc.extra, list) else []:
             if isinstance(item, dict):
+                message = str(item.get("message", "invalid value"))
                 errors.append(
                     FieldError(
-                        field=str(item.get("key") or "body"),
-                        message=str(item.get("message", "invalid value")),
+                        field=_field_name(str(item.get("key") or "body"), message),
+                        message=message,
                         source=str(getattr(item["source"], "value", item["source"]))
                         if item.get("source")
                         else None,
                     )
                 )
+        missing_param = _MISSING_PARAM_RE.search(str(exc.detail))
+        if missing_param is not None:
+            name = missing_param.group(2)
+            errors.append(FieldError(name, "required", missing_param.group(1)))
         detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or str(exc.detail)
         if "JSON" in str(exc.detail) or "decode" in str(exc.detail).lower():
             status, detail = 400, "request body is not valid JSON"

@@ -38,7 +38,7 @@ class AuthMiddleware(ASGIMiddleware):
         handler = scope.get("route_handler")
         opt: dict[str, Any] = handler.opt if handler is not None else {}
         state = scope.setdefault("state", {})
-        if opt.get("public") or scope["method"] == "OPTIONS":
+        if opt.get("public") or scope.get("method") == "OPTIONS":
             await auth.rate_limit(f"ip:{_client(scope)}")
         else:
             headers = Headers.from_scope(scope)

@@ -48,7 +48,8 @@ GROUP BY b
 
 _ROLLUP_AGGREGATE = f"""
 WITH parts AS (
-    SELECT date_bin($5::interval, ts, {_ORIGIN}) AS b, value AS sum, value AS min, value AS max, 1::bigint AS count
+    SELECT date_bin($5::interval, ts, {_ORIGIN}) AS b,
+           value AS sum, value AS min, value AS max, 1::bigint AS count
     FROM telemetry
     WHERE device_id = $1 AND metric = $2 AND value IS NOT NULL
       AND ((ts >= $3 AND ts < $6) OR (ts >= $7 AND ts < $4))

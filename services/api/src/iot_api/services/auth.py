@@ -181,7 +181,10 @@ class AuthService:
         return Principal(subject=f"key:{row.id}", kind="api_key", scopes=frozenset(row.scopes))
 
     async def rate_limit(self, subject: str) -> None:
-        """Count a request of ``subject`` in this minute's window; 429 past the limit (open if Redis is down)."""
+        """Count a request of ``subject`` in this minute's window; 429 past the limit.
+
+        Fails open: while Redis is down requests are not counted.
+        """
         limit = self.settings.api_rate_limit_per_minute
         if limit <= 0:
             return
@@ -198,7 +201,7 @@ class AuthService:
     async def create_key(self, data: ApiKeyCreate, principal: Principal) -> ApiKeyCreated:
         key, prefix, key_hash = generate_api_key()
         created_by = UUID(principal.subject) if principal.kind == "user" else None
-        scopes = sorted(set(data.scopes))
+        scopes: list[str] = sorted(set(data.scopes))
         row = await self.accounts.create_key(data.name, prefix, key_hash, scopes, created_by)
         if row is None:  # a 48-bit prefix collision: astronomically rare, so one retry is enough
             key, prefix, key_hash = generate_api_key()
