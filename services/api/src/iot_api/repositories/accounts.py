@@ -112,10 +112,6 @@ class AccountRepository:
         rows = await self.pool.fetch(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")
         return [_api_key(r) for r in rows]
 
-    async def get_key(self, key_id: UUID) -> ApiKey | None:
-        row = await self.pool.fetchrow(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
-        return None if row is None else _api_key(row)
-
     async def revoke_key(self, key_id: UUID) -> ApiKey | None:
         """Mark the key revoked (keeping the first revocation time); None when it does not exist."""
         row = await self.pool.fetchrow(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -37,15 +36,6 @@ class DeviceRepository:
     async def get(self, device_id: str) -> Device | None:
         row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM devices WHERE id = $1", device_id)
         return None if row is None else _device(row)
-
-    async def exists(self, device_id: str) -> bool:
-        return bool(
-            await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM devices WHERE id = $1)", device_id)
-        )
-
-    async def existing(self, device_ids: list[str]) -> set[str]:
-        rows = await self.pool.fetch("SELECT id FROM devices WHERE id = ANY($1::text[])", device_ids)
-        return {r["id"] for r in rows}
 
     async def create(
         self, device_id: str, name: str, type_: str, attributes: dict[str, Any]
@@ -109,9 +99,3 @@ class DeviceRepository:
             f"SELECT {_COLUMNS} FROM devices {where} ORDER BY id LIMIT {arg(limit)}", *args
         )
         return [_device(r) for r in rows]
-
-    async def last_seen(self, device_id: str) -> datetime | None:
-        value: datetime | None = await self.pool.fetchval(
-            "SELECT last_seen FROM devices WHERE id = $1", device_id
-        )
-        return value
