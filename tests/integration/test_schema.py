@@ -31,6 +31,9 @@ EXPECTED_TABLES = {
     "alerts",
     "commands",
     "schema_migrations",
+    # 0003: hourly rollup of telemetry, filled by the API service
+    "telemetry_hourly",
+    "telemetry_rollup_state",
 }
 
 

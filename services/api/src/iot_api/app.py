@@ -1,39 +1,89 @@
-"""Wiring of the API service: ``create_app(settings)`` builds the Litestar application."""
+"""Wiring of the API service: ``create_app(settings)`` builds the Litestar application.
+
+Request path: RequestContext (request id, access log) -> CORS -> router -> AuthMiddleware (principal,
+rate limit) -> scope guard -> controller -> service -> repository (PostgreSQL) with Redis beside it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
-from litestar import Litestar, Response, get
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.types import Scope
 
+from iot_api.cache import Cache, make_redis
+from iot_api.context import RequestContext
+from iot_api.controllers import CONTROLLERS
+from iot_api.controllers.deps import Services
+from iot_api.problems import EXCEPTION_HANDLERS
+from iot_api.repositories.accounts import AccountRepository
+from iot_api.repositories.devices import DeviceRepository
+from iot_api.repositories.rejects import RejectRepository
+from iot_api.repositories.telemetry import TelemetryRepository
+from iot_api.rollup import run_rollup_forever
+from iot_api.security import AuthMiddleware, scope_guard
+from iot_api.services.auth import AuthService
+from iot_api.services.devices import DeviceService
+from iot_api.services.telemetry import TelemetryService
 from iot_api.settings import ApiSettings
 from iot_common.db import create_pool
-from iot_common.health import HealthReport, postgres_check, redis_check, run_checks
-from iot_common.metrics import render_metrics
+
+OPENAPI_PATH = "/api/docs"
 
 
-@get("/healthz", operation_id="healthz", tags=["operations"])
-async def healthz() -> dict[str, str]:
-    """Liveness: the process answers."""
-    return {"status": "ok"}
+def _openapi() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="IoT platform API",
+        version="1.0.0",
+        description="Devices, telemetry history and credentials. Errors are RFC 9457 problem details.",
+        path=OPENAPI_PATH,
+        render_plugins=[ScalarRenderPlugin(path="/"), SwaggerRenderPlugin(path="/swagger")],
+        components=Components(
+            security_schemes={
+                "bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
+                "apiKey": SecurityScheme(type="apiKey", name="X-API-Key", security_scheme_in="header"),
+            }
+        ),
+        security=[{"bearer": []}, {"apiKey": []}],
+        tags=[
+            Tag(name="devices"),
+            Tag(name="telemetry"),
+            Tag(name="ingest"),
+            Tag(name="auth"),
+            Tag(name="operations"),
+        ],
+        use_handler_docstrings=True,
+        create_examples=False,
+    )
 
 
-@get("/readyz", operation_id="readyz", tags=["operations"])
-async def readyz(state: State) -> Response[HealthReport]:
-    """Readiness: PostgreSQL and Redis answer."""
-    report = await run_checks({"postgres": postgres_check(state.pool), "redis": redis_check(state.redis)})
-    return Response(report, status_code=200 if report.status == "ok" else 503)
+def build_services(pool: asyncpg.Pool[Any], cache: Cache, settings: ApiSettings) -> Services:
+    devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s)
+    return Services(
+        devices=devices,
+        telemetry=TelemetryService(TelemetryRepository(pool), devices, cache),
+        auth=AuthService(AccountRepository(pool), cache, settings),
+        rejects=RejectRepository(pool),
+    )
 
 
-@get("/metrics", operation_id="metrics", tags=["operations"], include_in_schema=False)
-async def metrics() -> Response[bytes]:
-    body, content_type = render_metrics()
-    return Response(body, media_type=content_type)
+class _Middleware(AuthMiddleware):
+    """Authentication everywhere but the OpenAPI document and its viewers."""
+
+    @staticmethod
+    def should_bypass_for_scope(scope: Scope) -> bool:
+        return str(scope["path"]).startswith(OPENAPI_PATH)
 
 
 def create_app(settings: ApiSettings) -> Litestar:
@@ -44,18 +94,52 @@ def create_app(settings: ApiSettings) -> Litestar:
             min_size=settings.database_pool_min,
             max_size=settings.database_pool_max,
         )
-        redis = aioredis.from_url(settings.redis_url)
+        redis = make_redis(settings.redis_url)
+        services = build_services(pool, Cache(redis, settings.api_cache_namespace), settings)
         app.state.pool = pool
         app.state.redis = redis
+        app.state.services = services
+        app.state.auth = services.auth
+        rollup: asyncio.Task[None] | None = None
         try:
+            await services.auth.bootstrap()
+            if settings.api_rollup_interval_s > 0:
+                rollup = asyncio.create_task(
+                    run_rollup_forever(
+                        pool,
+                        interval_s=settings.api_rollup_interval_s,
+                        lag=timedelta(seconds=settings.api_rollup_lag_s),
+                        refresh=timedelta(hours=settings.api_rollup_refresh_hours),
+                        retention_days=settings.telemetry_retention_days,
+                    )
+                )
             yield
         finally:
+            if rollup is not None:
+                rollup.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await rollup
             await redis.aclose()
             await pool.close()
 
-    return Litestar(
-        route_handlers=[healthz, readyz, metrics],
+    app = Litestar(
+        route_handlers=CONTROLLERS,
         lifespan=[lifespan],
         state=State({"settings": settings}),
         logging_config=None,
+        openapi_config=_openapi(),
+        cors_config=CORSConfig(
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        ),
+        middleware=[_Middleware()],
+        guards=[scope_guard],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=settings.api_max_body_bytes,
     )
+    # Outermost layer, so that 404s, CORS preflights and errors also get a request id and an access line.
+    app.asgi_handler = RequestContext(app.asgi_handler)
+    return app

@@ -1,9 +1,41 @@
-"""Settings of the API service."""
+"""Settings of the API service, read from ``IOT_*`` variables (see docs/configuration.md)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from iot_common.settings import Port, WebSettings
+
+BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}$"
 
 
 class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_port: Port = 8000
+    bootstrap_api_key: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=f"({BOOTSTRAP_KEY_PATTERN})|^$",
+            description="API key iotk_<12 letters, digits or -><at least 16 letters, digits, _ or ->",
+        ),
+    ] = ""
+    bootstrap_admin_email: str = ""
+    bootstrap_admin_password: str = ""
+    api_access_token_ttl_s: Annotated[int, msgspec.Meta(ge=30, le=86400)] = 900
+    api_refresh_ttl_s: Annotated[int, msgspec.Meta(ge=60, le=90 * 86400)] = 7 * 86400
+    api_realtime_token_ttl_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60
+    api_rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 1200
+    api_max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=100_000_000)] = 1_048_576
+    api_cache_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 10
+    api_cache_namespace: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "iot:api:"
+    api_rollup_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
+    api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.bootstrap_admin_email) != bool(self.bootstrap_admin_password):
+            raise ValueError("bootstrap_admin_email and bootstrap_admin_password go together")
+        if self.bootstrap_admin_password and len(self.bootstrap_admin_password) < 8:
+            raise ValueError("bootstrap_admin_password must have at least 8 characters")

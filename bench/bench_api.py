@@ -1,0 +1,325 @@
+"""API benchmark: requests/s for the device list and latest values, p50/p95 of a month-long aggregate.
+
+Seeds a dedicated database (``iot_bench_api``, reused when already seeded): 1,000 devices, and one device
+with a month of 1 Hz data for 3 metrics (~7.8 M rows, inserted with generate_series, then rolled up the
+way the API's rollup job does it). Latest values go into a private redis-server on a free port. ``iot-api``
+runs as a process; the load comes from a separate process (aiohttp, N concurrent connections), all on
+127.0.0.1. The machine is small and shared: figures are noisy, compare medians of several runs.
+
+Run: ``make bench`` or ``uv run python bench/bench_api.py [--duration 8] [--concurrency 32]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import httpx
+import msgspec
+import redis
+
+from iot_api.rollup import roll_up
+from iot_common.db import connect
+from iot_common.db.migrate import apply_migrations
+from iot_common.db.partitions import ensure_partitions
+from iot_common.messages import LatestValue
+from iot_common.topics import latest_key
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DATABASE = "iot_bench_api"
+SEED_VERSION = 1
+DEVICES = 1000
+HOT_DEVICE = "bench-0000"
+METRICS = ("temp", "hum", "press")
+DAYS = 30
+API_KEY = "iotk_benchbenchbe_" + "b" * 24
+
+
+def server_url() -> str:
+    return os.environ.get("IOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def database_url() -> str:
+    return urlunsplit(urlsplit(server_url())._replace(path=f"/{DATABASE}"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def seed() -> tuple[datetime, datetime]:
+    """Create and fill the benchmark database unless a previous run did; return the month's range."""
+    admin = await asyncpg.connect(server_url())
+    try:
+        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+            await admin.execute(f'CREATE DATABASE "{DATABASE}"')
+    finally:
+        await admin.close()
+    conn = await connect(database_url())
+    try:
+        await apply_migrations(conn)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_seed"
+            " (version int PRIMARY KEY, start timestamptz, stop timestamptz)"
+        )
+        row = await conn.fetchrow("SELECT start, stop FROM bench_seed WHERE version = $1", SEED_VERSION)
+        if row is not None:
+            print(f"reusing seeded database {DATABASE}", flush=True)
+            return row["start"], row["stop"]
+        stop = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        start = stop - timedelta(days=DAYS)
+        await conn.execute("TRUNCATE devices, telemetry, telemetry_hourly, telemetry_rollup_state CASCADE")
+        await ensure_partitions(conn, start.date() - timedelta(days=1), stop.date() + timedelta(days=7))
+        await conn.execute(
+            """
+            INSERT INTO devices (id, name, type, status, last_seen)
+            SELECT format('bench-%s', lpad(i::text, 4, '0')), format('Bench %s', i),
+                   (ARRAY['thermo', 'pump', 'valve'])[1 + i % 3], 'online', now()
+            FROM generate_series(0, $1 - 1) i
+            """,
+            DEVICES,
+        )
+        await conn.execute("SET synchronous_commit = off")
+        began = time.monotonic()
+        for day in range(DAYS):
+            lo = start + timedelta(days=day)
+            await conn.execute(
+                """
+                INSERT INTO telemetry (device_id, metric, ts, value)
+                SELECT $1, m, ts, 20 + 10 * sin(extract(epoch FROM ts) / 3600) + random()
+                FROM unnest($2::text[]) m, generate_series($3::timestamptz, $4, interval '1 second') ts
+                """,
+                HOT_DEVICE,
+                list(METRICS),
+                lo,
+                lo + timedelta(days=1) - timedelta(seconds=1),
+            )
+            print(
+                f"\rseeding telemetry: day {day + 1}/{DAYS} ({time.monotonic() - began:.0f} s)",
+                end="",
+                flush=True,
+            )
+        print(flush=True)
+        await roll_up(conn, lag=timedelta(0), retention_days=DAYS + 5)
+        await conn.execute("ANALYZE")
+        await conn.execute("INSERT INTO bench_seed VALUES ($1, $2, $3)", SEED_VERSION, start, stop)
+        print(f"seeded in {time.monotonic() - began:.0f} s", flush=True)
+        return start, stop
+    finally:
+        await conn.close()
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+
+async def _load(base: str, paths: list[str], concurrency: int, duration: float, count: int) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + duration
+    issued = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base, connector=connector, headers={"X-API-Key": API_KEY}) as http:
+
+        async def worker() -> None:
+            nonlocal errors, issued
+            while time.monotonic() < deadline and (count == 0 or issued < count):
+                issued += 1
+                path = random.choice(paths)
+                began = time.perf_counter()
+                async with http.get(path) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+                latencies.append((time.perf_counter() - began) * 1000)
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return LoadResult(len(latencies), errors, elapsed, latencies)
+
+
+def _load_process(queue: Any, args: tuple[Any, ...]) -> None:
+    queue.put(asyncio.run(_load(*args)))
+
+
+def load(base: str, paths: list[str], concurrency: int, duration: float, count: int = 0) -> LoadResult:
+    """Run the load in a separate process, so the client does not share an event loop with anything."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_load_process, args=(queue, (base, paths, concurrency, duration, count)))
+    proc.start()
+    result: LoadResult = queue.get(timeout=duration + 120)
+    proc.join(30)
+    return result
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per throughput scenario")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--aggregate-requests", type=int, default=200)
+    args = parser.parse_args()
+
+    start, stop = asyncio.run(seed())
+    with tempfile.TemporaryDirectory() as tmp:
+        redis_port = free_port()
+        redis_proc = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--dir", tmp],
+            stdout=subprocess.DEVNULL,
+        )
+        api: subprocess.Popen[bytes] | None = None
+        try:
+            client = redis.Redis(port=redis_port)
+            for _ in range(100):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            now = datetime.now(UTC)
+            pipe = client.pipeline(transaction=False)
+            for i in range(DEVICES):
+                for m in METRICS:
+                    pipe.hset(
+                        latest_key(f"bench-{i:04d}"), m, msgspec.json.encode(LatestValue(float(i), now))
+                    )
+            pipe.execute()
+
+            port = free_port()
+            env = {
+                **os.environ,
+                "IOT_DATABASE_URL": database_url(),
+                "IOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                "IOT_API_PORT": str(port),
+                "IOT_BOOTSTRAP_API_KEY": API_KEY,
+                "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
+                "IOT_API_ROLLUP_INTERVAL_S": "0",
+                "IOT_TELEMETRY_RETENTION_DAYS": str(DAYS + 5),
+                "IOT_DATABASE_POOL_MAX": "20",
+                "IOT_LOG_FORMAT": "json",
+                "IOT_LOG_LEVEL": "warning",
+            }
+            log = open(Path(tmp) / "api.log", "wb")  # noqa: SIM115
+            api = subprocess.Popen([str(BIN / "iot-api")], env=env, stdout=log, stderr=subprocess.STDOUT)
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or api.poll() is not None:
+                    raise SystemExit("iot-api did not start:\n" + (Path(tmp) / "api.log").read_text()[-4000:])
+                time.sleep(0.1)
+
+            month = f"from={start:%Y-%m-%dT%H:%M:%SZ}&to={stop:%Y-%m-%dT%H:%M:%SZ}"
+            aggregate = (
+                f"/api/v1/devices/{HOT_DEVICE}/telemetry?metric=temp&bucket=1h&agg=avg,min,max&{month}"
+            )
+            check = httpx.get(base + aggregate, headers={"X-API-Key": API_KEY}, timeout=30).json()
+            assert len(check["points"]) == DAYS * 24, check
+            scenarios = [
+                ("device list (limit 50)", ["/api/v1/devices?limit=50"], args.concurrency, 0),
+                ("device list alias", ["/api/v1/device/list?limit=50"], args.concurrency, 0),
+                (
+                    "device by id",
+                    [f"/api/v1/devices/bench-{i:04d}" for i in range(DEVICES)],
+                    args.concurrency,
+                    0,
+                ),
+                (
+                    "latest values",
+                    [f"/api/v1/devices/bench-{i:04d}/latest" for i in range(DEVICES)],
+                    args.concurrency,
+                    0,
+                ),
+                (
+                    "latest of 20 devices",
+                    [
+                        "/api/v1/telemetry/latest?"
+                        + "&".join(f"device_id=bench-{i:04d}" for i in range(j, j + 20))
+                        for j in range(0, 980, 20)
+                    ],
+                    args.concurrency,
+                    0,
+                ),
+                ("month, 1h buckets (serial)", [aggregate], 1, args.aggregate_requests),
+                (
+                    "month, 1d buckets (serial)",
+                    [aggregate.replace("bucket=1h", "bucket=1d")],
+                    1,
+                    args.aggregate_requests,
+                ),
+                (
+                    "raw page of 1000 (serial)",
+                    [f"/api/v1/devices/{HOT_DEVICE}/telemetry?metric=temp&limit=1000"],
+                    1,
+                    args.aggregate_requests,
+                ),
+            ]
+            rows = []
+            for name, paths, concurrency, count in scenarios:
+                load(base, paths[:1], 4, 1.0, 20)  # warm-up: caches, connections, plans
+                result = load(base, paths, concurrency, args.duration, count)
+                rows.append((name, concurrency, result))
+            print()
+            header = ("scenario", "conc", "requests", "errors", "req/s", "p50 ms", "p95 ms")
+            print(f"{header[0]:32} " + " ".join(f"{h:>8}" for h in header[1:]))
+            for name, concurrency, r in rows:
+                print(
+                    f"{name:32} {concurrency:>8} {r.requests:>8} {r.errors:>8} "
+                    f"{r.requests / r.seconds:>8.0f} "
+                    f"{statistics.median(r.latencies_ms):>8.2f} {pct(r.latencies_ms, 0.95):>8.2f}"
+                )
+            monthly = rows[5][2]
+            p95 = pct(monthly.latencies_ms, 0.95)
+            print()
+            print(
+                f"month-long hourly aggregate ({DAYS * 24} buckets over {DAYS * 86400:,} rows per metric): "
+                f"p50 {statistics.median(monthly.latencies_ms):.2f} ms, p95 {p95:.2f} ms "
+                f"(target p95 < 50 ms: {'met' if p95 < 50 else 'NOT met'})"
+            )
+            if any(r.errors for _, _, r in rows):
+                raise SystemExit("some requests failed")
+        finally:
+            if api is not None:
+                api.terminate()
+                api.wait(20)
+            redis_proc.terminate()
+            redis_proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()

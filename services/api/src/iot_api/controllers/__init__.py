@@ -1,0 +1,25 @@
+"""HTTP edge: one Litestar Controller per resource; each handler turns the request into a service call.
+
+Later resources (alert rules, alerts, commands) are added the same way: a Controller in this package with
+``opt={"scope": ...}`` and :func:`iot_api.problems.problem_responses`, listed in :data:`CONTROLLERS`.
+"""
+
+from __future__ import annotations
+
+from litestar.types import ControllerRouterHandler
+
+from iot_api.controllers.accounts import ApiKeyController, AuthController
+from iot_api.controllers.devices import DeviceController
+from iot_api.controllers.operations import healthz, metrics, readyz
+from iot_api.controllers.telemetry import RejectController, TelemetryController
+
+CONTROLLERS: list[ControllerRouterHandler] = [
+    healthz,
+    readyz,
+    metrics,
+    AuthController,
+    ApiKeyController,
+    DeviceController,
+    TelemetryController,
+    RejectController,
+]

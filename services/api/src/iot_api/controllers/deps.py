@@ -1,0 +1,48 @@
+"""Dependencies handed to handlers: the services built once in the lifespan (see ``iot_api.app``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from litestar.datastructures import State
+from litestar.di import Provide
+
+from iot_api.repositories.rejects import RejectRepository
+from iot_api.services.auth import AuthService
+from iot_api.services.devices import DeviceService
+from iot_api.services.telemetry import TelemetryService
+
+
+@dataclass(frozen=True)
+class Services:
+    devices: DeviceService
+    telemetry: TelemetryService
+    auth: AuthService
+    rejects: RejectRepository
+
+
+def _services(state: State) -> Services:
+    services: Services = state.services
+    return services
+
+
+def provide_devices(state: State) -> DeviceService:
+    return _services(state).devices
+
+
+def provide_telemetry(state: State) -> TelemetryService:
+    return _services(state).telemetry
+
+
+def provide_auth(state: State) -> AuthService:
+    return _services(state).auth
+
+
+def provide_rejects(state: State) -> RejectRepository:
+    return _services(state).rejects
+
+
+DEVICES = Provide(provide_devices, sync_to_thread=False)
+TELEMETRY = Provide(provide_telemetry, sync_to_thread=False)
+AUTH = Provide(provide_auth, sync_to_thread=False)
+REJECTS = Provide(provide_rejects, sync_to_thread=False)

@@ -1,0 +1,31 @@
+"""Health and metrics: no credential, no rate limit."""
+
+from __future__ import annotations
+
+from litestar import Response, get
+from litestar.datastructures import State
+
+from iot_common.health import HealthReport, postgres_check, redis_check, run_checks
+from iot_common.metrics import render_metrics
+
+_OPEN = {"skip_auth": True}
+
+
+@get("/healthz", operation_id="healthz", tags=["operations"], opt=_OPEN, security=[{}])
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@get("/readyz", operation_id="readyz", tags=["operations"], opt=_OPEN, security=[{}])
+async def readyz(state: State) -> Response[HealthReport]:
+    """Readiness: PostgreSQL answers. Redis is reported but not required: the API works without it."""
+    report = await run_checks({"postgres": postgres_check(state.pool), "redis": redis_check(state.redis)})
+    ready = report.checks.get("postgres") == "ok"
+    return Response(report, status_code=200 if ready else 503)
+
+
+@get("/metrics", operation_id="metrics", tags=["operations"], include_in_schema=False, opt=_OPEN)
+async def metrics() -> Response[bytes]:
+    body, content_type = render_metrics()
+    return Response(body, media_type=content_type)

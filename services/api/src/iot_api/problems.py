@@ -1,0 +1,189 @@
+"""Errors as RFC 9457 problem details (``application/problem+json``), naming the field that is wrong.
+
+Every 4xx the API sends has this shape, whether a handler raised it, Litestar refused the input or the
+route does not exist; OpenAPI documents the same struct through :func:`problem_responses`.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+log = structlog.stdlib.get_logger("iot_api")
+
+
+class FieldError(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One wrong input: where it is (``body``, ``query``, ``path``, ``header``), its name and why."""
+
+    field: str
+    message: str
+    source: str | None = None
+
+
+class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str = ""
+    instance: str | None = None
+    request_id: str | None = None
+    errors: list[FieldError] = msgspec.field(default_factory=list)
+
+
+class ApiError(HTTPException):
+    """An HTTP error with an optional list of wrong fields; subclasses fix the status."""
+
+    status_code = 400
+
+    def __init__(self, detail: str = "", *, errors: list[FieldError] | None = None, **kwargs: Any) -> None:
+        super().__init__(detail=detail, **kwargs)
+        self.errors = errors or []
+
+
+class BadRequest(ApiError):
+    status_code = 400
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+
+
+class Forbidden(ApiError):
+    status_code = 403
+
+
+class NotFound(ApiError):
+    status_code = 404
+
+
+class Conflict(ApiError):
+    status_code = 409
+
+
+class Unprocessable(ApiError):
+    status_code = 422
+
+
+class TooManyRequests(ApiError):
+    status_code = 429
+
+
+class Unavailable(ApiError):
+    status_code = 503
+
+
+def invalid(field: str, message: str, source: str = "query") -> Unprocessable:
+    """A 422 naming one wrong field."""
+    return Unprocessable(f"{field}: {message}", errors=[FieldError(field, message, source)])
+
+
+_MISSING_PARAM_RE = re.compile(r"Missing required (\w+) parameter '([^']+)'")
+_MISSING_RE = re.compile(r"missing required field `([^`]+)`")
+
+
+def _field_name(key: str, message: str) -> str:
+    """The wrong field: msgspec reports a missing field on its parent object, we name the field itself."""
+    key = key.rstrip("_")  # Python names of query parameters that are keywords: from_ -> from
+    missing = _MISSING_RE.search(message)
+    if missing is None:
+        return key
+    return missing.group(1) if key in ("data", "body") else f"{key}.{missing.group(1)}"
+
+
+def _type_uri(status: int) -> str:
+    return f"https://iot-platform.dev/problems/{status}" if status >= 400 else "about:blank"
+
+
+def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    """Translate any exception raised while serving ``request`` into a problem-details response."""
+    status = 500
+    detail = ""
+    errors: list[FieldError] = []
+    headers: dict[str, str] = {}
+    if isinstance(exc, ValidationException):
+        # Litestar refuses unparsable or out-of-schema input with 400; we say 422 and name the field.
+        status = 422
+        for item in exc.extra if isinstance(exc.extra, list) else []:
+            if isinstance(item, dict):
+                message = str(item.get("message", "invalid value"))
+                errors.append(
+                    FieldError(
+                        field=_field_name(str(item.get("key") or "body"), message),
+                        message=message,
+                        source=str(getattr(item["source"], "value", item["source"]))
+                        if item.get("source")
+                        else None,
+                    )
+                )
+        missing_param = _MISSING_PARAM_RE.search(str(exc.detail))
+        if missing_param is not None:
+            name = missing_param.group(2)
+            errors.append(FieldError(name, "required", missing_param.group(1)))
+        detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or str(exc.detail)
+        if "JSON" in str(exc.detail) or "decode" in str(exc.detail).lower():
+            status, detail = 400, "request body is not valid JSON"
+    elif isinstance(exc, HTTPException):
+        status = exc.status_code
+        detail = exc.detail if exc.detail != HTTPStatus(status).phrase else ""
+        errors = list(getattr(exc, "errors", []))
+        headers = dict(exc.headers or {})
+        if isinstance(exc, NotAuthorizedException) and not isinstance(exc, ApiError):
+            detail = detail or "credentials required"
+    if status >= 500:
+        log.exception("request failed", exc_info=exc)
+        detail = "internal error" if status == 500 else detail
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", 'Bearer realm="iot", ApiKey header="X-API-Key"')
+    state = request.scope.get("state", {})
+    problem = Problem(
+        type=_type_uri(status),
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        instance=request.url.path,
+        request_id=state.get("request_id"),
+        errors=errors,
+    )
+    return Response(problem, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
+    HTTPException: problem_response,
+    Exception: problem_response,
+}
+
+_DESCRIPTIONS = {
+    400: "The request could not be read (for example a body that is not JSON).",
+    401: "No credential, or one that is malformed, expired, revoked or unknown.",
+    403: "The credential lacks the scope this operation needs.",
+    404: "The resource does not exist.",
+    409: "A resource with this id already exists.",
+    413: "The request body is larger than IOT_API_MAX_BODY_BYTES.",
+    422: "An input is invalid; `errors` names each wrong field.",
+    429: "Too many requests for this principal; retry after `Retry-After` seconds.",
+    503: "A backing store the operation needs is unavailable.",
+}
+
+
+def problem_responses(*codes: int, public: bool = False) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for the given statuses, plus those every (authenticated) route can answer."""
+    base = {400, 422, 429} if public else {400, 401, 403, 422, 429}
+    return {
+        code: ResponseSpec(
+            data_container=Problem,
+            description=_DESCRIPTIONS[code],
+            media_type=PROBLEM_MEDIA_TYPE,
+            generate_examples=False,
+        )
+        for code in sorted(base | set(codes))
+    }

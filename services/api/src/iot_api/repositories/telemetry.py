@@ -1,0 +1,171 @@
+"""Telemetry reads: raw points, bucketed aggregates (over the hourly rollup where it helps), latest values.
+
+Every query names ``device_id`` and ``metric``, so it walks the primary key ``(device_id, metric, ts)``
+of each daily partition the time range touches and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from iot_api.rollup import HOUR, ceil_to, floor_to, rolled_until
+
+# Distinct metrics of one device, one index probe per metric (a loose index scan), never a full scan.
+_METRICS_CTE = """
+WITH RECURSIVE m AS (
+    SELECT (SELECT metric FROM telemetry WHERE device_id = $1 ORDER BY metric LIMIT 1) AS metric
+    UNION ALL
+    SELECT (SELECT metric FROM telemetry WHERE device_id = $1 AND metric > m.metric ORDER BY metric LIMIT 1)
+    FROM m WHERE m.metric IS NOT NULL
+)
+"""
+
+_LATEST = (
+    _METRICS_CTE
+    + """
+SELECT l.metric, l.ts, l.value, l.value_text FROM m
+CROSS JOIN LATERAL (
+    SELECT metric, ts, value, value_text FROM telemetry
+    WHERE device_id = $1 AND metric = m.metric ORDER BY ts DESC LIMIT 1
+) l
+WHERE m.metric IS NOT NULL
+"""
+)
+
+_ORIGIN = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
+
+_RAW_AGGREGATE = f"""
+SELECT date_bin($5::interval, ts, {_ORIGIN}) AS b,
+       count(value) AS count, sum(value) AS sum, min(value) AS min, max(value) AS max
+FROM telemetry
+WHERE device_id = $1 AND metric = $2 AND ts >= $3 AND ts < $4 AND value IS NOT NULL
+GROUP BY b
+"""
+
+_ROLLUP_AGGREGATE = f"""
+WITH parts AS (
+    SELECT date_bin($5::interval, ts, {_ORIGIN}) AS b,
+           value AS sum, value AS min, value AS max, 1::bigint AS count
+    FROM telemetry
+    WHERE device_id = $1 AND metric = $2 AND value IS NOT NULL
+      AND ((ts >= $3 AND ts < $6) OR (ts >= $7 AND ts < $4))
+    UNION ALL
+    SELECT date_bin($5::interval, bucket, {_ORIGIN}), sum, min, max, count
+    FROM telemetry_hourly
+    WHERE device_id = $1 AND metric = $2 AND bucket >= $6 AND bucket < $7
+)
+SELECT b, sum(count)::bigint AS count, sum(sum) AS sum, min(min) AS min, max(max) AS max
+FROM parts GROUP BY b
+"""
+
+
+@dataclass(frozen=True)
+class RawRow:
+    ts: datetime
+    metric: str
+    value: float | str
+
+
+@dataclass(frozen=True)
+class Bucket:
+    ts: datetime
+    count: int
+    sum: float
+    min: float
+    max: float
+
+
+def _value(row: asyncpg.Record) -> float | str:
+    value: float | str = row["value"] if row["value"] is not None else row["value_text"]
+    return value
+
+
+class TelemetryRepository:
+    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+        self.pool = pool
+
+    async def metrics(self, device_id: str) -> list[str]:
+        rows = await self.pool.fetch(
+            _METRICS_CTE + "SELECT metric FROM m WHERE metric IS NOT NULL", device_id
+        )
+        return [r["metric"] for r in rows]
+
+    async def raw(
+        self,
+        device_id: str,
+        metrics: list[str],
+        start: datetime | None,
+        end: datetime | None,
+        *,
+        descending: bool,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[RawRow]:
+        """Points of ``metrics`` ordered by (ts, metric), after the position ``after``; ``limit`` at most.
+
+        One index range scan per metric (each stops after ``limit`` rows), merged and cut to ``limit``.
+        """
+        cmp, order = ("<", "DESC") if descending else (">", "ASC")
+        args: list[Any] = [device_id, metrics, limit]
+        clauses = ["device_id = $1", "metric = m.metric"]
+        if start is not None:
+            args.append(start)
+            clauses.append(f"ts >= ${len(args)}")
+        if end is not None:
+            args.append(end)
+            clauses.append(f"ts < ${len(args)}")
+        if after is not None:
+            args.extend(after)
+            ts_arg, metric_arg = f"${len(args) - 1}", f"${len(args)}"
+            clauses.append(f"ts {cmp}= {ts_arg} AND (ts {cmp} {ts_arg} OR metric {cmp} {metric_arg})")
+        rows = await self.pool.fetch(
+            f"""
+            SELECT t.ts, t.metric, t.value, t.value_text FROM unnest($2::text[]) AS m(metric)
+            CROSS JOIN LATERAL (
+                SELECT ts, metric, value, value_text FROM telemetry
+                WHERE {" AND ".join(clauses)} ORDER BY ts {order} LIMIT $3
+            ) t
+            ORDER BY t.ts {order}, t.metric {order} LIMIT $3
+            """,
+            *args,
+        )
+        return [RawRow(r["ts"], r["metric"], _value(r)) for r in rows]
+
+    async def aggregate(
+        self, device_id: str, metric: str, start: datetime, end: datetime, bucket: timedelta
+    ) -> list[Bucket]:
+        """count/sum/min/max of numeric values per bucket (aligned on the Unix epoch), oldest first.
+
+        Buckets of whole hours read closed hours from ``telemetry_hourly`` and only the edges (the part of
+        the range before the first whole hour, after the last one, and after the rollup watermark) from
+        raw rows; smaller buckets read raw rows.
+        """
+        async with self.pool.acquire() as conn:
+            mid_start = mid_end = None
+            if bucket % HOUR == timedelta(0):
+                until = await rolled_until(conn)
+                if until is not None:
+                    mid_start, mid_end = ceil_to(start, HOUR), min(floor_to(end, HOUR), until)
+            if mid_start is not None and mid_end is not None and mid_start < mid_end:
+                rows = await conn.fetch(
+                    _ROLLUP_AGGREGATE + " ORDER BY b",
+                    device_id,
+                    metric,
+                    start,
+                    end,
+                    bucket,
+                    mid_start,
+                    mid_end,
+                )
+            else:
+                rows = await conn.fetch(_RAW_AGGREGATE + " ORDER BY b", device_id, metric, start, end, bucket)
+        return [Bucket(r["b"], r["count"], r["sum"], r["min"], r["max"]) for r in rows]
+
+    async def latest(self, device_id: str) -> dict[str, tuple[float | str, datetime]]:
+        """Latest value and time of every metric of a device, from the table."""
+        rows = await self.pool.fetch(_LATEST, device_id)
+        return {r["metric"]: (_value(r), r["ts"]) for r in rows}

@@ -1,0 +1,224 @@
+"""Request and response bodies of the API, as msgspec Structs: they validate and they are the OpenAPI."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from iot_common.messages import METRIC_NAME_PATTERN, DeviceStatus
+from iot_common.topics import DEVICE_ID_PATTERN
+
+DeviceId = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=DEVICE_ID_PATTERN,
+        description="1-64 characters: letters, digits and `_ . : -`, starting with a letter or digit",
+        examples=["sensor-001"],
+    ),
+]
+MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN, examples=["temperature"])]
+DeviceType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", examples=["thermometer"])]
+Text = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\x00]*$")]
+Scope = Literal["read", "write", "admin"]
+Aggregate = Literal["avg", "min", "max", "sum", "count"]
+
+
+class Device(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    type: str
+    status: DeviceStatus
+    attributes: dict[str, Any]
+    last_seen: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeviceCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A new device. Without ``id`` the API generates one (``dev-`` and 16 hex digits)."""
+
+    id: DeviceId | None = None
+    name: Text = ""
+    type: DeviceType = "generic"
+    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class DeviceUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Fields to change; a field left out (or null) keeps its value. ``attributes`` replaces the whole map."""
+
+    name: Text | None = None
+    type: DeviceType | None = None
+    status: DeviceStatus | None = None
+    attributes: dict[str, Any] | None = None
+
+
+class Page(msgspec.Struct, frozen=True):
+    """Cursor pagination: pass ``next_cursor`` back as ``cursor`` while ``has_more`` is true."""
+
+    has_more: bool
+    next_cursor: str | None
+
+
+class DevicePage(Page, frozen=True):
+    items: list[Device]
+
+
+class TelemetryPoint(msgspec.Struct, frozen=True):
+    ts: datetime
+    metric: str
+    value: float | str
+
+
+class TelemetryPage(Page, frozen=True, tag="raw", tag_field="kind"):
+    """Raw points, newest first (``order=desc``) or oldest first (``order=asc``)."""
+
+    device_id: str
+    order: Literal["asc", "desc"]
+    items: list[TelemetryPoint]
+
+
+class AggregatePoint(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One bucket, labelled by its start; only the aggregates asked for are present."""
+
+    ts: datetime
+    avg: float | None = None
+    min: float | None = None
+    max: float | None = None
+    sum: float | None = None
+    count: int | None = None
+
+
+class TelemetryAggregate(msgspec.Struct, frozen=True, tag="aggregate", tag_field="kind"):
+    """Numeric values of one metric per time bucket (buckets without values are left out)."""
+
+    device_id: str
+    metric: str
+    bucket: str
+    agg: list[Aggregate]
+    from_: datetime = msgspec.field(name="from")
+    to: datetime
+    points: list[AggregatePoint]
+
+
+class SeriesPoint(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A raw point (``value``) or a bucket (the aggregates asked for)."""
+
+    ts: datetime
+    value: float | str | None = None
+    avg: float | None = None
+    min: float | None = None
+    max: float | None = None
+    sum: float | None = None
+    count: int | None = None
+
+
+class Series(msgspec.Struct, frozen=True):
+    device_id: str
+    metric: str
+    has_more: bool
+    points: list[SeriesPoint]
+
+
+class History(msgspec.Struct, frozen=True):
+    """One series per requested device, all on the same time range and bucket."""
+
+    metric: str
+    bucket: str | None
+    from_: datetime = msgspec.field(name="from")
+    to: datetime
+    series: list[Series]
+
+
+class LatestValue(msgspec.Struct, frozen=True):
+    value: float | str
+    ts: datetime
+
+
+class DeviceLatest(msgspec.Struct, frozen=True):
+    """Latest value of every metric of a device; ``source`` says whether Redis or PostgreSQL answered."""
+
+    device_id: str
+    metrics: dict[str, LatestValue]
+    source: Literal["cache", "database"]
+
+
+class LatestList(msgspec.Struct, frozen=True):
+    items: list[DeviceLatest]
+
+
+class Reject(msgspec.Struct, frozen=True):
+    id: int
+    received_at: datetime
+    topic: str
+    device_id: str | None
+    reason: str
+    detail: str
+    payload: str
+    payload_size: int
+
+
+class RejectPage(Page, frozen=True):
+    items: list[Reject]
+
+
+class Login(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    email: Annotated[str, msgspec.Meta(min_length=1, max_length=320, pattern=r"^[^\x00]*$")]
+    password: Annotated[str, msgspec.Meta(min_length=1, max_length=1024, pattern=r"^[^\x00]*$")]
+
+
+class RefreshRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    refresh_token: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class Tokens(msgspec.Struct, frozen=True):
+    """An access token (JWT, ``Authorization: Bearer``) and the refresh token that renews it.
+
+    ``refresh_token`` is null when the session store (Redis) is unavailable: the access token still works.
+    """
+
+    access_token: str
+    token_type: Literal["bearer"]
+    expires_in: int
+    refresh_token: str | None
+    refresh_expires_in: int | None
+
+
+class RealtimeToken(msgspec.Struct, frozen=True):
+    """A short-lived token for the realtime service's WebSocket (``?token=``)."""
+
+    token: str
+    token_type: Literal["realtime"]
+    expires_in: int
+
+
+class Me(msgspec.Struct, frozen=True):
+    subject: str
+    kind: Literal["user", "api_key"]
+    scopes: list[Scope]
+
+
+class ApiKeyCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+    scopes: Annotated[list[Scope], msgspec.Meta(min_length=1, max_length=3)]
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    prefix: str
+    scopes: list[Scope]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKey, frozen=True):
+    """The new key; ``key`` is shown this once and never again."""
+
+    key: str
+
+
+class ApiKeyPage(msgspec.Struct, frozen=True):
+    items: list[ApiKey]

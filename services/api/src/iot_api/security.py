@@ -1,0 +1,68 @@
+"""Authentication middleware, scope guard and rate limiting.
+
+Every route needs a credential unless its handler says ``opt={"public": True}`` (login, refresh,
+logout: rate limited per client address) or ``opt={"skip_auth": True}`` (health, metrics, OpenAPI).
+Each handler names the scope it needs with ``opt={"scope": "read" | "write" | "admin"}``; the controller
+sets the default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.datastructures import Headers
+from litestar.enums import ScopeType
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from iot_api.problems import Forbidden, Unauthorized
+from iot_api.services.auth import AuthService
+from iot_common.auth import Principal
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+class AuthMiddleware(ASGIMiddleware):
+    """Resolve the principal (``request.user``) from ``X-API-Key`` or ``Authorization``; rate limit it."""
+
+    scopes = (ScopeType.HTTP,)
+    exclude_opt_key = "skip_auth"
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        auth: AuthService = scope["app"].state.auth
+        handler = scope.get("route_handler")
+        opt: dict[str, Any] = handler.opt if handler is not None else {}
+        state = scope.setdefault("state", {})
+        if opt.get("public") or scope.get("method") == "OPTIONS":
+            await auth.rate_limit(f"ip:{_client(scope)}")
+        else:
+            headers = Headers.from_scope(scope)
+            principal = await auth.authenticate(headers.get("x-api-key"), headers.get("authorization"))
+            scope["user"] = principal
+            state["principal"] = principal.subject
+            await auth.rate_limit(principal.subject)
+        await next_app(scope, receive, send)
+
+
+def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Refuse with 403 when the principal lacks the handler's ``scope`` option."""
+    needed = handler.opt.get("scope")
+    if needed is None or handler.opt.get("public") or handler.opt.get("skip_auth"):
+        return
+    principal = connection.scope.get("user")
+    if not isinstance(principal, Principal):
+        raise Unauthorized("credentials required")
+    if not principal.allows(needed):
+        raise Forbidden(f"this operation needs the {needed!r} scope")
+
+
+def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    principal = connection.scope.get("user")
+    if not isinstance(principal, Principal):
+        raise Unauthorized("credentials required")
+    return principal

@@ -1,0 +1,1 @@
+"""Business logic between the controllers and the repositories: validation beyond types, caching."""

@@ -1,0 +1,242 @@
+"""Who is calling: passwords, access tokens, refresh sessions in Redis, API keys, rate limits.
+
+- Passwords are hashed with argon2id (argon2-cffi), verified in a worker thread.
+- A login returns a short-lived JWT and a refresh token; the session behind it lives in Redis under the
+  token's SHA-256 and is single-use (a refresh rotates it, a logout deletes it).
+- API keys are looked up by prefix, their hash compared in constant time; the row is cached in Redis for
+  ``IOT_API_CACHE_TTL_S`` and the entry deleted on revocation, so a revoked key stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from uuid import UUID
+
+import argon2
+import msgspec
+import structlog
+
+from iot_api.cache import Cache
+from iot_api.problems import NotFound, TooManyRequests, Unauthorized, Unavailable
+from iot_api.repositories.accounts import AccountRepository, KeyRow
+from iot_api.schemas import ApiKey, ApiKeyCreate, ApiKeyCreated, RealtimeToken, Tokens
+from iot_api.settings import ApiSettings
+from iot_common.auth import (
+    InvalidCredential,
+    Principal,
+    api_key_prefix,
+    decode_token,
+    generate_api_key,
+    hash_api_key,
+    issue_token,
+)
+
+log = structlog.stdlib.get_logger("iot_api.auth")
+ROLE_SCOPES: dict[str, frozenset[str]] = {
+    "admin": frozenset({"admin"}),
+    "user": frozenset({"write"}),
+    "viewer": frozenset({"read"}),
+}
+_hasher = argon2.PasswordHasher()
+_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+class _Session(msgspec.Struct, frozen=True):
+    user_id: str
+
+
+class _CachedKey(msgspec.Struct, frozen=True):
+    id: str
+    key_hash: str
+    scopes: list[str]
+    revoked: bool
+
+
+_session_decoder = msgspec.json.Decoder(_Session)
+_key_decoder = msgspec.json.Decoder(_CachedKey)
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def _verify_password(password_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AuthService:
+    def __init__(self, accounts: AccountRepository, cache: Cache, settings: ApiSettings) -> None:
+        self.accounts = accounts
+        self.cache = cache
+        self.settings = settings
+
+    async def login(self, email: str, password: str) -> Tokens:
+        user = await self.accounts.user_by_email(email)
+        # Verify against a dummy hash for unknown users, so timing does not tell which e-mails exist.
+        ok = await asyncio.to_thread(_verify_password, user.password_hash if user else _DUMMY_HASH, password)
+        if user is None or not ok or user.disabled:
+            raise Unauthorized("wrong e-mail or password")
+        if _hasher.check_needs_rehash(user.password_hash):
+            await self.accounts.set_password_hash(user.id, await asyncio.to_thread(hash_password, password))
+        return await self._tokens(str(user.id), ROLE_SCOPES.get(user.role, frozenset()))
+
+    async def _tokens(self, user_id: str, scopes: frozenset[str]) -> Tokens:
+        access = issue_token(self.settings.jwt_secret, user_id, scopes, self.settings.api_access_token_ttl_s)
+        refresh: str | None = secrets.token_urlsafe(32)
+        assert refresh is not None
+        ttl = self.settings.api_refresh_ttl_s
+        stored = await self.cache.set(
+            self.cache.key("session", _token_hash(refresh)), msgspec.json.encode(_Session(user_id)), ttl
+        )
+        if not stored:
+            log.warning("session store unavailable: access token issued without a refresh token")
+            refresh = None
+        return Tokens(
+            access_token=access,
+            token_type="bearer",
+            expires_in=self.settings.api_access_token_ttl_s,
+            refresh_token=refresh,
+            refresh_expires_in=ttl if refresh else None,
+        )
+
+    async def refresh(self, refresh_token: str) -> Tokens:
+        """Trade a refresh token for a new pair; the old refresh token stops working."""
+        key = self.cache.key("session", _token_hash(refresh_token))
+        raw: bytes | bool | None = await self.cache.call(lambda r: r.getdel(key), False)
+        if raw is False:
+            raise Unavailable("session store unavailable; log in again later")
+        if raw is None or isinstance(raw, bool):
+            raise Unauthorized("refresh token unknown, expired or revoked")
+        session = _session_decoder.decode(raw)
+        user = await self.accounts.user_by_id(UUID(session.user_id))
+        if user is None or user.disabled:
+            raise Unauthorized("user no longer exists or is disabled")
+        return await self._tokens(str(user.id), ROLE_SCOPES.get(user.role, frozenset()))
+
+    async def logout(self, refresh_token: str) -> None:
+        """Revoke the session of a refresh token (unknown tokens are accepted: the result is the same)."""
+        await self.cache.delete(self.cache.key("session", _token_hash(refresh_token)))
+
+    def realtime_token(self, principal: Principal) -> RealtimeToken:
+        ttl = self.settings.api_realtime_token_ttl_s
+        token = issue_token(
+            self.settings.jwt_secret,
+            principal.subject,
+            principal.scopes,
+            ttl,
+            token_type="realtime",
+            kind=principal.kind,
+        )
+        return RealtimeToken(token=token, token_type="realtime", expires_in=ttl)
+
+    async def authenticate(self, api_key: str | None, authorization: str | None) -> Principal:
+        """The principal of an ``X-API-Key`` or ``Authorization: Bearer`` credential, else 401."""
+        if api_key:
+            return await self._verify_key(api_key)
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthorized("Authorization must be `Bearer <token>`")
+            try:
+                return decode_token(self.settings.jwt_secret, token.strip(), accept=("access",))
+            except InvalidCredential as exc:
+                raise Unauthorized(str(exc)) from None
+        raise Unauthorized("credentials required: `Authorization: Bearer <token>` or `X-API-Key`")
+
+    async def _verify_key(self, key: str) -> Principal:
+        prefix = api_key_prefix(key)
+        if prefix is None:
+            raise Unauthorized("malformed API key")
+        cache_key = self.cache.key("apikey", prefix)
+        row: _CachedKey | None = None
+        cached = await self.cache.get(cache_key)
+        if cached is not None:
+            try:
+                row = _key_decoder.decode(cached)
+            except msgspec.DecodeError:
+                row = None
+        if row is None:
+            found: KeyRow | None = await self.accounts.key_by_prefix(prefix)
+            if found is None:
+                raise Unauthorized("unknown API key")
+            row = _CachedKey(str(found.id), found.key_hash, found.scopes, found.revoked)
+            await self.cache.set(cache_key, msgspec.json.encode(row), self.settings.api_cache_ttl_s)
+            if not found.revoked:
+                await self.accounts.touch_key(found.id)
+        if not hmac.compare_digest(row.key_hash, hash_api_key(key)):
+            raise Unauthorized("unknown API key")
+        if row.revoked:
+            raise Unauthorized("API key revoked")
+        return Principal(subject=f"key:{row.id}", kind="api_key", scopes=frozenset(row.scopes))
+
+    async def rate_limit(self, subject: str) -> None:
+        """Count a request of ``subject`` in this minute's window; 429 past the limit.
+
+        Fails open: while Redis is down requests are not counted.
+        """
+        limit = self.settings.api_rate_limit_per_minute
+        if limit <= 0:
+            return
+        now = time.time()
+        window = int(now // 60)
+        key = self.cache.key("rate", subject, window)
+        result = await self.cache.pipeline(lambda p: (p.incr(key), p.expire(key, 61)))
+        if result is not None and int(result[0]) > limit:
+            retry = max(1, 60 - int(now % 60))
+            raise TooManyRequests(
+                f"more than {limit} requests per minute", headers={"Retry-After": str(retry)}
+            )
+
+    async def create_key(self, data: ApiKeyCreate, principal: Principal) -> ApiKeyCreated:
+        key, prefix, key_hash = generate_api_key()
+        created_by = UUID(principal.subject) if principal.kind == "user" else None
+        scopes: list[str] = sorted(set(data.scopes))
+        row = await self.accounts.create_key(data.name, prefix, key_hash, scopes, created_by)
+        if row is None:  # a 48-bit prefix collision: astronomically rare, so one retry is enough
+            key, prefix, key_hash = generate_api_key()
+            row = await self.accounts.create_key(data.name, prefix, key_hash, scopes, created_by)
+        assert row is not None
+        return ApiKeyCreated(**msgspec.structs.asdict(row), key=key)
+
+    async def list_keys(self) -> list[ApiKey]:
+        return await self.accounts.list_keys()
+
+    async def revoke_key(self, key_id: str) -> None:
+        try:
+            uuid = UUID(key_id)
+        except ValueError:
+            raise NotFound(f"API key {key_id!r} not found") from None
+        row = await self.accounts.revoke_key(uuid)
+        if row is None:
+            raise NotFound(f"API key {key_id!r} not found")
+        if not await self.cache.delete(self.cache.key("apikey", row.prefix)):
+            log.warning("API key revoked but its cache entry could not be deleted", key_id=key_id)
+
+    async def bootstrap(self) -> None:
+        """Create the admin user and the API key named by the settings, unless they exist (idempotent)."""
+        s = self.settings
+        if s.bootstrap_admin_email:
+            created = await self.accounts.ensure_user(
+                s.bootstrap_admin_email,
+                await asyncio.to_thread(hash_password, s.bootstrap_admin_password),
+                "admin",
+            )
+            log.info("bootstrap admin", email=s.bootstrap_admin_email, created=created)
+        if s.bootstrap_api_key:
+            prefix = api_key_prefix(s.bootstrap_api_key)
+            assert prefix is not None
+            row = await self.accounts.create_key(
+                "bootstrap", prefix, hash_api_key(s.bootstrap_api_key), ["admin"], None
+            )
+            log.info("bootstrap API key", prefix=prefix, created=row is not None)

@@ -1,0 +1,131 @@
+"""Devices: registration, listing and changes, with the hot reads cached in Redis.
+
+The cache holds a device by id and pages of the device list. A write through the API deletes the
+device's entry and bumps the list generation (old pages are no longer looked up and expire). Changes made
+by other services (ingest updating ``status``/``last_seen``) show after ``IOT_API_CACHE_TTL_S`` at most.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import msgspec
+
+from iot_api.cache import Cache
+from iot_api.pagination import decode_cursor, encode_cursor
+from iot_api.problems import Conflict, NotFound, invalid
+from iot_api.repositories.devices import DeviceRepository
+from iot_api.schemas import Device, DeviceCreate, DevicePage, DeviceUpdate
+from iot_common.topics import is_valid_device_id
+
+_device_decoder = msgspec.json.Decoder(Device)
+_page_decoder = msgspec.json.Decoder(DevicePage)
+
+
+def check_json(value: Any, path: str) -> None:
+    """Refuse what PostgreSQL's jsonb cannot store (NUL characters), naming the place."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise invalid(path, "must not contain NUL characters", "body")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                raise invalid(path, "keys must not contain NUL characters", "body")
+            check_json(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_json(item, f"{path}[{index}]")
+
+
+class DeviceService:
+    def __init__(self, repo: DeviceRepository, cache: Cache, ttl_s: int) -> None:
+        self.repo = repo
+        self.cache = cache
+        self.ttl_s = ttl_s
+
+    async def get(self, device_id: str) -> Device:
+        if not is_valid_device_id(device_id):
+            raise NotFound(f"device {device_id!r} not found")
+        cached = await self.cache.get(self.cache.key("device", device_id))
+        if cached is not None:
+            try:
+                return _device_decoder.decode(cached)
+            except msgspec.DecodeError:
+                pass
+        device = await self.repo.get(device_id)
+        if device is None:
+            raise NotFound(f"device {device_id!r} not found")
+        await self.cache.set(self.cache.key("device", device_id), msgspec.json.encode(device), self.ttl_s)
+        return device
+
+    async def require(self, device_id: str) -> None:
+        """Raise 404 unless the device exists (served from the cache when it can be)."""
+        await self.get(device_id)
+
+    async def list(
+        self, *, limit: int, cursor: str | None, type_: str | None, status: str | None, search: str | None
+    ) -> DevicePage:
+        after = decode_cursor(cursor, (str,))[0] if cursor else None
+        params = msgspec.json.encode([limit, after, type_, status, search]).hex()
+        # False: Redis is down (no caching); None: no write yet (generation 0).
+        generation: bytes | bool | None = await self.cache.call(
+            lambda r: r.get(self.cache.key("devices", "generation")), False
+        )
+        key = None
+        if generation is not False and len(params) < 2000:
+            key = self.cache.key("devices", "list", int(generation or 0), params)
+        if key is not None:
+            cached = await self.cache.get(key)
+            if cached is not None:
+                try:
+                    return _page_decoder.decode(cached)
+                except msgspec.DecodeError:
+                    pass
+        rows = await self.repo.list(limit=limit + 1, after=after, type_=type_, status=status, search=search)
+        has_more = len(rows) > limit
+        items = rows[:limit]
+        page = DevicePage(
+            items=items,
+            has_more=has_more,
+            next_cursor=encode_cursor(items[-1].id) if has_more else None,
+        )
+        if key is not None:
+            await self.cache.set(key, msgspec.json.encode(page), self.ttl_s)
+        return page
+
+    async def create(self, data: DeviceCreate) -> Device:
+        check_json(data.attributes, "attributes")
+        device_id = data.id or f"dev-{secrets.token_hex(8)}"
+        device = await self.repo.create(device_id, data.name, data.type, data.attributes)
+        if device is None:
+            raise Conflict(f"device {device_id!r} already exists")
+        await self._invalidate(device_id)
+        return device
+
+    async def update(self, device_id: str, data: DeviceUpdate) -> Device:
+        if not is_valid_device_id(device_id):
+            raise NotFound(f"device {device_id!r} not found")
+        changes = {f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not None}
+        if data.attributes is not None:
+            check_json(data.attributes, "attributes")
+        if not changes:
+            return await self.get(device_id)
+        device = await self.repo.update(device_id, changes)
+        if device is None:
+            raise NotFound(f"device {device_id!r} not found")
+        await self._invalidate(device_id)
+        return device
+
+    async def delete(self, device_id: str) -> None:
+        if not is_valid_device_id(device_id) or not await self.repo.delete(device_id):
+            raise NotFound(f"device {device_id!r} not found")
+        await self._invalidate(device_id)
+
+    async def _invalidate(self, device_id: str) -> None:
+        await self.cache.pipeline(
+            lambda p: (
+                p.delete(self.cache.key("device", device_id)),
+                p.incr(self.cache.key("devices", "generation")),
+            )
+        )

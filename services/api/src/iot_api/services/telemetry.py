@@ -1,0 +1,223 @@
+"""Telemetry queries: raw pages, bucketed aggregates, latest values (Redis first), multi-device history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import msgspec
+
+from iot_api.cache import Cache
+from iot_api.pagination import decode_cursor, encode_cursor
+from iot_api.problems import invalid
+from iot_api.repositories.telemetry import Bucket, TelemetryRepository
+from iot_api.schemas import (
+    Aggregate,
+    AggregatePoint,
+    DeviceLatest,
+    History,
+    LatestValue,
+    Series,
+    SeriesPoint,
+    TelemetryAggregate,
+    TelemetryPage,
+    TelemetryPoint,
+)
+from iot_api.services.devices import DeviceService
+from iot_common import messages
+from iot_common.topics import latest_key
+
+BUCKETS: dict[str, timedelta] = {
+    "1m": timedelta(minutes=1),
+    "5m": timedelta(minutes=5),
+    "10m": timedelta(minutes=10),
+    "15m": timedelta(minutes=15),
+    "30m": timedelta(minutes=30),
+    "1h": timedelta(hours=1),
+    "2h": timedelta(hours=2),
+    "6h": timedelta(hours=6),
+    "12h": timedelta(hours=12),
+    "1d": timedelta(days=1),
+    "7d": timedelta(days=7),
+}
+BUCKET_PATTERN = "^(" + "|".join(BUCKETS) + ")$"
+AGGREGATES: tuple[Aggregate, ...] = ("avg", "min", "max", "sum", "count")
+AGG_PATTERN = r"^(avg|min|max|sum|count)(,(avg|min|max|sum|count))*$"
+MAX_BUCKETS = 10_000
+DEFAULT_AGGREGATE_RANGE = timedelta(hours=24)
+_MIN_TS = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_TS = datetime(9000, 1, 1, tzinfo=UTC)
+
+_latest_decoder = msgspec.json.Decoder(messages.LatestValue)
+
+
+def utc(ts: datetime | None) -> datetime | None:
+    """A timestamp without zone is taken as UTC; the range is clamped to what makes sense to query."""
+    if ts is None:
+        return None
+    ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    return min(max(ts, _MIN_TS), _MAX_TS)
+
+
+def parse_agg(agg: str) -> list[Aggregate]:
+    wanted = set(agg.split(","))
+    return [a for a in AGGREGATES if a in wanted]
+
+
+def aggregate_range(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+    end = utc(end) or datetime.now(UTC)
+    start = utc(start) or max(end - DEFAULT_AGGREGATE_RANGE, _MIN_TS)
+    if start >= end:
+        raise invalid("from", "must be before `to`")
+    return start, end
+
+
+def _point(bucket: Bucket, aggs: list[Aggregate]) -> dict[str, float | int | None]:
+    values: dict[str, float | int | None] = {
+        "avg": bucket.sum / bucket.count if bucket.count else None,
+        "min": bucket.min,
+        "max": bucket.max,
+        "sum": bucket.sum,
+        "count": bucket.count,
+    }
+    return {a: values[a] for a in aggs}
+
+
+def decode_latest(raw: dict[bytes, bytes]) -> dict[str, LatestValue]:
+    """The Redis latest-values hash as metrics; entries that do not decode are skipped."""
+    result: dict[str, LatestValue] = {}
+    for field, value in raw.items():
+        try:
+            latest = _latest_decoder.decode(value)
+        except msgspec.DecodeError:
+            continue
+        result[field.decode(errors="replace")] = LatestValue(value=latest.value, ts=latest.ts)
+    return dict(sorted(result.items()))
+
+
+class TelemetryService:
+    def __init__(self, repo: TelemetryRepository, devices: DeviceService, cache: Cache) -> None:
+        self.repo = repo
+        self.devices = devices
+        self.cache = cache
+
+    async def raw(
+        self,
+        device_id: str,
+        metrics: list[str] | None,
+        start: datetime | None,
+        end: datetime | None,
+        order: Literal["asc", "desc"],
+        limit: int,
+        cursor: str | None,
+    ) -> TelemetryPage:
+        await self.devices.require(device_id)
+        after: tuple[datetime, str] | None = None
+        if cursor:
+            ts, metric = decode_cursor(cursor, (datetime, str))
+            after = (ts, metric)
+        names = sorted(set(metrics)) if metrics else await self.repo.metrics(device_id)
+        rows = []
+        if names:
+            rows = await self.repo.raw(
+                device_id,
+                names,
+                utc(start),
+                utc(end),
+                descending=order == "desc",
+                after=after,
+                limit=limit + 1,
+            )
+        has_more = len(rows) > limit
+        items = [TelemetryPoint(ts=r.ts, metric=r.metric, value=r.value) for r in rows[:limit]]
+        last = items[-1] if items else None
+        return TelemetryPage(
+            device_id=device_id,
+            order=order,
+            items=items,
+            has_more=has_more,
+            next_cursor=encode_cursor(last.ts, last.metric) if has_more and last else None,
+        )
+
+    async def aggregate(
+        self,
+        device_id: str,
+        metric: str,
+        start: datetime | None,
+        end: datetime | None,
+        bucket: str,
+        agg: str,
+    ) -> TelemetryAggregate:
+        await self.devices.require(device_id)
+        start_, end_ = aggregate_range(start, end)
+        step = self._check_buckets(start_, end_, bucket)
+        aggs = parse_agg(agg)
+        buckets = await self.repo.aggregate(device_id, metric, start_, end_, step)
+        return TelemetryAggregate(
+            device_id=device_id,
+            metric=metric,
+            bucket=bucket,
+            agg=aggs,
+            from_=start_,
+            to=end_,
+            points=[AggregatePoint(ts=b.ts, **_point(b, aggs)) for b in buckets],  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def _check_buckets(start: datetime, end: datetime, bucket: str) -> timedelta:
+        step = BUCKETS[bucket]
+        if (end - start) / step > MAX_BUCKETS:
+            raise invalid("bucket", f"more than {MAX_BUCKETS} buckets in the range; use a larger bucket")
+        return step
+
+    async def latest(self, device_id: str) -> DeviceLatest:
+        await self.devices.require(device_id)
+        return (await self._latest([device_id]))[0]
+
+    async def latest_many(self, device_ids: list[str]) -> list[DeviceLatest]:
+        """Latest values of each device asked for (unknown devices answer with no metrics)."""
+        return await self._latest(list(dict.fromkeys(device_ids)))
+
+    async def _latest(self, device_ids: list[str]) -> list[DeviceLatest]:
+        cached = await self.cache.hgetall_many([latest_key(d) for d in device_ids])
+        result = []
+        for index, device_id in enumerate(device_ids):
+            if cached is not None and cached[index]:
+                result.append(DeviceLatest(device_id, decode_latest(cached[index]), "cache"))
+                continue
+            rows = await self.repo.latest(device_id)
+            metrics = {m: LatestValue(value=v, ts=ts) for m, (v, ts) in sorted(rows.items())}
+            result.append(DeviceLatest(device_id, metrics, "database"))
+        return result
+
+    async def history(
+        self,
+        device_ids: list[str],
+        metric: str,
+        start: datetime | None,
+        end: datetime | None,
+        bucket: str | None,
+        agg: str,
+        limit: int,
+    ) -> History:
+        """One series of ``metric`` per device: raw points (oldest first, ``limit`` each) or buckets."""
+        ids = list(dict.fromkeys(device_ids))
+        start_, end_ = aggregate_range(start, end)
+        series = []
+        if bucket is not None:
+            step = self._check_buckets(start_, end_, bucket)
+            aggs = parse_agg(agg)
+            for device_id in ids:
+                buckets = await self.repo.aggregate(device_id, metric, start_, end_, step)
+                points = [SeriesPoint(ts=b.ts, **_point(b, aggs)) for b in buckets]  # type: ignore[arg-type]
+                series.append(Series(device_id=device_id, metric=metric, has_more=False, points=points))
+        else:
+            for device_id in ids:
+                rows = await self.repo.raw(
+                    device_id, [metric], start_, end_, descending=False, after=None, limit=limit + 1
+                )
+                points = [SeriesPoint(ts=r.ts, value=r.value) for r in rows[:limit]]
+                series.append(
+                    Series(device_id=device_id, metric=metric, has_more=len(rows) > limit, points=points)
+                )
+        return History(metric=metric, bucket=bucket, from_=start_, to=end_, series=series)

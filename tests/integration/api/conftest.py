@@ -1,0 +1,91 @@
+"""Fixtures for the API's integration tests: the Litestar app on a fresh database and the shared Redis.
+
+Each test gets its own database and its own cache namespace in Redis, so tests never see each other's
+cached pages, sessions or rate-limit counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from iot_api.app import create_app
+from iot_api.settings import ApiSettings
+
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "correct horse battery"
+BOOTSTRAP_KEY = "iotk_testbootstrp_" + "k" * 24
+
+
+@pytest.fixture
+def api_settings(database_url: str, redis_url: str, unique: str) -> ApiSettings:
+    return ApiSettings(
+        database_url=database_url,
+        redis_url=redis_url,
+        log_format="json",
+        bootstrap_api_key=BOOTSTRAP_KEY,
+        bootstrap_admin_email=ADMIN_EMAIL,
+        bootstrap_admin_password=ADMIN_PASSWORD,
+        api_cache_namespace=f"iot:test:{unique}:",
+        api_rollup_interval_s=0,
+        cors_origins=["https://dashboard.example.com"],
+    )
+
+
+ClientFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_client(api_settings: ApiSettings) -> AsyncIterator[ClientFactory]:
+    """Build clients on apps with settings overridden; each is closed (lifespan ended) afterwards."""
+    opened: list[AsyncTestClient[Any]] = []
+
+    async def make(**overrides: Any) -> AsyncTestClient[Any]:
+        settings = ApiSettings(**{**_fields(api_settings), **overrides})
+        client: AsyncTestClient[Any] = AsyncTestClient(app=create_app(settings))
+        await client.__aenter__()
+        opened.append(client)
+        return client
+
+    yield make
+    for client in reversed(opened):
+        await client.__aexit__(None, None, None)
+
+
+def _fields(settings: ApiSettings) -> dict[str, Any]:
+    return {f: getattr(settings, f) for f in settings.__struct_fields__}
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> AsyncTestClient[Any]:
+    """A client without credentials."""
+    result: AsyncTestClient[Any] = await make_client()
+    return result
+
+
+@pytest.fixture
+def admin() -> dict[str, str]:
+    """Headers of the bootstrap admin API key."""
+    return {"X-API-Key": BOOTSTRAP_KEY}
+
+
+async def make_key(client: AsyncTestClient[Any], admin: dict[str, str], *scopes: str) -> dict[str, str]:
+    """Create an API key with ``scopes``; return the headers that use it."""
+    response = await client.post(
+        "/api/v1/api-keys", json={"name": "test", "scopes": list(scopes)}, headers=admin
+    )
+    assert response.status_code == 201, response.text
+    return {"X-API-Key": response.json()["key"]}
+
+
+@pytest.fixture
+async def reader(client: AsyncTestClient[Any], admin: dict[str, str]) -> dict[str, str]:
+    return await make_key(client, admin, "read")
+
+
+@pytest.fixture
+async def writer(client: AsyncTestClient[Any], admin: dict[str, str]) -> dict[str, str]:
+    return await make_key(client, admin, "write")

@@ -1,0 +1,196 @@
+"""Credentials: JWT and API keys, scopes, revocation, refresh and logout, rate limits, bootstrap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import jwt
+import pytest
+import redis.asyncio as aioredis
+from litestar.testing import AsyncTestClient
+
+from iot_common.auth import InvalidCredential, decode_token, issue_token
+from tests.integration.api.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, BOOTSTRAP_KEY, make_key
+from tests.integration.api.test_devices import assert_problem
+
+Client = AsyncTestClient[Any]
+SECRET = "dev-only-insecure-jwt-secret-change-me"
+
+
+async def login(client: Client) -> dict[str, Any]:
+    response = await client.post(
+        "/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_every_api_route_needs_a_credential(client: Client) -> None:
+    for path in ("/api/v1/devices", "/api/v1/device/list", "/api/v1/api-keys", "/api/v1/ingest/rejects"):
+        body = assert_problem(await client.get(path), 401)
+        assert "credentials required" in body["detail"]
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
+    assert (await client.get("/api/docs/openapi.json")).status_code == 200
+    assert (await client.get("/api/docs")).status_code == 200
+
+
+async def test_bad_credentials_are_401(client: Client) -> None:
+    cases = [
+        {"X-API-Key": "iotk_short"},
+        {"X-API-Key": "iotk_aaaaaaaaaaaa_unknownsecretvalue"},
+        {"X-API-Key": BOOTSTRAP_KEY[:-1] + "x"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer not-a-jwt"},
+        {"Authorization": "Bearer " + issue_token("x" * 40, "u", ["admin"], 60)},
+        {"Authorization": "Bearer " + issue_token(SECRET, "u", ["admin"], -10)},
+    ]
+    for headers in cases:
+        response = await client.get("/api/v1/devices", headers=headers)
+        assert_problem(response, 401)
+        assert "WWW-Authenticate" in response.headers
+
+
+async def test_login_bearer_and_wrong_password(client: Client) -> None:
+    tokens = await login(client)
+    assert tokens["token_type"] == "bearer"
+    assert tokens["expires_in"] == 900
+    principal = decode_token(SECRET, tokens["access_token"])
+    assert principal.scopes == frozenset({"admin"})
+    me = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {tokens['access_token']}"})
+    assert me.json() == {"subject": principal.subject, "kind": "user", "scopes": ["admin"]}
+    created = await client.post(
+        "/api/v1/devices", json={}, headers={"Authorization": f"Bearer {tokens['access_token']}"}
+    )
+    assert created.status_code == 201
+
+    wrong = await client.post("/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": "nope"})
+    assert_problem(wrong, 401)
+    unknown = await client.post("/api/v1/auth/login", json={"email": "who@x.y", "password": "nope"})
+    assert_problem(unknown, 401)
+    assert_problem(await client.post("/api/v1/auth/login", json={"email": ADMIN_EMAIL}), 422, "password")
+
+
+async def test_refresh_rotates_and_logout_revokes(client: Client) -> None:
+    tokens = await login(client)
+    refreshed = await client.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert refreshed.status_code == 200, refreshed.text
+    new = refreshed.json()
+    assert new["refresh_token"] != tokens["refresh_token"]
+    assert decode_token(SECRET, new["access_token"]).scopes == frozenset({"admin"})
+    # The spent refresh token no longer works.
+    reuse = await client.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert_problem(reuse, 401)
+
+    out = await client.post("/api/v1/auth/logout", json={"refresh_token": new["refresh_token"]})
+    assert out.status_code == 204
+    after = await client.post("/api/v1/auth/refresh", json={"refresh_token": new["refresh_token"]})
+    assert_problem(after, 401)
+
+
+async def test_scopes_are_enforced(client: Client, admin: dict[str, str], unique: str) -> None:
+    reader = await make_key(client, admin, "read")
+    writer = await make_key(client, admin, "write")
+    assert (await client.get("/api/v1/devices", headers=reader)).status_code == 200
+    assert_problem(await client.post("/api/v1/devices", json={}, headers=reader), 403)
+    assert (
+        await client.post("/api/v1/devices", json={"id": f"s-{unique}"}, headers=writer)
+    ).status_code == 201
+    assert (await client.get(f"/api/v1/devices/{unique}", headers=writer)).status_code == 404
+    assert_problem(await client.delete(f"/api/v1/devices/s-{unique}", headers=reader), 403)
+    assert_problem(await client.get("/api/v1/api-keys", headers=writer), 403)
+    assert_problem(
+        await client.post("/api/v1/api-keys", json={"name": "x", "scopes": ["admin"]}, headers=writer), 403
+    )
+    reader_token = issue_token(SECRET, "viewer", ["read"], 60)
+    bearer = {"Authorization": f"Bearer {reader_token}"}
+    assert (await client.get("/api/v1/devices", headers=bearer)).status_code == 200
+    assert_problem(await client.post("/api/v1/devices", json={}, headers=bearer), 403)
+
+
+async def test_api_keys_shown_once_listed_without_secret_and_revoked_at_once(
+    client: Client, admin: dict[str, str], unique: str, redis: aioredis.Redis
+) -> None:
+    created = await client.post(
+        "/api/v1/api-keys", json={"name": "ci", "scopes": ["write", "read"]}, headers=admin
+    )
+    assert created.status_code == 201
+    body = created.json()
+    key = body["key"]
+    assert key.startswith(f"iotk_{body['prefix']}_")
+    assert body["scopes"] == ["read", "write"]
+    listed = (await client.get("/api/v1/api-keys", headers=admin)).json()["items"]
+    assert {k["name"] for k in listed} == {"bootstrap", "ci"}
+    assert all("key" not in k for k in listed)
+    assert key not in str(listed)
+
+    headers = {"X-API-Key": key}
+    assert (await client.get("/api/v1/devices", headers=headers)).status_code == 200
+    assert await redis.exists(f"iot:test:{unique}:apikey:{body['prefix']}")  # now served from the cache
+    revoked = await client.delete(f"/api/v1/api-keys/{body['id']}", headers=admin)
+    assert revoked.status_code == 204
+    after = await client.get("/api/v1/devices", headers=headers)
+    assert_problem(after, 401)
+    assert "revoked" in after.json()["detail"]
+    listed = (await client.get("/api/v1/api-keys", headers=admin)).json()["items"]
+    assert next(k for k in listed if k["id"] == body["id"])["revoked_at"] is not None
+
+    assert_problem(await client.delete(f"/api/v1/api-keys/{body['id'][:-1]}0", headers=admin), 404)
+    assert_problem(await client.delete("/api/v1/api-keys/not-a-uuid", headers=admin), 404)
+    assert_problem(
+        await client.post("/api/v1/api-keys", json={"name": "x", "scopes": ["root"]}, headers=admin),
+        422,
+        "scopes[0]",
+    )
+
+
+async def test_realtime_token_is_short_lived_and_not_an_access_token(
+    client: Client, admin: dict[str, str]
+) -> None:
+    response = await client.post("/api/v1/realtime/token", headers=admin)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["token_type"] == "realtime"
+    assert body["expires_in"] == 60
+    principal = decode_token(SECRET, body["token"], accept=("realtime",))
+    assert principal.kind == "api_key"
+    assert principal.allows("admin")
+    claims = jwt.decode(body["token"], SECRET, algorithms=["HS256"], options={"verify_iss": False})
+    assert claims["exp"] - claims["iat"] == 60
+    with pytest.raises(InvalidCredential):
+        decode_token(SECRET, body["token"])
+    as_access = await client.get("/api/v1/devices", headers={"Authorization": f"Bearer {body['token']}"})
+    assert_problem(as_access, 401)
+    assert_problem(await client.post("/api/v1/realtime/token"), 401)
+
+
+async def test_rate_limit_per_principal_is_429_with_retry_after(
+    make_client: Any, admin: dict[str, str]
+) -> None:
+    client = await make_client(api_rate_limit_per_minute=3)
+    statuses = [(await client.get("/api/v1/devices", headers=admin)).status_code for _ in range(4)]
+    assert statuses[:3] == [200, 200, 200]
+    if statuses[3] == 200:  # the minute window turned over between requests: the next three must trip it
+        statuses = [(await client.get("/api/v1/devices", headers=admin)).status_code for _ in range(3)]
+    limited = await client.get("/api/v1/devices", headers=admin)
+    body = assert_problem(limited, 429)
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert "per minute" in body["detail"]
+    # Another principal has its own budget.
+    other = {"Authorization": "Bearer " + issue_token(SECRET, "someone", ["read"], 60)}
+    assert (await client.get("/api/v1/devices", headers=other)).status_code == 200
+
+
+async def test_bootstrap_is_idempotent(make_client: Any, database_url: str) -> None:
+    await make_client()
+    await make_client()
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 1
+        assert await conn.fetchval("SELECT count(*) FROM api_keys") == 1
+        assert await conn.fetchval("SELECT role FROM users") == "admin"
+        assert await conn.fetchval("SELECT scopes FROM api_keys") == ["admin"]
+    finally:
+        await conn.close()
