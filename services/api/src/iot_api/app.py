@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -20,7 +21,8 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
-from litestar.types import Scope
+from litestar.static_files import create_static_files_router
+from litestar.types import ControllerRouterHandler, Scope
 
 from iot_api.cache import Cache, make_redis
 from iot_api.context import RequestContext
@@ -86,6 +88,25 @@ class _Middleware(AuthMiddleware):
         return str(scope["path"]).startswith(OPENAPI_PATH)
 
 
+def dashboard_directory(settings: ApiSettings) -> Path | None:
+    """Where the built dashboard is: ``IOT_DASHBOARD_DIR``, else ``dashboard/dist`` of a source checkout."""
+    if settings.dashboard_dir:
+        return Path(settings.dashboard_dir)
+    checkout = Path(__file__).resolve().parents[4] / "dashboard" / "dist"
+    return checkout if checkout.is_dir() else None
+
+
+def _dashboard_routes(settings: ApiSettings) -> list[ControllerRouterHandler]:
+    folder = dashboard_directory(settings)
+    if folder is None:
+        return []
+    return [
+        create_static_files_router(
+            path="/dashboard", directories=[folder], html_mode=True, opt={"public": True}, name="dashboard"
+        )
+    ]
+
+
 def create_app(settings: ApiSettings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -123,7 +144,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             await pool.close()
 
     app = Litestar(
-        route_handlers=CONTROLLERS,
+        route_handlers=[*CONTROLLERS, *_dashboard_routes(settings)],
         lifespan=[lifespan],
         state=State({"settings": settings}),
         logging_config=None,

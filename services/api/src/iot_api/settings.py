@@ -32,6 +32,7 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_rollup_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
     api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
+    dashboard_dir: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
