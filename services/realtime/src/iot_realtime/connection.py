@@ -117,15 +117,19 @@ class Connection:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        transport = self._transport
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._close_timeout
         message = reason.encode()[:_MAX_REASON_BYTES]
-        try:
+        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
             await asyncio.wait_for(
                 self.ws.close(code=code, message=message, drain=False), self._close_timeout
             )
-        except (TimeoutError, ConnectionError, RuntimeError):
-            pass
-        finally:
-            # A peer that does not read keeps unsent bytes buffered forever: cut it off.
-            if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size() > 0:
-                transport.abort()
+        # The close frame sits behind whatever the client has not read yet: give it the close timeout to
+        # get through, then cut off a peer that still does not read (it would hold the buffer forever).
+        transport = self._transport
+        if not isinstance(transport, asyncio.WriteTransport):
+            return
+        while transport.get_write_buffer_size() > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if transport.get_write_buffer_size() > 0:
+            transport.abort()
