@@ -129,7 +129,8 @@ class Connection:
         transport = self._transport
         if not isinstance(transport, asyncio.WriteTransport):
             return
-        while transport.get_write_buffer_size() > 0 and loop.time() < deadline:
+        # asyncio has no "write buffer empty" event, so this rarely taken path polls.
+        while transport.get_write_buffer_size() > 0 and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         if transport.get_write_buffer_size() > 0:
             transport.abort()
