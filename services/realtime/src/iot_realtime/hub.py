@@ -66,6 +66,7 @@ class Hub:
             redis_url,
             retry=Retry(NoBackoff(), 0),  # reconnects are ours: we restore subscriptions ourselves
             socket_connect_timeout=2.0,
+            socket_timeout=10.0,  # a (un)subscribe to a Redis that stopped answering must not hang
             socket_keepalive=True,
         )
         self._subs: dict[str, set[Connection]] = {}
