@@ -49,6 +49,13 @@ class Realtime:
                 return float(line.split()[1])
         raise AssertionError(f"{name} not on /metrics")
 
+    async def wait_metric(self, name: str, value: float, timeout: float = 10.0) -> None:
+        """Wait until ``name`` reads ``value`` (the service updates it after the client sees the effect)."""
+        deadline = time.monotonic() + timeout
+        while (current := self.metric(name)) != value:
+            assert time.monotonic() < deadline, f"{name} is {current}, expected {value}"
+            await asyncio.sleep(0.05)
+
 
 def start_realtime(
     service: Start, database_url: str, redis_url: str, extra: Mapping[str, str] | None = None

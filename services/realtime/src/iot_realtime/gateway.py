@@ -246,6 +246,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         principal = await gateway.authenticate(token or (auth_frame.token if auth_frame else ""))
     except Refused as refused:
         metrics.REFUSED.labels(str(refused.code)).inc()
+        log.debug("connection refused", code=refused.code, reason=refused.reason, peer=request.remote)
         await ws.close(code=refused.code, message=refused.reason.encode()[:123])
         return ws
     conn = Connection(
@@ -257,6 +258,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     )
     gateway.connections.add(conn)
     metrics.CONNECTIONS.inc()
+    log.debug("connection opened", subject=principal.subject, peer=request.remote)
     conn.start()
     if auth_frame is not None:
         conn.send_now(encode(Ack(id=auth_frame.id)))
@@ -269,4 +271,5 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     finally:
         await gateway.release(conn)
         await conn.close(ws.close_code or 1000, "")
+        log.debug("connection closed", subject=principal.subject, code=ws.close_code)
     return ws
