@@ -191,6 +191,10 @@ class Hub:
                 if not failed or self.connected.is_set():
                     log.warning("redis pub/sub connection lost", error=str(exc))
                 failed = True
+            except Exception:
+                # Whatever else breaks, the listener must come back, or this replica goes silent.
+                log.exception("redis pub/sub listener failed")
+                failed = True
             finally:
                 self._pubsub = None
                 self._requested.clear()
