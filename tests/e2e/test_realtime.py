@@ -269,7 +269,9 @@ async def test_subscriptions_survive_a_redis_restart(service: Start, database_ur
             await subscribe(everything, 1, ["*"])
             await _publish_until_received(server.url, ws, dev, 1.0)
             server.stop()
+            realtime.proc.wait_http(f"{realtime.base}/readyz", status=503)
             server.start()
+            realtime.proc.wait_http(f"{realtime.base}/readyz", status=200)
             await _publish_until_received(server.url, ws, dev, 2.0)
             await _publish_until_received(server.url, everything, dev, 3.0)
             assert realtime.metric("iot_realtime_redis_reconnects_total") >= 1
