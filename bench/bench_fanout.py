@@ -1,0 +1,406 @@
+"""Fan-out benchmark of ``iot-realtime``: C WebSocket clients, each subscribed to one of D devices, while
+R readings/s are published on Redis. Reports delivered frames/s and the delay from Redis publish to
+client receipt (p50/p99), plus the service's CPU and memory.
+
+Everything runs on 127.0.0.1: a private redis-server on a free port, the service as a process, the clients
+in separate processes (``--client-procs``), the publisher here. The event's ``ts`` is the publish time, and
+every process reads the same clock, so the delay is measured without a side channel.
+
+    python bench/bench_fanout.py                 # default scenarios, about a minute and a half
+    python bench/bench_fanout.py --hold-10k      # 10,000 connections held by one service process
+    python bench/bench_fanout.py --clients 2000 --devices 200 --rate 1000 --duration 10
+
+The machine is shared and has 2 cores: the service, Redis, the publisher and the clients compete for them,
+so figures are noisy and pessimistic for the service alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import multiprocessing as mp
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import redis.asyncio as aioredis
+
+from iot_common.auth import issue_token
+from iot_common.messages import TelemetryEvent, encode_event
+from iot_common.topics import device_channel
+
+BIN = Path(sys.executable).parent
+SECRET = "bench-realtime-secret-0123456789abcdefghij"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    clients: int
+    devices: int
+    rate: int
+    duration: float
+
+
+@dataclass
+class RoundResult:
+    scenario: Scenario
+    delivered: int
+    expected: int
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    cpu_pct: float
+    rss_mb: float
+    dropped: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def raise_fd_limit() -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    port = free_port()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def realtime_service(redis_url: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "IOT_REDIS_URL": redis_url,
+        "IOT_REALTIME_PORT": str(port),
+        "IOT_JWT_SECRET": SECRET,
+        "IOT_LOG_FORMAT": "json",
+        "IOT_LOG_LEVEL": "warning",
+        "IOT_DATABASE_POOL_MIN": "1",
+        "IOT_DATABASE_POOL_MAX": "2",
+    }
+    if "IOT_TEST_DATABASE_URL" in os.environ:
+        env["IOT_DATABASE_URL"] = os.environ["IOT_TEST_DATABASE_URL"]
+    proc = subprocess.Popen([str(BIN / "iot-realtime")], env=env, stderr=subprocess.PIPE)
+    try:
+        wait_port(port)
+        yield port, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if proc.returncode not in (0, -15) and proc.stderr is not None:
+            print(proc.stderr.read().decode()[-2000:], file=sys.stderr)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def scrape(port: int, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+# -- client processes -----------------------------------------------------------------------------------
+
+
+class _Probe(msgspec.Struct):
+    ts: datetime
+
+
+def client_process(url: str, devices: list[str], commands: Any, results: Any, index: int) -> None:
+    raise_fd_limit()
+    asyncio.run(_clients(url, devices, commands, results, index))
+
+
+async def _clients(url: str, devices: list[str], commands: Any, results: Any, index: int) -> None:
+    decoder = msgspec.json.Decoder(_Probe)
+    delays = array("d")
+    loop = asyncio.get_running_loop()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        gate = asyncio.Semaphore(32)
+        close_timeout = aiohttp.ClientWSTimeout(ws_close=5)
+
+        async def connect(i: int, device_id: str) -> aiohttp.ClientWebSocketResponse:
+            async with gate:
+                ws = await session.ws_connect(url, compress=0, max_msg_size=0, timeout=close_timeout)
+                await ws.send_str(json.dumps({"type": "subscribe", "id": i, "devices": [device_id]}))
+                while True:
+                    msg = await ws.receive(timeout=60)
+                    if msg.type is not aiohttp.WSMsgType.TEXT:
+                        raise RuntimeError(f"subscribe failed: {msg}")
+                    if '"ack"' in msg.data:
+                        return ws
+
+        sockets = await asyncio.gather(*(connect(i, d) for i, d in enumerate(devices)))
+
+        async def read(ws: aiohttp.ClientWebSocketResponse) -> None:
+            async for msg in ws:
+                now = time.time()
+                delays.append(now - decoder.decode(msg.data).ts.timestamp())
+
+        readers = [asyncio.create_task(read(ws)) for ws in sockets]
+        # The clients' own GC pauses would be counted as the service's delay: keep them out of the way.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
+        results.put((index, "ready", len(sockets)))
+        while True:
+            command = await loop.run_in_executor(None, commands.get)
+            if command == "collect":
+                results.put((index, "samples", delays.tobytes()))
+                del delays[:]
+            else:
+                break
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    results.put((index, "stopped", 0))
+
+
+class ClientFleet:
+    """``clients`` WebSocket clients spread over ``procs`` processes; client i watches device i % D."""
+
+    def __init__(self, port: int, clients: int, devices: list[str], procs: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in range(procs)]
+        url = f"http://127.0.0.1:{port}/ws?token=" + issue_token(SECRET, "bench", {"read"}, 3600)
+        assignments = [[devices[i % len(devices)] for i in range(p, clients, procs)] for p in range(procs)]
+        self.procs = [
+            ctx.Process(target=client_process, args=(url, a, self.commands[p], self.results, p), daemon=True)
+            for p, a in enumerate(assignments)
+        ]
+
+    def start(self, timeout: float) -> int:
+        for proc in self.procs:
+            proc.start()
+        connected = 0
+        for _ in self.procs:
+            _, kind, value = self.results.get(timeout=timeout)
+            assert kind == "ready", kind
+            connected += value
+        return connected
+
+    def collect(self) -> list[float]:
+        for queue in self.commands:
+            queue.put("collect")
+        samples = array("d")
+        for _ in self.procs:
+            _, kind, value = self.results.get(timeout=60)
+            assert kind == "samples", kind
+            samples.frombytes(value)
+        return list(samples)
+
+    def stop(self) -> None:
+        for queue in self.commands:
+            queue.put("stop")
+        for proc in self.procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+
+
+# -- publisher ------------------------------------------------------------------------------------------
+
+
+async def publish(redis_url: str, devices: list[str], rate: int, duration: float) -> int:
+    """Publish ``rate`` telemetry events/s, round-robin over ``devices``, for ``duration`` seconds."""
+    client = aioredis.from_url(redis_url)
+    channels = [device_channel(d) for d in devices]
+    sent = 0
+    start = time.monotonic()
+    try:
+        total = int(duration * rate)
+        while sent < total:
+            due = min(int((time.monotonic() - start) * rate), total) - sent
+            if due > 0:
+                async with client.pipeline(transaction=False) as pipe:
+                    for i in range(sent, sent + due):
+                        device_id = devices[i % len(devices)]
+                        event = TelemetryEvent(device_id, datetime.now(UTC), {"temperature": 20.0 + i % 10})
+                        pipe.publish(channels[i % len(channels)], encode_event(event))
+                    await pipe.execute()
+                sent += due
+            await asyncio.sleep(0.005)
+    finally:
+        await client.aclose()
+    return sent
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResult]:
+    devices = [f"bench-{i}" for i in range(scenario.devices)]
+    results = []
+    with redis_server() as redis_url, realtime_service(redis_url) as (port, service):
+        fleet = ClientFleet(port, scenario.clients, devices, procs)
+        started = time.monotonic()
+        connected = fleet.start(timeout=300)
+        print(
+            f"  {connected} clients connected and subscribed in {time.monotonic() - started:.1f}s; "
+            f"service RSS {proc_rss_mb(service.pid):.0f} MB, "
+            f"connections gauge {scrape(port, 'iot_realtime_connections'):.0f}",
+            flush=True,
+        )
+        try:
+            fleet.collect()  # discard anything before the first round
+            for _ in range(rounds):
+                cpu_before = proc_cpu_seconds(service.pid)
+                sent = asyncio.run(publish(redis_url, devices, scenario.rate, scenario.duration))
+                cpu = proc_cpu_seconds(service.pid) - cpu_before
+                time.sleep(1.0)  # let frames in flight arrive
+                delays = sorted(fleet.collect())
+                per_device = [0] * scenario.devices
+                for i in range(scenario.clients):
+                    per_device[i % scenario.devices] += 1
+                expected = sum(per_device[i % scenario.devices] for i in range(sent))
+                results.append(
+                    RoundResult(
+                        scenario=scenario,
+                        delivered=len(delays),
+                        expected=expected,
+                        rate=len(delays) / scenario.duration,
+                        p50_ms=percentile(delays, 0.50) * 1000,
+                        p99_ms=percentile(delays, 0.99) * 1000,
+                        max_ms=(delays[-1] if delays else float("nan")) * 1000,
+                        cpu_pct=100 * cpu / scenario.duration,
+                        rss_mb=proc_rss_mb(service.pid),
+                        dropped=int(scrape(port, "iot_realtime_dropped_connections_total")),
+                    )
+                )
+                print(f"  round: {format_row(results[-1])}", flush=True)
+        finally:
+            fleet.stop()
+    return results
+
+
+HEADER = (
+    f"{'clients':>7} {'devices':>7} {'readings/s':>10} {'delivered/s':>11} {'lost':>6} "
+    f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'svc CPU%':>8} {'RSS MB':>7} {'dropped':>7}"
+)
+
+
+def format_row(r: RoundResult) -> str:
+    s = r.scenario
+    return (
+        f"{s.clients:>7} {s.devices:>7} {s.rate:>10} {r.rate:>11.0f} {r.expected - r.delivered:>6} "
+        f"{r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>7.1f} {r.cpu_pct:>8.0f} {r.rss_mb:>7.0f} "
+        f"{r.dropped:>7}"
+    )
+
+
+def median_row(rounds: list[RoundResult]) -> RoundResult:
+    def med(attr: str) -> Any:
+        return statistics.median(getattr(r, attr) for r in rounds)
+
+    return RoundResult(
+        scenario=rounds[0].scenario,
+        delivered=int(med("delivered")),
+        expected=int(med("expected")),
+        rate=med("rate"),
+        p50_ms=med("p50_ms"),
+        p99_ms=med("p99_ms"),
+        max_ms=med("max_ms"),
+        cpu_pct=med("cpu_pct"),
+        rss_mb=med("rss_mb"),
+        dropped=max(r.dropped for r in rounds),
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, help="concurrent WebSocket clients (up to 10,000)")
+    parser.add_argument("--devices", type=int, help="devices; client i subscribes to device i %% D")
+    parser.add_argument("--rate", type=int, help="readings published per second")
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds of publishing per round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per scenario (medians reported)")
+    parser.add_argument("--client-procs", type=int, default=2, help="client processes")
+    parser.add_argument("--hold-10k", action="store_true", help="10,000 clients over 1,000 devices")
+    args = parser.parse_args()
+    limit = raise_fd_limit()
+    if args.hold_10k:
+        scenarios = [Scenario(10_000, 1_000, args.rate or 1_000, args.duration)]
+        args.client_procs = max(args.client_procs, 4)
+    elif args.clients or args.devices or args.rate:
+        scenarios = [Scenario(args.clients or 1000, args.devices or 100, args.rate or 2000, args.duration)]
+    else:
+        # The target case (1,000 clients, 2,000 readings/s) with one device per client, then with ten
+        # clients per device (ten times the frames out).
+        scenarios = [Scenario(1000, 1000, 2000, args.duration), Scenario(1000, 100, 2000, args.duration)]
+    if max(s.clients for s in scenarios) // args.client_procs + 100 > limit:
+        print(f"RLIMIT_NOFILE hard limit {limit} is too low for this many clients per process")
+        return 2
+    print(f"fan-out benchmark, {os.cpu_count()} CPUs (shared machine: figures are noisy)", flush=True)
+    summary = []
+    for scenario in scenarios:
+        print(f"scenario {scenario}", flush=True)
+        summary.append(median_row(run_scenario(scenario, args.rounds, args.client_procs)))
+    print(f"\nmedians over {args.rounds} round(s) of {args.duration:.0f}s each")
+    print(HEADER)
+    for row in summary:
+        print(format_row(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""One client connection: its subscriptions, a bounded outgoing queue and the task that writes it.
+
+The fan-out never awaits a client: it only calls :meth:`Connection.send`, which enqueues without waiting.
+Each connection's own writer task drains its queue into the socket, so a slow client blocks nothing but
+itself; when its queue overflows it is dropped with close code 4008.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import WSMsgType, web
+
+from iot_common.auth import Principal
+from iot_common.logging import get_logger
+from iot_realtime import metrics
+from iot_realtime.protocol import CLOSE_TOO_SLOW
+
+log = get_logger(__name__)
+
+MetricFilter = frozenset[str] | None
+"""Metrics a subscription is limited to; None means every metric."""
+
+_MAX_REASON_BYTES = 123  # RFC 6455: a close frame's payload is at most 125 bytes, 2 of them the code
+
+
+class Connection:
+    """An authenticated WebSocket client of this process."""
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.BaseTransport | None,
+        principal: Principal,
+        *,
+        queue_size: int,
+        close_timeout: float,
+    ) -> None:
+        self.ws = ws
+        self._transport = transport
+        self.principal = principal
+        self.filters: dict[str, MetricFilter] = {}
+        """Subscribed device ids (or ``*``) and the metrics each is limited to."""
+        self.dropped = False
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
+        self._held: list[bytes] | None = None
+        self._close_timeout = close_timeout
+        self._writer: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="ws-writer")
+
+    def send(self, frame: bytes) -> None:
+        """Queue ``frame`` for the writer without waiting; an overflow drops the client."""
+        if self.dropped:
+            metrics.DROPPED_MESSAGES.inc()
+            return
+        if self._held is not None:
+            if len(self._held) + self._queue.qsize() >= self._queue.maxsize:
+                self._overflow()
+            else:
+                self._held.append(frame)
+            return
+        try:
+            self._queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self._overflow()
+
+    def send_now(self, frame: bytes) -> None:
+        """Queue a reply to the client ahead of held live events (snapshot, ack, error)."""
+        held, self._held = self._held, None
+        self.send(frame)
+        self._held = held
+
+    def hold(self) -> None:
+        """Keep live events back (still bounded) until :meth:`release`, so a snapshot goes first."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        for frame in held or ():
+            self.send(frame)
+
+    def close(self, code: int, reason: str) -> asyncio.Task[None]:
+        """Stop writing and close the socket with ``code``; idempotent, returns the closing task."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close(code, reason), name="ws-close")
+        return self._closing
+
+    def _overflow(self) -> None:
+        self.dropped = True
+        metrics.DROPPED_CONNECTIONS.inc()
+        metrics.DROPPED_MESSAGES.inc()
+        log.warning("client too slow, dropping it", subject=self.principal.subject)
+        self.close(CLOSE_TOO_SLOW, "outgoing queue overflow: client too slow")
+
+    async def _write_loop(self) -> None:
+        queue, ws = self._queue, self.ws
+        try:
+            while True:
+                frame = await queue.get()
+                await ws.send_frame(frame, WSMsgType.TEXT)
+                sent = 1
+                while not queue.empty():
+                    await ws.send_frame(queue.get_nowait(), WSMsgType.TEXT)
+                    sent += 1
+                metrics.MESSAGES_OUT.inc(sent)
+        except (ConnectionError, RuntimeError) as exc:
+            # The peer went away; the handler's read loop sees it too and cleans up.
+            log.debug("writer stopped", error=str(exc))
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._close_timeout
+        message = reason.encode()[:_MAX_REASON_BYTES]
+        with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
+            await asyncio.wait_for(
+                self.ws.close(code=code, message=message, drain=False), self._close_timeout
+            )
+        # The close frame sits behind whatever the client has not read yet: give it the close timeout to
+        # get through, then cut off a peer that still does not read (it would hold the buffer forever).
+        transport = self._transport
+        if not isinstance(transport, asyncio.WriteTransport):
+            return
+        # asyncio has no "write buffer empty" event, so this rarely taken path polls.
+        while transport.get_write_buffer_size() > 0 and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if transport.get_write_buffer_size() > 0:
+            transport.abort()

@@ -1,0 +1,275 @@
+"""The ``/ws`` endpoint: handshake (origin, credential), then client frames to hub calls.
+
+The aiohttp handler only translates the transport; :class:`Gateway` holds the logic (authentication,
+subscribe/unsubscribe with the latest-values snapshot, ping) and the set of open connections, which it
+closes with 1001 "going away" when the process stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
+
+from iot_common.auth import InvalidCredential, Principal, decode_token, looks_like_api_key, verify_api_key
+from iot_common.logging import get_logger
+from iot_common.messages import LatestValue
+from iot_common.topics import latest_key
+from iot_realtime import metrics
+from iot_realtime.connection import Connection, MetricFilter
+from iot_realtime.hub import Hub
+from iot_realtime.protocol import (
+    CLOSE_FORBIDDEN,
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_UNAUTHORIZED,
+    ERR_ALREADY_AUTHENTICATED,
+    ERR_BINARY,
+    ERR_TOO_MANY,
+    WILDCARD,
+    Ack,
+    Auth,
+    ClientFrame,
+    Error,
+    FrameError,
+    Latest,
+    LatestMetric,
+    Ping,
+    Pong,
+    Subscribe,
+    Unsubscribe,
+    decode_client_frame,
+    encode,
+)
+from iot_realtime.settings import RealtimeSettings
+
+log = get_logger(__name__)
+
+MAX_WIRE_FRAME_BYTES = 1024 * 1024
+"""Frames above this are refused by the WebSocket layer itself (close 1009); smaller ones above
+``IOT_REALTIME_MAX_FRAME_BYTES`` get an ``error`` frame and the connection stays open."""
+
+_latest_decoder = msgspec.json.Decoder(LatestValue)
+
+
+class Refused(Exception):
+    """The handshake failed: close with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Gateway:
+    """Everything a connection needs: settings, the hub, Redis for snapshots, PostgreSQL for API keys."""
+
+    def __init__(
+        self,
+        settings: RealtimeSettings,
+        hub: Hub,
+        redis: aioredis.Redis,
+        pool: asyncpg.Pool[asyncpg.Record],
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.redis = redis
+        self.pool = pool
+        self.connections: set[Connection] = set()
+        self._allow_any_origin = "*" in settings.cors_origins
+        self._origins = frozenset(settings.cors_origins)
+
+    # -- handshake -----------------------------------------------------------------------------------
+
+    def check_origin(self, origin: str | None) -> None:
+        """Browsers always send ``Origin``; a client without one (a script, a device) is not a browser."""
+        if origin is not None and not self._allow_any_origin and origin not in self._origins:
+            raise Refused(CLOSE_FORBIDDEN, f"origin not allowed: {origin}")
+
+    async def authenticate(self, credential: str) -> Principal:
+        """A JWT (``access`` or ``realtime``) or an API key, with at least the ``read`` scope."""
+        try:
+            if looks_like_api_key(credential):
+                principal = await verify_api_key(self.pool, credential)
+            else:
+                principal = decode_token(self.settings.jwt_secret, credential, accept=("access", "realtime"))
+        except InvalidCredential as exc:
+            raise Refused(CLOSE_UNAUTHORIZED, str(exc)) from None
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.error("could not verify an API key", error=str(exc))
+            raise Refused(CLOSE_INTERNAL_ERROR, "could not verify the credential, try again") from None
+        if not principal.allows("read"):
+            raise Refused(CLOSE_FORBIDDEN, "credential lacks the read scope")
+        return principal
+
+    async def await_auth_frame(self, ws: web.WebSocketResponse) -> Auth:
+        """The first frame of a client that gave no ``?token=``: it must be ``auth``, and come in time."""
+        try:
+            message = await ws.receive(timeout=self.settings.realtime_auth_timeout_s)
+        except TimeoutError:
+            raise Refused(CLOSE_UNAUTHORIZED, "no credential: send ?token= or an auth frame") from None
+        if message.type is not WSMsgType.TEXT:
+            raise Refused(CLOSE_UNAUTHORIZED, "expected an auth frame")
+        try:
+            frame = decode_client_frame(message.data, self.settings.realtime_max_frame_bytes)
+        except FrameError as exc:
+            raise Refused(CLOSE_UNAUTHORIZED, f"expected an auth frame: {exc.message}") from None
+        if not isinstance(frame, Auth):
+            raise Refused(CLOSE_UNAUTHORIZED, "expected an auth frame first")
+        return frame
+
+    # -- frames --------------------------------------------------------------------------------------
+
+    async def handle_text(self, conn: Connection, data: str) -> None:
+        """Answer one client text frame; a bad one gets an ``error`` frame and changes nothing."""
+        try:
+            frame = decode_client_frame(data, self.settings.realtime_max_frame_bytes)
+        except FrameError as exc:
+            metrics.CLIENT_FRAMES.labels(exc.code).inc()
+            conn.send_now(exc.frame())
+            return
+        metrics.CLIENT_FRAMES.labels("ok").inc()
+        await self.handle_frame(conn, frame)
+
+    def handle_binary(self, conn: Connection) -> None:
+        metrics.CLIENT_FRAMES.labels(ERR_BINARY).inc()
+        conn.send_now(encode(Error(code=ERR_BINARY, message="frames are JSON text frames")))
+
+    async def handle_frame(self, conn: Connection, frame: ClientFrame) -> None:
+        if isinstance(frame, Subscribe):
+            await self.subscribe(conn, frame)
+        elif isinstance(frame, Unsubscribe):
+            await self.unsubscribe(conn, frame)
+        elif isinstance(frame, Ping):
+            conn.send_now(encode(Pong(id=frame.id)))
+        else:
+            conn.send_now(
+                encode(Error(code=ERR_ALREADY_AUTHENTICATED, message="already authenticated", id=frame.id))
+            )
+
+    async def subscribe(self, conn: Connection, frame: Subscribe) -> None:
+        """Register the subscriptions, send each device's latest values, then ``ack``, then live events."""
+        devices = list(dict.fromkeys(frame.devices))
+        new = [d for d in devices if d not in conn.filters]
+        limit = self.settings.realtime_max_subscriptions
+        if len(conn.filters) + len(new) > limit:
+            error = Error(code=ERR_TOO_MANY, message=f"at most {limit} subscriptions", id=frame.id)
+            conn.send_now(encode(error))
+            return
+        wanted: MetricFilter = frozenset(frame.metrics) if frame.metrics else None
+        conn.hold()
+        try:
+            for device_id in devices:
+                conn.filters[device_id] = wanted
+            metrics.SUBSCRIPTIONS.inc(len(new))
+            await self.hub.add(conn, devices)
+            for snapshot in await self.latest([d for d in devices if d != WILDCARD], wanted):
+                conn.send_now(snapshot)
+            conn.send_now(encode(Ack(id=frame.id)))
+        finally:
+            conn.release()
+
+    async def unsubscribe(self, conn: Connection, frame: Unsubscribe) -> None:
+        removed = [d for d in dict.fromkeys(frame.devices) if conn.filters.pop(d, False) is not False]
+        metrics.SUBSCRIPTIONS.dec(len(removed))
+        await self.hub.remove(conn, removed)
+        conn.send_now(encode(Ack(id=frame.id)))
+
+    async def latest(self, devices: list[str], wanted: MetricFilter) -> list[bytes]:
+        """``latest`` frames from the ``iot:latest:{device_id}`` hashes (one round trip for all)."""
+        if not devices:
+            return []
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for device_id in devices:
+                    pipe.hgetall(latest_key(device_id))
+                hashes: list[dict[bytes, bytes]] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("latest values unavailable", error=str(exc))
+            return []
+        frames = []
+        for device_id, fields in zip(devices, hashes, strict=True):
+            values: dict[str, LatestMetric] = {}
+            for name_bytes, raw in fields.items():
+                name = name_bytes.decode()
+                if wanted is not None and name not in wanted:
+                    continue
+                try:
+                    value = _latest_decoder.decode(raw)
+                except msgspec.MsgspecError:
+                    continue
+                values[name] = LatestMetric(value=value.value, ts=value.ts)
+            frames.append(encode(Latest(device_id=device_id, metrics=values)))
+        return frames
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def release(self, conn: Connection) -> None:
+        """Forget a connection whose socket is closed."""
+        self.connections.discard(conn)
+        metrics.CONNECTIONS.dec()
+        selectors = list(conn.filters)
+        conn.filters.clear()
+        metrics.SUBSCRIPTIONS.dec(len(selectors))
+        await self.hub.remove(conn, selectors)
+
+    async def close_all(self) -> None:
+        """Close every socket with 1001 "going away", so clients reconnect to another replica."""
+        closing = [c.close(CLOSE_GOING_AWAY, "server shutting down") for c in list(self.connections)]
+        if closing:
+            log.info("closing connections", count=len(closing))
+            await asyncio.gather(*closing, return_exceptions=True)
+
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """``GET /ws``: check origin and credential, then serve frames until either side closes."""
+    gateway: Gateway = request.app[GATEWAY]
+    settings = gateway.settings
+    ws = web.WebSocketResponse(
+        heartbeat=settings.realtime_heartbeat_s,
+        compress=False,  # per-message deflate costs CPU and ~100 KiB per socket: too much at 10k sockets
+        max_msg_size=MAX_WIRE_FRAME_BYTES,
+        timeout=settings.realtime_close_timeout_s,
+    )
+    await ws.prepare(request)
+    try:
+        gateway.check_origin(request.headers.get("Origin"))
+        token = request.query.get("token")
+        auth_frame = None if token else await gateway.await_auth_frame(ws)
+        principal = await gateway.authenticate(token or (auth_frame.token if auth_frame else ""))
+    except Refused as refused:
+        metrics.REFUSED.labels(str(refused.code)).inc()
+        log.debug("connection refused", code=refused.code, reason=refused.reason, peer=request.remote)
+        await ws.close(code=refused.code, message=refused.reason.encode()[:123])
+        return ws
+    conn = Connection(
+        ws,
+        request.transport,
+        principal,
+        queue_size=settings.realtime_queue_size,
+        close_timeout=settings.realtime_close_timeout_s,
+    )
+    gateway.connections.add(conn)
+    metrics.CONNECTIONS.inc()
+    log.debug("connection opened", subject=principal.subject, peer=request.remote)
+    conn.start()
+    if auth_frame is not None:
+        conn.send_now(encode(Ack(id=auth_frame.id)))
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await gateway.handle_text(conn, message.data)
+            elif message.type is WSMsgType.BINARY:
+                gateway.handle_binary(conn)
+    finally:
+        await gateway.release(conn)
+        await conn.close(ws.close_code or 1000, "")
+        log.debug("connection closed", subject=principal.subject, code=ws.close_code)
+    return ws

@@ -1,0 +1,277 @@
+"""Fan-out from Redis pub/sub to the connections of this process.
+
+One Redis pub/sub connection per process. A device channel is subscribed when its first local subscriber
+arrives and unsubscribed when the last one leaves; ``*`` subscribers share one ``PSUBSCRIBE iot:device:*``.
+So each replica listens only to what its own clients need. When the Redis connection breaks, the listener
+reconnects with backoff and subscribes again to everything its clients hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from iot_common.logging import get_logger
+from iot_common.messages import AlertEvent, TelemetryEvent, decode_event, encode_event
+from iot_common.topics import DEVICE_CHANNEL_PATTERN, device_channel, device_id_from_channel
+from iot_realtime import metrics
+from iot_realtime.connection import Connection, MetricFilter
+from iot_realtime.protocol import WILDCARD
+
+log = get_logger(__name__)
+
+CONTROL_PREFIX = "iot:realtime:"
+"""Each process also subscribes to a private ``iot:realtime:{host}:{pid}:{random}`` channel, so its
+pub/sub connection is never idle of subscriptions (and can be pinged) even with no clients."""
+
+
+def filter_event(data: bytes, wanted: frozenset[str]) -> bytes | None:
+    """``data`` reduced to the ``wanted`` metrics, or None when nothing of it is wanted.
+
+    Telemetry keeps only the wanted metrics; an alert passes when its metric is wanted; status and command
+    events pass unchanged. An event that does not decode cannot be filtered and is not forwarded.
+    """
+    try:
+        event = decode_event(data)
+    except msgspec.MsgspecError:
+        return None
+    if isinstance(event, TelemetryEvent):
+        kept = {name: value for name, value in event.metrics.items() if name in wanted}
+        if not kept:
+            return None
+        if len(kept) == len(event.metrics):
+            return data
+        return encode_event(msgspec.structs.replace(event, metrics=kept))
+    if isinstance(event, AlertEvent) and event.metric not in wanted:
+        return None
+    return data
+
+
+class Hub:
+    """Local subscription registry plus the Redis pub/sub listener that feeds it."""
+
+    def __init__(self, redis_url: str, *, confirm_timeout: float = 5.0, idle_ping_s: float = 10.0) -> None:
+        self._client = aioredis.from_url(
+            redis_url,
+            retry=Retry(NoBackoff(), 0),  # reconnects are ours: we restore subscriptions ourselves
+            socket_connect_timeout=2.0,
+            socket_timeout=10.0,  # a (un)subscribe to a Redis that stopped answering must not hang
+            socket_keepalive=True,
+        )
+        self._subs: dict[str, set[Connection]] = {}
+        self._wildcard: set[Connection] = set()
+        self._control = f"{CONTROL_PREFIX}{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._pubsub: PubSub | None = None
+        self._requested: set[str] = set()
+        self._listening: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._lock = asyncio.Lock()
+        self._confirm_timeout = confirm_timeout
+        self._idle_ping_s = idle_ping_s
+        self.connected = asyncio.Event()
+
+    # -- subscriptions -------------------------------------------------------------------------------
+
+    async def add(self, conn: Connection, selectors: Iterable[str]) -> None:
+        """Deliver events of ``selectors`` (device ids or ``*``) to ``conn``.
+
+        Returns once Redis confirmed the subscriptions, or after a timeout while Redis is unreachable:
+        the subscriptions are kept and restored when it comes back.
+        """
+        names = []
+        for selector in selectors:
+            if selector == WILDCARD:
+                self._wildcard.add(conn)
+                names.append(DEVICE_CHANNEL_PATTERN)
+            else:
+                self._subs.setdefault(selector, set()).add(conn)
+                names.append(device_channel(selector))
+        await self._sync(names)
+        waiters = [self._waiter(name) for name in names if name not in self._listening]
+        if waiters:
+            _, pending = await asyncio.wait(waiters, timeout=self._confirm_timeout)
+            for future in pending:
+                future.cancel()
+
+    async def remove(self, conn: Connection, selectors: Iterable[str]) -> None:
+        """Stop delivering ``selectors`` to ``conn``; a channel nobody here needs is unsubscribed."""
+        names = []
+        for selector in selectors:
+            if selector == WILDCARD:
+                self._wildcard.discard(conn)
+                names.append(DEVICE_CHANNEL_PATTERN)
+                continue
+            conns = self._subs.get(selector)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self._subs[selector]
+                names.append(device_channel(selector))
+        await self._sync(names)
+
+    def _wants(self, name: str) -> bool:
+        if name == DEVICE_CHANNEL_PATTERN:
+            return bool(self._wildcard)
+        device_id = device_id_from_channel(name)
+        return device_id is not None and device_id in self._subs
+
+    def _waiter(self, name: str) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(name, []).append(future)
+        return future
+
+    async def _sync(self, names: list[str]) -> None:
+        """Bring the Redis subscriptions of ``names`` in line with what local clients need."""
+        async with self._lock:
+            pubsub = self._pubsub
+            if pubsub is None:
+                return  # the listener subscribes to everything needed when it reconnects
+            add = [n for n in dict.fromkeys(names) if self._wants(n) and n not in self._requested]
+            drop = [n for n in dict.fromkeys(names) if not self._wants(n) and n in self._requested]
+            try:
+                await self._command(pubsub, add, subscribe=True)
+                await self._command(pubsub, drop, subscribe=False)
+            except (RedisError, OSError) as exc:
+                log.warning("redis subscription change failed", error=str(exc))
+                return
+            self._requested.update(add)
+            self._requested.difference_update(drop)
+            metrics.REDIS_CHANNELS.set(len(self._requested))
+
+    @staticmethod
+    async def _command(pubsub: PubSub, names: list[str], *, subscribe: bool) -> None:
+        channels = [n for n in names if n != DEVICE_CHANNEL_PATTERN]
+        pattern = DEVICE_CHANNEL_PATTERN in names
+        if subscribe:
+            if channels:
+                await pubsub.subscribe(*channels)
+            if pattern:
+                await pubsub.psubscribe(DEVICE_CHANNEL_PATTERN)
+        else:
+            if channels:
+                await pubsub.unsubscribe(*channels)
+            if pattern:
+                await pubsub.punsubscribe(DEVICE_CHANNEL_PATTERN)
+
+    # -- listener ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting (with backoff) and resubscribing after each failure."""
+        delay = 0.1
+        failed = False
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                async with self._lock:
+                    await pubsub.subscribe(self._control)
+                    wanted = [device_channel(d) for d in self._subs]
+                    if self._wildcard:
+                        wanted.append(DEVICE_CHANNEL_PATTERN)
+                    await self._command(pubsub, wanted, subscribe=True)
+                    self._pubsub = pubsub
+                    self._requested = set(wanted)
+                    metrics.REDIS_CHANNELS.set(len(wanted))
+                if failed:
+                    metrics.REDIS_RECONNECTS.inc()
+                    log.info("redis pub/sub reconnected", channels=len(wanted))
+                delay = 0.1
+                await self._listen(pubsub)
+            except (RedisError, OSError) as exc:
+                if not failed or self.connected.is_set():
+                    log.warning("redis pub/sub connection lost", error=str(exc))
+                failed = True
+            except Exception:
+                # Whatever else breaks, the listener must come back, or this replica goes silent.
+                log.exception("redis pub/sub listener failed")
+                failed = True
+            finally:
+                self._pubsub = None
+                self._requested.clear()
+                self._listening.clear()
+                self.connected.clear()
+                await self._close_pubsub(pubsub)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        unanswered = 0
+        while True:
+            message = await pubsub.get_message(timeout=self._idle_ping_s)
+            if message is None:
+                # Idle: make sure Redis is still there (a silent network loss would otherwise go unseen).
+                unanswered += 1
+                if unanswered > 2:
+                    raise ConnectionError("redis did not answer pings")
+                await pubsub.ping()
+                continue
+            unanswered = 0
+            self._handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "message" or kind == "pmessage":
+            channel = message["channel"].decode()
+            device_id = device_id_from_channel(channel)
+            if device_id is not None:
+                metrics.MESSAGES_IN.inc()
+                self.dispatch(device_id, message["data"], wildcard=kind == "pmessage")
+            return
+        if kind == "subscribe" or kind == "psubscribe":
+            name = message["channel"].decode()
+            if name == self._control:
+                self.connected.set()
+            self._listening.add(name)
+            for future in self._waiters.pop(name, ()):
+                if not future.done():
+                    future.set_result(None)
+        elif kind == "unsubscribe" or kind == "punsubscribe":
+            self._listening.discard(message["channel"].decode())
+
+    def dispatch(self, device_id: str, data: bytes, *, wildcard: bool) -> None:
+        """Queue ``data`` for every local subscriber of ``device_id``; never waits for a client.
+
+        A client subscribed to ``*`` gets each event once, from the pattern subscription, with the filter
+        of its explicit subscription to that device if it has one, else that of ``*``.
+        """
+        conns = self._wildcard if wildcard else self._subs.get(device_id)
+        if not conns:
+            return
+        filtered: dict[frozenset[str], bytes | None] = {}
+        for conn in conns:
+            wanted: MetricFilter
+            if wildcard:
+                wanted = conn.filters.get(device_id, conn.filters.get(WILDCARD))
+            elif WILDCARD in conn.filters:
+                continue
+            else:
+                wanted = conn.filters.get(device_id)
+            if wanted is None:
+                conn.send(data)
+                continue
+            if wanted in filtered:
+                frame = filtered[wanted]
+            else:
+                frame = filtered[wanted] = filter_event(data, wanted)
+            if frame is not None:
+                conn.send(frame)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    @staticmethod
+    async def _close_pubsub(pubsub: PubSub) -> None:
+        try:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError) as exc:
+            log.debug("closing pub/sub connection failed", error=str(exc))

@@ -1,0 +1,24 @@
+"""Prometheus metrics of the realtime service, exposed on ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+CONNECTIONS = Gauge("iot_realtime_connections", "Open, authenticated WebSocket connections")
+SUBSCRIPTIONS = Gauge(
+    "iot_realtime_subscriptions", "Subscriptions held by clients (one per connection and device or '*')"
+)
+REDIS_CHANNELS = Gauge(
+    "iot_realtime_redis_channels", "Device channels (and the '*' pattern) this process listens to on Redis"
+)
+MESSAGES_IN = Counter("iot_realtime_messages_in", "Events received from Redis pub/sub")
+MESSAGES_OUT = Counter("iot_realtime_messages_out", "Frames sent to WebSocket clients")
+CLIENT_FRAMES = Counter("iot_realtime_client_frames", "Frames received from clients, by outcome", ["outcome"])
+DROPPED_CONNECTIONS = Counter(
+    "iot_realtime_dropped_connections", "Clients dropped because their outgoing queue overflowed"
+)
+DROPPED_MESSAGES = Counter(
+    "iot_realtime_dropped_messages", "Frames not delivered because the client's queue overflowed"
+)
+REFUSED = Counter("iot_realtime_refused", "Connections refused, by close code", ["code"])
+REDIS_RECONNECTS = Counter("iot_realtime_redis_reconnects", "Reconnections of the Redis pub/sub listener")

@@ -1,0 +1,140 @@
+"""The WebSocket protocol: client frames (validated), server frames, close codes and error codes.
+
+Every frame is a JSON text frame with a ``type``. Device events are not defined here: they are the
+``iot_common.messages`` events, forwarded from Redis as they were published. See docs/realtime.md.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Final
+
+import msgspec
+
+from iot_common.messages import METRIC_NAME_PATTERN, MetricValue
+from iot_common.topics import DEVICE_ID_PATTERN
+
+WILDCARD: Final = "*"
+
+# Close codes (4000-4999 are for applications; 1001 and 1011 are the standard ones).
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_UNAUTHORIZED: Final = 4001
+CLOSE_FORBIDDEN: Final = 4003
+CLOSE_TOO_SLOW: Final = 4008
+
+# Error codes of ``error`` frames; the connection stays open after each.
+ERR_BAD_JSON: Final = "bad_json"
+ERR_BAD_FRAME: Final = "bad_frame"
+ERR_TOO_LARGE: Final = "too_large"
+ERR_BINARY: Final = "binary_frame"
+ERR_TOO_MANY: Final = "too_many_subscriptions"
+ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"
+
+FrameId = int | str | None
+DeviceSelector = Annotated[
+    str, msgspec.Meta(pattern=f"({DEVICE_ID_PATTERN})|(^\\*$)", description="a device id or '*'")
+]
+MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN)]
+
+
+class _ClientFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+    pass
+
+
+class Auth(_ClientFrame, frozen=True, tag="auth"):
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    id: FrameId = None
+
+
+class Subscribe(_ClientFrame, frozen=True, tag="subscribe"):
+    devices: Annotated[list[DeviceSelector], msgspec.Meta(min_length=1, max_length=1000)]
+    id: FrameId = None
+    metrics: Annotated[list[MetricName], msgspec.Meta(min_length=1, max_length=256)] | None = None
+
+
+class Unsubscribe(_ClientFrame, frozen=True, tag="unsubscribe"):
+    devices: Annotated[list[DeviceSelector], msgspec.Meta(min_length=1, max_length=1000)]
+    id: FrameId = None
+
+
+class Ping(_ClientFrame, frozen=True, tag="ping"):
+    id: FrameId = None
+
+
+ClientFrame = Auth | Subscribe | Unsubscribe | Ping
+
+
+class _IdOnly(msgspec.Struct):
+    """Lenient view of a frame that failed validation, to echo its ``id`` in the error."""
+
+    id: FrameId = None
+
+
+class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type", omit_defaults=True):
+    id: FrameId = None
+
+
+class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="type", omit_defaults=True):
+    id: FrameId = None
+
+
+class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type", omit_defaults=True):
+    code: str
+    message: str
+    id: FrameId = None
+
+
+class LatestMetric(msgspec.Struct, frozen=True):
+    value: MetricValue
+    ts: datetime
+
+
+class Latest(msgspec.Struct, frozen=True, tag="latest", tag_field="type"):
+    """A device's latest value of each metric, sent on subscribe before any live event."""
+
+    device_id: str
+    metrics: dict[str, LatestMetric]
+
+
+ServerFrame = Ack | Pong | Error | Latest
+
+_client_decoder: msgspec.json.Decoder[ClientFrame] = msgspec.json.Decoder(ClientFrame)
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+_encoder = msgspec.json.Encoder()
+
+
+class FrameError(Exception):
+    """A client frame that cannot be processed; becomes an ``error`` frame."""
+
+    def __init__(self, code: str, message: str, frame_id: FrameId = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+    def frame(self) -> bytes:
+        return encode(Error(code=self.code, message=self.message, id=self.frame_id))
+
+
+def decode_client_frame(data: str | bytes, max_bytes: int) -> ClientFrame:
+    """Validate one client frame; raise :class:`FrameError` with the code the client gets back."""
+    if len(data) > max_bytes:
+        raise FrameError(ERR_TOO_LARGE, f"frame larger than {max_bytes} bytes")
+    try:
+        return _client_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise FrameError(ERR_BAD_FRAME, str(exc), _frame_id(data)) from None
+    except msgspec.DecodeError as exc:
+        raise FrameError(ERR_BAD_JSON, str(exc)) from None
+
+
+def _frame_id(data: str | bytes) -> FrameId:
+    try:
+        return _id_decoder.decode(data).id
+    except msgspec.MsgspecError:
+        return None
+
+
+def encode(frame: ServerFrame) -> bytes:
+    return _encoder.encode(frame)

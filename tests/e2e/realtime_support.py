@@ -1,0 +1,160 @@
+"""Helpers for driving ``iot-realtime`` as a process with real WebSocket clients and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin
+
+from iot_common.auth import issue_token
+from iot_common.messages import TelemetryEvent, encode_event
+from tests.support.backends import port_open
+from tests.support.processes import ServiceProcess, free_port
+
+SECRET = "e2e-realtime-secret-0123456789abcdefghij"
+ALLOWED_ORIGIN = "https://dashboard.example"
+
+Start = Callable[[str, Mapping[str, str]], ServiceProcess]
+
+
+@dataclass
+class Realtime:
+    proc: ServiceProcess
+    port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, token: str | None = None) -> str:
+        query = f"?token={token}" if token is not None else ""
+        return f"ws://127.0.0.1:{self.port}/ws{query}"
+
+    def metric(self, name: str) -> float:
+        """The value of one unlabelled sample on ``/metrics``."""
+        import httpx
+
+        for line in httpx.get(f"{self.base}/metrics", timeout=5).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} not on /metrics")
+
+    async def wait_metric(self, name: str, value: float, timeout: float = 10.0) -> None:
+        """Wait until ``name`` reads ``value`` (the service updates it after the client sees the effect)."""
+        deadline = time.monotonic() + timeout
+        while (current := self.metric(name)) != value:
+            assert time.monotonic() < deadline, f"{name} is {current}, expected {value}"
+            await asyncio.sleep(0.05)
+
+
+def start_realtime(
+    service: Start, database_url: str, redis_url: str, extra: Mapping[str, str] | None = None
+) -> Realtime:
+    port = free_port()
+    env = {
+        "IOT_DATABASE_URL": database_url,
+        "IOT_REDIS_URL": redis_url,
+        "IOT_REALTIME_PORT": str(port),
+        "IOT_JWT_SECRET": SECRET,
+        "IOT_CORS_ORIGINS": ALLOWED_ORIGIN,
+        **(extra or {}),
+    }
+    proc = service("iot-realtime", env)
+    proc.wait_http(f"http://127.0.0.1:{port}/readyz")
+    return Realtime(proc, port)
+
+
+def token(scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access") -> str:
+    return issue_token(SECRET, "user-e2e", scopes or {"read"}, ttl_s, token_type)  # type: ignore[arg-type]
+
+
+def open_ws(url: str, origin: str | None = None, **kwargs: Any) -> Any:
+    return connect(url, origin=Origin(origin) if origin else None, open_timeout=10, **kwargs)
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
+    frame = await asyncio.wait_for(ws.recv(), timeout)
+    result: dict[str, Any] = json.loads(frame)
+    return result
+
+
+async def close_code(ws: ClientConnection, timeout: float = 10.0) -> tuple[int | None, str | None]:
+    """Read until the server closes; the close code and reason it sent."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), timeout)
+    rcvd = ws.protocol.close_rcvd
+    return (rcvd.code, rcvd.reason) if rcvd else (None, None)
+
+
+async def subscribe(
+    ws: ClientConnection, frame_id: int, devices: list[str], **extra: Any
+) -> list[dict[str, Any]]:
+    """Subscribe and return the frames up to and including the ``ack`` (the latest-value snapshots)."""
+    await ws.send(json.dumps({"type": "subscribe", "id": frame_id, "devices": devices, **extra}))
+    frames = []
+    while True:
+        frame = await recv_json(ws)
+        frames.append(frame)
+        if frame["type"] in ("ack", "error"):
+            return frames
+
+
+async def assert_nothing_pending(ws: ClientConnection) -> None:
+    """A ping's pong is the next frame: nothing was queued for this client before it."""
+    await ws.send(json.dumps({"type": "ping", "id": "probe"}))
+    assert await recv_json(ws) == {"type": "pong", "id": "probe"}
+
+
+def telemetry(device_id: str, **metrics: float | str) -> bytes:
+    return encode_event(TelemetryEvent(device_id=device_id, ts=datetime.now(UTC), metrics=metrics))
+
+
+_NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
+class RedisServer:
+    """A redis-server of this test alone, on a free port, without persistence; can be stopped and
+    started again on the same port (to restart Redis under a running service)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self._proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *_NO_PERSISTENCE],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", self.port):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
