@@ -41,12 +41,12 @@ async function signedIn() {
     onState: setStatus,
     onEvent: handleEvent,
     onOpen: () => {
-      realtime.subscribe(["*"], ["__none__"]);
       if (selected) realtime.subscribe([selected]);
     },
   });
   realtime.connect();
   setInterval(refreshDevices, 15000);
+  setInterval(refreshAlerts, 3000);
 }
 
 async function refreshDevices() {
@@ -70,8 +70,12 @@ async function refreshDevices() {
   }
 }
 
+// Open alerts of every device come from the API every few seconds; those of the chosen device are also
+// pushed over the WebSocket the moment they open or resolve.
 async function refreshAlerts() {
-  for (const alert of await api.openAlerts()) alerts.set(alert.id, alert);
+  const open = await api.openAlerts();
+  alerts.clear();
+  for (const alert of open) alerts.set(alert.id, alert);
   renderAlerts();
 }
 
@@ -126,6 +130,8 @@ function chartFor(metric) {
 function addPoint(metric, ms, value) {
   if (typeof value !== "number") return;
   const chart = chartFor(metric);
+  // uPlot needs increasing x: a point not newer than the last one (a redelivery, a snapshot) is skipped.
+  if (chart.xs.length && ms / 1000 <= chart.xs[chart.xs.length - 1]) return;
   chart.xs.push(ms / 1000);
   chart.ys.push(value);
   if (chart.xs.length > MAX_POINTS) {
@@ -139,6 +145,8 @@ function addPoint(metric, ms, value) {
 function handleEvent(event) {
   if (event.type === "telemetry" && event.device_id === selected) {
     for (const [metric, value] of Object.entries(event.metrics)) addPoint(metric, Date.parse(event.ts), value);
+  } else if (event.type === "latest" && event.device_id === selected) {
+    for (const [metric, latest] of Object.entries(event.metrics)) addPoint(metric, Date.parse(latest.ts), latest.value);
   } else if (event.type === "alert") {
     alerts.set(event.id, event);
     renderAlerts();
