@@ -109,6 +109,12 @@ class CommandPublisher:
         """Connect in the background, retrying with backoff until the broker answers."""
         self._task = asyncio.create_task(self._connect_forever())
 
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the connection; whether it is up."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), timeout_s)
+        return self.is_connected
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
