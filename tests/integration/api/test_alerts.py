@@ -55,7 +55,12 @@ def rule_body(**overrides: Any) -> dict[str, Any]:
 
 
 async def test_rule_crud_publishes_each_change(
-    client: Client, writer: dict[str, str], reader: dict[str, str], unique: str, rules_channel: Any
+    client: Client,
+    writer: dict[str, str],
+    reader: dict[str, str],
+    admin: dict[str, str],
+    unique: str,
+    rules_channel: Any,
 ) -> None:
     device_id = f"dev-{unique}"
     await make_device(client, writer, device_id)
@@ -67,7 +72,7 @@ async def test_rule_crud_publishes_each_change(
             hysteresis=0.5,
             severity="critical",
             message="too hot",
-            action={"type": "command", "name": "fan_on", "params": {"speed": 3}},
+            action={"type": "command", "name": "fan_on", "params": {"speed": 3}, "on": ["open", "resolve"]},
         ),
         headers=writer,
     )
@@ -75,7 +80,13 @@ async def test_rule_crud_publishes_each_change(
     rule = created.json()
     assert rule["device_id"] == device_id
     assert rule["device_type"] is None
-    assert rule["action"] == {"type": "command", "name": "fan_on", "params": {"speed": 3}}
+    assert rule["action"] == {
+        "type": "command",
+        "name": "fan_on",
+        "params": {"speed": 3},
+        "expires_s": None,
+        "on": ["open", "resolve"],
+    }
     assert rule["enabled"] is True
     assert rule["for_seconds"] == 10
     assert rule["severity"] == "critical"
@@ -86,19 +97,15 @@ async def test_rule_crud_publishes_each_change(
     assert got.status_code == 200
     assert got.json() == rule
 
-    patched = await client.patch(
-        f"{RULES}/{rule['id']}",
-        json={
-            "threshold": 35,
-            "enabled": False,
-            "action": {"type": "webhook", "url": "https://hooks.example.com/x", "headers": {"X-T": "1"}},
-        },
-        headers=writer,
-    )
+    webhook = {"type": "webhook", "url": "https://hooks.example.com/x", "headers": {"X-T": "1"}}
+    change_body = {"threshold": 35, "enabled": False, "action": webhook}
+    # A webhook lets ingest POST anywhere: it takes the admin scope.
+    assert_problem(await client.patch(f"{RULES}/{rule['id']}", json=change_body, headers=writer), 403)
+    patched = await client.patch(f"{RULES}/{rule['id']}", json=change_body, headers=admin)
     assert patched.status_code == 200, patched.text
     assert patched.json()["threshold"] == 35.0
     assert patched.json()["enabled"] is False
-    assert patched.json()["action"]["type"] == "webhook"
+    assert patched.json()["action"] == {**webhook, "on": ["open"]}
     assert patched.json()["name"] == "hot"
     assert msgspec.json.decode(await next_message(rules_channel))["change"] == "updated"
 
@@ -167,6 +174,8 @@ async def test_invalid_rules_are_422_naming_the_field(
     assert_problem(await post(RULES, json=bad_action, headers=writer), 422, "action.type")
     bad_url = rule_body(action={"type": "webhook", "url": "ftp://x"}, **typed)
     assert_problem(await post(RULES, json=bad_url, headers=writer), 422, "action.url")
+    bad_on = rule_body(action={"type": "command", "name": "x", "on": ["close"]}, **typed)
+    assert_problem(await post(RULES, json=bad_on, headers=writer), 422, "action.on[0]")
     bad_cmd = rule_body(action={"type": "command", "name": "reboot", "params": {"a": "\x00"}}, **typed)
     assert_problem(await post(RULES, json=bad_cmd, headers=writer), 422, "action.params.a")
     rule = (await post(RULES, json=rule_body(**typed), headers=writer)).json()

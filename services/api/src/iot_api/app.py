@@ -114,8 +114,6 @@ def create_app(settings: ApiSettings) -> Litestar:
         redis = make_redis(settings.redis_url)
         mqtt = CommandPublisher(settings.mqtt_url, settings.api_command_puback_timeout_s)
         mqtt.start()
-        # A short head start, so that commands sent right after start-up find the broker connected.
-        await mqtt.wait_connected(settings.api_command_puback_timeout_s)
         services = build_services(pool, Cache(redis, settings.api_cache_namespace), mqtt, settings)
         app.state.pool = pool
         app.state.redis = redis
@@ -124,6 +122,8 @@ def create_app(settings: ApiSettings) -> Litestar:
         app.state.auth = services.auth
         rollup: asyncio.Task[None] | None = None
         try:
+            # A short head start, so that commands sent right after start-up find the broker connected.
+            await mqtt.wait_connected(settings.api_command_puback_timeout_s)
             await services.auth.bootstrap()
             if settings.api_rollup_interval_s > 0:
                 rollup = asyncio.create_task(

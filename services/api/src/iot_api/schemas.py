@@ -251,11 +251,20 @@ HeaderValue = Annotated[str, msgspec.Meta(max_length=2000, pattern=r"^[^\x00-\x1
 Threshold = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
 
 
+Triggers = Annotated[
+    list[Literal["open", "resolve"]],
+    msgspec.Meta(min_length=1, max_length=2, description="When the action runs: the alert opens, resolves"),
+]
+
+
 class CommandAction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="command", tag_field="type"):
-    """Send the command ``name`` with ``params`` to the device whose reading opened the alert."""
+    """Send the command ``name`` with ``params`` to the device whose reading opened (resolved) the alert;
+    it expires after ``expires_s`` (default: the ingest service's ``IOT_INGEST_COMMAND_TTL_S``)."""
 
     name: CommandName
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+    expires_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] | None = None
+    on: Triggers = msgspec.field(default_factory=lambda: ["open"])
 
 
 class WebhookAction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="webhook", tag_field="type"):
@@ -265,9 +274,11 @@ class WebhookAction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag
     headers: Annotated[dict[HeaderName, HeaderValue], msgspec.Meta(max_length=50)] = msgspec.field(
         default_factory=dict
     )
+    on: Triggers = msgspec.field(default_factory=lambda: ["open"])
 
 
 Action = CommandAction | WebhookAction
+"""``alert_rules.action``, as the ingest service reads it (docs/alerts.md); never more than it accepts."""
 
 
 class AlertRule(msgspec.Struct, frozen=True):

@@ -10,8 +10,16 @@ from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 
 from iot_api.controllers.deps import ALERT_RULES, ALERTS
 from iot_api.controllers.telemetry import Cursor, From, To
-from iot_api.problems import problem_responses
-from iot_api.schemas import Alert, AlertPage, AlertRule, AlertRuleCreate, AlertRulePage, AlertRuleUpdate
+from iot_api.problems import Forbidden, problem_responses
+from iot_api.schemas import (
+    Alert,
+    AlertPage,
+    AlertRule,
+    AlertRuleCreate,
+    AlertRulePage,
+    AlertRuleUpdate,
+    WebhookAction,
+)
 from iot_api.security import principal_of
 from iot_api.services.alerts import AlertRuleService, AlertService
 from iot_api.services.telemetry import utc
@@ -29,6 +37,12 @@ TypeFilter = Annotated[
 StateFilter = Annotated[AlertState | None, QueryParameter(name="state", description="open or resolved")]
 RuleId = Annotated[str, PathParameter(description="Rule id (UUID)")]
 AlertId = Annotated[str, PathParameter(description="Alert id (UUID)")]
+
+
+def require_admin_for_webhooks(request: Request[Any, Any, Any], action: object) -> None:
+    """A webhook makes the ingest service POST to any URL from inside the platform: admins only."""
+    if isinstance(action, WebhookAction) and not principal_of(request).allows("admin"):
+        raise Forbidden("a webhook action needs the 'admin' scope")
 
 
 class AlertRuleController(Controller):
@@ -54,9 +68,14 @@ class AlertRuleController(Controller):
 
     @post("/", operation_id="createAlertRule", opt={"scope": "write"}, responses=problem_responses(413))
     async def create_rule(
-        self, rules: NamedDependency[AlertRuleService], data: JSONBody[AlertRuleCreate]
+        self,
+        rules: NamedDependency[AlertRuleService],
+        data: JSONBody[AlertRuleCreate],
+        request: Request[Any, Any, Any],
     ) -> AlertRule:
-        """Create a rule; ingest replicas reload their rules at once (``iot:rules-changed``)."""
+        """Create a rule; ingest replicas reload their rules at once (``iot:rules-changed``). A webhook
+        action needs the ``admin`` scope."""
+        require_admin_for_webhooks(request, data.action)
         return await rules.create(data)
 
     @get("/{rule_id:str}", operation_id="getAlertRule", responses=problem_responses(404))
@@ -70,9 +89,15 @@ class AlertRuleController(Controller):
         responses=problem_responses(404, 413),
     )
     async def update_rule(
-        self, rules: NamedDependency[AlertRuleService], rule_id: RuleId, data: JSONBody[AlertRuleUpdate]
+        self,
+        rules: NamedDependency[AlertRuleService],
+        rule_id: RuleId,
+        data: JSONBody[AlertRuleUpdate],
+        request: Request[Any, Any, Any],
     ) -> AlertRule:
-        """Change some fields of a rule; ingest replicas reload their rules at once."""
+        """Change some fields of a rule; ingest replicas reload their rules at once. Setting a webhook
+        action needs the ``admin`` scope."""
+        require_admin_for_webhooks(request, data.action)
         return await rules.update(rule_id, data)
 
     @delete(
