@@ -1,4 +1,5 @@
-"""Fixtures for the API's integration tests: the Litestar app on a fresh database and the shared Redis.
+"""Fixtures for the API's integration tests: the Litestar app on a fresh database, the shared Redis and
+Mosquitto.
 
 Each test gets its own database and its own cache namespace in Redis, so tests never see each other's
 cached pages, sessions or rate-limit counters.
@@ -21,10 +22,11 @@ BOOTSTRAP_KEY = "iotk_testbootstrp_" + "k" * 24
 
 
 @pytest.fixture
-def api_settings(database_url: str, redis_url: str, unique: str) -> ApiSettings:
+def api_settings(database_url: str, redis_url: str, mqtt_url: str, unique: str) -> ApiSettings:
     return ApiSettings(
         database_url=database_url,
         redis_url=redis_url,
+        mqtt_url=mqtt_url,
         log_format="json",
         bootstrap_api_key=BOOTSTRAP_KEY,
         bootstrap_admin_email=ADMIN_EMAIL,

@@ -28,14 +28,20 @@ from iot_api.cache import Cache, make_redis
 from iot_api.context import RequestContext
 from iot_api.controllers import CONTROLLERS
 from iot_api.controllers.deps import Services
+from iot_api.events import EventPublisher
+from iot_api.mqtt import CommandPublisher
 from iot_api.problems import EXCEPTION_HANDLERS
 from iot_api.repositories.accounts import AccountRepository
+from iot_api.repositories.alerts import AlertRepository, AlertRuleRepository
+from iot_api.repositories.commands import CommandRepository
 from iot_api.repositories.devices import DeviceRepository
 from iot_api.repositories.rejects import RejectRepository
 from iot_api.repositories.telemetry import TelemetryRepository
 from iot_api.rollup import run_rollup_forever
 from iot_api.security import AuthMiddleware, scope_guard
+from iot_api.services.alerts import AlertRuleService, AlertService
 from iot_api.services.auth import AuthService
+from iot_api.services.commands import CommandService
 from iot_api.services.devices import DeviceService
 from iot_api.services.telemetry import TelemetryService
 from iot_api.settings import ApiSettings
@@ -48,7 +54,10 @@ def _openapi() -> OpenAPIConfig:
     return OpenAPIConfig(
         title="IoT platform API",
         version="1.0.0",
-        description="Devices, telemetry history and credentials. Errors are RFC 9457 problem details.",
+        description=(
+            "Devices, telemetry history, alerts, commands and credentials."
+            " Errors are RFC 9457 problem details."
+        ),
         path=OPENAPI_PATH,
         render_plugins=[ScalarRenderPlugin(path="/"), SwaggerRenderPlugin(path="/swagger")],
         components=Components(
@@ -62,6 +71,8 @@ def _openapi() -> OpenAPIConfig:
             Tag(name="devices"),
             Tag(name="telemetry"),
             Tag(name="ingest"),
+            Tag(name="alerts"),
+            Tag(name="commands"),
             Tag(name="auth"),
             Tag(name="operations"),
         ],
@@ -70,13 +81,19 @@ def _openapi() -> OpenAPIConfig:
     )
 
 
-def build_services(pool: asyncpg.Pool[Any], cache: Cache, settings: ApiSettings) -> Services:
+def build_services(
+    pool: asyncpg.Pool[Any], cache: Cache, mqtt: CommandPublisher, settings: ApiSettings
+) -> Services:
     devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s)
+    events = EventPublisher(cache)
     return Services(
         devices=devices,
         telemetry=TelemetryService(TelemetryRepository(pool), devices, cache),
         auth=AuthService(AccountRepository(pool), cache, settings),
         rejects=RejectRepository(pool),
+        alert_rules=AlertRuleService(AlertRuleRepository(pool), events),
+        alerts=AlertService(AlertRepository(pool), events),
+        commands=CommandService(CommandRepository(pool), devices, mqtt, events, settings.api_command_ttl_s),
     )
 
 
@@ -116,13 +133,18 @@ def create_app(settings: ApiSettings) -> Litestar:
             max_size=settings.database_pool_max,
         )
         redis = make_redis(settings.redis_url)
-        services = build_services(pool, Cache(redis, settings.api_cache_namespace), settings)
+        mqtt = CommandPublisher(settings.mqtt_url, settings.api_command_puback_timeout_s)
+        mqtt.start()
+        services = build_services(pool, Cache(redis, settings.api_cache_namespace), mqtt, settings)
         app.state.pool = pool
         app.state.redis = redis
+        app.state.mqtt = mqtt
         app.state.services = services
         app.state.auth = services.auth
         rollup: asyncio.Task[None] | None = None
         try:
+            # A short head start, so that commands sent right after start-up find the broker connected.
+            await mqtt.wait_connected(settings.api_command_puback_timeout_s)
             await services.auth.bootstrap()
             if settings.api_rollup_interval_s > 0:
                 rollup = asyncio.create_task(
@@ -140,6 +162,7 @@ def create_app(settings: ApiSettings) -> Litestar:
                 rollup.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await rollup
+            await mqtt.close()
             await redis.aclose()
             await pool.close()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -25,3 +27,11 @@ def decode_cursor(cursor: str, types: tuple[type, ...]) -> tuple[Any, ...]:
         return tuple(msgspec.convert(v, t) for v, t in zip(values, types, strict=True))
     except (ValueError, binascii.Error, msgspec.DecodeError, msgspec.ValidationError):
         raise invalid("cursor", "not a cursor returned by this endpoint") from None
+
+
+def decode_time_position(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
+    """The (time, id) position of a newest-first page of rows with UUID ids; None without a cursor."""
+    if not cursor:
+        return None
+    ts, id_ = decode_cursor(cursor, (datetime, uuid.UUID))
+    return ts, id_

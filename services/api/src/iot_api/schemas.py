@@ -7,7 +7,13 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from iot_common.messages import METRIC_NAME_PATTERN, DeviceStatus
+from iot_common.messages import (
+    METRIC_NAME_PATTERN,
+    AlertState,
+    CommandState,
+    DeviceStatus,
+    Severity,
+)
 from iot_common.topics import DEVICE_ID_PATTERN
 
 DeviceId = Annotated[
@@ -222,3 +228,172 @@ class ApiKeyCreated(ApiKey, frozen=True):
 
 class ApiKeyPage(msgspec.Struct, frozen=True):
     items: list[ApiKey]
+
+
+# Alert rules, alerts and commands (issue 6). The ingest service evaluates the rules and opens/resolves the
+# alerts; the API manages the rules, lists and acknowledges alerts, and sends commands to devices.
+
+Op = Literal[">", ">=", "<", "<=", "==", "!="]
+CommandName = Annotated[
+    str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$", examples=["reboot", "set_interval"])
+]
+WebhookUrl = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^https?://[^\s/?#@]+(:\d{1,5})?([/?#]\S*)?$",
+        max_length=2048,
+        description="http:// or https:// URL the webhook POSTs to",
+        examples=["https://hooks.example.com/iot"],
+    ),
+]
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")]
+HeaderValue = Annotated[str, msgspec.Meta(max_length=2000, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Threshold = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
+
+
+Triggers = Annotated[
+    list[Literal["open", "resolve"]],
+    msgspec.Meta(min_length=1, max_length=2, description="When the action runs: the alert opens, resolves"),
+]
+
+
+class CommandAction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="command", tag_field="type"):
+    """Send the command ``name`` with ``params`` to the device whose reading opened (resolved) the alert;
+    it expires after ``expires_s`` (default: the ingest service's ``IOT_INGEST_COMMAND_TTL_S``)."""
+
+    name: CommandName
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    expires_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] | None = None
+    on: Triggers = msgspec.field(default_factory=lambda: ["open"])
+
+
+class WebhookAction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="webhook", tag_field="type"):
+    """POST the alert as JSON to ``url`` with the extra ``headers``."""
+
+    url: WebhookUrl
+    headers: Annotated[dict[HeaderName, HeaderValue], msgspec.Meta(max_length=50)] = msgspec.field(
+        default_factory=dict
+    )
+    on: Triggers = msgspec.field(default_factory=lambda: ["open"])
+
+
+Action = CommandAction | WebhookAction
+"""``alert_rules.action``, as the ingest service reads it (docs/alerts.md); never more than it accepts."""
+
+
+class AlertRule(msgspec.Struct, frozen=True):
+    """A condition on a metric of one device (``device_id``) or of each device of a type (``device_type``)."""
+
+    id: str
+    name: str
+    device_id: str | None
+    device_type: str | None
+    metric: str
+    op: Op
+    threshold: float
+    for_seconds: int
+    hysteresis: float
+    severity: Severity
+    message: str
+    action: Action | None
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+ForSeconds = Annotated[int, msgspec.Meta(ge=0, le=7 * 86400, description="Minimum duration, 0-604800 s")]
+Hysteresis = Annotated[float, msgspec.Meta(ge=0, le=1e300)]
+RuleName = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+RuleMessage = Annotated[str, msgspec.Meta(max_length=1000, pattern=r"^[^\x00]*$")]
+
+
+class AlertRuleCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A new rule; exactly one of ``device_id`` and ``device_type`` is given."""
+
+    name: RuleName
+    metric: MetricName
+    op: Op
+    threshold: Threshold
+    device_id: DeviceId | None = None
+    device_type: DeviceType | None = None
+    for_seconds: ForSeconds = 0
+    hysteresis: Hysteresis = 0.0
+    severity: Severity = "warning"
+    message: RuleMessage = ""
+    action: Action | None = None
+    enabled: bool = True
+
+
+class AlertRuleUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Fields to change; a field left out keeps its value. ``action: null`` removes the action.
+
+    To move a rule from a device to a device type, set the one and null the other in the same request.
+    """
+
+    name: RuleName | msgspec.UnsetType = msgspec.UNSET
+    metric: MetricName | msgspec.UnsetType = msgspec.UNSET
+    op: Op | msgspec.UnsetType = msgspec.UNSET
+    threshold: Threshold | msgspec.UnsetType = msgspec.UNSET
+    device_id: DeviceId | msgspec.UnsetType | None = msgspec.UNSET
+    device_type: DeviceType | msgspec.UnsetType | None = msgspec.UNSET
+    for_seconds: ForSeconds | msgspec.UnsetType = msgspec.UNSET
+    hysteresis: Hysteresis | msgspec.UnsetType = msgspec.UNSET
+    severity: Severity | msgspec.UnsetType = msgspec.UNSET
+    message: RuleMessage | msgspec.UnsetType = msgspec.UNSET
+    action: Action | msgspec.UnsetType | None = msgspec.UNSET
+    enabled: bool | msgspec.UnsetType = msgspec.UNSET
+
+
+class AlertRulePage(Page, frozen=True):
+    items: list[AlertRule]
+
+
+class Alert(msgspec.Struct, frozen=True):
+    """An alert opened by the ingest service when a rule's condition started holding for a device."""
+
+    id: str
+    rule_id: str
+    device_id: str
+    metric: str
+    severity: Severity
+    state: AlertState
+    message: str
+    value: float | None
+    threshold: float
+    opened_at: datetime
+    resolved_at: datetime | None
+    acked_at: datetime | None
+    acked_by: str | None
+
+
+class AlertPage(Page, frozen=True):
+    items: list[Alert]
+
+
+class CommandCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A command for a device; it expires ``ttl_s`` s after creation (default ``IOT_API_COMMAND_TTL_S``)."""
+
+    name: CommandName
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    ttl_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] | None = None
+
+
+class Command(msgspec.Struct, frozen=True):
+    """A command and its state: ``sent`` once the broker took it, ``acked``/``failed`` from the device's
+    answer, ``expired`` when no answer came before ``expires_at``; ``failed`` with ``error`` also when the
+    broker could not be reached."""
+
+    id: str
+    device_id: str
+    name: str
+    params: dict[str, Any]
+    state: CommandState
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None
+
+
+class CommandPage(Page, frozen=True):
+    items: list[Command]

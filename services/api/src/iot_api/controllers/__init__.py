@@ -1,7 +1,7 @@
 """HTTP edge: one Litestar Controller per resource; each handler turns the request into a service call.
 
-Later resources (alert rules, alerts, commands) are added the same way: a Controller in this package with
-``opt={"scope": ...}`` and :func:`iot_api.problems.problem_responses`, listed in :data:`CONTROLLERS`.
+A resource is added as a Controller in this package with ``opt={"scope": ...}`` and
+:func:`iot_api.problems.problem_responses`, listed in :data:`CONTROLLERS`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 from litestar.types import ControllerRouterHandler
 
 from iot_api.controllers.accounts import ApiKeyController, AuthController
+from iot_api.controllers.alerts import AlertController, AlertRuleController
+from iot_api.controllers.commands import CommandController
 from iot_api.controllers.devices import DeviceController
 from iot_api.controllers.operations import healthz, metrics, readyz
 from iot_api.controllers.telemetry import RejectController, TelemetryController
@@ -22,4 +24,7 @@ CONTROLLERS: list[ControllerRouterHandler] = [
     DeviceController,
     TelemetryController,
     RejectController,
+    AlertRuleController,
+    AlertController,
+    CommandController,
 ]

@@ -19,8 +19,15 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz", operation_id="readyz", tags=["operations"], opt=_OPEN, security=[{}])
 async def readyz(state: State) -> Response[HealthReport]:
-    """Readiness: PostgreSQL answers. Redis is reported but not required: the API works without it."""
-    report = await run_checks({"postgres": postgres_check(state.pool), "redis": redis_check(state.redis)})
+    """Readiness: PostgreSQL answers. Redis and MQTT are reported but not required: without Redis the API
+    reads the database, without MQTT only sending commands fails (503)."""
+    report = await run_checks(
+        {
+            "postgres": postgres_check(state.pool),
+            "redis": redis_check(state.redis),
+            "mqtt": state.mqtt.check,
+        }
+    )
     ready = report.checks.get("postgres") == "ok"
     return Response(report, status_code=200 if ready else 503)
 

@@ -1,0 +1,195 @@
+"""The API's MQTT connection, used to publish commands to devices at QoS 1.
+
+One gmqtt client per process, connected in the background from the lifespan (start-up never waits for
+the broker) and reconnected by gmqtt with backoff. It uses a clean session: the API only publishes.
+
+What "published" guarantees: gmqtt keeps every in-flight QoS 1 PUBLISH in a store keyed by packet id and
+removes it when the broker's PUBACK arrives. :class:`PubackTracker` is that store plus one future per
+packet id, so :meth:`CommandPublisher.publish` returns only once the broker acknowledged the message,
+i.e. took responsibility for delivering it to the subscribers it has (or queued for a persistent session).
+It raises :class:`PublishError` when no connection is up, when the connection drops before the PUBACK
+(the clean session discards the message, it is not replayed), or when no PUBACK comes within the
+timeout; in that last case the broker may still deliver it. gmqtt does not parse the PUBACK's MQTT 5
+reason code, so a broker refusing the message by a reason code is not told apart from an acceptance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import uuid
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+import structlog
+from gmqtt import Client
+from gmqtt.mqtt.constants import MQTTv50
+from gmqtt.storage import PersistentStorage
+from prometheus_client import Counter, Gauge
+
+log = structlog.stdlib.get_logger("iot_api.mqtt")
+RECONNECT_MIN_S: Final = 0.5
+RECONNECT_MAX_S: Final = 30.0
+MQTT_CONNECTED = Gauge("iot_api_mqtt_connected", "1 while the API's MQTT connection is up")
+COMMANDS_PUBLISHED = Counter(
+    "iot_api_commands_published_total", "Command publications by outcome", ["outcome"]
+)
+
+
+class PublishError(RuntimeError):
+    """The broker did not acknowledge the message; the text says why."""
+
+
+class PubackTracker(PersistentStorage):  # type: ignore[misc]
+    """gmqtt's in-flight store that also resolves a future per packet id when the message leaves it.
+
+    gmqtt removes a QoS 1 message from this store on its PUBACK (result True) and clears the store when a
+    connection ends without a session to resume (result False).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_mid: int | None = None
+        self._waiters: dict[int, asyncio.Future[bool]] = {}
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        self.last_mid = mid
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        self._resolve(mid, True)
+
+    def clear(self) -> None:
+        super().clear()
+        for mid in list(self._waiters):
+            self._resolve(mid, False)
+
+    def waiter(self, mid: int) -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters[mid] = future
+        return future
+
+    def forget(self, mid: int) -> None:
+        self._waiters.pop(mid, None)
+
+    def _resolve(self, mid: int, acked: bool) -> None:
+        future = self._waiters.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(acked)
+
+
+class CommandPublisher:
+    """A persistent MQTT connection that publishes at QoS 1 and waits for the broker's PUBACK."""
+
+    def __init__(self, mqtt_url: str, puback_timeout_s: float, client_id: str | None = None) -> None:
+        self._url = urlsplit(mqtt_url)
+        self._timeout = puback_timeout_s
+        self._tracker = PubackTracker()
+        self._task: asyncio.Task[None] | None = None
+        self._reconnect_delay = RECONNECT_MIN_S
+        self.connected = asyncio.Event()
+        host = socket.gethostname()[:32] or "api"
+        self.client = Client(
+            client_id or f"iot-api-{host}-{uuid.uuid4().hex[:8]}",
+            clean_session=True,
+            persistent_storage=self._tracker,
+        )
+        if self._url.username:
+            self.client.set_auth_credentials(
+                unquote(self._url.username), unquote(self._url.password) if self._url.password else None
+            )
+        self.client.set_config({"reconnect_retries": -1, "reconnect_delay": RECONNECT_MIN_S})
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+
+    def start(self) -> None:
+        """Connect in the background, retrying with backoff until the broker answers."""
+        self._task = asyncio.create_task(self._connect_forever())
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the connection; whether it is up."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), timeout_s)
+        return self.is_connected
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
+        self.connected.clear()
+        MQTT_CONNECTED.set(0)
+
+    async def check(self) -> object:
+        """Readiness check: raises unless connected."""
+        if not self.is_connected:
+            raise PublishError("not connected to the MQTT broker")
+        return True
+
+    @property
+    def is_connected(self) -> bool:
+        return self.connected.is_set() and bool(self.client.is_connected)
+
+    async def publish(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
+        """Publish at QoS 1 and wait for the PUBACK; :class:`PublishError` when it does not come."""
+        if not self.is_connected:
+            COMMANDS_PUBLISHED.labels("not_connected").inc()
+            raise PublishError("not connected to the MQTT broker")
+        properties: dict[str, Any] = {}
+        if expiry_s is not None:
+            # The broker drops the message instead of delivering it to a device that reconnects too late.
+            properties["message_expiry_interval"] = expiry_s
+        try:
+            self.client.publish(topic, payload, qos=1, **properties)
+        except Exception as exc:
+            COMMANDS_PUBLISHED.labels("error").inc()
+            raise PublishError(f"publish failed: {type(exc).__name__}: {exc}") from exc
+        # publish() stored the packet synchronously; nothing ran since, so the last id stored is ours.
+        mid = self._tracker.last_mid
+        assert mid is not None
+        acked = self._tracker.waiter(mid)
+        try:
+            ok = await asyncio.wait_for(acked, self._timeout)
+        except TimeoutError:
+            self._tracker.forget(mid)
+            COMMANDS_PUBLISHED.labels("timeout").inc()
+            raise PublishError(f"no PUBACK from the MQTT broker within {self._timeout:g} s") from None
+        if not ok:
+            COMMANDS_PUBLISHED.labels("connection_lost").inc()
+            raise PublishError("connection to the MQTT broker lost before its PUBACK")
+        COMMANDS_PUBLISHED.labels("acked").inc()
+
+    async def _connect_forever(self) -> None:
+        delay = RECONNECT_MIN_S
+        port = self._url.port or (8883 if self._url.scheme == "mqtts" else 1883)
+        tls: Any = ssl.create_default_context() if self._url.scheme == "mqtts" else False
+        while True:
+            try:
+                await self.client.connect(
+                    self._url.hostname or "127.0.0.1", port, ssl=tls, keepalive=30, version=MQTTv50
+                )
+                return
+            except Exception as exc:
+                log.warning("mqtt connect failed, retrying", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
+        self._reconnect_delay = RECONNECT_MIN_S
+        client.reconnect_delay = RECONNECT_MIN_S
+        self.connected.set()
+        MQTT_CONNECTED.set(1)
+        log.info("mqtt connected")
+
+    def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:
+        self.connected.clear()
+        MQTT_CONNECTED.set(0)
+        # gmqtt reconnects by itself after reconnect_delay; doubling it each time gives the backoff.
+        client.reconnect_delay = self._reconnect_delay
+        self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX_S)
+        log.warning("mqtt disconnected, reconnecting", retry_in_s=client.reconnect_delay)

@@ -1,0 +1,106 @@
+"""Commands to devices: stored, published on ``devices/commands/{device_id}`` at QoS 1, then marked sent.
+
+Order of events: the row is inserted ``pending``; the :class:`~iot_common.messages.CommandMessage` is
+published and the broker's PUBACK awaited (see :mod:`iot_api.mqtt` for what that guarantees); the row
+becomes ``sent`` and a ``command`` event goes out on the device's Redis channel. When the broker cannot
+be reached, or does not acknowledge in time, the row becomes ``failed`` with the reason in ``error``, a
+``command`` event says so, and the request is answered 503 (the command is not retried: sending it again
+is the client's decision). The device's answer (``acked``/``failed``) and expiry are recorded by ingest.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from iot_api.events import EventPublisher
+from iot_api.mqtt import CommandPublisher, PublishError
+from iot_api.pagination import decode_time_position, encode_cursor
+from iot_api.problems import NotFound, Unavailable
+from iot_api.repositories.commands import CommandRepository
+from iot_api.schemas import Command, CommandCreate, CommandPage
+from iot_api.services.alerts import parse_id
+from iot_api.services.devices import DeviceService, check_json
+from iot_common.messages import CommandEvent, CommandMessage
+from iot_common.topics import command_topic, is_valid_device_id
+
+RETRY_AFTER_S = 5
+_encoder = msgspec.json.Encoder()
+
+
+def command_event(command: Command) -> CommandEvent:
+    return CommandEvent(
+        id=command.id,
+        device_id=command.device_id,
+        name=command.name,
+        state=command.state,
+        params=command.params,
+        result=command.result,
+        error=command.error,
+        updated_at=command.updated_at,
+    )
+
+
+class CommandService:
+    def __init__(
+        self,
+        repo: CommandRepository,
+        devices: DeviceService,
+        publisher: CommandPublisher,
+        events: EventPublisher,
+        default_ttl_s: int,
+    ) -> None:
+        self.repo = repo
+        self.devices = devices
+        self.publisher = publisher
+        self.events = events
+        self.default_ttl_s = default_ttl_s
+
+    async def send(self, device_id: str, data: CommandCreate) -> Command:
+        if not is_valid_device_id(device_id):
+            raise NotFound(f"device {device_id!r} not found")
+        check_json(data.params, "params")
+        ttl_s = data.ttl_s or self.default_ttl_s
+        command = await self.repo.create(device_id, data.name, data.params, ttl_s)
+        if command is None:
+            raise NotFound(f"device {device_id!r} not found")
+        message = CommandMessage(
+            id=command.id, name=command.name, params=command.params, expires_at=command.expires_at
+        )
+        try:
+            await self.publisher.publish(command_topic(device_id), _encoder.encode(message), ttl_s)
+        except PublishError as exc:
+            failed = await self.repo.mark(command.id, "failed", str(exc))
+            if failed is not None:
+                await self.events.device_event(device_id, command_event(failed))
+            raise Unavailable(
+                f"command {command.id} failed: {exc}", headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from None
+        sent = await self.repo.mark(command.id, "sent")
+        if sent is None:
+            # The device answered (and ingest recorded it) before this update: keep its state.
+            current = await self.repo.get(device_id, parse_id(command.id, "command"))
+            return current or command
+        await self.events.device_event(device_id, command_event(sent))
+        return sent
+
+    async def get(self, device_id: str, command_id: str) -> Command:
+        command = None
+        if is_valid_device_id(device_id):
+            command = await self.repo.get(device_id, parse_id(command_id, "command"))
+        if command is None:
+            raise NotFound(f"command {command_id!r} of device {device_id!r} not found")
+        return command
+
+    async def list(self, device_id: str, *, limit: int, cursor: str | None) -> CommandPage:
+        """A device's commands, newest first; 404 when the device does not exist."""
+        after = decode_time_position(cursor)
+        await self.devices.require(device_id)
+        rows = await self.repo.list(device_id, after=after, limit=limit + 1)
+        items = rows[:limit]
+        has_more = len(rows) > limit
+        last = items[-1] if items else None
+        return CommandPage(
+            items=items,
+            has_more=has_more,
+            next_cursor=encode_cursor(last.created_at, last.id) if has_more and last else None,
+        )
