@@ -30,6 +30,7 @@ EXPECTED_TABLES = {
     "alert_rules",
     "alerts",
     "commands",
+    "action_runs",
     "schema_migrations",
 }
 
