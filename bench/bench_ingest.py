@@ -9,7 +9,7 @@ process: QoS 1, K devices, 3 metrics per message, counting PUBACKs.
 - ingest: from the first publish to the moment ``iot_ingest_readings_stored_total`` (committed readings)
   reaches the number published.
 
-    uv run python bench/bench_ingest.py [--messages 100000] [--devices 100] [--runs 3] [--profile]
+    uv run python bench/bench_ingest.py [--messages 100000] [--devices 100] [--runs 3] [--rules 0] [--profile]
 
 ``--profile`` runs the ingest process under py-spy (artifacts/bench_ingest.svg; ``PYSPY_FORMAT=raw`` for
 collapsed stacks in artifacts/bench_ingest.txt).
@@ -107,7 +107,7 @@ def ingest_run(
     }
 
 
-async def prepare_database(devices: list[str]) -> str:
+async def prepare_database(devices: list[str], rules: int = 0) -> str:
     name = f"iot_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(POSTGRES)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -118,7 +118,13 @@ async def prepare_database(devices: list[str]) -> str:
     if await migrate.wait() != 0:
         raise RuntimeError("iot-migrate failed")
     conn = await asyncpg.connect(url)
-    await conn.execute("INSERT INTO devices (id) SELECT unnest($1::text[])", devices)
+    await conn.execute("INSERT INTO devices (id, type) SELECT unnest($1::text[]), 'bench'", devices)
+    # Alert rules on the devices' type that never fire: the cost of evaluating every reading.
+    await conn.execute(
+        "INSERT INTO alert_rules (name, device_type, metric, op, threshold) "
+        "SELECT 'bench ' || i, 'bench', 'temperature', '>', 1e9 + i FROM generate_series(1, $1) AS i",
+        rules,
+    )
     await conn.close()
     return url
 
@@ -135,10 +141,11 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="py-spy one extra run of the ingest process")
+    parser.add_argument("--rules", type=int, default=0, help="alert rules every reading is evaluated against")
     args = parser.parse_args()
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     devices = [f"{prefix}-{i:05d}" for i in range(args.devices)]
-    db_url = asyncio.run(prepare_database(devices))
+    db_url = asyncio.run(prepare_database(devices, args.rules))
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     fmt = os.environ.get("PYSPY_FORMAT", "flamegraph")
@@ -206,7 +213,8 @@ def main() -> int:
 
     print()
     print(
-        f"ingest benchmark: {args.messages:,} messages x {args.runs} runs, {args.devices} devices, 3 metrics"
+        f"ingest benchmark: {args.messages:,} messages x {args.runs} runs, {args.devices} devices, "
+        f"3 metrics, {args.rules} alert rules"
     )
     print(f"{'run':>4} {'raw broker msg/s':>17} {'ingest msg/s':>13} {'ratio':>6} {'mean batch':>11}")
     for run, raw, rate, ratio, batch in rows:

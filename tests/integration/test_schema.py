@@ -30,6 +30,7 @@ EXPECTED_TABLES = {
     "alert_rules",
     "alerts",
     "commands",
+    "action_runs",
     "schema_migrations",
     # 0003: hourly rollup of telemetry, filled by the API service
     "telemetry_hourly",

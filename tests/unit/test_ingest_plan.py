@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from iot_common.messages import Reading
+from iot_common.messages import CommandAck, Reading
 from iot_ingest.consumer import translate
 from iot_ingest.payload import Limits, Reject
 from iot_ingest.plan import PAYLOAD_EXCERPT_CHARS, Delivery, latest_values, plan_batch, ts_sort_key
@@ -77,3 +77,13 @@ def test_translate_routes_topics() -> None:
     other = translate("devices/telemetry/bad id", b"{}", T0, limits)
     assert other.device_id is None
     assert [r.reason for r in other.rejects] == ["invalid_topic"]
+
+
+def test_command_acks_are_planned_and_malformed_ones_dead_lettered() -> None:
+    good = b'{"id": "0b0e4f8e-7e53-4d6e-8a43-6f3c1c6d2a10", "status": "ok"}'
+    ok = translate("devices/commands/d1/ack", good, T0, Limits())
+    bad = translate("devices/commands/d1/ack", b'{"status": "ok"}', T0, Limits())
+    plan = plan_batch([ok, bad], set())
+    assert plan.acks == [("d1", CommandAck("0b0e4f8e-7e53-4d6e-8a43-6f3c1c6d2a10"))]
+    assert [d.reason for d in plan.dead_letters] == ["invalid_command_ack"]
+    assert plan.readings == []

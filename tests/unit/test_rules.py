@@ -57,3 +57,48 @@ def test_removing_a_rule_forgets_its_state() -> None:
     engine.replace_rules([])
     assert engine.open_alerts == set()
     assert feed(engine, [20, 40]) == []
+
+
+def test_for_seconds_rules_report_when_their_wait_starts_and_is_reset() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1", for_seconds=5)])
+    notes = []
+    for i, value in enumerate([31, 31, 20, 20, 31]):
+        ts = T0 + timedelta(seconds=i)
+        notes += [t.kind for t in engine.evaluate_all("d1", None, ts, {"temperature": value})]
+    assert notes == ["pending", "clear", "pending"]
+
+
+def test_a_replica_that_saw_the_wait_start_elsewhere_opens_on_time() -> None:
+    """Readings of one device alternate between replicas: a's wait started on b counts on a."""
+    a = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1", for_seconds=5)])
+    a.apply_remote("pending", "r1", "d1", T0)
+    assert a.evaluate("d1", None, T0 + timedelta(seconds=5), {"temperature": 31}) != []
+
+
+def test_a_clear_seen_elsewhere_resets_the_wait() -> None:
+    a = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1", for_seconds=5)])
+    assert a.evaluate("d1", None, T0, {"temperature": 31}) == []
+    a.apply_remote("clear", "r1", "d1", T0 + timedelta(seconds=2))
+    assert a.evaluate("d1", None, T0 + timedelta(seconds=5), {"temperature": 31}) == []
+
+
+def test_an_alert_opened_and_resolved_elsewhere_is_followed_here() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1")])
+    engine.apply_remote("open", "r1", "d1", T0)
+    assert feed(engine, [35]) == []
+    engine.apply_remote("resolve", "r1", "d1", T0)
+    assert feed(engine, [35]) == ["open"]
+
+
+def test_open_alerts_from_the_database_replace_the_local_view() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1")])
+    assert feed(engine, [35]) == ["open"]
+    engine.set_open_alerts([("r1", "d2"), ("gone", "d1")])
+    assert engine.open_alerts == {("r1", "d2")}
+    assert feed(engine, [36]) == ["open"]
+
+
+def test_notes_about_unknown_rules_are_ignored() -> None:
+    engine = RuleEngine([Rule("r1", "temperature", ">", 30.0, device_id="d1")])
+    engine.apply_remote("open", "other", "d1", T0)
+    assert engine.open_alerts == set()

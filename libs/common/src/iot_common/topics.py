@@ -75,3 +75,9 @@ def device_id_from_channel(channel: str) -> str | None:
 def latest_key(device_id: str) -> str:
     """Redis hash of a device's latest values: field = metric, value = encoded :class:`LatestValue`."""
     return LATEST_PREFIX + device_id
+
+
+ALERT_SYNC_CHANNEL = REDIS_PREFIX + "ingest:alert-sync"
+"""Redis channel on which ingest replicas tell each other that an alert opened or resolved (or that a
+rule's ``for_seconds`` wait started or was reset), so that a device whose readings alternate between
+replicas is judged with one state. Internal to the ingest service."""

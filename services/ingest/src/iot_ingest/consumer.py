@@ -20,7 +20,11 @@ import structlog
 from gmqtt import Client, Subscription
 from gmqtt.mqtt.constants import MQTTv50
 
+from iot_common.commands import InvalidAck, decode_ack
 from iot_common.topics import (
+    COMMAND_ACK_FILTER,
+    COMMAND_ACK_SUFFIX,
+    COMMAND_PREFIX,
     STATUS_FILTER,
     STATUS_PREFIX,
     TELEMETRY_FILTER,
@@ -39,6 +43,7 @@ RECONNECT_MIN_S: Final = 0.5
 # Label children bound once: .labels() costs more than the increment on the per-message path.
 _RECEIVED_TELEMETRY: Final = metrics.MESSAGES_RECEIVED.labels("telemetry")
 _RECEIVED_STATUS: Final = metrics.MESSAGES_RECEIVED.labels("status")
+_RECEIVED_ACK: Final = metrics.MESSAGES_RECEIVED.labels("command_ack")
 RECONNECT_MAX_S: Final = 30.0
 
 
@@ -66,8 +71,24 @@ def translate(topic: str, payload: bytes, received_at: datetime, limits: Limits)
         if isinstance(status, Reject):
             return Delivery(topic, device_id, received_at, payload, rejects=[status])
         return Delivery(topic, device_id, received_at, payload, status=status)
+    device_id = device_id_from_topic(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
+    if device_id is not None:
+        _RECEIVED_ACK.inc()
+        if len(payload) > limits.max_payload_bytes:
+            reject = Reject("payload_too_large", f"{len(payload)} bytes, limit {limits.max_payload_bytes}")
+            return Delivery(topic, device_id, received_at, payload, rejects=[reject])
+        try:
+            ack = decode_ack(payload)
+        except InvalidAck as exc:
+            return Delivery(
+                topic, device_id, received_at, payload, rejects=[Reject("invalid_command_ack", str(exc))]
+            )
+        return Delivery(topic, device_id, received_at, payload, ack=ack)
     metrics.MESSAGES_RECEIVED.labels("other").inc()
-    reject = Reject("invalid_topic", "expected devices/telemetry/{device_id} or devices/status/{device_id}")
+    reject = Reject(
+        "invalid_topic",
+        "expected devices/telemetry/{id}, devices/status/{id} or devices/commands/{id}/ack",
+    )
     return Delivery(topic, None, received_at, payload, rejects=[reject])
 
 
@@ -99,6 +120,7 @@ class Consumer:
         self.subscriptions = [
             Subscription(shared_subscription(share_group, TELEMETRY_FILTER), qos=1),
             Subscription(shared_subscription(share_group, STATUS_FILTER), qos=1),
+            Subscription(shared_subscription(share_group, COMMAND_ACK_FILTER), qos=1),
         ]
         self.client = Client(
             client_id,
@@ -141,6 +163,11 @@ class Consumer:
         await self._idle.wait()
         for _ in range(2):
             await asyncio.sleep(0)
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 on this client's connection (commands to devices); waits up to 5 s for it."""
+        await asyncio.wait_for(self.connected.wait(), 5.0)
+        self.client.publish(topic, payload, qos=1)
 
     async def disconnect(self) -> None:
         with contextlib.suppress(Exception):

@@ -11,23 +11,30 @@ from __future__ import annotations
 import asyncio
 import gc
 from datetime import timedelta
+from typing import Any
 
+import asyncpg
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exceptions
 import structlog
 import uvloop
 from aiohttp import web
 
+from iot_common.commands import expire_commands, publish_command_event
 from iot_common.db import create_pool
 from iot_common.db.partitions import run_maintenance_forever
 from iot_common.health import postgres_check, redis_check
 from iot_common.service import run_service
 from iot_common.web import health_routes
+from iot_ingest import metrics
+from iot_ingest.actions import ActionRunner
+from iot_ingest.alerts import AlertService
 from iot_ingest.batcher import Batcher
 from iot_ingest.consumer import Consumer, default_client_id, ignore_not_acknowledged
 from iot_ingest.payload import Limits
 from iot_ingest.plan import Delivery
 from iot_ingest.settings import IngestSettings
-from iot_ingest.store import BatchWriter, KnownDevices
+from iot_ingest.store import TRANSIENT_ERRORS, BatchWriter, KnownDevices
 
 log = structlog.stdlib.get_logger("iot_ingest")
 
@@ -59,7 +66,30 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
     known = KnownDevices()
     async with pool.acquire() as conn:
         await known.load(conn)
-    writer = BatchWriter(pool, redis, known, auto_register=settings.ingest_auto_register)
+    consumer: Consumer | None = None
+
+    async def publish_command(topic: str, payload: bytes) -> None:
+        assert consumer is not None
+        await consumer.publish(topic, payload)
+
+    actions = ActionRunner(
+        pool,
+        redis,
+        publish_command,
+        workers=settings.ingest_action_workers,
+        queue_size=settings.ingest_action_queue,
+        webhook_timeout_s=settings.ingest_webhook_timeout_s,
+        webhook_attempts=settings.ingest_webhook_attempts,
+        webhook_backoff_s=settings.ingest_webhook_backoff_s,
+        command_ttl_s=settings.ingest_command_ttl_s,
+    )
+    alerts = AlertService(
+        pool, redis, settings.redis_url, known, actions, queue_size=settings.ingest_alert_queue
+    )
+    await alerts.reload()
+    writer = BatchWriter(
+        pool, redis, known, auto_register=settings.ingest_auto_register, on_commit=alerts.submit
+    )
     batcher: Batcher[Delivery] = Batcher(
         writer, max_size=settings.ingest_batch_size, max_delay=settings.ingest_batch_delay_ms / 1000
     )
@@ -97,7 +127,12 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
             )
         ),
         asyncio.create_task(known.refresh_forever(pool, settings.ingest_device_cache_s)),
+        asyncio.create_task(alerts.listen()),
+        asyncio.create_task(alerts.refresh_forever(settings.ingest_rules_refresh_s)),
+        asyncio.create_task(expire_commands_forever(pool, redis, settings.ingest_command_expiry_interval_s)),
+        asyncio.create_task(actions.run()),
     ]
+    alert_worker = asyncio.create_task(alerts.run())
     batcher.start()
     try:
         if await consumer.connect(stop):
@@ -111,6 +146,12 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
                 "could not flush before the shutdown timeout; unacknowledged messages stay in the broker"
             )
             batcher.abort()
+        try:
+            await asyncio.wait_for(alerts.drain(), 2.0)
+        except TimeoutError:
+            log.warning("alert work still queued at shutdown is left undone")
+        alert_worker.cancel()
+        await asyncio.gather(alert_worker, return_exceptions=True)
         await consumer.disconnect()
         for task in background:
             task.cancel()
@@ -118,6 +159,29 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         await runner.cleanup()
         await redis.aclose()
         await pool.close()
+
+
+async def expire_commands_forever(pool: asyncpg.Pool[Any], redis: aioredis.Redis, interval_s: float) -> None:
+    """Every ``interval_s``: commands past ``expires_at`` become ``expired`` (one replica at a time)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            async with pool.acquire() as conn:
+                events = await expire_commands(conn)
+        except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("command expiry failed", error=str(exc))
+            continue
+        if not events:
+            continue
+        metrics.COMMANDS_EXPIRED.inc(len(events))
+        log.info("commands expired", count=len(events), command_ids=[e.id for e in events][:20])
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for event in events:
+                    publish_command_event(pipe, event)
+                await pipe.execute()
+        except (redis_exceptions.RedisError, OSError) as exc:
+            log.warning("publishing expired commands failed", error=str(exc))
 
 
 async def _drain(batcher: Batcher[Delivery], writer: BatchWriter, consumer: Consumer) -> None:

@@ -32,3 +32,27 @@ REDIS_FAILURES = Counter(
     "iot_ingest_redis_failures", "Batches whose Redis update (latest values, publish) failed; storage kept"
 )
 MQTT_CONNECTED = Gauge("iot_ingest_mqtt_connected", "1 while connected to the MQTT broker")
+
+RULES_LOADED = Gauge("iot_ingest_rules_loaded", "Enabled alert rules in this replica's cache")
+RULE_RELOADS = Counter("iot_ingest_rule_reloads", "Rule cache reloads, by outcome (ok, failed)", ["outcome"])
+ALERTS_OPENED = Counter("iot_ingest_alerts_opened", "Alerts this replica opened (stored and published)")
+ALERTS_RESOLVED = Counter("iot_ingest_alerts_resolved", "Alerts this replica resolved (stored and published)")
+ALERT_STORE_RETRIES = Counter(
+    "iot_ingest_alert_store_retries", "Failed writes of alert transitions (retried with backoff)"
+)
+ALERT_ERRORS = Counter(
+    "iot_ingest_alert_errors",
+    "Alert work given up, by stage: dropped (queue full), refused (data error), publish (Redis)",
+    ["stage"],
+)
+ALERT_QUEUE = Gauge("iot_ingest_alert_queue", "Committed batches waiting for rule evaluation")
+ACTIONS = Counter(
+    "iot_ingest_actions", "Rule actions by kind and outcome (succeeded, failed, dropped)", ["kind", "outcome"]
+)
+ACTION_QUEUE = Gauge("iot_ingest_action_queue", "Actions waiting for a worker")
+COMMAND_ACKS = Counter(
+    "iot_ingest_command_acks",
+    "Command answers from devices, by outcome (acked, failed, ignored)",
+    ["outcome"],
+)
+COMMANDS_EXPIRED = Counter("iot_ingest_commands_expired", "Commands expired without an answer")

@@ -40,6 +40,7 @@ RejectReason = Literal[
     "unknown_device",
     "invalid_topic",
     "storage_error",
+    "invalid_command_ack",
 ]
 """Why a message or a reading was refused; the ``reason`` column of ``ingest_rejects`` and a metric label."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from iot_common.messages import DeviceStatus, MetricValue, Reading
+from iot_common.messages import CommandAck, CommandEvent, DeviceStatus, MetricValue, Reading
 from iot_ingest.payload import Reject, RejectReason
 
 PAYLOAD_EXCERPT_CHARS = 1024
@@ -23,6 +23,7 @@ class Delivery:
     readings: list[Reading] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
     status: DeviceStatus | None = None
+    ack: CommandAck | None = None
 
     @property
     def needs_device(self) -> bool:
@@ -49,6 +50,10 @@ class Plan:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     last_seen: dict[str, datetime] = field(default_factory=dict)
     statuses: dict[str, tuple[DeviceStatus, datetime]] = field(default_factory=dict)
+    acks: list[tuple[str, CommandAck]] = field(default_factory=list)
+    """(device id, answer) of command acks; applied to ``commands`` in the same transaction."""
+    command_events: list[CommandEvent] = field(default_factory=list)
+    """Filled by the writer: the commands an ack changed, to publish after the commit."""
 
 
 def payload_excerpt(payload: bytes) -> str:
@@ -79,6 +84,8 @@ def plan_batch(batch: list[Delivery], unknown: set[str]) -> Plan:
     for delivery in batch:
         for reject in delivery.rejects:
             plan.dead_letters.append(dead_letter(delivery, reject.reason, reject.detail))
+        if delivery.ack is not None and delivery.device_id is not None:
+            plan.acks.append((delivery.device_id, delivery.ack))
         if not delivery.needs_device:
             continue
         device_id = delivery.device_id

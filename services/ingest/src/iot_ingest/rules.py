@@ -5,6 +5,10 @@ resolves); the caller stores and publishes them. Per rule and device the engine 
 (the condition holds but not yet for ``for_seconds``) or ``open``. An open alert resolves only when the
 value leaves the threshold by more than the rule's ``hysteresis``, so a value flapping around the
 threshold opens no storm of alerts.
+
+Several ingest replicas each run an engine. They keep one view of each (rule, device) by exchanging the
+notes :meth:`RuleEngine.evaluate_all` returns beside the transitions (``pending``: a ``for_seconds`` wait
+started; ``clear``: it was reset) and applying each other's with :meth:`RuleEngine.apply_remote`.
 """
 
 from __future__ import annotations
@@ -55,9 +59,14 @@ class Rule:
         return not self.holds(value)
 
 
+Kind = Literal["open", "resolve", "pending", "clear"]
+
+
 @dataclass(frozen=True)
 class Transition:
-    kind: Literal["open", "resolve"]
+    """A change of one (rule, device): ``open``/``resolve`` an alert, or the notes ``pending``/``clear``."""
+
+    kind: Kind
     rule: Rule
     device_id: str
     value: float
@@ -78,6 +87,7 @@ class RuleEngine:
     _by_device: dict[str, list[Rule]] = field(default_factory=dict, init=False)
     _by_type: dict[str, list[Rule]] = field(default_factory=dict, init=False)
     _states: dict[tuple[str, str], _State] = field(default_factory=dict, init=False)
+    _rule_ids: set[str] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         self.replace_rules(self.rules)
@@ -91,7 +101,7 @@ class RuleEngine:
                 self._by_device.setdefault(rule.device_id, []).append(rule)
             elif rule.device_type is not None:
                 self._by_type.setdefault(rule.device_type, []).append(rule)
-        ids = {r.id for r in self.rules}
+        ids = self._rule_ids = {r.id for r in self.rules}
         self._states = {k: v for k, v in self._states.items() if k[0] in ids}
         self.open_alerts = {k for k in self.open_alerts if k[0] in ids}
 
@@ -105,6 +115,12 @@ class RuleEngine:
         self, device_id: str, device_type: str | None, ts: datetime, metrics: Mapping[str, float | str]
     ) -> list[Transition]:
         """Advance every rule of this device with one reading; return what opened or resolved."""
+        return [t for t in self.evaluate_all(device_id, device_type, ts, metrics) if t.kind in _ALERT_KINDS]
+
+    def evaluate_all(
+        self, device_id: str, device_type: str | None, ts: datetime, metrics: Mapping[str, float | str]
+    ) -> list[Transition]:
+        """Like :meth:`evaluate`, with the ``pending``/``clear`` notes of ``for_seconds`` rules too."""
         out = []
         for rule in self.rules_for(device_id, device_type):
             value = metrics.get(rule.metric)
@@ -118,13 +134,49 @@ class RuleEngine:
                     out.append(Transition("resolve", rule, device_id, value, ts))
                 continue
             if not rule.holds(value):
-                self._states.pop(key, None)
+                if self._states.pop(key, None) is not None and rule.for_seconds:
+                    out.append(Transition("clear", rule, device_id, value, ts))
                 continue
-            state = self._states.setdefault(key, _State())
-            if state.pending_since is None or ts < state.pending_since:
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = _State(ts)
+                if rule.for_seconds:
+                    out.append(Transition("pending", rule, device_id, value, ts))
+            elif state.pending_since is None or ts < state.pending_since:
                 state.pending_since = ts
+            assert state.pending_since is not None
             if (ts - state.pending_since).total_seconds() >= rule.for_seconds:
                 self.open_alerts.add(key)
                 self._states.pop(key, None)
                 out.append(Transition("open", rule, device_id, value, ts))
         return out
+
+    def set_open_alerts(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Take the open alerts from the database: (rule id, device id) pairs of known rules."""
+        self.open_alerts = {k for k in keys if k[0] in self._rule_ids}
+        for key in self.open_alerts:
+            self._states.pop(key, None)
+
+    def apply_remote(self, kind: Kind, rule_id: str, device_id: str, ts: datetime) -> None:
+        """Apply a change another replica saw, so that this one judges the next readings the same way."""
+        if rule_id not in self._rule_ids:
+            return
+        key = (rule_id, device_id)
+        if kind == "open":
+            self.open_alerts.add(key)
+            self._states.pop(key, None)
+        elif kind == "resolve":
+            self.open_alerts.discard(key)
+            self._states.pop(key, None)
+        elif kind == "pending":
+            if key not in self.open_alerts:
+                state = self._states.setdefault(key, _State(ts))
+                if state.pending_since is None or ts < state.pending_since:
+                    state.pending_since = ts
+        else:
+            pending = self._states.get(key)
+            if pending is not None and (pending.pending_since is None or pending.pending_since <= ts):
+                del self._states[key]
+
+
+_ALERT_KINDS: frozenset[str] = frozenset({"open", "resolve"})

@@ -25,3 +25,12 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     ingest_max_future_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 600
     ingest_device_cache_s: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 60
     ingest_shutdown_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 20
+    ingest_rules_refresh_s: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 60
+    ingest_alert_queue: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
+    ingest_action_workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    ingest_action_queue: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
+    ingest_webhook_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    ingest_webhook_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    ingest_webhook_backoff_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.5
+    ingest_command_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] = 300
+    ingest_command_expiry_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0

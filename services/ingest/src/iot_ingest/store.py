@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
@@ -19,8 +19,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from iot_common.commands import APPLY_ACKS, ack_columns, command_event, publish_command_event
 from iot_common.db.telemetry import insert_telemetry
-from iot_common.messages import LatestValue, StatusEvent, TelemetryEvent, encode_event
+from iot_common.messages import LatestValue, Reading, StatusEvent, TelemetryEvent, encode_event
 from iot_common.topics import device_channel, latest_key
 from iot_ingest import metrics
 from iot_ingest.plan import Delivery, Plan, dead_letter, latest_values, plan_batch, ts_sort_key
@@ -106,18 +107,34 @@ def _log_dead_letters(plan: Plan) -> None:
         log.info("dead letters written", device_id=device_id, reason=reason, count=count)
 
 
-class KnownDevices:
-    """The ids of registered devices, cached so that a message costs no query.
+def _count_acks(plan: Plan) -> None:
+    """Count command answers: those that changed a command, and those ignored (unknown id or late)."""
+    changed = {e.id: e for e in plan.command_events}
+    for event in changed.values():
+        metrics.COMMAND_ACKS.labels(event.state).inc()
+        log.info("command answered", device_id=event.device_id, command_id=event.id, state=event.state)
+    ignored = len(plan.acks) - len(changed)
+    if ignored:
+        metrics.COMMAND_ACKS.labels("ignored").inc(ignored)
+        log.info("command answers ignored: unknown command or no longer waiting", count=ignored)
 
-    Reloaded in full every ``refresh_s`` (devices created or deleted through the API appear then); an id
-    missing from the cache is looked up once per batch before it is refused.
+
+class KnownDevices:
+    """The ids and types of registered devices, cached so that a message costs no query.
+
+    Reloaded in full every ``refresh_s`` (devices created or deleted through the API appear then, and type
+    changes, which alert rules on a device type follow); an id missing from the cache is looked up once
+    per batch before it is refused.
     """
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
+        self.types: dict[str, str] = {}
 
     async def load(self, conn: Conn) -> None:
-        self.ids = {row[0] for row in await conn.fetch("SELECT id FROM devices")}
+        rows = await conn.fetch("SELECT id, type FROM devices")
+        self.types = {row[0]: row[1] for row in rows}
+        self.ids = set(self.types)
 
     async def resolve(self, conn: Conn, candidates: Iterable[str], register: bool) -> set[str]:
         """Of ``candidates``, the ids that are still unknown after a look-up (and registration)."""
@@ -129,10 +146,9 @@ class KnownDevices:
             metrics.DEVICES_REGISTERED.inc(len(created))
             if created:
                 log.info("devices registered", device_ids=[r[0] for r in created][:20], count=len(created))
-            found = set(missing)
-        else:
-            rows = await conn.fetch("SELECT id FROM devices WHERE id = ANY($1::text[])", missing)
-            found = {row[0] for row in rows}
+        rows = await conn.fetch("SELECT id, type FROM devices WHERE id = ANY($1::text[])", missing)
+        found = {row[0] for row in rows}
+        self.types.update({row[0]: row[1] for row in rows})
         self.ids |= found
         return set(missing) - found
 
@@ -163,6 +179,7 @@ class BatchWriter:
         auto_register: bool,
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
+        on_commit: Callable[[list[Reading]], None] | None = None,
     ) -> None:
         self._pool = pool
         self._redis = redis_client
@@ -172,11 +189,15 @@ class BatchWriter:
         self._retry_max_s = retry_max_s
         self._latest_script = redis_client.register_script(LATEST_SCRIPT)
         self._redis_tail: asyncio.Task[None] | None = None
+        self._on_commit = on_commit
 
     async def __call__(self, batch: list[Delivery]) -> None:
         plan = await self._commit_with_retry(batch)
         previous = self._redis_tail
         self._redis_tail = asyncio.create_task(self._update_redis(plan, previous))
+        if self._on_commit is not None and plan.readings:
+            # Alert rules: only queued here, so that the batch's PUBACKs do not wait for them.
+            self._on_commit(plan.readings)
 
     async def drain(self) -> None:
         """Wait for the Redis step of every committed batch."""
@@ -211,6 +232,8 @@ class BatchWriter:
             metrics.BATCH_SIZE.observe(len(batch))
             metrics.READINGS_STORED.inc(len(plan.readings))
             _log_dead_letters(plan)
+            if plan.acks:
+                _count_acks(plan)
             return plan
 
     async def _commit(self, batch: list[Delivery], isolate: bool) -> Plan:
@@ -235,6 +258,8 @@ class BatchWriter:
                 merged.readings += one.readings
                 merged.dead_letters += one.dead_letters
                 merged.statuses.update(one.statuses)
+                merged.acks += one.acks
+                merged.command_events += one.command_events
                 merged.last_seen.update(one.last_seen)
             return merged
 
@@ -262,12 +287,15 @@ class BatchWriter:
         if plan.statuses:
             ids = sorted(plan.statuses)
             await conn.execute(UPDATE_STATUS, ids, [plan.statuses[i][0] for i in ids])
+        if plan.acks:
+            answered = await conn.fetch(APPLY_ACKS, *ack_columns(plan.acks))
+            plan.command_events = [command_event(r) for r in answered]
 
     async def _update_redis(self, plan: Plan, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
             with contextlib.suppress(Exception):
                 await previous
-        if not plan.readings and not plan.statuses:
+        if not plan.readings and not plan.statuses and not plan.command_events:
             return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -281,6 +309,8 @@ class BatchWriter:
                     pipe.publish(device_channel(reading.device_id), encode_event(event))
                 for device_id, (status, at) in plan.statuses.items():
                     pipe.publish(device_channel(device_id), encode_event(StatusEvent(device_id, status, at)))
+                for command in plan.command_events:
+                    publish_command_event(pipe, command)
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.REDIS_FAILURES.inc()

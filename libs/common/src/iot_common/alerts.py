@@ -1,0 +1,74 @@
+"""Alert rules' actions, alert rows as events, and the rules-changed signal: shared by the API and ingest.
+
+The API validates a rule's ``action`` with :func:`parse_action` before storing it, and calls
+:func:`notify_rules_changed` after any change to ``alert_rules``; the ingest service reloads its rule
+cache then. See docs/alerts.md for the semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+import redis.asyncio as aioredis
+
+from iot_common.messages import AlertEvent
+from iot_common.topics import RULES_CHANGED_CHANNEL
+
+Trigger = Literal["open", "resolve"]
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")]
+
+
+class WebhookAction(msgspec.Struct, frozen=True, tag="webhook", tag_field="type", forbid_unknown_fields=True):
+    """POST the alert as JSON to ``url`` (timeout, retries with backoff; outcome in ``action_runs``)."""
+
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
+    headers: dict[HeaderName, Annotated[str, msgspec.Meta(max_length=4096)]] = msgspec.field(
+        default_factory=dict
+    )
+    on: list[Trigger] = msgspec.field(default_factory=lambda: ["open"])
+
+
+class CommandAction(msgspec.Struct, frozen=True, tag="command", tag_field="type", forbid_unknown_fields=True):
+    """Send the command ``name`` with ``params`` to the device whose reading opened the alert."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    expires_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] | None = None
+    on: list[Trigger] = msgspec.field(default_factory=lambda: ["open"])
+
+
+Action = WebhookAction | CommandAction
+"""The shapes of ``alert_rules.action`` (tagged by ``type``)."""
+
+ALERT_COLUMNS: Final = (
+    "id::text AS id, rule_id::text AS rule_id, device_id, metric, severity, state, message, value, "
+    "threshold, opened_at, resolved_at, acked_at"
+)
+"""Columns of ``alerts`` that :func:`alert_event` reads (ids as text)."""
+
+
+class InvalidAction(ValueError):
+    """An ``action`` document that is none of the shapes of :data:`Action`."""
+
+
+def parse_action(document: Mapping[str, Any] | None) -> Action | None:
+    """Validate an ``action`` jsonb document (None: the rule has no action)."""
+    if document is None:
+        return None
+    try:
+        action: Action = msgspec.convert(document, Action)
+    except msgspec.ValidationError as exc:
+        raise InvalidAction(str(exc)) from None
+    return action
+
+
+def alert_event(record: Mapping[str, Any]) -> AlertEvent:
+    """The Redis/WebSocket event for a row with :data:`ALERT_COLUMNS`."""
+    return AlertEvent(**{name: record[name] for name in AlertEvent.__struct_fields__})
+
+
+async def notify_rules_changed(redis: aioredis.Redis) -> None:
+    """Tell every ingest replica to reload its rule cache (call after committing a rule change)."""
+    await redis.publish(RULES_CHANGED_CHANNEL, b"1")

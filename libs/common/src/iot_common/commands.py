@@ -1,0 +1,167 @@
+"""Commands to devices: the rows, the MQTT payload and the Redis event, shared by the API and ingest.
+
+Life of a command (``commands.state``): ``pending`` (row inserted) -> ``sent`` (published on
+``devices/commands/{device_id}`` at QoS 1) -> ``acked`` or ``failed`` (the device answered on
+``devices/commands/{device_id}/ack``) or ``expired`` (no answer before ``expires_at``). Every change is
+published as a :class:`~iot_common.messages.CommandEvent` on the device's Redis channel. The caller owns
+the MQTT client (gmqtt, aiomqtt...): this module gives it the topic and the payload bytes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import redis.asyncio as aioredis
+
+from iot_common.messages import CommandAck, CommandEvent, CommandMessage, encode_event
+from iot_common.topics import command_topic, device_channel
+
+if TYPE_CHECKING:
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+
+COMMAND_COLUMNS: Final = (
+    "id::text AS id, device_id, name, params, state, result, error, updated_at, expires_at"
+)
+"""Columns of ``commands`` that :func:`command_event` reads (``id`` as text)."""
+
+INSERT_COMMAND: Final = f"""
+INSERT INTO commands (device_id, name, params, expires_at)
+VALUES ($1, $2, $3::jsonb, $4)
+RETURNING {COMMAND_COLUMNS}
+"""
+MARK_SENT: Final = f"""
+UPDATE commands SET state = 'sent', updated_at = now()
+WHERE id = $1::uuid AND state = 'pending'
+RETURNING {COMMAND_COLUMNS}
+"""
+MARK_FAILED: Final = f"""
+UPDATE commands SET state = 'failed', error = $2, updated_at = now()
+WHERE id = $1::uuid AND state = 'pending'
+RETURNING {COMMAND_COLUMNS}
+"""
+APPLY_ACKS: Final = f"""
+UPDATE commands c
+SET state = u.state, result = u.result::jsonb, error = u.error, updated_at = now()
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+     AS u(id, device_id, state, result, error)
+WHERE c.id = u.id AND c.device_id = u.device_id AND c.state IN ('pending', 'sent')
+RETURNING {", ".join("c." + c.strip() for c in COMMAND_COLUMNS.split(","))}
+"""
+EXPIRE_COMMANDS: Final = f"""
+UPDATE commands SET state = 'expired', updated_at = now()
+WHERE state IN ('pending', 'sent') AND expires_at <= now()
+RETURNING {COMMAND_COLUMNS}
+"""
+
+EXPIRY_LOCK_KEY: Final = 0x10770006
+"""Advisory lock held by the one process (of any replicas) expiring commands at a time."""
+
+_message_encoder: Final = msgspec.json.Encoder()
+_ack_decoder: Final = msgspec.json.Decoder(CommandAck)
+_result_encoder: Final = msgspec.json.Encoder()
+
+
+class InvalidAck(ValueError):
+    """A payload on an ack topic that is not a :class:`CommandAck` with a UUID ``id``."""
+
+
+def command_message(
+    command_id: str, name: str, params: Mapping[str, Any], expires_at: datetime | None
+) -> bytes:
+    """The JSON payload published to the device on ``devices/commands/{device_id}`` (QoS 1)."""
+    return _message_encoder.encode(CommandMessage(command_id, name, dict(params), expires_at))
+
+
+def command_publication(device_id: str, record: Mapping[str, Any]) -> tuple[str, bytes]:
+    """Topic and payload that deliver the command ``record`` (a row with :data:`COMMAND_COLUMNS`)."""
+    payload = command_message(record["id"], record["name"], record["params"] or {}, record["expires_at"])
+    return command_topic(device_id), payload
+
+
+def command_event(record: Mapping[str, Any]) -> CommandEvent:
+    """The Redis/WebSocket event for a row with :data:`COMMAND_COLUMNS`."""
+    return CommandEvent(
+        id=str(record["id"]),
+        device_id=record["device_id"],
+        name=record["name"],
+        state=record["state"],
+        params=record["params"] or {},
+        result=record["result"],
+        error=record["error"],
+        updated_at=record["updated_at"],
+    )
+
+
+async def create_command(
+    conn: Conn, device_id: str, name: str, params: Mapping[str, Any], expires_at: datetime | None
+) -> Any:
+    """Insert a ``pending`` command and return its row (:data:`COMMAND_COLUMNS`)."""
+    return await conn.fetchrow(INSERT_COMMAND, device_id, name, dict(params), expires_at)
+
+
+async def mark_sent(conn: Conn, command_id: str) -> Any:
+    """``pending`` -> ``sent`` once published; the row, or None when it was no longer pending."""
+    return await conn.fetchrow(MARK_SENT, command_id)
+
+
+async def mark_failed(conn: Conn, command_id: str, error: str) -> Any:
+    """``pending`` -> ``failed`` when it could not be published; the row, or None."""
+    return await conn.fetchrow(MARK_FAILED, command_id, error)
+
+
+async def expire_commands(conn: Conn) -> list[CommandEvent]:
+    """Expire waiting commands past ``expires_at``, under an advisory lock so one replica does it at a time.
+
+    Returns the events to publish (empty when another process holds the lock).
+    """
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", EXPIRY_LOCK_KEY):
+            return []
+        return [command_event(r) for r in await conn.fetch(EXPIRE_COMMANDS)]
+
+
+def decode_ack(payload: bytes) -> CommandAck:
+    """A device's answer; raises :class:`InvalidAck` with the reason when it is malformed."""
+    try:
+        ack = _ack_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise InvalidAck(str(exc)) from None
+    try:
+        uuid.UUID(ack.id)
+    except ValueError:
+        raise InvalidAck(f"id {ack.id[:64]!r} is not a UUID") from None
+    return ack
+
+
+def ack_columns(
+    acks: list[tuple[str, CommandAck]],
+) -> tuple[list[str], list[str], list[str], list[str | None], list[str | None]]:
+    """Arguments of :data:`APPLY_ACKS` for (device id, ack) pairs; the first ack of a command wins."""
+    seen: set[str] = set()
+    ids: list[str] = []
+    devices: list[str] = []
+    states: list[str] = []
+    results: list[str | None] = []
+    errors: list[str | None] = []
+    for device_id, ack in acks:
+        if ack.id in seen:
+            continue
+        seen.add(ack.id)
+        ids.append(ack.id)
+        devices.append(device_id)
+        states.append("acked" if ack.status == "ok" else "failed")
+        results.append(None if ack.result is None else _result_encoder.encode(ack.result).decode())
+        errors.append(ack.error)
+    return ids, devices, states, results, errors
+
+
+def publish_command_event(pipe: aioredis.Redis | Any, event: CommandEvent) -> Any:
+    """Queue (on a pipeline) or send the PUBLISH of ``event`` on its device's channel."""
+    return pipe.publish(device_channel(event.device_id), encode_event(event))
