@@ -63,12 +63,8 @@ export class Api {
     return (await this.request("GET", `/api/v1/devices/${encodeURIComponent(deviceId)}/telemetry?${query}`)).items;
   }
 
-  async openAlerts() {
-    try {
-      return (await this.request("GET", "/api/v1/alerts?state=open&limit=100")).items;
-    } catch {
-      return [];
-    }
+  async recentAlerts() {
+    return (await this.request("GET", "/api/v1/alerts?limit=20")).items;
   }
 
   async sendCommand(deviceId, name, params) {

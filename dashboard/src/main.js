@@ -45,8 +45,8 @@ async function signedIn() {
     },
   });
   realtime.connect();
-  setInterval(refreshDevices, 15000);
-  setInterval(refreshAlerts, 3000);
+  setInterval(() => refreshDevices().catch((err) => setStatus(`Device list: ${err.message}`)), 15000);
+  setInterval(() => refreshAlerts().catch((err) => setStatus(`Alerts: ${err.message}`)), 3000);
 }
 
 async function refreshDevices() {
@@ -70,23 +70,29 @@ async function refreshDevices() {
   }
 }
 
-// Open alerts of every device come from the API every few seconds; those of the chosen device are also
-// pushed over the WebSocket the moment they open or resolve.
+// The latest alerts of every device (open ones first) come from the API every few seconds; those of the
+// chosen device are also pushed over the WebSocket the moment they open or resolve.
 async function refreshAlerts() {
-  const open = await api.openAlerts();
+  const recent = await api.recentAlerts();
   alerts.clear();
-  for (const alert of open) alerts.set(alert.id, alert);
+  for (const alert of recent) alerts.set(alert.id, alert);
   renderAlerts();
 }
 
 function renderAlerts() {
   const list = $("alert-list");
   list.replaceChildren();
-  for (const alert of [...alerts.values()].filter((a) => a.state === "open")) {
+  const sorted = [...alerts.values()].sort(
+    (a, b) => (a.state === "open" ? 0 : 1) - (b.state === "open" ? 0 : 1) || b.opened_at.localeCompare(a.opened_at),
+  );
+  for (const alert of sorted.slice(0, 20)) {
     const item = document.createElement("li");
-    item.className = alert.severity;
+    item.className = `${alert.severity} ${alert.state}`;
     item.dataset.alert = alert.id;
-    item.textContent = `${alert.severity}: ${alert.device_id} ${alert.metric} = ${alert.value} ${alert.message || ""}`;
+    item.dataset.state = alert.state;
+    const when = new Date(alert.opened_at).toLocaleTimeString();
+    item.textContent = `${when} ${alert.severity}: ${alert.device_id} ${alert.metric} = ${alert.value} ${alert.message || ""}`;
+    if (alert.state !== "open") item.textContent += " (resolved)";
     list.append(item);
   }
 }
@@ -118,7 +124,7 @@ function chartFor(metric) {
   $("charts").append(holder);
   const width = Math.max(300, $("charts").clientWidth - 20);
   const plot = new uPlot(
-    { width, height: 160, series: [{}, { label: metric, stroke: "#0969da" }], axes: [{}, {}], legend: { show: true } },
+    { width, height: 160, series: [{}, { label: metric, stroke: "#0969da" }], axes: [{}, { size: 70 }], legend: { show: true } },
     [[], []],
     holder,
   );

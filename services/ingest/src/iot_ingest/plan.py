@@ -54,6 +54,8 @@ class Plan:
     """(device id, answer) of command acks; applied to ``commands`` in the same transaction."""
     command_events: list[CommandEvent] = field(default_factory=list)
     """Filled by the writer: the commands an ack changed, to publish after the commit."""
+    new_rows: int = 0
+    """Filled by the writer: telemetry rows that were not stored before (duplicates excluded)."""
 
 
 def payload_excerpt(payload: bytes) -> str:

@@ -231,6 +231,9 @@ class BatchWriter:
             metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.BATCH_SIZE.observe(len(batch))
             metrics.READINGS_STORED.inc(len(plan.readings))
+            # Counted only once committed: a transaction that failed and was retried counts once.
+            metrics.ROWS_STORED.inc(plan.new_rows)
+            metrics.ROWS_DUPLICATE.inc(sum(len(r.metrics) for r in plan.readings) - plan.new_rows)
             _log_dead_letters(plan)
             if plan.acks:
                 _count_acks(plan)
@@ -256,6 +259,7 @@ class BatchWriter:
                     one.dead_letters.append(dead_letter(delivery, "storage_error", str(exc)))
                     await self._write(conn, one)
                 merged.readings += one.readings
+                merged.new_rows += one.new_rows
                 merged.dead_letters += one.dead_letters
                 merged.statuses.update(one.statuses)
                 merged.acks += one.acks
@@ -264,10 +268,7 @@ class BatchWriter:
             return merged
 
     async def _write(self, conn: Conn, plan: Plan) -> None:
-        rows = sum(len(r.metrics) for r in plan.readings)
-        new_rows = await insert_telemetry(conn, plan.readings)
-        metrics.ROWS_STORED.inc(new_rows)
-        metrics.ROWS_DUPLICATE.inc(rows - new_rows)
+        plan.new_rows = await insert_telemetry(conn, plan.readings)
         if plan.dead_letters:
             letters = plan.dead_letters
             await conn.execute(

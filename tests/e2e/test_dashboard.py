@@ -1,0 +1,268 @@
+"""The dashboard in headless Chromium against the running platform and the device simulator.
+
+The page is served from its own origin (a static server), so it calls the API and the realtime endpoint
+cross-origin, exactly as an external frontend would. Screenshots are kept under artifacts/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import gmqtt
+import httpx
+import msgspec
+import pytest
+from playwright.sync_api import ConsoleMessage, expect, sync_playwright
+
+from iot_common.auth import generate_api_key
+from iot_common.topics import command_ack_topic, command_topic
+from tests.support.processes import ServiceProcess, free_port, mosquitto
+
+ROOT = Path(__file__).resolve().parents[2]
+DIST = ROOT / "dashboard" / "dist"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ADMIN = ("admin@example.com", "dashboard-test-password")
+Start = Callable[[str, Mapping[str, str]], ServiceProcess]
+
+
+@pytest.fixture
+def static_origin() -> Iterator[str]:
+    """The built dashboard on its own origin."""
+    if not (DIST / "index.html").exists():
+        pytest.fail("dashboard/dist is missing: run `make install` (it builds the dashboard)")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(DIST))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+class AckingDevice:
+    """A device that answers every command it receives on its command topic."""
+
+    def __init__(self, mqtt_url: str, device_id: str) -> None:
+        self.url, self.device_id = mqtt_url, device_id
+        self.received: list[dict[str, object]] = []
+        self._thread = threading.Thread(target=asyncio.run, args=(self._run(),), daemon=True)
+        self._stop = threading.Event()
+
+    async def _run(self) -> None:
+        client = gmqtt.Client(f"acker-{self.device_id}")
+
+        def on_message(_c: object, _topic: str, payload: bytes, _q: int, _p: object) -> int:
+            command = msgspec.json.decode(payload)
+            self.received.append(command)
+            ack = {"id": command["id"], "status": "ok", "result": {"done": True}}
+            client.publish(command_ack_topic(self.device_id), msgspec.json.encode(ack), qos=1)
+            return 0
+
+        client.on_message = on_message
+        host, port = self.url.removeprefix("mqtt://").split(":")
+        await client.connect(host, int(port))
+        client.subscribe(command_topic(self.device_id), qos=1)
+        await asyncio.to_thread(self._stop.wait)
+        await client.disconnect()
+
+    def __enter__(self) -> AckingDevice:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_dashboard_shows_live_data_alerts_and_sends_commands(
+    service: Start,
+    database_url: str,
+    redis_url: str,
+    static_origin: str,
+    unique: str,
+    artifacts_dir: Path,
+) -> None:
+    api_key = generate_api_key()[0]
+    api_port, rt_port, ingest_port = free_port(), free_port(), free_port()
+    prefix = f"dash{unique}"
+    with mosquitto() as mqtt_url:
+        common = {
+            "IOT_DATABASE_URL": database_url,
+            "IOT_REDIS_URL": redis_url,
+            "IOT_MQTT_URL": mqtt_url,
+            "IOT_CORS_ORIGINS": static_origin,
+            "IOT_API_CACHE_NAMESPACE": f"dash{unique}:",
+        }
+        api = service(
+            "iot-api",
+            {
+                **common,
+                "IOT_API_PORT": str(api_port),
+                "IOT_BOOTSTRAP_API_KEY": api_key,
+                "IOT_BOOTSTRAP_ADMIN_EMAIL": ADMIN[0],
+                "IOT_BOOTSTRAP_ADMIN_PASSWORD": ADMIN[1],
+            },
+        )
+        realtime = service("iot-realtime", {**common, "IOT_REALTIME_PORT": str(rt_port)})
+        ingest = service(
+            "iot-ingest",
+            {
+                **common,
+                "IOT_INGEST_HTTP_PORT": str(ingest_port),
+                "IOT_MQTT_SHARE_GROUP": f"dash-{unique}",
+                "IOT_MQTT_CLIENT_ID": f"dash-{unique}",
+            },
+        )
+        for proc, port in ((api, api_port), (realtime, rt_port), (ingest, ingest_port)):
+            proc.wait_http(f"http://127.0.0.1:{port}/readyz")
+        base = f"http://127.0.0.1:{api_port}"
+        headers = {"X-API-Key": api_key}
+        rule = {
+            "name": "too hot",
+            "device_type": "simulated",
+            "metric": "temperature",
+            "op": ">",
+            "threshold": 45.0,
+            "hysteresis": 5.0,
+            "severity": "critical",
+            "message": "temperature spike",
+        }
+        assert httpx.post(f"{base}/api/v1/alert-rules", json=rule, headers=headers).status_code == 201
+
+        def restart_realtime() -> None:
+            assert realtime.stop() == 0
+            again = service("iot-realtime", {**common, "IOT_REALTIME_PORT": str(rt_port)})
+            again.wait_http(f"http://127.0.0.1:{rt_port}/readyz")
+
+        run_browser(
+            restart_realtime,
+            static_origin,
+            base,
+            f"ws://127.0.0.1:{rt_port}/ws",
+            mqtt_url,
+            prefix,
+            api_key,
+            artifacts_dir,
+        )
+
+
+def run_browser(
+    restart_realtime: Callable[[], None],
+    origin: str,
+    api: str,
+    ws: str,
+    mqtt_url: str,
+    prefix: str,
+    api_key: str,
+    artifacts: Path,
+) -> None:
+    sim = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "iot-sim"),
+            "--devices",
+            "3",
+            "--rate",
+            "5",
+            "--prefix",
+            prefix,
+            "--spike-probability",
+            "0.02",
+            "--mqtt-url",
+            mqtt_url,
+            "--api-url",
+            api,
+            "--api-key",
+            api_key,
+            "--will",
+            "--quiet",
+        ],
+        stdout=(artifacts / "sim.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    errors: list[str] = []
+    device = f"{prefix}-0000"
+    try:
+        _wait_registered(api, api_key, device)
+        with AckingDevice(mqtt_url, device) as acker, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1366, "height": 800})
+            page.on("console", lambda m: _keep_error(m, errors))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{origin}/index.html?api={api}&ws={ws}")
+            page.get_by_label("Email").fill(ADMIN[0])
+            page.get_by_label("Password").fill(ADMIN[1])
+            page.get_by_role("button", name="Sign in").click()
+            row = page.locator(f'tr[data-device="{device}"]')
+            expect(row).to_be_visible(timeout=20_000)
+            page.screenshot(path=str(artifacts / "1-devices.png"))
+            row.click()
+            chart = page.locator('figure[data-metric="temperature"]')
+            expect(chart).to_be_visible(timeout=20_000)
+            first = int(chart.get_attribute("data-points") or "0")
+            page.wait_for_function(
+                "([n]) => Number(document.querySelector('figure[data-metric=temperature]')"
+                ".dataset.points) >= n + 5",
+                arg=[first],
+                timeout=20_000,
+            )
+            expect(page.get_by_text("Live")).to_be_visible()
+            page.screenshot(path=str(artifacts / "2-live-chart.png"))
+            alert = page.locator("#alert-list li").first
+            expect(alert).to_be_visible(timeout=60_000)
+            expect(alert).to_contain_text("temperature")
+            page.screenshot(path=str(artifacts / "3-alert.png"))
+            restart_realtime()
+            expect(page.locator("#connection")).to_contain_text("reconnecting", timeout=10_000)
+            expect(page.locator("#connection")).to_have_text("Live", timeout=20_000)
+            after = int(chart.get_attribute("data-points") or "0")
+            page.wait_for_function(
+                "([n]) => Number(document.querySelector('figure[data-metric=temperature]')"
+                ".dataset.points) >= n + 5",
+                arg=[after],
+                timeout=20_000,
+            )
+            page.get_by_label("Name").fill("reboot")
+            page.get_by_label("Parameters (JSON)").fill('{"delay": 1}')
+            page.get_by_role("button", name="Send").click()
+            expect(page.locator('#commands li[data-state="acked"]')).to_be_visible(timeout=20_000)
+            page.screenshot(path=str(artifacts / "4-command.png"), full_page=True)
+            browser.close()
+            assert acker.received
+            assert acker.received[0]["name"] == "reboot"
+    finally:
+        sim.terminate()
+        sim.wait(20)
+    assert not errors, f"console errors: {errors}"
+
+
+def _keep_error(message: ConsoleMessage, errors: list[str]) -> None:
+    if message.type == "error":
+        errors.append(message.text)
+
+
+def _wait_registered(api: str, api_key: str, device: str) -> None:
+    """The simulator registers its devices through the API before publishing; wait for that."""
+    for _ in range(100):
+        if httpx.get(f"{api}/api/v1/devices/{device}", headers={"X-API-Key": api_key}).status_code == 200:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{device} was never registered")
