@@ -9,6 +9,7 @@ import msgspec
 from iot_common.settings import Port, WebSettings
 
 BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}$"
+SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}$"
 
 
 class ApiSettings(WebSettings, frozen=True, kw_only=True):
@@ -32,9 +33,29 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_rollup_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
     api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
+    mqtt_admin_url: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^$|^mqtts?://[^\s:@/]+:[^\s@/]*@[^\s:@/]+(:\d{1,5})?/?$",
+            description="MQTT URL with the dynsec admin's user and password, mqtt://admin:password@host:port",
+        ),
+    ] = ""
+    mqtt_hook_secret: Annotated[str, msgspec.Meta(pattern=r"^$|^\S{16,}$")] = ""
+    mqtt_service_users: list[
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=SERVICE_USER_PATTERN,
+                description="username:role:password, role ingest|api|sim, password of 16+ characters",
+            ),
+        ]
+    ] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        users = [entry.split(":", 1)[0] for entry in self.mqtt_service_users]
+        if len(set(users)) != len(users):
+            raise ValueError("mqtt_service_users names a user twice")
         if bool(self.bootstrap_admin_email) != bool(self.bootstrap_admin_password):
             raise ValueError("bootstrap_admin_email and bootstrap_admin_password go together")
         if self.bootstrap_admin_password and len(self.bootstrap_admin_password) < 8:

@@ -10,6 +10,7 @@ from litestar.types import ControllerRouterHandler
 
 from iot_api.controllers.accounts import ApiKeyController, AuthController
 from iot_api.controllers.devices import DeviceController
+from iot_api.controllers.identity import CredentialController, MqttHookController
 from iot_api.controllers.operations import healthz, metrics, readyz
 from iot_api.controllers.telemetry import RejectController, TelemetryController
 
@@ -22,4 +23,6 @@ CONTROLLERS: list[ControllerRouterHandler] = [
     DeviceController,
     TelemetryController,
     RejectController,
+    CredentialController,
+    MqttHookController,
 ]
