@@ -44,7 +44,7 @@ BROKER=$!
 # mosquitto_ctrl warns on stderr about the unencrypted loopback connection: show its output on failure only.
 ctl() {
     if ! out=$(mosquitto_ctrl -h 127.0.0.1 -p "$PORT" -u admin -P "$MQTT_ADMIN_PASSWORD" dynsec "$@" 2>&1); then
-        echo "dynsec-init: mosquitto_ctrl dynsec $1 $2 failed: $out" >&2
+        echo "dynsec-init: mosquitto_ctrl dynsec $1 failed: $out" >&2
         return 1
     fi
 }
