@@ -21,9 +21,10 @@ import gmqtt
 import httpx
 import pytest
 
+from iot_common.dynsec import DynsecAdmin
 from iot_common.topics import command_topic, telemetry_topic
 from tests.support.backends import port_open
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import BIN, ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
@@ -235,3 +236,37 @@ async def test_devices_are_confined_to_their_own_topics_and_revocation_cuts_them
     await http.aclose()
     assert api.stop() == 0
     assert ingest.stop() == 0
+
+
+async def test_the_simulator_publishes_with_each_device_s_own_credentials(
+    broker: int, tmp_path: Path, unique: str
+) -> None:
+    admin = DynsecAdmin(f"mqtt://admin:{PASSWORDS['MQTT_ADMIN_PASSWORD']}@127.0.0.1:{broker}")
+    await admin.connect()
+    try:
+        for name in ("s1", "s2"):
+            await admin.provision_device(f"{name}-{unique}", f"secret-{name}-{unique}")
+    finally:
+        await admin.close()
+
+    def simulate(lines: list[str]) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"creds-{len(lines)}-{uuid.uuid4().hex[:6]}.csv"
+        path.write_text("# device_id,username,password\n" + "\n".join(lines) + "\n")
+        return subprocess.run(
+            [str(BIN / "iot-sim"), "--credentials", str(path), "--duration", "1", "--rate", "5", "--quiet"],
+            env={**os.environ, "IOT_MQTT_URL": f"mqtt://127.0.0.1:{broker}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    own = simulate(
+        [f"s1-{unique},s1-{unique},secret-s1-{unique}", f"s2-{unique},s2-{unique},secret-s2-{unique}"]
+    )
+    assert own.returncode == 0, own.stderr
+    assert "failed 0" in own.stderr
+    # Speaking for s2 with s1's credentials: the broker refuses every publish (PUBACK "not authorised").
+    spoof = simulate([f"s2-{unique},s1-{unique},secret-s1-{unique}"])
+    assert spoof.returncode == 1, spoof.stderr
+    assert "acknowledged 0" in spoof.stderr
