@@ -182,7 +182,7 @@ def main() -> int:
                 [
                     "",
                     "IoT platform running. Ctrl-C stops everything.",
-                    f"  API docs     http://127.0.0.1:{ports['api']}/schema",
+                    f"  API docs     http://127.0.0.1:{ports['api']}/api/docs",
                     f"  Dashboard    http://127.0.0.1:{ports['api']}/dashboard",
                     f"  WebSocket    ws://127.0.0.1:{ports['realtime']}/ws",
                     f"  Metrics      http://127.0.0.1:{ports['ingest']}/metrics",

@@ -7,6 +7,7 @@ schemas, offline.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from tests.deploy.manifests import (
     BIN,
     COMPOSE,
+    DEPLOY,
     KUSTOMIZATIONS,
     SERVICE_SETTINGS,
     compose,
@@ -105,3 +107,48 @@ def test_autoscalers_target_existing_workloads() -> None:
         if doc["kind"] == "HorizontalPodAutoscaler":
             ref = doc["spec"]["scaleTargetRef"]
             assert (ref["kind"], ref["name"]) in names
+
+
+def _defaults(value: str) -> str:
+    """A Compose value with each ``${VAR:-default}`` replaced by its default (nothing set)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def test_shipped_broker_refuses_anonymous_clients_and_loads_dynamic_security() -> None:
+    lines = [
+        line.split()
+        for line in (DEPLOY / "mosquitto/mosquitto.conf").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    settings = {words[0]: words[1:] for words in lines}
+    assert settings["allow_anonymous"] == ["false"]
+    assert settings["plugin"][0].endswith("mosquitto_dynamic_security.so")
+    assert settings["plugin_opt_config_file"][0].startswith("/mosquitto/data/")
+    assert int(settings["max_queued_messages"][0]) > 0, "0 makes Mosquitto 2.0.11 drop denied publishers"
+
+
+def test_compose_services_connect_as_the_users_the_broker_is_initialised_with() -> None:
+    services = compose()["services"]
+    init = services["mosquitto-init"]
+    assert init["volumes"][0].startswith("./mosquitto/dynsec-init.sh:")
+    assert services["mosquitto"]["depends_on"]["mosquitto-init"]["condition"] == (
+        "service_completed_successfully"
+    )
+    passwords = {k: _defaults(v) for k, v in init["environment"].items()}
+    for service in ("api", "ingest", "sim"):
+        url = urlsplit(_defaults(services[service]["environment"]["IOT_MQTT_URL"]))
+        assert url.username == service
+        assert url.password == passwords[f"MQTT_{service.upper()}_PASSWORD"]
+    admin = urlsplit(_defaults(services["api"]["environment"]["IOT_MQTT_ADMIN_URL"]))
+    assert (admin.username, admin.password) == ("admin", passwords["MQTT_ADMIN_PASSWORD"])
+    assert _defaults(services["mosquitto"]["environment"]["MQTT_ADMIN_PASSWORD"]) == admin.password
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_api_and_ingest_pods_get_their_own_mqtt_users(kustomization: Path) -> None:
+    docs = render(kustomization)
+    workloads = workload_containers(docs)
+    for service in ("api", "ingest"):
+        env = container_env(docs, workloads[service][1])
+        assert urlsplit(env["IOT_MQTT_URL"]).username == service
+    assert "IOT_MQTT_ADMIN_URL" not in container_env(docs, workloads["ingest"][1])

@@ -35,6 +35,8 @@ EXPECTED_TABLES = {
     # 0003: hourly rollup of telemetry, filled by the API service
     "telemetry_hourly",
     "telemetry_rollup_state",
+    # 0005: MQTT credentials of devices, issued by the API
+    "device_credentials",
 }
 
 

@@ -37,6 +37,8 @@ async def test_create_get_update_delete(client: Client, writer: dict[str, str], 
     assert body["status"] == "unknown"
     assert body["last_seen"] is None
     assert body["attributes"] == {"room": "b1"}
+    # The MQTT credentials are in the creation answer only.
+    assert body.pop("mqtt")["username"] == device_id
 
     got = await client.get(f"/api/v1/devices/{device_id}", headers=writer)
     assert got.json() == body

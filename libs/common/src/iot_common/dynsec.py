@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import gmqtt
 import msgspec
@@ -47,10 +47,14 @@ def device_acls(device_id: str) -> list[dict[str, Any]]:
 class DynsecAdmin:
     """An MQTT admin client of the dynamic security plugin (one command batch at a time)."""
 
-    def __init__(self, mqtt_url: str, timeout: float = 5.0) -> None:
+    def __init__(self, mqtt_url: str, timeout: float = 5.0, reconnect: bool = True) -> None:
+        """``reconnect=False``: a dropped connection stays down (the owner opens a new client), since
+        gmqtt's own reconnection would not renew the subscription to the answers."""
         self._url = urlsplit(mqtt_url)
         self._timeout = timeout
         self._client = gmqtt.Client(f"iot-dynsec-{uuid.uuid4().hex[:12]}")
+        if not reconnect:
+            self._client.set_config({"reconnect_retries": 0})
         self._client.on_message = self._on_message
         self._pending: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._ids = itertools.count()
@@ -58,7 +62,7 @@ class DynsecAdmin:
 
     async def connect(self) -> None:
         if self._url.username:
-            self._client.set_auth_credentials(self._url.username, self._url.password or "")
+            self._client.set_auth_credentials(unquote(self._url.username), unquote(self._url.password or ""))
         await self._client.connect(
             self._url.hostname or "127.0.0.1", self._url.port or 1883, ssl=self._url.scheme == "mqtts"
         )
@@ -71,6 +75,10 @@ class DynsecAdmin:
         self._client.on_subscribe = on_subscribe
         self._client.subscribe(RESPONSE_TOPIC, qos=1)
         await asyncio.wait_for(subscribed, self._timeout)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.is_connected)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

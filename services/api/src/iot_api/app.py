@@ -34,6 +34,7 @@ from iot_api.problems import EXCEPTION_HANDLERS
 from iot_api.repositories.accounts import AccountRepository
 from iot_api.repositories.alerts import AlertRepository, AlertRuleRepository
 from iot_api.repositories.commands import CommandRepository
+from iot_api.repositories.credentials import CredentialRepository
 from iot_api.repositories.devices import DeviceRepository
 from iot_api.repositories.rejects import RejectRepository
 from iot_api.repositories.telemetry import TelemetryRepository
@@ -41,8 +42,10 @@ from iot_api.rollup import run_rollup_forever
 from iot_api.security import AuthMiddleware, scope_guard
 from iot_api.services.alerts import AlertRuleService, AlertService
 from iot_api.services.auth import AuthService
+from iot_api.services.broker import DynsecProvisioner
 from iot_api.services.commands import CommandService
 from iot_api.services.devices import DeviceService
+from iot_api.services.identity import IdentityService, parse_service_users
 from iot_api.services.telemetry import TelemetryService
 from iot_api.settings import ApiSettings
 from iot_common.db import create_pool
@@ -75,6 +78,7 @@ def _openapi() -> OpenAPIConfig:
             Tag(name="commands"),
             Tag(name="auth"),
             Tag(name="operations"),
+            Tag(name="mqtt hooks", description="Called by EMQX, authenticated by X-Hook-Secret"),
         ],
         use_handler_docstrings=True,
         create_examples=False,
@@ -141,10 +145,21 @@ def create_app(settings: ApiSettings) -> Litestar:
         app.state.mqtt = mqtt
         app.state.services = services
         app.state.auth = services.auth
+        broker = DynsecProvisioner(settings.mqtt_admin_url) if settings.mqtt_admin_url else None
+        app.state.identity = IdentityService(
+            CredentialRepository(pool),
+            services.devices,
+            services.devices.cache,
+            settings.api_cache_ttl_s,
+            broker,
+            parse_service_users(settings.mqtt_service_users),
+        )
         rollup: asyncio.Task[None] | None = None
         try:
             # A short head start, so that commands sent right after start-up find the broker connected.
             await mqtt.wait_connected(settings.api_command_puback_timeout_s)
+            if broker is not None:
+                await broker.start()
             await services.auth.bootstrap()
             if settings.api_rollup_interval_s > 0:
                 rollup = asyncio.create_task(
@@ -163,6 +178,8 @@ def create_app(settings: ApiSettings) -> Litestar:
                 with contextlib.suppress(asyncio.CancelledError):
                     await rollup
             await mqtt.close()
+            if broker is not None:
+                await broker.close()
             await redis.aclose()
             await pool.close()
 

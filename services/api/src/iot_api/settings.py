@@ -9,6 +9,7 @@ import msgspec
 from iot_common.settings import Port, WebSettings
 
 BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}$"
+SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}$"
 
 
 class ApiSettings(WebSettings, frozen=True, kw_only=True):
@@ -35,9 +36,29 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     dashboard_dir: str = ""
     api_command_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] = 300
     api_command_puback_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
+    mqtt_admin_url: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^$|^mqtts?://[^\s:@/]+:[^\s@/]*@[^\s:@/]+(:\d{1,5})?/?$",
+            description="MQTT URL with the dynsec admin's user and password, mqtt://admin:password@host:port",
+        ),
+    ] = ""
+    mqtt_hook_secret: Annotated[str, msgspec.Meta(pattern=r"^$|^\S{16,}$")] = ""
+    mqtt_service_users: list[
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=SERVICE_USER_PATTERN,
+                description="username:role:password, role ingest|api|sim, password of 16+ characters",
+            ),
+        ]
+    ] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        users = [entry.split(":", 1)[0] for entry in self.mqtt_service_users]
+        if len(set(users)) != len(users):
+            raise ValueError("mqtt_service_users names a user twice")
         if bool(self.bootstrap_admin_email) != bool(self.bootstrap_admin_password):
             raise ValueError("bootstrap_admin_email and bootstrap_admin_password go together")
         if self.bootstrap_admin_password and len(self.bootstrap_admin_password) < 8:

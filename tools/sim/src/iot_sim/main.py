@@ -2,10 +2,15 @@
 
     iot-sim --devices 10 --metrics 3 --rate 1
     iot-sim --devices 5 --api-url http://127.0.0.1:8000 --api-key iotk_... --will
+    iot-sim --credentials devices.csv
 
 The broker URL comes from ``--mqtt-url`` or ``IOT_MQTT_URL``. With ``--api-key`` the devices are
-registered through the API first. With ``--will`` each device has its own connection, announces
-``online`` on ``devices/status/{id}`` and leaves ``offline`` as its will message.
+registered through the API first, and each connects with the MQTT credentials the API returned (a device
+that already existed gets its credentials rotated). With ``--credentials FILE`` (lines
+``device_id,username,password``) the devices are those of the file, each with its credentials. With
+per-device credentials or ``--will`` each device has its own connection; ``--will`` also announces
+``online`` on ``devices/status/{id}`` and leaves ``offline`` as its will message. Otherwise one connection,
+as the user of ``--mqtt-url``, publishes for every device.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import msgspec
@@ -55,13 +60,26 @@ class AckCounter:
             self.stats.published += 1
 
 
-def _client(url: str, client_id: str, counter: AckCounter, will_topic: str | None) -> mqtt.Client:
+Credentials = dict[str, tuple[str, str]]
+"""device id -> (MQTT username, password)"""
+
+
+def _client(
+    url: str,
+    client_id: str,
+    counter: AckCounter,
+    will_topic: str | None,
+    login: tuple[str, str] | None = None,
+) -> mqtt.Client:
+    """A connected client; ``login`` (a device's own credentials) replaces the user of ``url``."""
     parts = urlsplit(url)
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, reconnect_on_failure=True
     )
-    if parts.username:
-        client.username_pw_set(parts.username, parts.password)
+    if login is not None:
+        client.username_pw_set(*login)
+    elif parts.username:
+        client.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
     if parts.scheme == "mqtts":
         client.tls_set()
     if will_topic:
@@ -74,30 +92,62 @@ def _client(url: str, client_id: str, counter: AckCounter, will_topic: str | Non
     return client
 
 
-def register_devices(api_url: str, api_key: str, device_ids: list[str]) -> None:
-    """Create the devices through the API; a device that already exists (409) is fine."""
+def register_devices(api_url: str, api_key: str, device_ids: list[str]) -> Credentials:
+    """Create the devices through the API and return their MQTT credentials; a device that already
+    exists (409) gets new ones (``POST /api/v1/devices/{id}/credentials``)."""
+    found: Credentials = {}
     with httpx.Client(base_url=api_url, headers={"X-API-Key": api_key}, timeout=10) as http:
         for device_id in device_ids:
             response = http.post(
                 "/api/v1/devices", json={"id": device_id, "name": device_id, "type": "simulated"}
             )
-            if response.status_code not in (200, 201, 409):
+            if response.status_code == 409:
+                response = http.post(f"/api/v1/devices/{device_id}/credentials")
+            if response.status_code not in (200, 201):
                 raise SystemExit(
                     f"iot-sim: registering {device_id} failed: {response.status_code} {response.text}"
                 )
+            mqtt_login = response.json().get("mqtt", response.json())
+            found[device_id] = (mqtt_login["username"], mqtt_login["password"])
+    return found
+
+
+def read_credentials(path: str) -> Credentials:
+    """``device_id,username,password`` lines (blank lines and ``#`` comments skipped)."""
+    found: Credentials = {}
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(",", 2)
+            if len(parts) != 3 or not all(parts):
+                raise SystemExit(f"iot-sim: {path}:{number}: expected device_id,username,password")
+            found[parts[0]] = (parts[1], parts[2])
+    if not found:
+        raise SystemExit(f"iot-sim: {path} holds no credentials")
+    return found
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> Stats:
     device_ids = [f"{args.prefix}-{i:04d}" for i in range(args.devices)]
+    logins: Credentials = {}
+    if args.credentials:
+        logins = read_credentials(args.credentials)
+        device_ids = list(logins)
     if args.api_key:
-        register_devices(args.api_url, args.api_key, device_ids)
+        logins = register_devices(args.api_url, args.api_key, device_ids)
     counter = AckCounter()
-    models = fleet(args.devices, args.metrics, args.seed, args.spike_probability)
-    if args.will:
-        clients = [_client(args.mqtt_url, f"sim-{d}", counter, status_topic(d)) for d in device_ids]
-        for client, device_id in zip(clients, device_ids, strict=True):
-            client.publish(status_topic(device_id), b"online", qos=1, retain=True)
-            counter.published()
+    models = fleet(len(device_ids), args.metrics, args.seed, args.spike_probability)
+    if args.will or logins:
+        clients = [
+            _client(args.mqtt_url, f"sim-{d}", counter, status_topic(d) if args.will else None, logins.get(d))
+            for d in device_ids
+        ]
+        if args.will:
+            for client, device_id in zip(clients, device_ids, strict=True):
+                client.publish(status_topic(device_id), b"online", qos=1, retain=True)
+                counter.published()
     else:
         shared = _client(args.mqtt_url, f"sim-{args.prefix}-{os.getpid()}", counter, None)
         clients = [shared] * len(device_ids)
@@ -154,6 +204,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-url", default=os.environ.get("IOT_SIM_API_URL", "http://127.0.0.1:8000"))
     parser.add_argument(
         "--api-key", default=os.environ.get("IOT_SIM_API_KEY", ""), help="register devices first"
+    )
+    parser.add_argument(
+        "--credentials",
+        default=os.environ.get("IOT_SIM_CREDENTIALS", ""),
+        metavar="FILE",
+        help="device_id,username,password lines: simulate these devices with their own MQTT credentials",
     )
     parser.add_argument("--will", action="store_true", help="one connection per device with an offline will")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,6 +12,7 @@ from iot_api.controllers.accounts import ApiKeyController, AuthController
 from iot_api.controllers.alerts import AlertController, AlertRuleController
 from iot_api.controllers.commands import CommandController
 from iot_api.controllers.devices import DeviceController
+from iot_api.controllers.identity import CredentialController, MqttHookController
 from iot_api.controllers.operations import healthz, metrics, readyz
 from iot_api.controllers.telemetry import RejectController, TelemetryController
 
@@ -27,4 +28,6 @@ CONTROLLERS: list[ControllerRouterHandler] = [
     AlertRuleController,
     AlertController,
     CommandController,
+    CredentialController,
+    MqttHookController,
 ]

@@ -9,9 +9,12 @@ from litestar.di import NamedDependency
 from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 
 from iot_api.controllers.deps import DEVICES
+from iot_api.controllers.identity import IDENTITY
+from iot_api.identity_schemas import DeviceCreated
 from iot_api.problems import problem_responses
 from iot_api.schemas import Device, DeviceCreate, DevicePage, DeviceUpdate
 from iot_api.services.devices import DeviceService
+from iot_api.services.identity import IdentityService
 from iot_common.messages import DeviceStatus
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="Page size (1-500)")]
@@ -35,7 +38,7 @@ class DeviceController(Controller):
     path = "/api/v1"
     tags = ["devices"]
     opt = {"scope": "read"}
-    dependencies = {"devices": DEVICES}
+    dependencies = {"devices": DEVICES, "identity": IDENTITY}
 
     async def _list(
         self,
@@ -78,13 +81,13 @@ class DeviceController(Controller):
         "/devices",
         operation_id="createDevice",
         opt={"scope": "write"},
-        responses=problem_responses(409, 413),
+        responses=problem_responses(409, 413, 503),
     )
     async def create_device(
-        self, devices: NamedDependency[DeviceService], data: JSONBody[DeviceCreate]
-    ) -> Device:
-        """Register a device; 409 when the id is taken."""
-        return await devices.create(data)
+        self, identity: NamedDependency[IdentityService], data: JSONBody[DeviceCreate]
+    ) -> DeviceCreated:
+        """Register a device; 409 when the id is taken. ``mqtt`` holds its MQTT credentials, shown once."""
+        return await identity.register(data)
 
     @get("/devices/{device_id:str}", operation_id="getDevice", responses=problem_responses(404))
     async def get_device(
@@ -110,10 +113,10 @@ class DeviceController(Controller):
         "/devices/{device_id:str}",
         operation_id="deleteDevice",
         opt={"scope": "write"},
-        responses=problem_responses(404),
+        responses=problem_responses(404, 503),
     )
     async def delete_device(
-        self, devices: NamedDependency[DeviceService], device_id: Annotated[str, PathParameter()]
+        self, identity: NamedDependency[IdentityService], device_id: Annotated[str, PathParameter()]
     ) -> None:
-        """Delete the device (its telemetry stays until retention drops it)."""
-        await devices.delete(device_id)
+        """Delete the device and its MQTT credentials (its telemetry stays until retention drops it)."""
+        await identity.delete_device(device_id)

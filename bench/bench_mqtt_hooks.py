@@ -1,0 +1,180 @@
+"""EMQX hook benchmark: requests/s and p50/p95 latency of ``/api/v1/mqtt/authn`` and ``/authz``.
+
+A fresh database (``iot_bench_hooks``, recreated each run) with 500 devices created through the API (so
+each has MQTT credentials), a private redis-server on a free port, ``iot-api`` as a process, and the load
+from a separate process (aiohttp, N concurrent connections), all on 127.0.0.1. Each request names a random
+device: after the first request per device the answer comes from the Redis cache. The machine is small
+and shared: figures are noisy, compare medians of several runs.
+
+Run: ``make bench`` or ``uv run python bench/bench_mqtt_hooks.py [--duration 6] [--concurrency 32]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import httpx
+
+from iot_common.db import connect
+from iot_common.db.migrate import apply_migrations
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_api import BIN, LoadResult, free_port, pct, server_url
+
+DATABASE = "iot_bench_hooks"
+DEVICES = 500
+API_KEY = "iotk_benchhooks01_" + "h" * 24
+HOOK_SECRET = "bench-hook-secret-0123456789abcdef"
+
+
+async def fresh_database() -> str:
+    admin = await asyncpg.connect(server_url())
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{DATABASE}"')
+    finally:
+        await admin.close()
+    url = urlunsplit(urlsplit(server_url())._replace(path=f"/{DATABASE}"))
+    conn = await connect(url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+    return url
+
+
+async def _load(
+    base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, duration: float
+) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + duration
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"X-Hook-Secret": HOOK_SECRET}
+    async with aiohttp.ClientSession(base, connector=connector, headers=headers) as http:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.monotonic() < deadline:
+                body = random.choice(bodies)
+                began = time.perf_counter()
+                async with http.post(path, json=body) as response:
+                    answer = await response.json()
+                    if response.status != 200 or answer["result"] != "allow":
+                        errors += 1
+                latencies.append((time.perf_counter() - began) * 1000)
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return LoadResult(len(latencies), errors, elapsed, latencies)
+
+
+def _load_process(queue: Any, args: tuple[Any, ...]) -> None:
+    queue.put(asyncio.run(_load(*args)))
+
+
+def load(*args: Any) -> LoadResult:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_load_process, args=(queue, args))
+    proc.start()
+    result: LoadResult = queue.get(timeout=300)
+    proc.join(30)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per scenario")
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    database_url = asyncio.run(fresh_database())
+    with tempfile.TemporaryDirectory() as tmp:
+        redis_port = free_port()
+        redis_proc = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--dir", tmp],
+            stdout=subprocess.DEVNULL,
+        )
+        port = free_port()
+        env = {
+            **os.environ,
+            "IOT_DATABASE_URL": database_url,
+            "IOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "IOT_API_PORT": str(port),
+            "IOT_BOOTSTRAP_API_KEY": API_KEY,
+            "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
+            "IOT_API_ROLLUP_INTERVAL_S": "0",
+            "IOT_API_CACHE_TTL_S": "300",
+            "IOT_MQTT_HOOK_SECRET": HOOK_SECRET,
+            "IOT_LOG_FORMAT": "json",
+            "IOT_LOG_LEVEL": "warning",
+        }
+        log = open(Path(tmp) / "api.log", "wb")  # noqa: SIM115
+        api = subprocess.Popen([str(BIN / "iot-api")], env=env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or api.poll() is not None:
+                    raise SystemExit("iot-api did not become ready")
+                time.sleep(0.1)
+            authn, authz = [], []
+            with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}, timeout=10) as http:
+                for i in range(DEVICES):
+                    device_id = f"hook-{i:04d}"
+                    mqtt = http.post("/api/v1/devices", json={"id": device_id}).json()["mqtt"]
+                    authn.append({"username": device_id, "password": mqtt["password"], "clientid": device_id})
+                    topic = f"devices/telemetry/{device_id}"
+                    authz.append(
+                        {"username": device_id, "clientid": device_id, "action": "publish", "topic": topic}
+                    )
+            rows = []
+            for name, path, bodies in (
+                ("authn", "/api/v1/mqtt/authn", authn),
+                ("authz", "/api/v1/mqtt/authz", authz),
+            ):
+                load(base, path, bodies, args.concurrency, 2.0)  # warm the cache and the connections
+                result = load(base, path, bodies, args.concurrency, args.duration)
+                rows.append(
+                    (
+                        name,
+                        result.requests / result.seconds,
+                        statistics.median(result.latencies_ms),
+                        pct(result.latencies_ms, 0.95),
+                        result.errors,
+                    )
+                )
+        finally:
+            api.terminate()
+            api.wait(20)
+            redis_proc.terminate()
+            redis_proc.wait(10)
+    print(f"\nEMQX hooks, {DEVICES} devices, concurrency {args.concurrency}, {args.duration:.0f} s per row")
+    print(f"{'hook':<8}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'errors':>8}")
+    for name, rate, p50, p95, errors in rows:
+        print(f"{name:<8}{rate:>10.0f}{p50:>10.2f}{p95:>10.2f}{errors:>8}")
+
+
+if __name__ == "__main__":
+    main()
