@@ -23,8 +23,7 @@ import pytest
 
 from iot_common.dynsec import DynsecAdmin
 from iot_common.topics import command_topic, telemetry_topic
-from tests.support.backends import port_open
-from tests.support.processes import BIN, ServiceProcess, free_port
+from tests.support.processes import BIN, ServiceProcess, free_port, mosquitto_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
@@ -79,21 +78,10 @@ def broker() -> Iterator[int]:
     port = free_port()
     config = folder / "mosquitto.conf"
     config.write_text(shipped_config(port, folder))
-    proc = subprocess.Popen(
-        ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
     try:
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mosquitto did not start: {proc.stderr.read().decode() if proc.stderr else ''}"
-                )
-            time.sleep(0.05)
-        yield port
+        with mosquitto_process(config, port):
+            yield port
     finally:
-        proc.terminate()
-        proc.wait(10)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -82,6 +82,25 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
+def mosquitto_process(config: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """``mosquitto -c config``, waited for until it listens on ``port``, terminated afterwards."""
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"mosquitto did not start on {port}: {err}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
 def mosquitto(
     extra_config: str = "", port: int | None = None, anonymous: bool = True, directory: Path | None = None
 ) -> Iterator[str]:
@@ -98,17 +117,5 @@ def mosquitto(
         if not anonymous:
             base = base.replace("allow_anonymous true", "allow_anonymous false")
         config.write_text(base + extra_config.replace("{dir}", str(folder)))
-        proc = subprocess.Popen(
-            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while not port_open("127.0.0.1", port):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise RuntimeError(f"mosquitto did not start on {port}: {err}")
-                time.sleep(0.05)
+        with mosquitto_process(config, port):
             yield f"mqtt://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)

@@ -13,11 +13,11 @@ import contextlib
 import itertools
 import uuid
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import gmqtt
 import msgspec
 
+from iot_common.mqtt import MqttEndpoint
 from iot_common.topics import command_ack_topic, command_topic, status_topic, telemetry_topic
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
@@ -50,7 +50,7 @@ class DynsecAdmin:
     def __init__(self, mqtt_url: str, timeout: float = 5.0, reconnect: bool = True) -> None:
         """``reconnect=False``: a dropped connection stays down (the owner opens a new client), since
         gmqtt's own reconnection would not renew the subscription to the answers."""
-        self._url = urlsplit(mqtt_url)
+        self._endpoint = MqttEndpoint.parse(mqtt_url)
         self._timeout = timeout
         self._client = gmqtt.Client(f"iot-dynsec-{uuid.uuid4().hex[:12]}")
         if not reconnect:
@@ -61,11 +61,8 @@ class DynsecAdmin:
         self._lock = asyncio.Lock()
 
     async def connect(self) -> None:
-        if self._url.username:
-            self._client.set_auth_credentials(unquote(self._url.username), unquote(self._url.password or ""))
-        await self._client.connect(
-            self._url.hostname or "127.0.0.1", self._url.port or 1883, ssl=self._url.scheme == "mqtts"
-        )
+        self._endpoint.authenticate(self._client)
+        await self._endpoint.connect(self._client)
         subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def on_subscribe(*_: Any) -> None:

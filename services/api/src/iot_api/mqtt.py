@@ -18,16 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 import uuid
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
 
 import structlog
 from gmqtt import Client
-from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.storage import PersistentStorage
 from prometheus_client import Counter, Gauge
+
+from iot_common.mqtt import MqttEndpoint
 
 log = structlog.stdlib.get_logger("iot_api.mqtt")
 RECONNECT_MIN_S: Final = 0.5
@@ -85,7 +84,7 @@ class CommandPublisher:
     """A persistent MQTT connection that publishes at QoS 1 and waits for the broker's PUBACK."""
 
     def __init__(self, mqtt_url: str, puback_timeout_s: float, client_id: str | None = None) -> None:
-        self._url = urlsplit(mqtt_url)
+        self._endpoint = MqttEndpoint.parse(mqtt_url)
         self._timeout = puback_timeout_s
         self._tracker = PubackTracker()
         self._task: asyncio.Task[None] | None = None
@@ -97,10 +96,7 @@ class CommandPublisher:
             clean_session=True,
             persistent_storage=self._tracker,
         )
-        if self._url.username:
-            self.client.set_auth_credentials(
-                unquote(self._url.username), unquote(self._url.password) if self._url.password else None
-            )
+        self._endpoint.authenticate(self.client)
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": RECONNECT_MIN_S})
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -166,13 +162,9 @@ class CommandPublisher:
 
     async def _connect_forever(self) -> None:
         delay = RECONNECT_MIN_S
-        port = self._url.port or (8883 if self._url.scheme == "mqtts" else 1883)
-        tls: Any = ssl.create_default_context() if self._url.scheme == "mqtts" else False
         while True:
             try:
-                await self.client.connect(
-                    self._url.hostname or "127.0.0.1", port, ssl=tls, keepalive=30, version=MQTTv50
-                )
+                await self._endpoint.connect(self.client)
                 return
             except Exception as exc:
                 log.warning("mqtt connect failed, retrying", error=str(exc), retry_in_s=delay)

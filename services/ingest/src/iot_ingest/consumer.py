@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 from datetime import UTC, datetime
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
 
 import structlog
 from gmqtt import Client, Subscription
-from gmqtt.mqtt.constants import MQTTv50
 
 from iot_common.commands import InvalidAck, decode_ack
+from iot_common.mqtt import MqttEndpoint
 from iot_common.topics import (
     COMMAND_ACK_FILTER,
     COMMAND_ACK_SUFFIX,
@@ -106,7 +104,7 @@ class Consumer:
         batcher: Batcher[Delivery],
         limits: Limits,
     ) -> None:
-        self._url = urlsplit(mqtt_url)
+        self._endpoint = MqttEndpoint.parse(mqtt_url)
         self._batcher = batcher
         self._limits = limits
         self._accepting = True
@@ -129,10 +127,7 @@ class Consumer:
             session_expiry_interval=session_expiry_s,
             receive_maximum=max_in_flight,
         )
-        if self._url.username:
-            self.client.set_auth_credentials(
-                unquote(self._url.username), unquote(self._url.password) if self._url.password else None
-            )
+        self._endpoint.authenticate(self.client)
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": RECONNECT_MIN_S})
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -141,11 +136,9 @@ class Consumer:
     async def connect(self, stop: asyncio.Event) -> bool:
         """Connect, retrying with backoff until it works or ``stop`` is set; False when stopped."""
         delay = RECONNECT_MIN_S
-        port = self._url.port or (8883 if self._url.scheme == "mqtts" else 1883)
-        tls: Any = ssl.create_default_context() if self._url.scheme == "mqtts" else False
         while not stop.is_set():
             try:
-                await self.client.connect(self._url.hostname, port, ssl=tls, keepalive=30, version=MQTTv50)
+                await self._endpoint.connect(self.client)
                 return True
             except Exception as exc:
                 log.warning("mqtt connect failed, retrying", error=str(exc), retry_in_s=delay)
