@@ -90,3 +90,20 @@ def test_make_run_starts_everything_shows_data_and_stops_cleanly(
         time.sleep(0.5)
         left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
         assert not left, f"processes left behind: {left}"
+
+
+def test_make_run_names_the_backend_that_does_not_answer_and_how_to_start_it() -> None:
+    closed = free_port()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_local.py")],
+        env={"PATH": "/usr/bin:/bin", "IOT_REDIS_URL": f"redis://127.0.0.1:{closed}/0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"Redis does not answer at 127.0.0.1:{closed} (IOT_REDIS_URL)" in result.stderr
+    assert "redis-server" in result.stderr
+    assert "make up" in result.stderr
+    assert "PostgreSQL" not in result.stderr
