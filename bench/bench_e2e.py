@@ -232,6 +232,7 @@ class Bench:
                 "IOT_MQTT_SHARE_GROUP": f"bench-{self.prefix}",
                 "IOT_MQTT_CLIENT_ID": f"bench-{self.prefix}",
                 "IOT_INGEST_HTTP_PORT": str(self.ingest_port),
+                **dict(kv.split("=", 1) for kv in self.args.env),
             },
             "iot-realtime": {
                 **common,
@@ -479,6 +480,9 @@ def main() -> int:
     parser.add_argument("--soak-rate", type=float, default=0.0, help="soak rate (default: half the knee)")
     parser.add_argument(
         "--profile-rate", type=float, default=0.0, help="only this rate, services under py-spy"
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="IOT_X=V", help="extra setting for iot-ingest"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     args = parser.parse_args()
