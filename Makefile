@@ -4,7 +4,7 @@ UV ?= uv
 PYTEST := $(UV) run --frozen pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help install run up down test test-unit test-integration test-e2e lint fmt migrate bench clean
+.PHONY: help install run up down test test-unit test-integration test-e2e lint fmt migrate bench bench-e2e chaos clean
 COMPOSE := docker compose -f deploy/compose.yml
 
 help: ## List the targets
@@ -48,9 +48,16 @@ fmt: ## Format and fix what ruff can
 migrate: ## Apply the database schema (IOT_DATABASE_URL)
 	$(UV) run --frozen iot-migrate
 
-bench: ## Run the benchmarks under bench/
+bench: ## Run the per-service benchmarks under bench/ (the end-to-end one has its own target)
 	@ls bench/*.py >/dev/null 2>&1 || { echo "no benchmark yet under bench/"; exit 0; }; \
-	for b in bench/bench_*.py; do echo "== $$b"; $(UV) run --frozen python $$b || exit 1; done
+	for b in bench/bench_*.py; do [ $$b = bench/bench_e2e.py ] && continue; \
+	echo "== $$b"; $(UV) run --frozen python $$b || exit 1; done
+
+bench-e2e: ## End-to-end sweep publish -> WebSocket, baselines, plots (~4 min; ARGS="--soak 600" etc.)
+	$(UV) run --frozen python bench/bench_e2e.py $(ARGS)
+
+chaos: ## Kill, restart and cut each part under load; check exactly-once storage and WebSocket resumption
+	$(UV) run --frozen python bench/chaos.py $(ARGS)
 
 clean: ## Remove caches, build output and test artifacts (keeps .venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache artifacts build dist

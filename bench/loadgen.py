@@ -194,8 +194,10 @@ async def publish_async(
             if on_progress is not None and sent % 1000 == 0:
                 on_progress(sent)
         await conn.writer.drain()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(all_acked.wait()), timeout_s)
+        # Wait for the last PUBACKs, but not for ever if the connection is gone (the broker went away).
+        waiter = asyncio.ensure_future(all_acked.wait())
+        await asyncio.wait({waiter, reader}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
     except (OSError, asyncio.IncompleteReadError, TimeoutError):
         pass
     finally:

@@ -1,0 +1,584 @@
+"""End-to-end benchmark: MQTT publish -> iot-ingest -> PostgreSQL + Redis -> iot-realtime -> WebSocket.
+
+Everything on 127.0.0.1: a private Mosquitto (the tests' configuration), a database created and migrated
+here on the local PostgreSQL, the local Redis (device ids unique to the run), ``iot-ingest`` and
+``iot-realtime`` as processes, the publisher in its own process (open loop: a fixed offered rate, QoS 1,
+PUBACKs counted; ``ts`` = publish time) and WebSocket clients in another, subscribed to every device and
+timing publish -> receipt. Per offered rate: delivered msg/s, loss (stored vs PUBACKed, WebSocket vs
+stored), p50/p95/p99/max delay, CPU of each process. Baselines measured first in the same run: the raw
+broker rate (same publisher into a bare subscriber) and the raw PostgreSQL COPY rate (asyncpg
+``copy_records_to_table``, 3 rows per message, into a telemetry-shaped table).
+
+    uv run python bench/bench_e2e.py                              # sweep 1k..20k msg/s, ~4 minutes
+    uv run python bench/bench_e2e.py --rates 1000,5000,10000,20000,40000 --duration 20
+    uv run python bench/bench_e2e.py --soak 600 --soak-rate 3000  # 10 minutes at a fixed rate
+    uv run python bench/bench_e2e.py --profile-rate 8000          # py-spy the services at one rate
+
+Writes docs/img/e2e_*.png and docs/img/e2e_results.json (``--out`` elsewhere) and prints a markdown table.
+The machine has 2 cores shared by all of the above (and by other people's tests): figures are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_ingest import drop_database, prepare_database, raw_run  # noqa: E402
+from bench.e2e_support import (  # noqa: E402
+    SECRET,
+    Broker,
+    ClientFleet,
+    Samples,
+    cpu_seconds,
+    percentile,
+    postgres_aux_pids,
+    read_published,
+    rss_mb,
+    start_publisher,
+    system_redis_pid,
+)
+from bench.loadgen import device_ids  # noqa: E402
+from tests.support.processes import ServiceProcess, free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+POSTGRES = os.environ.get("IOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("IOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+GROUPS = ("broker", "postgres", "redis", "ingest", "realtime", "loadgen", "clients")
+
+
+@dataclass
+class Step:
+    offered: float
+    sent: int
+    acked: int
+    stored: int
+    duplicates: int
+    ws_received: int
+    delivered_rate: float
+    publish_rate: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    drain_s: float
+    """From the last publish until the last reading reached the WebSocket clients."""
+    cpu_pct: dict[str, float]
+    rss_start_mb: dict[str, float]
+    rss_mb: dict[str, float]
+    started_at: float
+    ended_at: float
+
+    @property
+    def loss_stored(self) -> int:
+        return self.acked - self.stored
+
+    @property
+    def loss_ws(self) -> int:
+        return self.stored - self.ws_received
+
+
+@dataclass
+class Run:
+    machine: dict[str, Any]
+    command: str
+    raw_broker_rate: float = 0.0
+    raw_copy_rate: float = 0.0
+    steps: list[Step] = field(default_factory=list)
+    soak: list[Step] = field(default_factory=list)
+    knee: float = 0.0
+    timeline: list[tuple[float, float]] = field(default_factory=list)
+    """(time, readings stored so far) sampled from iot-ingest's /metrics."""
+    received_per_s: list[tuple[int, int]] = field(default_factory=list)
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    return {"nproc": os.cpu_count(), "cpu": model, "memory_mb": mem, "python": sys.version.split()[0]}
+
+
+def ingest_stored(base: str) -> float:
+    for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
+        if line.startswith("iot_ingest_readings_stored_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def copy_rate(db_url: str, messages: int) -> float:
+    """Raw COPY: ``messages`` readings (3 rows each) into a telemetry-shaped table, 2,000 per COPY."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(
+            "CREATE TABLE copy_baseline (device_id text NOT NULL, metric text NOT NULL, "
+            "ts timestamptz NOT NULL, value double precision, value_text text, "
+            "PRIMARY KEY (device_id, metric, ts))"
+        )
+        start = datetime.now(UTC)
+        records = [
+            (f"copy-{i % 100:05d}", metric, start + timedelta(microseconds=i), float(i % 100), None)
+            for i in range(messages)
+            for metric in ("temperature", "humidity", "seq")
+        ]
+        began = time.perf_counter()
+        for lo in range(0, len(records), 6000):
+            async with conn.transaction():
+                await conn.copy_records_to_table("copy_baseline", records=records[lo : lo + 6000])
+        rate = messages / (time.perf_counter() - began)
+        await conn.execute("DROP TABLE copy_baseline")
+        return rate
+    finally:
+        await conn.close()
+
+
+async def stored_between(db_url: str, lo: int, hi: int) -> tuple[int, int]:
+    """Readings stored with ``lo <= seq < hi``: (distinct, rows): rows above distinct are duplicates."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(DISTINCT value) AS d, count(*) AS n FROM telemetry "
+            "WHERE metric = 'seq' AND value >= $1 AND value < $2",
+            float(lo),
+            float(hi),
+        )
+        return int(row["d"]), int(row["n"])
+    finally:
+        await conn.close()
+
+
+async def exactly_once(db_url: str) -> tuple[int, int, int]:
+    """(readings, rows, readings not stored as exactly 3 rows) over the whole run."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        readings = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM telemetry GROUP BY device_id, ts) r"
+        )
+        rows = await conn.fetchval("SELECT count(*) FROM telemetry")
+        bad = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM telemetry GROUP BY device_id, ts HAVING count(*) <> 3) r"
+        )
+        return int(readings), int(rows), int(bad)
+    finally:
+        await conn.close()
+
+
+async def backend_pids(db_url: str) -> list[int]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return [int(r["pid"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+class Bench:
+    """The running platform and the instruments around it."""
+
+    def __init__(self, args: argparse.Namespace, db_url: str, broker: Broker, devices: list[str]) -> None:
+        self.args = args
+        self.db_url = db_url
+        self.broker = broker
+        self.devices = devices
+        self.prefix = devices[0].rsplit("-", 1)[0]
+        self.artifacts = ROOT / "artifacts"
+        self.artifacts.mkdir(exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+        self.ingest_port, self.realtime_port = free_port(), free_port()
+        self.ingest_base = f"http://127.0.0.1:{self.ingest_port}"
+        self.seq = 0
+        self.redis_pid = system_redis_pid(urlsplit(REDIS).port or 6379)
+        self.pg_aux = postgres_aux_pids()
+        self.timeline: list[tuple[float, float]] = []
+        self.received = Samples.empty()
+        self._sampling = threading.Event()
+        self.services: dict[str, ServiceProcess] = {}
+        self.fleet: ClientFleet | None = None
+
+    def start(self, profile: bool = False) -> None:
+        common = {"IOT_DATABASE_URL": self.db_url, "IOT_REDIS_URL": REDIS, "IOT_LOG_LEVEL": "warning"}
+        envs = {
+            "iot-ingest": {
+                **common,
+                "IOT_MQTT_URL": self.broker.url,
+                "IOT_MQTT_SHARE_GROUP": f"bench-{self.prefix}",
+                "IOT_MQTT_CLIENT_ID": f"bench-{self.prefix}",
+                "IOT_INGEST_HTTP_PORT": str(self.ingest_port),
+                **dict(kv.split("=", 1) for kv in self.args.env),
+            },
+            "iot-realtime": {
+                **common,
+                "IOT_REALTIME_PORT": str(self.realtime_port),
+                "IOT_JWT_SECRET": SECRET,
+                # Bursts at the top rates queue up behind a busy CPU: keep them rather than drop the client.
+                "IOT_REALTIME_QUEUE_SIZE": "100000",
+                "IOT_DATABASE_POOL_MIN": "1",
+                "IOT_DATABASE_POOL_MAX": "2",
+            },
+        }
+        for script, env in envs.items():
+            proc = ServiceProcess(script, env, self.artifacts)
+            if profile:
+                out = self.artifacts / f"bench_e2e_{script}.txt"
+                spy = [str(BIN / "py-spy"), "record", "-o", str(out), "-f", "raw", "-r", "100", "--"]
+                proc.proc = subprocess.Popen(
+                    [*spy, str(BIN / script)], env=proc.env, stdout=subprocess.DEVNULL
+                )
+            else:
+                proc.start()
+            self.services[script] = proc
+        self.services["iot-ingest"].wait_http(f"{self.ingest_base}/readyz")
+        self.services["iot-realtime"].wait_http(f"http://127.0.0.1:{self.realtime_port}/readyz")
+        self.fleet = ClientFleet(self.realtime_port, self.devices, self.args.clients)
+        self.fleet.start()
+        self._sampling.set()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while self._sampling.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                self.timeline.append((time.time(), ingest_stored(self.ingest_base)))
+            time.sleep(0.5)
+
+    def service_pid(self, script: str) -> int:
+        """The service's own pid (under py-spy, the child of py-spy)."""
+        import psutil
+
+        proc = self.services[script].proc
+        assert proc is not None
+        children = psutil.Process(proc.pid).children()
+        return (
+            children[0].pid
+            if children and "py-spy" in " ".join(psutil.Process(proc.pid).cmdline())
+            else proc.pid
+        )
+
+    def pids(self) -> dict[str, list[int]]:
+        assert self.fleet is not None
+        return {
+            "broker": [self.broker.pid],
+            "postgres": asyncio.run(backend_pids(self.db_url)) + self.pg_aux,
+            "redis": [self.redis_pid] if self.redis_pid else [],
+            "ingest": [self.service_pid("iot-ingest")],
+            "realtime": [self.service_pid("iot-realtime")],
+            "clients": [self.fleet.pid],
+        }
+
+    def rss(self) -> dict[str, float]:
+        return {
+            "ingest": rss_mb(self.service_pid("iot-ingest")),
+            "realtime": rss_mb(self.service_pid("iot-realtime")),
+            "broker": rss_mb(self.broker.pid),
+        }
+
+    def step(self, rate: float, duration: float) -> Step:
+        """Publish at ``rate`` for ``duration`` s; wait until all is stored and delivered; measure."""
+        assert self.fleet is not None
+        messages = int(rate * duration)
+        lo, hi = self.seq, self.seq + messages
+        self.seq = hi
+        pids = self.pids()
+        cpu0 = {g: cpu_seconds(p) for g, p in pids.items()}
+        stored0 = ingest_stored(self.ingest_base)
+        rss_start = self.rss()
+        out = self.tmp / f"pub-{lo}.json"
+        t0 = time.time()
+        pub = start_publisher(self.broker.url, self.prefix, len(self.devices), messages, rate, lo, out)
+        pub.wait(duration + 300)
+        published = read_published(out)
+        deadline = time.time() + 300
+        while ingest_stored(self.ingest_base) < stored0 + published.acked and time.time() < deadline:
+            time.sleep(0.05)
+        # The WebSocket clients: every reading of this step, or 10 s after storage caught up.
+        samples, seen = Samples.empty(), 0
+        ws_deadline = time.time() + 10
+        while time.time() < ws_deadline:
+            got = self.fleet.collect()
+            samples.extend(got)
+            self.received.extend(got)
+            seen = sum(1 for s in samples.seq if lo <= s < hi)
+            if seen >= published.acked:
+                break
+            time.sleep(0.1)
+        t_end = time.time()
+        cpu = {g: 100 * (cpu_seconds(p) - cpu0[g]) / (t_end - t0) for g, p in pids.items()}
+        cpu["loadgen"] = 100 * published.cpu_s / (t_end - t0)
+        stored, rows = asyncio.run(stored_between(self.db_url, lo, hi))
+        mine = [
+            (at, d)
+            for at, d, s in zip(samples.received_at, samples.delay, samples.seq, strict=True)
+            if lo <= s < hi
+        ]
+        delays = sorted(d for _, d in mine)
+        last_at = max((at for at, _ in mine), default=t_end)
+        publish_end = published.started_at + published.elapsed_s
+        step = Step(
+            offered=rate,
+            sent=published.sent,
+            acked=published.acked,
+            stored=stored,
+            duplicates=rows - stored,
+            ws_received=len({s for s in samples.seq if lo <= s < hi}),
+            delivered_rate=len(mine) / (last_at - published.started_at) if mine else 0.0,
+            publish_rate=published.acked / published.elapsed_s if published.elapsed_s else 0.0,
+            p50_ms=percentile(delays, 0.50) * 1000,
+            p95_ms=percentile(delays, 0.95) * 1000,
+            p99_ms=percentile(delays, 0.99) * 1000,
+            max_ms=(delays[-1] if delays else float("nan")) * 1000,
+            drain_s=max(0.0, last_at - publish_end),
+            cpu_pct=cpu,
+            rss_start_mb=rss_start,
+            rss_mb=self.rss(),
+            started_at=t0,
+            ended_at=t_end,
+        )
+        print(format_step(step), flush=True)
+        return step
+
+    def stop(self) -> None:
+        self._sampling.clear()
+        if self.fleet is not None:
+            self.fleet.stop()
+        for script, proc in self.services.items():
+            if proc.proc is None:
+                continue
+            pid = self.service_pid(script)
+            if pid != proc.proc.pid:  # under py-spy: stop the service, py-spy writes its output and exits
+                os.kill(pid, 15)
+                proc.proc.wait(60)
+            else:
+                proc.stop()
+
+
+HEADER = (
+    "| offered msg/s | delivered msg/s | acked | lost (stored) | lost (WS) | dup rows | p50 ms | p95 ms "
+    "| p99 ms | max ms | drain s | CPU % broker / pg / redis / ingest / realtime / loadgen / clients |\n"
+    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+)
+
+
+def format_step(s: Step) -> str:
+    cpu = " / ".join(f"{s.cpu_pct.get(g, 0):.0f}" for g in GROUPS)
+    return (
+        f"| {s.offered:,.0f} | {s.delivered_rate:,.0f} | {s.acked:,} | {s.loss_stored} | {s.loss_ws} "
+        f"| {s.duplicates} | {s.p50_ms:.1f} | {s.p95_ms:.1f} | {s.p99_ms:.1f} | {s.max_ms:.0f} "
+        f"| {s.drain_s:.1f} | {cpu} |"
+    )
+
+
+def knee(steps: list[Step]) -> float:
+    """The highest offered rate still delivered in full and on time: delivered >= 95 % of offered and
+    p99 under one second (beyond it the backlog grows for as long as the load lasts)."""
+    ok = [s.offered for s in steps if s.delivered_rate >= 0.95 * s.offered and s.p99_ms < 1000]
+    return max(ok, default=0.0)
+
+
+def plots(run: Run, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    if run.steps:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        rates = [s.offered for s in run.steps]
+        for attr, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"), ("max_ms", "max")):
+            ax.plot(rates, [getattr(s, attr) for s in run.steps], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered rate (messages/s)")
+        ax.set_ylabel("publish -> WebSocket delay (ms)")
+        if run.knee:
+            ax.axvline(run.knee, color="grey", linestyle=":", label=f"knee {run.knee:,.0f}/s")
+        ax.axhline(25, color="red", linestyle="--", linewidth=0.8, label="25 ms goal")
+        ax.set_title(f"End-to-end delay vs offered rate ({run.machine['nproc']} shared cores)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        files.append(out / "e2e_latency.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    if run.timeline:
+        t0 = run.timeline[0][0]
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        xs, ys = [], []
+        for (ta, a), (tb, b) in zip(run.timeline, run.timeline[1:], strict=False):
+            if tb > ta:
+                xs.append(tb - t0)
+                ys.append((b - a) / (tb - ta))
+        ax.plot(xs, ys, label="stored (ingest commits)/s", linewidth=1)
+        ax.plot(
+            [t - t0 for t, _ in run.received_per_s],
+            [n for _, n in run.received_per_s],
+            label="received by WebSocket clients/s",
+            linewidth=1,
+            alpha=0.8,
+        )
+        for s in run.steps + run.soak:
+            ax.hlines(
+                s.offered,
+                s.started_at - t0,
+                s.started_at - t0 + s.acked / s.offered,
+                colors="grey",
+                linestyles="--",
+                linewidth=1,
+            )
+        ax.plot([], [], color="grey", linestyle="--", label="offered")
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("messages/s")
+        ax.set_title("Throughput over the run")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        files.append(
+            out / ("e2e_soak_throughput.png" if run.soak and not run.steps else "e2e_throughput.png")
+        )
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="end-to-end benchmark: MQTT -> PostgreSQL -> WebSocket")
+    parser.add_argument(
+        "--rates", default="1000,2000,5000,10000,20000", help="offered msg/s, comma-separated"
+    )
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds per offered rate")
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--clients", type=int, default=10, help="WebSocket connections (devices split)")
+    parser.add_argument("--baseline-messages", type=int, default=100_000)
+    parser.add_argument("--soak", type=float, default=0.0, help="soak seconds (after the sweep, if any)")
+    parser.add_argument("--soak-rate", type=float, default=0.0, help="soak rate (default: half the knee)")
+    parser.add_argument(
+        "--profile-rate", type=float, default=0.0, help="only this rate, services under py-spy"
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="IOT_X=V", help="extra setting for iot-ingest"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",") if r]
+    if args.soak and args.soak_rate:
+        rates = []
+    if args.profile_rate:
+        rates = [args.profile_rate]
+    run = Run(machine=machine(), command="python bench/bench_e2e.py " + " ".join(sys.argv[1:]))
+    print(f"end-to-end benchmark on {run.machine} (shared machine: figures are noisy)", flush=True)
+    prefix = f"e2e{uuid.uuid4().hex[:6]}"
+    devices = device_ids(prefix, args.devices)
+    db_url = asyncio.run(prepare_database(devices))
+    broker = Broker().start()
+    bench: Bench | None = None
+    try:
+        if rates and not args.profile_rate:
+            runs = [
+                raw_run(broker.url, f"raw{prefix}", args.devices, args.baseline_messages) for _ in range(3)
+            ]
+            run.raw_broker_rate = statistics.median(runs)
+            copies = [asyncio.run(copy_rate(db_url, args.baseline_messages)) for _ in range(3)]
+            run.raw_copy_rate = statistics.median(copies)
+            print(
+                f"baselines (medians of 3): raw broker {run.raw_broker_rate:,.0f} msg/s "
+                f"{[round(r) for r in runs]}, raw COPY {run.raw_copy_rate:,.0f} msg/s "
+                f"{[round(r) for r in copies]} (3 rows each)",
+                flush=True,
+            )
+        bench = Bench(args, db_url, broker, devices)
+        bench.start(profile=bool(args.profile_rate))
+        print(HEADER, flush=True)
+        for rate in rates:
+            run.steps.append(bench.step(rate, args.duration))
+        run.knee = knee(run.steps)
+        if args.soak:
+            rate = args.soak_rate or max(run.knee / 2, 500)
+            print(f"soak: {args.soak:.0f} s at {rate:,.0f} msg/s, 60 s per row", flush=True)
+            left = args.soak
+            while left > 0:
+                run.soak.append(bench.step(rate, min(60.0, left)))
+                left -= 60.0
+        readings, rows, bad = asyncio.run(exactly_once(db_url))
+        print(f"whole run: {readings:,} readings, {rows:,} rows, {bad} readings not stored as exactly 3 rows")
+    finally:
+        if bench is not None:
+            bench.stop()
+            run.timeline = bench.timeline
+            per_s: dict[int, int] = {}
+            for at in bench.received.received_at:
+                per_s[int(at)] = per_s.get(int(at), 0) + 1
+            run.received_per_s = sorted(per_s.items())
+        broker.close()
+        asyncio.run(drop_database(db_url))
+    summary(run, args)
+    return 0
+
+
+def summary(run: Run, args: argparse.Namespace) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.profile_rate:
+        for path in plots(run, args.out):
+            print(f"plot: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        name = "e2e_soak.json" if run.soak and not run.steps else "e2e_results.json"
+        data = asdict(run)
+        (args.out / name).write_text(json.dumps(data, indent=1, default=str))
+    print(f"\n{run.command}\n")
+    if run.raw_broker_rate:
+        print(f"raw broker: {run.raw_broker_rate:,.0f} msg/s; raw COPY: {run.raw_copy_rate:,.0f} msg/s\n")
+    print(HEADER)
+    for s in run.steps:
+        print(format_step(s))
+    if run.steps:
+        print(f"\nknee: {run.knee:,.0f} msg/s offered", end="")
+        best = max(s.delivered_rate for s in run.steps)
+        if run.raw_broker_rate:
+            print(
+                f"; best delivered {best:,.0f} msg/s = {best / run.raw_broker_rate:.2f} x raw broker, "
+                f"{best / run.raw_copy_rate:.2f} x raw COPY; knee = {run.knee / run.raw_broker_rate:.2f} x "
+                f"raw broker, {run.knee / run.raw_copy_rate:.2f} x raw COPY"
+            )
+        else:
+            print()
+    if run.soak:
+        print("\nsoak (one row per minute)\n")
+        print(HEADER)
+        for s in run.soak:
+            print(format_step(s))
+        first, last = run.soak[0], run.soak[-1]
+        print(
+            "\nRSS MB start -> end: "
+            + ", ".join(f"{k} {first.rss_start_mb[k]:.0f} -> {last.rss_mb[k]:.0f}" for k in first.rss_mb)
+        )
+        lost = sum(s.loss_stored + s.loss_ws for s in run.soak)
+        print(f"soak loss: {lost}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
