@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.e2e_support import TcpProxy
 from bench.loadgen import device_ids, publish_async, telemetry_payload
 from tests.support.processes import ServiceProcess, free_port, mosquitto
 
@@ -224,45 +225,6 @@ async def test_sigkill_mid_stream_then_restart_stores_every_acknowledged_reading
     await wait_for(lambda: _eq(telemetry_rows(db), 3 * result.acked), 60, "every acknowledged reading")
     await assert_exactly(db, devices, result.acked_seqs, base_ms)
     assert 0 < stored_at_kill < 3 * result.acked
-
-
-class TcpProxy:
-    """A TCP forwarder the test can cut (close every connection, refuse new ones) and restore."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
 
 
 @pytest.fixture
