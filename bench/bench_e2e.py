@@ -51,6 +51,7 @@ from bench.e2e_support import (  # noqa: E402
     ClientFleet,
     Samples,
     cpu_seconds,
+    cpu_used,
     percentile,
     postgres_aux_pids,
     read_published,
@@ -329,7 +330,7 @@ class Bench:
                 break
             time.sleep(0.1)
         t_end = time.time()
-        cpu = {g: 100 * (cpu_seconds(p) - cpu0[g]) / (t_end - t0) for g, p in pids.items()}
+        cpu = {g: 100 * cpu_used(cpu0[g], cpu_seconds(p)) / (t_end - t0) for g, p in pids.items()}
         cpu["loadgen"] = 100 * published.cpu_s / (t_end - t0)
         stored, rows = asyncio.run(stored_between(self.db_url, lo, hi))
         mine = [

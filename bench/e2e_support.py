@@ -10,7 +10,7 @@
 - :class:`Broker`, :class:`RedisServer`: a private Mosquitto / redis-server that can be killed and started
   again on the same port (the broker with persistence, so sessions and queued messages survive).
 - :class:`TcpProxy`: a TCP forwarder that can be cut, to make PostgreSQL unreachable for the services.
-- :func:`cpu_seconds`, :func:`rss_mb`: per-process accounting with psutil.
+- :func:`cpu_seconds`, :func:`cpu_used`, :func:`rss_mb`: per-process accounting with psutil.
 """
 
 from __future__ import annotations
@@ -391,14 +391,20 @@ class TcpProxy:
 # -- accounting -----------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """User + system CPU seconds of these processes (vanished ones count 0)."""
-    total = 0.0
+def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    """User + system CPU seconds of each of these processes that still runs."""
+    found = {}
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-    return total
+            found[pid] = t.user + t.system
+    return found
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two :func:`cpu_seconds` readings, by the processes in both: a process
+    that exited in between (a PostgreSQL backend, say) must not count as negative time."""
+    return sum(after[pid] - before[pid] for pid in after.keys() & before.keys())
 
 
 def rss_mb(pid: int) -> float:
