@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -67,17 +68,24 @@ async def template_database(postgres_server_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-@pytest.fixture
-async def database_url(postgres_server_url: str, template_database: str) -> AsyncIterator[str]:
-    """URL of a fresh, migrated database that belongs to this test alone."""
-    name = f"iot_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server_url)
+@contextlib.asynccontextmanager
+async def copy_of_template(server_url: str, template: str, prefix: str) -> AsyncIterator[str]:
+    """URL of a new database copied from ``template`` (CREATE DATABASE ... TEMPLATE), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        yield with_database(postgres_server_url, name)
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        yield with_database(server_url, name)
     finally:
         await _drop_database(admin, name)
         await admin.close()
+
+
+@pytest.fixture
+async def database_url(postgres_server_url: str, template_database: str) -> AsyncIterator[str]:
+    """URL of a fresh, migrated database that belongs to this test alone."""
+    async with copy_of_template(postgres_server_url, template_database, "iot_test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import schemathesis
@@ -25,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
     positive_data_acceptance,
 )
 
-from tests.conftest import _drop_database, with_database
+from tests.conftest import copy_of_template
 from tests.support.processes import ServiceProcess, free_port
 
 Start = Callable[[str, Mapping[str, str]], ServiceProcess]
@@ -72,14 +71,8 @@ def test_api_process_serves_devices_and_stops_cleanly(
 
 @pytest.fixture(scope="module")
 async def schemathesis_database(postgres_server_url: str, template_database: str) -> AsyncIterator[str]:
-    name = f"iot_st_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        yield with_database(postgres_server_url, name)
-    finally:
-        await _drop_database(admin, name)
-        await admin.close()
+    async with copy_of_template(postgres_server_url, template_database, "iot_st") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

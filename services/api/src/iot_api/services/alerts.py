@@ -29,7 +29,7 @@ from iot_api.schemas import (
     CommandAction,
 )
 from iot_api.services.devices import check_json
-from iot_common.messages import AlertEvent
+from iot_common.alerts import alert_event
 
 
 def parse_id(value: str, what: str) -> uuid.UUID:
@@ -178,22 +178,5 @@ class AlertService:
             raise NotFound(f"alert {alert_id!r} not found")
         alert, changed = result
         if changed:
-            await self.events.device_event(alert.device_id, alert_event(alert))
+            await self.events.device_event(alert.device_id, alert_event(msgspec.structs.asdict(alert)))
         return alert
-
-
-def alert_event(alert: Alert) -> AlertEvent:
-    return AlertEvent(
-        id=alert.id,
-        rule_id=alert.rule_id,
-        device_id=alert.device_id,
-        metric=alert.metric,
-        severity=alert.severity,
-        state=alert.state,
-        message=alert.message,
-        value=alert.value,
-        threshold=alert.threshold,
-        opened_at=alert.opened_at,
-        resolved_at=alert.resolved_at,
-        acked_at=alert.acked_at,
-    )

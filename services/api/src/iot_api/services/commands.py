@@ -20,24 +20,15 @@ from iot_api.repositories.commands import CommandRepository
 from iot_api.schemas import Command, CommandCreate, CommandPage
 from iot_api.services.alerts import parse_id
 from iot_api.services.devices import DeviceService, check_json
-from iot_common.messages import CommandEvent, CommandMessage
+from iot_common.commands import command_event, command_message
+from iot_common.messages import CommandEvent
 from iot_common.topics import command_topic, is_valid_device_id
 
 RETRY_AFTER_S = 5
-_encoder = msgspec.json.Encoder()
 
 
-def command_event(command: Command) -> CommandEvent:
-    return CommandEvent(
-        id=command.id,
-        device_id=command.device_id,
-        name=command.name,
-        state=command.state,
-        params=command.params,
-        result=command.result,
-        error=command.error,
-        updated_at=command.updated_at,
-    )
+def _event(command: Command) -> CommandEvent:
+    return command_event(msgspec.structs.asdict(command))
 
 
 class CommandService:
@@ -63,15 +54,13 @@ class CommandService:
         command = await self.repo.create(device_id, data.name, data.params, ttl_s)
         if command is None:
             raise NotFound(f"device {device_id!r} not found")
-        message = CommandMessage(
-            id=command.id, name=command.name, params=command.params, expires_at=command.expires_at
-        )
+        message = command_message(command.id, command.name, command.params, command.expires_at)
         try:
-            await self.publisher.publish(command_topic(device_id), _encoder.encode(message), ttl_s)
+            await self.publisher.publish(command_topic(device_id), message, ttl_s)
         except PublishError as exc:
             failed = await self.repo.mark(command.id, "failed", str(exc))
             if failed is not None:
-                await self.events.device_event(device_id, command_event(failed))
+                await self.events.device_event(device_id, _event(failed))
             raise Unavailable(
                 f"command {command.id} failed: {exc}", headers={"Retry-After": str(RETRY_AFTER_S)}
             ) from None
@@ -80,7 +69,7 @@ class CommandService:
             # The device answered (and ingest recorded it) before this update: keep its state.
             current = await self.repo.get(device_id, parse_id(command.id, "command"))
             return current or command
-        await self.events.device_event(device_id, command_event(sent))
+        await self.events.device_event(device_id, _event(sent))
         return sent
 
     async def get(self, device_id: str, command_id: str) -> Command:
