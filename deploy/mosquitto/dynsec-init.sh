@@ -73,14 +73,19 @@ service_user() {
     ctl addClientRole "$name" "service-$name"
 }
 
-# Ingest reads every device's telemetry and status through its shared subscription.
+# Ingest reads every device's telemetry, status and command answers through its shared subscription,
+# and sends the commands of alert-rule actions.
 service_user ingest "$MQTT_INGEST_PASSWORD" \
     subscribePattern '$share/+/devices/telemetry/+' \
     subscribePattern '$share/+/devices/status/+' \
+    subscribePattern '$share/+/devices/commands/+/ack' \
     subscribePattern 'devices/telemetry/+' \
     subscribePattern 'devices/status/+' \
+    subscribePattern 'devices/commands/+/ack' \
     publishClientReceive 'devices/telemetry/+' \
-    publishClientReceive 'devices/status/+'
+    publishClientReceive 'devices/status/+' \
+    publishClientReceive 'devices/commands/+/ack' \
+    publishClientSend 'devices/commands/+'
 # The API sends commands to devices and reads their answers.
 service_user api "$MQTT_API_PASSWORD" \
     publishClientSend 'devices/commands/+' \

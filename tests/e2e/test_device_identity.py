@@ -6,6 +6,7 @@ connected as its own service user, and devices connecting with the credentials t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -53,9 +54,9 @@ def shipped_config(port: int, data_dir: Path) -> str:
     return replaced
 
 
-@pytest.fixture
-def broker() -> Iterator[int]:
-    """A private broker with the shipped configuration and users; yields its port."""
+@contextlib.contextmanager
+def shipped_broker() -> Iterator[int]:
+    """A private broker with the shipped configuration and users (dynsec-init.sh); yields its port."""
     if not Path(PLUGIN).exists():
         pytest.fail(f"{PLUGIN} missing: install Debian's mosquitto package")
     folder = Path(tempfile.mkdtemp(prefix="iot-identity-"))
@@ -83,6 +84,13 @@ def broker() -> Iterator[int]:
             yield port
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def broker() -> Iterator[int]:
+    """A private broker with the shipped configuration and users; yields its port."""
+    with shipped_broker() as port:
+        yield port
 
 
 class Device:

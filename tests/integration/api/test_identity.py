@@ -163,6 +163,10 @@ async def test_emqx_authorisation_confines_devices_and_services_to_their_topics(
     assert await authz(client, "ingest", "subscribe", "devices/status/+") == "allow"
     assert await authz(client, "ingest", "subscribe", "devices/#") == "deny"
     assert await authz(client, "ingest", "publish", f"devices/telemetry/{me}") == "deny"
+    # Ingest records the devices' command answers and sends the commands of alert-rule actions.
+    assert await authz(client, "ingest", "subscribe", "$share/ingest/devices/commands/+/ack") == "allow"
+    assert await authz(client, "ingest", "publish", f"devices/commands/{me}") == "allow"
+    assert await authz(client, "ingest", "publish", f"devices/commands/{me}/ack") == "deny"
     assert await authz(client, "api-1", "publish", f"devices/commands/{me}") == "allow"
     assert await authz(client, "api-1", "subscribe", "$share/api/devices/commands/+/ack") == "allow"
     assert await authz(client, "api-1", "publish", f"devices/telemetry/{me}") == "deny"

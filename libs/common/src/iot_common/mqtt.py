@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import struct
 from dataclasses import dataclass
+from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50
+from gmqtt.storage import PersistentStorage
 
 
 @dataclass(frozen=True)
@@ -41,3 +45,136 @@ class MqttEndpoint:
         """Connect ``client`` over MQTT 5 (TLS with the system's trust store for ``mqtts``)."""
         context: ssl.SSLContext | bool = ssl.create_default_context() if self.tls else False
         await client.connect(self.host, self.port, ssl=context, keepalive=keepalive, version=MQTTv50)
+
+
+NO_MATCHING_SUBSCRIBERS: Final = 0x10
+"""PUBACK reason 0x10: accepted, nobody subscribed right now (a device offline): the message is sent."""
+
+REASON_NAMES: Final[dict[int, str]] = {
+    0x80: "unspecified error",
+    0x83: "implementation specific error",
+    0x87: "not authorized",
+    0x8F: "topic filter invalid",
+    0x90: "topic name invalid",
+    0x91: "packet identifier in use",
+    0x97: "quota exceeded",
+    0x99: "payload format invalid",
+    0x9E: "shared subscriptions not supported",
+    0xA1: "subscription identifiers not supported",
+    0xA2: "wildcard subscriptions not supported",
+}
+"""MQTT 5 reason codes of a refused PUBLISH (PUBACK) or SUBSCRIBE (SUBACK), as the spec names them."""
+
+
+def reason_text(code: int) -> str:
+    """``"not authorized (135)"``: the reason's name and its decimal code."""
+    return f"{REASON_NAMES.get(code, 'refused')} ({code})"
+
+
+class PublishError(RuntimeError):
+    """The broker did not take the message; the text says why, ``outcome`` says it in one word
+    (``error``, ``timeout``, ``connection_lost``, ``refused``, ``not_connected``)."""
+
+    def __init__(self, message: str, outcome: str = "error") -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class PublishRefused(PublishError):
+    """The broker answered the PUBLISH with a PUBACK reason code >= 0x80: it dropped the message."""
+
+    def __init__(self, reason_code: int) -> None:
+        super().__init__(f"broker refused: {reason_text(reason_code)}", "refused")
+        self.reason_code = reason_code
+
+
+class PubackTracker(PersistentStorage):  # type: ignore[misc]
+    """gmqtt's in-flight store that also resolves a future per packet id with the PUBACK's reason code.
+
+    gmqtt removes a QoS 1 message from this store on its PUBACK and clears the store when a connection
+    ends without a session to resume (the waiters then get ``None``). gmqtt 0.8 does not read the MQTT 5
+    PUBACK reason code; :meth:`attach` wraps its PUBACK handler to note the code (absent means 0, success)
+    just before the message leaves the store.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_mid: int | None = None
+        self._waiters: dict[int, asyncio.Future[int | None]] = {}
+        self._reasons: dict[int, int] = {}
+
+    def attach(self, client: gmqtt.Client) -> None:
+        """Read the reason code of every PUBACK ``client`` receives (call before it connects)."""
+        handler = client._package_handler
+        original = handler._handle_puback_packet
+
+        def on_puback(cmd: int, packet: bytes) -> None:
+            if len(packet) >= 2:
+                (mid,) = struct.unpack("!H", packet[:2])
+                # MQTT 5 3.4.2.1: no reason code byte means 0x00 (success).
+                self._reasons[mid] = packet[2] if len(packet) > 2 else 0
+            original(cmd, packet)
+
+        # gmqtt looks its handlers up by name on the handler object (and caches them on first use).
+        handler._handle_puback_packet = on_puback
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        self.last_mid = mid
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        self._resolve(mid, self._reasons.pop(mid, 0))
+
+    def clear(self) -> None:
+        super().clear()
+        self._reasons.clear()
+        for mid in list(self._waiters):
+            self._resolve(mid, None)
+
+    def waiter(self, mid: int) -> asyncio.Future[int | None]:
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._waiters[mid] = future
+        return future
+
+    def forget(self, mid: int) -> None:
+        self._waiters.pop(mid, None)
+
+    def _resolve(self, mid: int, reason: int | None) -> None:
+        future = self._waiters.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(reason)
+
+
+async def publish_acked(
+    client: gmqtt.Client,
+    tracker: PubackTracker,
+    topic: str,
+    payload: bytes,
+    timeout_s: float,
+    **properties: Any,
+) -> int:
+    """Publish at QoS 1 and wait for the PUBACK; its reason code (0 or 0x10) when the broker took it.
+
+    Raises :class:`PublishRefused` for a reason code >= 0x80 (e.g. 0x87 "not authorized": the ACLs
+    refuse it and the broker drops it), :class:`PublishError` when no PUBACK comes within ``timeout_s``
+    (the broker may still deliver it) or the connection ends without a session to resume.
+    """
+    try:
+        client.publish(topic, payload, qos=1, **properties)
+    except Exception as exc:
+        raise PublishError(f"publish failed: {type(exc).__name__}: {exc}") from exc
+    # publish() stored the packet synchronously; nothing ran since, so the last id stored is ours.
+    mid = tracker.last_mid
+    assert mid is not None
+    acked = tracker.waiter(mid)
+    try:
+        reason = await asyncio.wait_for(acked, timeout_s)
+    except TimeoutError:
+        tracker.forget(mid)
+        raise PublishError(f"no PUBACK from the MQTT broker within {timeout_s:g} s", "timeout") from None
+    if reason is None:
+        raise PublishError("connection to the MQTT broker lost before its PUBACK", "connection_lost")
+    if reason >= 0x80:
+        raise PublishRefused(reason)
+    return reason

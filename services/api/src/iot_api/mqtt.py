@@ -4,13 +4,15 @@ One gmqtt client per process, connected in the background from the lifespan (sta
 the broker) and reconnected by gmqtt with backoff. It uses a clean session: the API only publishes.
 
 What "published" guarantees: gmqtt keeps every in-flight QoS 1 PUBLISH in a store keyed by packet id and
-removes it when the broker's PUBACK arrives. :class:`PubackTracker` is that store plus one future per
-packet id, so :meth:`CommandPublisher.publish` returns only once the broker acknowledged the message,
-i.e. took responsibility for delivering it to the subscribers it has (or queued for a persistent session).
-It raises :class:`PublishError` when no connection is up, when the connection drops before the PUBACK
-(the clean session discards the message, it is not replayed), or when no PUBACK comes within the
-timeout; in that last case the broker may still deliver it. gmqtt does not parse the PUBACK's MQTT 5
-reason code, so a broker refusing the message by a reason code is not told apart from an acceptance.
+removes it when the broker's PUBACK arrives. :class:`~iot_common.mqtt.PubackTracker` is that store plus
+one future per packet id resolved with the PUBACK's MQTT 5 reason code, so :meth:`CommandPublisher.publish`
+returns only once the broker accepted the message, i.e. took responsibility for delivering it to the
+subscribers it has (or queued for a persistent session); reason 0x10 "no matching subscribers" (the
+device is offline) counts as accepted. It raises :class:`PublishRefused` when the PUBACK's reason code is
+0x80 or more (e.g. 0x87 "not authorized": the broker's ACLs refused and dropped it), and
+:class:`PublishError` when no connection is up, when the connection drops before the PUBACK (the clean
+session discards the message, it is not replayed), or when no PUBACK comes within the timeout; in that
+last case the broker may still deliver it.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from typing import Any, Final
 
 import structlog
 from gmqtt import Client
-from gmqtt.storage import PersistentStorage
 from prometheus_client import Counter, Gauge
 
-from iot_common.mqtt import MqttEndpoint
+from iot_common.mqtt import MqttEndpoint, PubackTracker, PublishError, PublishRefused, publish_acked
 
 log = structlog.stdlib.get_logger("iot_api.mqtt")
 RECONNECT_MIN_S: Final = 0.5
@@ -36,48 +37,7 @@ COMMANDS_PUBLISHED = Counter(
     "iot_api_commands_published_total", "Command publications by outcome", ["outcome"]
 )
 
-
-class PublishError(RuntimeError):
-    """The broker did not acknowledge the message; the text says why."""
-
-
-class PubackTracker(PersistentStorage):  # type: ignore[misc]
-    """gmqtt's in-flight store that also resolves a future per packet id when the message leaves it.
-
-    gmqtt removes a QoS 1 message from this store on its PUBACK (result True) and clears the store when a
-    connection ends without a session to resume (result False).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_mid: int | None = None
-        self._waiters: dict[int, asyncio.Future[bool]] = {}
-
-    def push_message(self, mid: int, raw_package: bytes) -> None:
-        super().push_message(mid, raw_package)
-        self.last_mid = mid
-
-    def remove_message_by_mid(self, mid: int) -> None:
-        super().remove_message_by_mid(mid)
-        self._resolve(mid, True)
-
-    def clear(self) -> None:
-        super().clear()
-        for mid in list(self._waiters):
-            self._resolve(mid, False)
-
-    def waiter(self, mid: int) -> asyncio.Future[bool]:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiters[mid] = future
-        return future
-
-    def forget(self, mid: int) -> None:
-        self._waiters.pop(mid, None)
-
-    def _resolve(self, mid: int, acked: bool) -> None:
-        future = self._waiters.pop(mid, None)
-        if future is not None and not future.done():
-            future.set_result(acked)
+__all__ = ["CommandPublisher", "PublishError", "PublishRefused"]
 
 
 class CommandPublisher:
@@ -96,6 +56,7 @@ class CommandPublisher:
             clean_session=True,
             persistent_storage=self._tracker,
         )
+        self._tracker.attach(self.client)
         self._endpoint.authenticate(self.client)
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": RECONNECT_MIN_S})
         self.client.on_connect = self._on_connect
@@ -132,32 +93,24 @@ class CommandPublisher:
         return self.connected.is_set() and bool(self.client.is_connected)
 
     async def publish(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
-        """Publish at QoS 1 and wait for the PUBACK; :class:`PublishError` when it does not come."""
+        """Publish at QoS 1 and wait for the PUBACK; :class:`PublishError` (or :class:`PublishRefused`)
+        unless the broker accepted the message."""
         if not self.is_connected:
             COMMANDS_PUBLISHED.labels("not_connected").inc()
-            raise PublishError("not connected to the MQTT broker")
+            raise PublishError("not connected to the MQTT broker", "not_connected")
         properties: dict[str, Any] = {}
         if expiry_s is not None:
             # The broker drops the message instead of delivering it to a device that reconnects too late.
             properties["message_expiry_interval"] = expiry_s
         try:
-            self.client.publish(topic, payload, qos=1, **properties)
-        except Exception as exc:
-            COMMANDS_PUBLISHED.labels("error").inc()
-            raise PublishError(f"publish failed: {type(exc).__name__}: {exc}") from exc
-        # publish() stored the packet synchronously; nothing ran since, so the last id stored is ours.
-        mid = self._tracker.last_mid
-        assert mid is not None
-        acked = self._tracker.waiter(mid)
-        try:
-            ok = await asyncio.wait_for(acked, self._timeout)
-        except TimeoutError:
-            self._tracker.forget(mid)
-            COMMANDS_PUBLISHED.labels("timeout").inc()
-            raise PublishError(f"no PUBACK from the MQTT broker within {self._timeout:g} s") from None
-        if not ok:
-            COMMANDS_PUBLISHED.labels("connection_lost").inc()
-            raise PublishError("connection to the MQTT broker lost before its PUBACK")
+            await publish_acked(self.client, self._tracker, topic, payload, self._timeout, **properties)
+        except PublishRefused as exc:
+            COMMANDS_PUBLISHED.labels("refused").inc()
+            log.error("the MQTT broker refused a command", topic=topic, reason=str(exc))
+            raise
+        except PublishError as exc:
+            COMMANDS_PUBLISHED.labels(exc.outcome).inc()
+            raise
         COMMANDS_PUBLISHED.labels("acked").inc()
 
     async def _connect_forever(self) -> None:

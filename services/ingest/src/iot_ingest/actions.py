@@ -32,12 +32,14 @@ from iot_common.commands import (
     publish_command_event,
 )
 from iot_common.messages import AlertEvent
+from iot_common.mqtt import PublishError
 from iot_ingest import metrics
 
 log = structlog.stdlib.get_logger(__name__)
 
 MqttPublish = Callable[[str, bytes], Awaitable[None]]
-"""Publishes a payload on a topic at QoS 1; raises when the broker is unreachable."""
+"""Publishes a payload on a topic at QoS 1 and waits for the PUBACK; raises when the broker is
+unreachable, does not acknowledge in time, or refuses the message (``PublishRefused``)."""
 
 INSERT_RUN: Final = """
 INSERT INTO action_runs (alert_id, rule_id, trigger, kind, target)
@@ -223,6 +225,12 @@ class ActionRunner:
                 topic, payload = command_publication(device_id, row)
                 try:
                     await self._publish(topic, payload)
+                except PublishError as exc:
+                    # e.g. "broker refused: not authorized (135)" or "no PUBACK ... within 5 s"
+                    error = str(exc)
+                    updated = await mark_failed(conn, command_id, error)
+                    await self._publish_event(updated or row)
+                    return Outcome(False, 1, error, command_id)
                 except Exception as exc:
                     error = f"not published: {type(exc).__name__}: {exc}"
                     updated = await mark_failed(conn, command_id, error)

@@ -18,7 +18,7 @@ import structlog
 from gmqtt import Client, Subscription
 
 from iot_common.commands import InvalidAck, decode_ack
-from iot_common.mqtt import MqttEndpoint
+from iot_common.mqtt import MqttEndpoint, PubackTracker, PublishError, publish_acked, reason_text
 from iot_common.topics import (
     COMMAND_ACK_FILTER,
     COMMAND_ACK_SUFFIX,
@@ -43,6 +43,7 @@ _RECEIVED_TELEMETRY: Final = metrics.MESSAGES_RECEIVED.labels("telemetry")
 _RECEIVED_STATUS: Final = metrics.MESSAGES_RECEIVED.labels("status")
 _RECEIVED_ACK: Final = metrics.MESSAGES_RECEIVED.labels("command_ack")
 RECONNECT_MAX_S: Final = 30.0
+SUBSCRIBE_RETRY_S: Final = 30.0
 
 
 class NotAcknowledged(Exception):
@@ -103,8 +104,14 @@ class Consumer:
         max_in_flight: int,
         batcher: Batcher[Delivery],
         limits: Limits,
+        publish_timeout_s: float = 5.0,
     ) -> None:
         self._endpoint = MqttEndpoint.parse(mqtt_url)
+        self._publish_timeout_s = publish_timeout_s
+        self._tracker = PubackTracker()
+        # Topic filter -> reason code of its last SUBACK (< 0x80 granted); absent until the first SUBACK.
+        self.subacks: dict[str, int] = {}
+        self._retry: asyncio.TimerHandle | None = None
         self._batcher = batcher
         self._limits = limits
         self._accepting = True
@@ -126,12 +133,15 @@ class Consumer:
             optimistic_acknowledgement=False,
             session_expiry_interval=session_expiry_s,
             receive_maximum=max_in_flight,
+            persistent_storage=self._tracker,
         )
+        self._tracker.attach(self.client)
         self._endpoint.authenticate(self.client)
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": RECONNECT_MIN_S})
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     async def connect(self, stop: asyncio.Event) -> bool:
         """Connect, retrying with backoff until it works or ``stop`` is set; False when stopped."""
@@ -158,11 +168,59 @@ class Consumer:
             await asyncio.sleep(0)
 
     async def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 on this client's connection (commands to devices); waits up to 5 s for it."""
-        await asyncio.wait_for(self.connected.wait(), 5.0)
-        self.client.publish(topic, payload, qos=1)
+        """Publish at QoS 1 on this client's connection (commands to devices) and wait for the PUBACK.
+
+        Waits up to the publish timeout for a connection, then as long again for the PUBACK. Raises
+        :class:`~iot_common.mqtt.PublishRefused` when the broker refused the message (PUBACK reason code
+        >= 0x80, e.g. "not authorized (135)"), :class:`~iot_common.mqtt.PublishError` when it is not
+        connected or no PUBACK comes in time. Reason 0x10 (no matching subscribers) is success.
+        """
+        try:
+            await asyncio.wait_for(self.connected.wait(), self._publish_timeout_s)
+        except TimeoutError:
+            raise PublishError("not connected to the MQTT broker", "not_connected") from None
+        await publish_acked(self.client, self._tracker, topic, payload, self._publish_timeout_s)
+
+    def check_subscriptions(self) -> None:
+        """Readiness: raises unless the broker granted every subscription (its SUBACK was < 0x80)."""
+        refused = [f"{t} ({reason_text(c)})" for t, c in self.subacks.items() if c >= 0x80]
+        if refused:
+            raise ConnectionError("subscription refused by the MQTT broker: " + ", ".join(refused))
+        waiting = [s.topic for s in self.subscriptions if s.topic not in self.subacks]
+        if waiting:
+            raise ConnectionError("no SUBACK yet for " + ", ".join(waiting))
+
+    def _on_subscribe(self, client: Client, mid: int, codes: tuple[int, ...], properties: Any) -> None:
+        # gmqtt clears each subscription's packet id only after this callback.
+        subs = [s for s in client.subscriptions if s.mid == mid]
+        for sub, code in zip(subs, codes, strict=False):
+            before = self.subacks.get(sub.topic)
+            self.subacks[sub.topic] = code
+            if code >= 0x80:
+                log.error(
+                    "mqtt subscription refused; not ready",
+                    topic=sub.topic,
+                    reason=reason_text(code),
+                    retry_in_s=SUBSCRIBE_RETRY_S,
+                )
+            elif before is not None and before >= 0x80:
+                log.info("mqtt subscription granted", topic=sub.topic)
+        if any(c >= 0x80 for c in self.subacks.values()) and self._retry is None:
+            # The broker's ACLs may be fixed at run time (dynamic security): ask again later.
+            self._retry = asyncio.get_running_loop().call_later(SUBSCRIBE_RETRY_S, self._resubscribe_refused)
+
+    def _resubscribe_refused(self) -> None:
+        self._retry = None
+        if not self.client.is_connected or not self._accepting:
+            return
+        for sub in self.client.subscriptions:
+            if self.subacks.get(sub.topic, 0) >= 0x80:
+                self.client.resubscribe(sub)
 
     async def disconnect(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         with contextlib.suppress(Exception):
             await self.client.disconnect()
         metrics.MQTT_CONNECTED.set(0)

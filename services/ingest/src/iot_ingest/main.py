@@ -101,11 +101,13 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         max_in_flight=settings.ingest_max_in_flight,
         batcher=batcher,
         limits=limits_from(settings),
+        publish_timeout_s=settings.ingest_command_puback_timeout_s,
     )
 
     async def mqtt_check() -> object:
         if not consumer.connected.is_set():
             raise ConnectionError("not connected to the MQTT broker")
+        consumer.check_subscriptions()
         return True
 
     app = web.Application()

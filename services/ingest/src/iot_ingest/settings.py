@@ -32,5 +32,6 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     ingest_webhook_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
     ingest_webhook_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     ingest_webhook_backoff_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.5
+    ingest_command_puback_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     ingest_command_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] = 300
     ingest_command_expiry_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0

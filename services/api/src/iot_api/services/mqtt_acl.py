@@ -17,8 +17,12 @@ SERVICE_ROLES: dict[str, tuple[Rule, ...]] = {
     "ingest": (
         ("subscribe", "$share/+/devices/telemetry/+"),
         ("subscribe", "$share/+/devices/status/+"),
+        ("subscribe", "$share/+/devices/commands/+/ack"),
         ("subscribe", "devices/telemetry/+"),
         ("subscribe", "devices/status/+"),
+        ("subscribe", "devices/commands/+/ack"),
+        # Commands of alert-rule actions.
+        ("publish", "devices/commands/+"),
     ),
     "api": (
         ("publish", "devices/commands/+"),
