@@ -7,6 +7,7 @@ from typing import Annotated
 import msgspec
 
 from iot_common.settings import Port, WebSettings
+from iot_common.weak_secrets import is_placeholder
 
 BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}$"
 SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}$"
@@ -63,3 +64,5 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
             raise ValueError("bootstrap_admin_email and bootstrap_admin_password go together")
         if self.bootstrap_admin_password and len(self.bootstrap_admin_password) < 8:
             raise ValueError("bootstrap_admin_password must have at least 8 characters")
+        if self.bootstrap_admin_password and is_placeholder(self.bootstrap_admin_password):
+            raise ValueError("IOT_BOOTSTRAP_ADMIN_PASSWORD is a published example value: choose another")
