@@ -117,6 +117,7 @@ def test_autoscalers_target_existing_workloads() -> None:
 REQUIRED_SECRETS = {
     "IOT_JWT_SECRET",
     "IOT_BOOTSTRAP_ADMIN_PASSWORD",
+    "IOT_POSTGRES_PASSWORD",
     "IOT_MQTT_ADMIN_PASSWORD",
     "IOT_MQTT_INGEST_PASSWORD",
     "IOT_MQTT_API_PASSWORD",
@@ -151,6 +152,8 @@ def test_compose_with_the_secrets_set_gives_the_web_services_valid_settings() ->
     realtime = load_settings(RealtimeSettings, services["services"]["realtime"]["environment"])
     assert api.jwt_secret == realtime.jwt_secret == given["IOT_JWT_SECRET"]
     assert api.bootstrap_admin_password == given["IOT_BOOTSTRAP_ADMIN_PASSWORD"]
+    postgres = services["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert urlsplit(api.database_url).password == postgres == given["IOT_POSTGRES_PASSWORD"]
 
 
 def test_every_port_compose_publishes_is_bound_to_the_loopback_interface() -> None:

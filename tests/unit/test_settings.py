@@ -126,3 +126,33 @@ def test_a_published_bootstrap_admin_password_is_refused(password: str) -> None:
     }
     with pytest.raises(SettingsError, match="IOT_BOOTSTRAP_ADMIN_PASSWORD"):
         load_settings(ApiSettings, env)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("IOT_MQTT_HOOK_SECRET", "REPLACE_ME_hook_secret_0123"),
+        ("IOT_MQTT_SERVICE_USERS", "ingest:ingest:changeme-changeme-0123"),
+        ("IOT_MQTT_ADMIN_URL", "mqtt://admin:REPLACE_ME@mqtt.example.internal:1883"),
+        ("IOT_MQTT_ADMIN_URL", "mqtt://admin:compose-dev-admin-password@mosquitto:1883"),
+    ],
+)
+def test_the_api_refuses_placeholder_broker_secrets(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(ApiSettings, {**SECRET, variable: value})
+    assert str(err.value).startswith(f"invalid configuration: {variable} ")
+    assert value not in str(err.value)
+
+
+def test_the_api_accepts_random_broker_secrets() -> None:
+    password = secrets.token_urlsafe(24)
+    settings = load_settings(
+        ApiSettings,
+        {
+            **SECRET,
+            "IOT_MQTT_HOOK_SECRET": secrets.token_urlsafe(24),
+            "IOT_MQTT_SERVICE_USERS": f"ingest:ingest:{password}",
+            "IOT_MQTT_ADMIN_URL": f"mqtt://admin:{password}@mosquitto:1883",
+        },
+    )
+    assert settings.mqtt_service_users == [f"ingest:ingest:{password}"]
