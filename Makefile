@@ -4,8 +4,9 @@ UV ?= uv
 PYTEST := $(UV) run --frozen pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help install run up down test test-unit test-integration test-e2e lint fmt migrate bench bench-e2e chaos clean
-COMPOSE := docker compose -f deploy/compose.yml
+.PHONY: help install run compose-env up down test test-unit test-integration test-e2e lint fmt migrate bench bench-e2e chaos clean
+# Compose reads its secrets from the environment or deploy/.env (git-ignored; `make compose-env`).
+COMPOSE := docker compose -f deploy/compose.yml $(if $(wildcard deploy/.env),--env-file deploy/.env)
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -18,7 +19,11 @@ install: ## Install every package, console script and dev tool into .venv (uv.lo
 run: ## Run the whole platform locally (migrate, 3 services, simulated devices) until Ctrl-C
 	$(UV) run --frozen python scripts/run_local.py
 
-up: ## Run the whole platform in Docker Compose (needs a Docker engine)
+compose-env: ## Write random secrets for Docker Compose into deploy/.env (keeps those already set)
+	@python3 scripts/compose_env.py
+
+up: ## Run the whole platform in Docker Compose (needs a Docker engine and the secrets: make compose-env)
+	@python3 scripts/compose_env.py --check
 	$(COMPOSE) up -d --build --wait
 
 down: ## Stop the Compose stack

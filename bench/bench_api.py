@@ -16,6 +16,7 @@ import asyncio
 import multiprocessing
 import os
 import random
+import secrets
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,7 @@ def main() -> None:
                 "IOT_DATABASE_URL": database_url(),
                 "IOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
                 "IOT_API_PORT": str(port),
+                "IOT_JWT_SECRET": secrets.token_urlsafe(48),
                 "IOT_BOOTSTRAP_API_KEY": API_KEY,
                 "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
                 "IOT_API_ROLLUP_INTERVAL_S": "0",

@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import secrets
 import socket
 import statistics
 import subprocess
@@ -45,7 +46,7 @@ from iot_common.messages import TelemetryEvent, encode_event
 from iot_common.topics import device_channel
 
 BIN = Path(sys.executable).parent
-SECRET = "bench-realtime-secret-0123456789abcdefghij"
+SECRET = secrets.token_urlsafe(48)  # IOT_JWT_SECRET of the gateway under test: random per run
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import contextlib
 import gc
 import json
 import multiprocessing as mp
+import secrets
 import signal
 import subprocess
 import sys
@@ -44,7 +45,7 @@ from bench.loadgen import device_ids, publish_async  # noqa: E402
 from tests.support.backends import MOSQUITTO_TEST_CONFIG, port_open  # noqa: E402
 from tests.support.processes import free_port  # noqa: E402
 
-SECRET = "bench-e2e-secret-0123456789abcdefghijkl"
+SECRET = secrets.token_urlsafe(48)  # IOT_JWT_SECRET of the realtime service: random per run
 
 
 class StampedPayload:

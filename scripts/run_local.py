@@ -8,8 +8,13 @@ process with SIGTERM and waits for each.
 Everything is configured by the usual ``IOT_*`` variables (docs/configuration.md), plus
 ``IOT_SIM_DEVICES`` (default 5), ``IOT_SIM_RATE`` (readings per second per device, default 1) and
 ``IOT_SIM_PREFIX`` (device id prefix, default ``sim``). For this local run the API bootstraps an admin
-(``IOT_BOOTSTRAP_ADMIN_EMAIL``/``IOT_BOOTSTRAP_ADMIN_PASSWORD``, default admin@example.com / admin-password)
-and an API key the simulator registers its devices with.
+(``IOT_BOOTSTRAP_ADMIN_EMAIL``, default admin@example.com, and ``IOT_BOOTSTRAP_ADMIN_PASSWORD``) and an
+API key the simulator registers its devices with.
+
+There is no default secret: unless set in the environment, ``IOT_JWT_SECRET`` and the admin password are
+generated at random on the first run and kept in ``.run-local.env`` at the repository root (git-ignored,
+mode 0600; another file with ``IOT_RUN_SECRETS_FILE``), so tokens and the printed login stay valid across
+runs. Delete the file to get new ones (the admin keeps the password it was created with).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+GENERATED = ("IOT_JWT_SECRET", "IOT_BOOTSTRAP_ADMIN_PASSWORD")
 COLOURS = {"api": "\033[36m", "realtime": "\033[35m", "ingest": "\033[33m", "sim": "\033[32m"}
 RESET = "\033[0m"
 HOW_TO_START = {
@@ -74,6 +81,27 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -
             pass
         time.sleep(0.2)
     return False
+
+
+def local_secrets(path: Path, env: dict[str, str]) -> dict[str, str]:
+    """The secrets of :data:`GENERATED` not set in ``env``: read from ``path``, else generated and saved."""
+    saved: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if sep and name.strip() in GENERATED and value.strip():
+                saved[name.strip()] = value.strip()
+    missing = [name for name in GENERATED if not env.get(name) and name not in saved]
+    if missing:
+        for name in missing:
+            saved[name] = secrets.token_urlsafe(48 if name == "IOT_JWT_SECRET" else 18)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("# Secrets of `make run` (scripts/run_local.py), generated at random. Never commit.\n")
+            out.writelines(f"{name}={value}\n" for name, value in saved.items())
+        print(f"make run: generated {', '.join(missing)} into {path}", flush=True)
+    return {name: value for name, value in saved.items() if not env.get(name)}
 
 
 class Supervisor:
@@ -129,7 +157,6 @@ def main() -> int:
     env.setdefault("IOT_LOG_FORMAT", "console")
     env.setdefault("IOT_INGEST_AUTO_REGISTER", "true")
     env.setdefault("IOT_BOOTSTRAP_ADMIN_EMAIL", "admin@example.com")
-    env.setdefault("IOT_BOOTSTRAP_ADMIN_PASSWORD", "admin-password")
     api_key = env.setdefault(
         "IOT_BOOTSTRAP_API_KEY", f"iotk_{secrets.token_hex(6)}_{secrets.token_urlsafe(24)}"
     )
@@ -137,6 +164,7 @@ def main() -> int:
     if problems:
         print("make run: cannot start:\n" + "\n".join(f"- {p}" for p in problems), file=sys.stderr)
         return 2
+    env.update(local_secrets(Path(env.get("IOT_RUN_SECRETS_FILE") or ROOT / ".run-local.env"), env))
     if subprocess.run([str(BIN / "iot-migrate")], env=env, check=False).returncode != 0:
         print("make run: iot-migrate failed (see above)", file=sys.stderr)
         return 1

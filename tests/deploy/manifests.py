@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,50 @@ def variables(settings: type[BaseSettings]) -> set[str]:
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     return data
+
+
+_VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+class Interpolation:
+    """Compose's variable substitution (``${VAR}``, ``${VAR:-default}``, ``${VAR:?message}``, ``$$``)."""
+
+    def __init__(self, environment: Mapping[str, str]) -> None:
+        self.environment = environment
+        self.missing: dict[str, str] = {}
+        """Required variables without a value, with their messages (Compose stops at the first)."""
+
+    def value(self, text: str) -> str:
+        def substitute(match: re.Match[str]) -> str:
+            name, operator, argument = match.groups()
+            is_set = name in self.environment
+            value = self.environment.get(name, "")
+            usable = bool(value) if operator and operator.startswith(":") else is_set
+            if operator in (":-", "-"):
+                return value if usable else argument
+            if operator in (":?", "?"):
+                if not usable:
+                    self.missing[name] = argument
+                return value
+            return value
+
+        return _VARIABLE.sub(substitute, text.replace("$$", "\0")).replace("\0", "$")
+
+    def tree(self, node: Any) -> Any:
+        if isinstance(node, str):
+            return self.value(node)
+        if isinstance(node, list):
+            return [self.tree(item) for item in node]
+        if isinstance(node, dict):
+            return {key: self.tree(item) for key, item in node.items()}
+        return node
+
+
+def interpolated_compose(environment: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The Compose file as ``docker compose config`` would see it with ``environment`` (and the missing)."""
+    interpolation = Interpolation(environment)
+    data: dict[str, Any] = interpolation.tree(compose())
+    return data, interpolation.missing
 
 
 def render(kustomization: Path) -> list[dict[str, Any]]:

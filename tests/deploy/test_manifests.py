@@ -8,6 +8,7 @@ schemas, offline.
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 
+from iot_api.settings import ApiSettings
+from iot_common.settings import SettingsError, load_settings
+from iot_realtime.settings import RealtimeSettings
 from tests.deploy.manifests import (
     BIN,
     COMPOSE,
@@ -24,6 +28,7 @@ from tests.deploy.manifests import (
     SERVICE_SETTINGS,
     compose,
     container_env,
+    interpolated_compose,
     render,
     variables,
     workload_containers,
@@ -109,9 +114,81 @@ def test_autoscalers_target_existing_workloads() -> None:
             assert (ref["kind"], ref["name"]) in names
 
 
-def _defaults(value: str) -> str:
-    """A Compose value with each ``${VAR:-default}`` replaced by its default (nothing set)."""
-    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+REQUIRED_SECRETS = {
+    "IOT_JWT_SECRET",
+    "IOT_BOOTSTRAP_ADMIN_PASSWORD",
+    "IOT_POSTGRES_PASSWORD",
+    "IOT_MQTT_ADMIN_PASSWORD",
+    "IOT_MQTT_INGEST_PASSWORD",
+    "IOT_MQTT_API_PASSWORD",
+}
+"""What ``docker compose up`` must refuse to run without (docs/deploy.md)."""
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY\b")
+
+
+def random_secrets() -> dict[str, str]:
+    """A value for every secret the Compose file reads, as ``make compose-env`` writes them."""
+    return {name: secrets.token_urlsafe(32) for name in (*REQUIRED_SECRETS, "IOT_MQTT_SIM_PASSWORD")}
+
+
+def test_compose_refuses_to_start_without_each_secret_and_has_no_default_for_any() -> None:
+    _, missing = interpolated_compose({})
+    assert set(missing) == REQUIRED_SECRETS
+    assert all("docs/deploy.md" in message for message in missing.values()), missing
+    text = COMPOSE.read_text()
+    for name, default in re.findall(r"\$\{(\w+):?-([^}]*)\}", text):
+        if SECRET_NAME.search(name):
+            assert default == "", f"${{{name}}} falls back to {default!r}"
+    # Set, but empty, is missing too.
+    _, missing = interpolated_compose(dict.fromkeys(REQUIRED_SECRETS, ""))
+    assert set(missing) == REQUIRED_SECRETS
+
+
+def test_compose_with_the_secrets_set_gives_the_web_services_valid_settings() -> None:
+    given = random_secrets()
+    services, missing = interpolated_compose(given)
+    assert not missing
+    api = load_settings(ApiSettings, services["services"]["api"]["environment"])
+    realtime = load_settings(RealtimeSettings, services["services"]["realtime"]["environment"])
+    assert api.jwt_secret == realtime.jwt_secret == given["IOT_JWT_SECRET"]
+    assert api.bootstrap_admin_password == given["IOT_BOOTSTRAP_ADMIN_PASSWORD"]
+    postgres = services["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert urlsplit(api.database_url).password == postgres == given["IOT_POSTGRES_PASSWORD"]
+
+
+def test_every_port_compose_publishes_is_bound_to_the_loopback_interface() -> None:
+    published = 0
+    for name, spec in compose()["services"].items():
+        for port in spec.get("ports", []):
+            published += 1
+            if isinstance(port, dict):
+                assert port.get("host_ip") == "127.0.0.1", f"{name}: {port}"
+            else:
+                host_ip, _, _ = str(port).rpartition(":")[0].rpartition(":")
+                assert host_ip == "127.0.0.1", f"{name} publishes {port!r} on every interface"
+    assert published >= 4
+
+
+def test_the_sim_broker_user_exists_only_under_the_sim_profile() -> None:
+    services = compose()["services"]
+    init = services["mosquitto-init"]
+    assert "MQTT_SIM_PASSWORD" not in init["environment"], "the default broker users include sim"
+    scripts = {
+        name: spec["command"][-1]
+        for name, spec in services.items()
+        if any("dynsec-sim.sh" in part for part in spec.get("command", []))
+    }
+    assert sorted(scripts.values()) == ["add", "remove"]
+    adder = next(name for name, action in scripts.items() if action == "add")
+    remover = next(name for name, action in scripts.items() if action == "remove")
+    assert services[adder]["profiles"] == ["sim"]
+    assert "profiles" not in services[remover], "the removal runs on every `up`"
+    assert services[adder]["depends_on"][remover]["condition"] == "service_completed_successfully"
+    assert services["sim"]["profiles"] == ["sim"]
+    assert services["sim"]["depends_on"][adder]["condition"] == "service_completed_successfully"
+    for name, spec in services.items():
+        if "IOT_MQTT_SIM_PASSWORD" in str(spec.get("environment", {})):
+            assert spec.get("profiles") == ["sim"], f"{name} reads the sim password outside the profile"
 
 
 def test_shipped_broker_refuses_anonymous_clients_and_loads_dynamic_security() -> None:
@@ -134,14 +211,19 @@ def test_compose_services_connect_as_the_users_the_broker_is_initialised_with() 
     assert services["mosquitto"]["depends_on"]["mosquitto-init"]["condition"] == (
         "service_completed_successfully"
     )
-    passwords = {k: _defaults(v) for k, v in init["environment"].items()}
+    services = interpolated_compose(random_secrets())[0]["services"]
+    passwords = {
+        **services["mosquitto-init"]["environment"],
+        **services["mosquitto-sim-on"]["environment"],
+    }
     for service in ("api", "ingest", "sim"):
-        url = urlsplit(_defaults(services[service]["environment"]["IOT_MQTT_URL"]))
+        url = urlsplit(services[service]["environment"]["IOT_MQTT_URL"])
         assert url.username == service
         assert url.password == passwords[f"MQTT_{service.upper()}_PASSWORD"]
-    admin = urlsplit(_defaults(services["api"]["environment"]["IOT_MQTT_ADMIN_URL"]))
+    admin = urlsplit(services["api"]["environment"]["IOT_MQTT_ADMIN_URL"])
     assert (admin.username, admin.password) == ("admin", passwords["MQTT_ADMIN_PASSWORD"])
-    assert _defaults(services["mosquitto"]["environment"]["MQTT_ADMIN_PASSWORD"]) == admin.password
+    for name in ("mosquitto", "mosquitto-sim-off", "mosquitto-sim-on"):
+        assert services[name]["environment"]["MQTT_ADMIN_PASSWORD"] == admin.password
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
@@ -152,3 +234,73 @@ def test_api_and_ingest_pods_get_their_own_mqtt_users(kustomization: Path) -> No
         env = container_env(docs, workloads[service][1])
         assert urlsplit(env["IOT_MQTT_URL"]).username == service
     assert "IOT_MQTT_ADMIN_URL" not in container_env(docs, workloads["ingest"][1])
+
+
+def _route(ingress: dict[str, Any], path: str) -> str | None:
+    """The Service an Ingress sends ``path`` to, by the Kubernetes rules (None: not routed).
+
+    ``Exact`` matches the path as is; ``Prefix`` matches whole ``/``-separated elements (``/api/v1``
+    matches ``/api/v1/devices``, not ``/api/v10``); the longest match wins, ``Exact`` before ``Prefix``.
+    """
+    candidates: list[tuple[int, int, str]] = []
+    parts = [p for p in path.split("/") if p]
+    for rule in ingress["spec"]["rules"]:
+        for item in rule["http"]["paths"]:
+            kind, rule_path = item["pathType"], item["path"]
+            service: str = item["backend"]["service"]["name"]
+            rule_parts = [p for p in rule_path.split("/") if p]
+            if kind == "Exact" and path == rule_path:
+                candidates.append((len(rule_path), 1, service))
+            elif kind == "Prefix" and parts[: len(rule_parts)] == rule_parts:
+                candidates.append((len(rule_path), 0, service))
+    return max(candidates)[2] if candidates else None
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_the_ingress_routes_only_the_api_the_websocket_and_the_dashboard(kustomization: Path) -> None:
+    from iot_api.app import OPENAPI_PATH
+
+    ingresses = [doc for doc in render(kustomization) if doc["kind"] == "Ingress"]
+    assert len(ingresses) == 1
+    ingress = ingresses[0]
+    assert "defaultBackend" not in ingress["spec"]
+    kinds = {item["pathType"] for rule in ingress["spec"]["rules"] for item in rule["http"]["paths"]}
+    assert kinds <= {"Exact", "Prefix"}, "ImplementationSpecific paths depend on the controller"
+    public = {
+        "/api/v1/devices": "iot-api",
+        "/api/v1/auth/login": "iot-api",
+        "/api/v1": "iot-api",
+        "/ws": "iot-realtime",
+        "/dashboard": "iot-api",
+        "/dashboard/": "iot-api",
+        "/dashboard/assets/index.js": "iot-api",
+    }
+    internal = [
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        OPENAPI_PATH,
+        f"{OPENAPI_PATH}/openapi.json",
+        f"{OPENAPI_PATH}/swagger",
+        "/api",
+        "/api/v10",
+        "/ws/other",
+        "/wsx",
+        "/dashboardx",
+        "/",
+    ]
+    for path, service in public.items():
+        assert _route(ingress, path) == service, path
+    for path in internal:
+        assert _route(ingress, path) is None, f"{path} is routed publicly"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_the_k8s_secret_placeholders_stop_the_web_services(kustomization: Path) -> None:
+    docs = render(kustomization)
+    workloads = workload_containers(docs)
+    for service, settings in (("api", ApiSettings), ("realtime", RealtimeSettings)):
+        env = container_env(docs, workloads[service][1])
+        with pytest.raises(SettingsError) as err:
+            load_settings(settings, env)
+        assert str(err.value).startswith("invalid configuration: IOT_JWT_SECRET ")

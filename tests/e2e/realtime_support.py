@@ -19,9 +19,9 @@ from websockets.typing import Origin
 from iot_common.auth import issue_token
 from iot_common.messages import TelemetryEvent, encode_event
 from tests.support.backends import port_open
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import JWT_SECRET, ServiceProcess, free_port
 
-SECRET = "e2e-realtime-secret-0123456789abcdefghij"
+SECRET = JWT_SECRET
 ALLOWED_ORIGIN = "https://dashboard.example"
 
 Start = Callable[[str, Mapping[str, str]], ServiceProcess]

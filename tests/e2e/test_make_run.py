@@ -32,6 +32,8 @@ def test_make_run_starts_everything_shows_data_and_stops_cleanly(
     database_url: str, redis_url: str, unique: str, artifacts_dir: Path
 ) -> None:
     api_key = generate_api_key()[0]
+    secrets_file = artifacts_dir / "run-local.env"
+    secrets_file.unlink(missing_ok=True)
     ports = {
         "IOT_API_PORT": free_port(),
         "IOT_REALTIME_PORT": free_port(),
@@ -50,6 +52,8 @@ def test_make_run_starts_everything_shows_data_and_stops_cleanly(
             "IOT_SIM_PREFIX": f"run{unique}",
             "IOT_SIM_DEVICES": "3",
             "IOT_SIM_RATE": "5",
+            # No IOT_JWT_SECRET nor admin password: make run generates them and keeps them here.
+            "IOT_RUN_SECRETS_FILE": str(secrets_file),
             **{k: str(v) for k, v in ports.items()},
         }
         log_path = artifacts_dir / "make-run.log"
@@ -78,6 +82,15 @@ def test_make_run_starts_everything_shows_data_and_stops_cleanly(
                     pass
                 time.sleep(0.5)
             assert "temperature" in latest.get("metrics", {}), log_path.read_text()[-4000:]
+            saved = dict(line.split("=", 1) for line in secrets_file.read_text().splitlines() if "=" in line)
+            assert secrets_file.stat().st_mode & 0o077 == 0, "the secrets file is private to its owner"
+            assert len(saved["IOT_JWT_SECRET"]) >= 32
+            login = httpx.post(
+                f"{api}/api/v1/auth/login",
+                json={"email": "admin@example.com", "password": saved["IOT_BOOTSTRAP_ADMIN_PASSWORD"]},
+            )
+            assert login.status_code == 200, login.text
+            assert f"admin@example.com / {saved['IOT_BOOTSTRAP_ADMIN_PASSWORD']}" in log_path.read_text()
             ws_url = f"ws://127.0.0.1:{ports['IOT_REALTIME_PORT']}/ws"
             frame = asyncio.run(first_telemetry(ws_url, api_key, device))
             assert set(frame["metrics"]) >= {"temperature", "humidity", "pressure"}  # type: ignore[call-overload]

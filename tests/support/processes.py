@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ import httpx
 from tests.support.backends import MOSQUITTO_TEST_CONFIG, port_open
 
 BIN = Path(sys.executable).parent
+JWT_SECRET = secrets.token_urlsafe(48)
+"""``IOT_JWT_SECRET`` of every service a test starts: random per test run (there is no default)."""
 
 
 def free_port() -> int:
@@ -32,7 +35,7 @@ class ServiceProcess:
 
     def __init__(self, script: str, env: Mapping[str, str], log_dir: Path) -> None:
         self.script = script
-        self.env = {**os.environ, "IOT_LOG_FORMAT": "json", **env}
+        self.env = {**os.environ, "IOT_LOG_FORMAT": "json", "IOT_JWT_SECRET": JWT_SECRET, **env}
         self.log_path = log_dir / f"{script}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
 from iot_api.settings import ApiSettings
 from iot_common.settings import BaseSettings, SettingsError, load_settings
+from iot_common.weak_secrets import PUBLISHED_SECRETS
 from iot_ingest.settings import IngestSettings
 from iot_realtime.settings import RealtimeSettings
+
+SECRET = {"IOT_JWT_SECRET": "unit-test-jwt-secret-0123456789abcdefghij"}
 
 
 def test_defaults_match_the_documented_values() -> None:
@@ -13,8 +18,8 @@ def test_defaults_match_the_documented_values() -> None:
     assert settings.database_url == "postgresql://postgres@127.0.0.1:5432/postgres"
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
     assert settings.mqtt_url == "mqtt://127.0.0.1:1883"
-    assert load_settings(ApiSettings, {}).api_port == 8000
-    assert load_settings(RealtimeSettings, {}).realtime_port == 8001
+    assert load_settings(ApiSettings, SECRET).api_port == 8000
+    assert load_settings(RealtimeSettings, SECRET).realtime_port == 8001
     assert load_settings(IngestSettings, {}).ingest_http_port == 8002
 
 
@@ -36,7 +41,9 @@ def test_values_come_from_iot_variables_and_are_converted() -> None:
 
 
 def test_list_settings_are_comma_separated() -> None:
-    settings = load_settings(ApiSettings, {"IOT_CORS_ORIGINS": "https://a.example, https://b.example"})
+    settings = load_settings(
+        ApiSettings, {**SECRET, "IOT_CORS_ORIGINS": "https://a.example, https://b.example"}
+    )
     assert settings.cors_origins == ["https://a.example", "https://b.example"]
 
 
@@ -70,10 +77,82 @@ def test_a_malformed_url_stops_start_up_naming_the_variable(variable: str, value
 )
 def test_a_wrong_value_names_its_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
-        load_settings(ApiSettings, {variable: value})
+        load_settings(ApiSettings, {**SECRET, variable: value})
 
 
 def test_cross_field_errors_name_the_variables_involved() -> None:
     with pytest.raises(SettingsError) as err:
         load_settings(BaseSettings, {"IOT_DATABASE_POOL_MIN": "20", "IOT_DATABASE_POOL_MAX": "5"})
     assert "IOT_DATABASE_POOL_MIN" in str(err.value)
+
+
+@pytest.mark.parametrize("settings", [ApiSettings, RealtimeSettings])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (None, "is not set"),
+        ("", "is not set"),
+        ("x" * 31, "is shorter than 32 bytes"),
+        ("é" * 15, "is shorter than 32 bytes"),
+        *[(secret, "placeholder") for secret in sorted(PUBLISHED_SECRETS) if len(secret) >= 32],
+        ("please-CHANGE_ME-before-production-0123456789", "placeholder"),
+        ("replace-me-with-32-random-characters-000000", "placeholder"),
+        ("0" * 64, "fewer than 8 different characters"),
+    ],
+)
+def test_the_jwt_secret_has_no_default_and_refuses_weak_values(
+    settings: type[ApiSettings] | type[RealtimeSettings], value: str | None, problem: str
+) -> None:
+    env = {} if value is None else {"IOT_JWT_SECRET": value}
+    with pytest.raises(SettingsError) as err:
+        load_settings(settings, env)
+    message = str(err.value)
+    assert message.startswith("invalid configuration: IOT_JWT_SECRET ")
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_a_random_jwt_secret_is_accepted() -> None:
+    secret = secrets.token_urlsafe(32)
+    assert load_settings(RealtimeSettings, {"IOT_JWT_SECRET": secret}).jwt_secret == secret
+
+
+@pytest.mark.parametrize("password", ["admin-password", "compose-dev-admin-password", "changeme123"])
+def test_a_published_bootstrap_admin_password_is_refused(password: str) -> None:
+    env = {
+        **SECRET,
+        "IOT_BOOTSTRAP_ADMIN_EMAIL": "admin@example.com",
+        "IOT_BOOTSTRAP_ADMIN_PASSWORD": password,
+    }
+    with pytest.raises(SettingsError, match="IOT_BOOTSTRAP_ADMIN_PASSWORD"):
+        load_settings(ApiSettings, env)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("IOT_MQTT_HOOK_SECRET", "REPLACE_ME_hook_secret_0123"),
+        ("IOT_MQTT_SERVICE_USERS", "ingest:ingest:changeme-changeme-0123"),
+        ("IOT_MQTT_ADMIN_URL", "mqtt://admin:REPLACE_ME@mqtt.example.internal:1883"),
+        ("IOT_MQTT_ADMIN_URL", "mqtt://admin:compose-dev-admin-password@mosquitto:1883"),
+    ],
+)
+def test_the_api_refuses_placeholder_broker_secrets(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(ApiSettings, {**SECRET, variable: value})
+    assert str(err.value).startswith(f"invalid configuration: {variable} ")
+    assert value not in str(err.value)
+
+
+def test_the_api_accepts_random_broker_secrets() -> None:
+    password = secrets.token_urlsafe(24)
+    settings = load_settings(
+        ApiSettings,
+        {
+            **SECRET,
+            "IOT_MQTT_HOOK_SECRET": secrets.token_urlsafe(24),
+            "IOT_MQTT_SERVICE_USERS": f"ingest:ingest:{password}",
+            "IOT_MQTT_ADMIN_URL": f"mqtt://admin:{password}@mosquitto:1883",
+        },
+    )
+    assert settings.mqtt_service_users == [f"ingest:ingest:{password}"]

@@ -15,6 +15,7 @@ from litestar.testing import AsyncTestClient
 
 from iot_api.app import create_app
 from iot_api.settings import ApiSettings
+from tests.support.processes import JWT_SECRET
 
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "correct horse battery"
@@ -28,6 +29,7 @@ def api_settings(database_url: str, redis_url: str, mqtt_url: str, unique: str) 
         redis_url=redis_url,
         mqtt_url=mqtt_url,
         log_format="json",
+        jwt_secret=JWT_SECRET,
         bootstrap_api_key=BOOTSTRAP_KEY,
         bootstrap_admin_email=ADMIN_EMAIL,
         bootstrap_admin_password=ADMIN_PASSWORD,

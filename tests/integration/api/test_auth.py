@@ -13,9 +13,10 @@ from litestar.testing import AsyncTestClient
 from iot_common.auth import InvalidCredential, decode_token, issue_token
 from tests.integration.api.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, BOOTSTRAP_KEY, make_key
 from tests.integration.api.test_devices import assert_problem
+from tests.support.processes import JWT_SECRET
 
 Client = AsyncTestClient[Any]
-SECRET = "dev-only-insecure-jwt-secret-change-me"
+SECRET = JWT_SECRET
 
 
 async def login(client: Client) -> dict[str, Any]:

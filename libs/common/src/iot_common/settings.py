@@ -14,6 +14,8 @@ from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
+from iot_common.weak_secrets import MIN_SECRET_BYTES, weak_secret_problem
+
 ENV_PREFIX = "IOT_"
 
 PostgresUrl = Annotated[
@@ -67,10 +69,20 @@ class BaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 class WebSettings(BaseSettings, frozen=True, kw_only=True):
     """Settings shared by the services browsers talk to (API and realtime)."""
 
-    jwt_secret: Annotated[str, msgspec.Meta(min_length=32)] = "dev-only-insecure-jwt-secret-change-me"
+    jwt_secret: str = ""
+    """Signs and verifies access tokens: required, no default (see :mod:`iot_common.weak_secrets`)."""
     cors_origins: list[str] = msgspec.field(
         default_factory=lambda: ["http://localhost:8000", "http://127.0.0.1:8000"]
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        problem = weak_secret_problem(self.jwt_secret)
+        if problem is not None:
+            raise ValueError(
+                f"{env_name('jwt_secret')} {problem}: give the API and realtime services the same random "
+                f"value of at least {MIN_SECRET_BYTES} bytes, e.g. `openssl rand -base64 48`"
+            )
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -116,6 +128,8 @@ def load_settings(cls: type[S], environ: Mapping[str, str] | None = None) -> S:
 
 def _explain(error: str, hints: dict[str, object], raw: Mapping[str, object]) -> str:
     """Rewrite msgspec's ``... - at `$.field``` into a message naming the variable and what it expects."""
+    if error.startswith(ENV_PREFIX):
+        return error  # already names its variable (a check in __post_init__)
     match = _PATH_RE.search(error)
     if match is None:
         names = ", ".join(sorted(env_name(k) for k in raw)) or "defaults"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
 from iot_common.settings import Port, WebSettings
+from iot_common.weak_secrets import is_placeholder
 
 BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}$"
 SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}$"
@@ -63,3 +65,12 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
             raise ValueError("bootstrap_admin_email and bootstrap_admin_password go together")
         if self.bootstrap_admin_password and len(self.bootstrap_admin_password) < 8:
             raise ValueError("bootstrap_admin_password must have at least 8 characters")
+        if self.bootstrap_admin_password and is_placeholder(self.bootstrap_admin_password):
+            raise ValueError("IOT_BOOTSTRAP_ADMIN_PASSWORD is a published example value: choose another")
+        # The other secrets the API holds: none may be a published placeholder (REPLACE_ME, changeme...).
+        if self.mqtt_hook_secret and is_placeholder(self.mqtt_hook_secret):
+            raise ValueError("IOT_MQTT_HOOK_SECRET is a published placeholder or example value")
+        if any(is_placeholder(entry.split(":", 2)[2]) for entry in self.mqtt_service_users):
+            raise ValueError("IOT_MQTT_SERVICE_USERS has a published placeholder or example password")
+        if self.mqtt_admin_url and is_placeholder(unquote(urlsplit(self.mqtt_admin_url).password or "")):
+            raise ValueError("IOT_MQTT_ADMIN_URL has a published placeholder or example password")

@@ -1,0 +1,109 @@
+"""The simulator's broker user ``sim`` (it may publish for every device), added and removed on a running
+Mosquitto with dynamic security by ``deploy/mosquitto/dynsec-sim.sh``, as Compose does around its ``sim``
+profile.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_dynsec import PLUGIN, connect
+from tests.support.processes import mosquitto
+
+SCRIPT = Path(__file__).resolve().parents[2] / "deploy/mosquitto/dynsec-sim.sh"
+REFUSED = r"(?i)not authori[sz]ed|bad user|refused|code"
+ADMIN_PASSWORD = secrets.token_urlsafe(24)
+
+
+@pytest.fixture
+def dynsec_broker() -> Iterator[tuple[str, str]]:
+    """A private broker with the dynamic-security plugin, its admin only: (admin URL, host:port)."""
+    if not Path(PLUGIN).exists():
+        pytest.fail(f"{PLUGIN} missing: install Debian's mosquitto package")
+    folder = Path(tempfile.mkdtemp(prefix="iot-dynsec-sim-"))
+    folder.chmod(0o755)
+    subprocess.run(
+        ["mosquitto_ctrl", "dynsec", "init", str(folder / "dynsec.json"), "admin", ADMIN_PASSWORD],
+        check=True,
+        capture_output=True,
+    )
+    if os.geteuid() == 0:
+        # Started as root, mosquitto drops to the `mosquitto` user, which must read and save this file.
+        for path in (folder, folder / "dynsec.json"):
+            shutil.chown(path, "mosquitto", "mosquitto")
+    extra = f"plugin {PLUGIN}\nplugin_opt_config_file {{dir}}/dynsec.json\n"
+    try:
+        with mosquitto(extra, anonymous=False, directory=folder) as url:
+            hostport = url.removeprefix("mqtt://")
+            yield f"mqtt://admin:{ADMIN_PASSWORD}@{hostport}", hostport
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sim_user(hostport: str, action: str, **env: str) -> subprocess.CompletedProcess[str]:
+    host, port = hostport.split(":")
+    return subprocess.run(
+        ["sh", str(SCRIPT), action],
+        env={
+            "PATH": os.environ["PATH"],
+            "MQTT_HOST": host,
+            "MQTT_PORT": port,
+            "MQTT_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_the_sim_user_exists_only_between_add_and_remove(dynsec_broker: tuple[str, str]) -> None:
+    hostport = dynsec_broker[1]
+    first, second = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    nothing = sim_user(hostport, "remove")
+    assert nothing.returncode == 0, nothing.stderr
+    with pytest.raises(Exception, match=REFUSED):
+        await connect(hostport, "sim", first)
+
+    no_password = sim_user(hostport, "add")
+    assert no_password.returncode != 0
+    assert "IOT_MQTT_SIM_PASSWORD" in no_password.stderr
+    added = sim_user(hostport, "add", MQTT_SIM_PASSWORD=first)
+    assert added.returncode == 0, added.stderr
+    client = await connect(hostport, "sim", first)
+    await client.disconnect()
+
+    # Adding again keeps one user and sets the password given now.
+    again = sim_user(hostport, "add", MQTT_SIM_PASSWORD=second)
+    assert again.returncode == 0, again.stderr
+    with pytest.raises(Exception, match=REFUSED):
+        await connect(hostport, "sim", first)
+    client = await connect(hostport, "sim", second)
+    await client.disconnect()
+
+    removed = sim_user(hostport, "remove")
+    assert removed.returncode == 0, removed.stderr
+    with pytest.raises(Exception, match=REFUSED):
+        await connect(hostport, "sim", second)
+
+
+def test_the_sim_user_script_fails_when_the_broker_refuses_the_admin(dynsec_broker: tuple[str, str]) -> None:
+    for action, env in (("remove", {}), ("add", {"MQTT_SIM_PASSWORD": secrets.token_urlsafe(24)})):
+        result = sim_user(dynsec_broker[1], action, MQTT_ADMIN_PASSWORD="not-the-admin-password", **env)
+        assert result.returncode != 0, result.stdout
+        assert "Not authorized" in result.stderr
+
+
+def test_the_sim_user_needs_a_password_of_16_characters(dynsec_broker: tuple[str, str]) -> None:
+    result = sim_user(dynsec_broker[1], "add", MQTT_SIM_PASSWORD="short")
+    assert result.returncode == 2
+    assert "at least 16 characters" in result.stderr
