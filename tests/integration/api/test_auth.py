@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 from typing import Any
 
@@ -12,6 +13,7 @@ import jwt
 import pytest
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
+from prometheus_client import REGISTRY
 
 from iot_api import limits
 from iot_api.services import auth as auth_service
@@ -277,3 +279,48 @@ async def test_failed_logins_are_limited_per_account_and_per_address(
     assert_problem(await _wrong_login(client, "other1@example.com"), 401)
     assert_problem(await _wrong_login(client, "other2@example.com"), 401)
     assert_problem(await _wrong_login(client, "other3@example.com"), 429)
+
+
+def _key_lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("iot_api_key_lookups_total", {"result": result}) or 0.0
+
+
+def _random_key() -> str:
+    return f"iotk_{secrets.token_hex(6)}_{secrets.token_urlsafe(24)}"
+
+
+async def test_failed_credentials_are_limited_per_address_before_any_lookup(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random API keys and bad JWTs count against the client address; past the limit they are refused
+    with 429 before the database is asked about the key."""
+    monkeypatch.setattr(limits, "WINDOW_S", 3600)
+    client = await make_client(api_auth_failures_per_minute=5)
+    looked_up = _key_lookups("unknown")
+    for _ in range(3):
+        assert_problem(await client.get("/api/v1/devices", headers={"X-API-Key": _random_key()}), 401)
+    for _ in range(2):
+        assert_problem(await client.get("/api/v1/devices", headers={"Authorization": "Bearer x.y.z"}), 401)
+    for _ in range(5):
+        limited = await client.get("/api/v1/devices", headers={"X-API-Key": _random_key()})
+        body = assert_problem(limited, 429)
+        assert 1 <= int(limited.headers["Retry-After"]) <= 3600
+        assert "failed attempts" in body["detail"]
+    assert_problem(await client.get("/api/v1/devices", headers={"Authorization": "Bearer x.y.z"}), 429)
+    assert _key_lookups("unknown") - looked_up == 3
+    # A right credential that needs no look-up still works from this address.
+    token = issue_token(SECRET, "someone", ["read"], 60)
+    assert (
+        await client.get("/api/v1/devices", headers={"Authorization": f"Bearer {token}"})
+    ).status_code == 200
+
+
+async def test_an_unknown_key_costs_one_database_lookup(client: Client, admin: dict[str, str]) -> None:
+    key = _random_key()
+    looked_up = _key_lookups("unknown")
+    for _ in range(4):
+        assert_problem(await client.get("/api/v1/devices", headers={"X-API-Key": key}), 401)
+    assert _key_lookups("unknown") - looked_up == 1
+    # A key created afterwards is found at once, whatever was remembered about unknown prefixes.
+    created = await make_key(client, admin, "read")
+    assert (await client.get("/api/v1/devices", headers=created)).status_code == 200

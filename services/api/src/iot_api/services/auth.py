@@ -166,8 +166,8 @@ class AuthService:
         """The principal of an ``X-API-Key`` or ``Authorization: Bearer`` credential, else 401.
 
         Each wrong credential counts against the client address; past ``IOT_API_AUTH_FAILURES_PER_MINUTE``
-        the answer is 429, and an API key that would need a database look-up is refused before it.
-        A right credential is accepted whatever its address did.
+        the answer is 429, and an API key that would need a database look-up is refused before it. A valid
+        token, or an API key already in the cache, is still accepted from such an address.
         """
         if not api_key and not authorization:
             raise Unauthorized("credentials required: `Authorization: Bearer <token>` or `X-API-Key`")
