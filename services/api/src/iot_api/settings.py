@@ -31,7 +31,7 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_auth_failures_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 30
     api_login_failures_per_account: Annotated[int, msgspec.Meta(ge=0)] = 10
     api_login_failures_per_address: Annotated[int, msgspec.Meta(ge=0)] = 30
-    api_password_hash_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    api_password_hash_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     api_password_hash_queue: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 8
     trusted_proxies: list[
         Annotated[
