@@ -66,12 +66,16 @@ class PasswordWorkers:
         loop = asyncio.get_running_loop()
         self.admitted += 1
         job: Future[T] = self._executor.submit(fn, *args)
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        job.add_done_callback(lambda _: self._release_from(loop))
         PASSWORD_JOBS.labels("run").inc()
         return await asyncio.wrap_future(job)
 
     def _release(self) -> None:
         self.admitted -= 1
+
+    def _release_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed while a hash was still running
+            loop.call_soon_threadsafe(self._release)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
