@@ -7,15 +7,19 @@ cached pages, sessions or rate-limit counters.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
 from iot_api.app import create_app
+from iot_api.main import serve
 from iot_api.settings import ApiSettings
-from tests.support.processes import JWT_SECRET
+from tests.support.processes import JWT_SECRET, free_port
 
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "correct horse battery"
@@ -93,3 +97,34 @@ async def reader(client: AsyncTestClient[Any], admin: dict[str, str]) -> dict[st
 @pytest.fixture
 async def writer(client: AsyncTestClient[Any], admin: dict[str, str]) -> dict[str, str]:
     return await make_key(client, admin, "write")
+
+
+ServerFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_server(api_settings: ApiSettings) -> AsyncIterator[ServerFactory]:
+    """Run the API as ``iot-api`` does (uvicorn, :func:`iot_api.main.serve`) in this process on a free
+    port of 127.0.0.1, with settings overridden; return its base URL. Stopped afterwards."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def make(**overrides: Any) -> str:
+        port = free_port()
+        settings = ApiSettings(**{**_fields(api_settings), "api_port": port, **overrides})
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(settings, stop))
+        running.append((stop, task))
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=5) as probe:
+            for _ in range(300):
+                assert not task.done(), "the API stopped while starting"
+                with contextlib.suppress(httpx.TransportError):
+                    if (await probe.get("/readyz")).status_code == 200:
+                        return base
+                await asyncio.sleep(0.1)
+        raise AssertionError("the API did not become ready within 30 s")
+
+    yield make
+    for stop, task in reversed(running):
+        stop.set()
+        await task

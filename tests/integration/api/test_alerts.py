@@ -105,15 +105,20 @@ async def test_rule_crud_publishes_each_change(
     assert patched.status_code == 200, patched.text
     assert patched.json()["threshold"] == 35.0
     assert patched.json()["enabled"] is False
-    assert patched.json()["action"] == {**webhook, "on": ["open"]}
+    assert patched.json()["action"] == {
+        "type": "webhook",
+        "url": "https://hooks.example.com/x",
+        "header_names": ["X-T"],
+        "on": ["open"],
+    }
     assert patched.json()["name"] == "hot"
     assert msgspec.json.decode(await next_message(rules_channel))["change"] == "updated"
 
-    # Move the rule from the device to its type; remove the action.
+    # Move the rule from the device to its type; remove the action (a webhook rule: admin only).
     moved = await client.patch(
         f"{RULES}/{rule['id']}",
         json={"device_id": None, "device_type": "thermo", "action": None},
-        headers=writer,
+        headers=admin,
     )
     assert moved.status_code == 200, moved.text
     assert moved.json()["device_id"] is None
@@ -339,3 +344,87 @@ async def test_ack_is_idempotent_and_publishes_an_alert_event(
         await pubsub.aclose()
     assert_problem(await client.post(f"/api/v1/alerts/{uuid.uuid4()}/ack", headers=writer), 404)
     assert_problem(await client.post("/api/v1/alerts/x/ack", headers=writer), 404)
+
+
+SECRET_HEADERS = {"Authorization": "Bearer s3cret-admin-token", "X-Tenant": "t-1"}
+
+
+async def stored_action(db: asyncpg.Connection[Any], rule_id: str) -> dict[str, Any]:
+    action: dict[str, Any] = await db.fetchval(
+        "SELECT action FROM alert_rules WHERE id = $1", uuid.UUID(rule_id)
+    )
+    return action
+
+
+async def test_webhook_headers_are_write_only(
+    client: Client, admin: dict[str, str], reader: dict[str, str], db: asyncpg.Connection[Any], unique: str
+) -> None:
+    """Responses name a webhook's headers, never their values; an update without ``headers`` keeps them."""
+    hook = {"type": "webhook", "url": "https://hooks.example.com/a", "headers": SECRET_HEADERS}
+    created = await client.post(RULES, json=rule_body(device_type=f"t-{unique}", action=hook), headers=admin)
+    assert created.status_code == 201, created.text
+    rule_id = created.json()["id"]
+    shown = {
+        "type": "webhook",
+        "url": "https://hooks.example.com/a",
+        "header_names": ["Authorization", "X-Tenant"],
+    }
+    assert created.json()["action"] == {**shown, "on": ["open"]}
+    for response in (
+        created,
+        await client.get(f"{RULES}/{rule_id}", headers=reader),
+        await client.get(RULES, headers=reader),
+    ):
+        assert response.status_code in (200, 201)
+        assert "s3cret" not in response.text
+        assert "t-1" not in response.text
+    assert (await client.get(f"{RULES}/{rule_id}", headers=reader)).json()["action"] == {
+        **shown,
+        "on": ["open"],
+    }
+    assert (await stored_action(db, rule_id))["headers"] == SECRET_HEADERS
+
+    # Clients never see the values, so an update that leaves ``headers`` out keeps them.
+    moved = {"type": "webhook", "url": "https://hooks.example.com/b", "on": ["open", "resolve"]}
+    patched = await client.patch(f"{RULES}/{rule_id}", json={"action": moved}, headers=admin)
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["action"]["header_names"] == ["Authorization", "X-Tenant"]
+    assert "s3cret" not in patched.text
+    stored = await stored_action(db, rule_id)
+    assert stored["url"] == "https://hooks.example.com/b"
+    assert stored["headers"] == SECRET_HEADERS
+    cleared = await client.patch(
+        f"{RULES}/{rule_id}", json={"action": {**moved, "headers": {}}}, headers=admin
+    )
+    assert cleared.json()["action"]["header_names"] == []
+    assert (await stored_action(db, rule_id))["headers"] == {}
+
+    # The OpenAPI document describes what responses hold.
+    spec = (await client.get("/api/docs/openapi.json")).json()
+    view = spec["components"]["schemas"]["WebhookActionView"]
+    assert "header_names" in view["properties"]
+    assert "headers" not in view["properties"]
+
+
+async def test_changing_or_deleting_a_webhook_rule_needs_admin(
+    client: Client, admin: dict[str, str], writer: dict[str, str], db: asyncpg.Connection[Any], unique: str
+) -> None:
+    """A write key must not make ingest send its own text to an admin's URL with the admin's headers."""
+    hook = {"type": "webhook", "url": "https://hooks.example.com/a", "headers": SECRET_HEADERS}
+    body = rule_body(device_type=f"t-{unique}", action=hook, message="disk full")
+    rule = (await client.post(RULES, json=body, headers=admin)).json()
+    path = f"{RULES}/{rule['id']}"
+    for change in ({"message": "send this text"}, {"threshold": -1e9}, {"action": None}, {"enabled": False}):
+        assert_problem(await client.patch(path, json=change, headers=writer), 403)
+    assert_problem(await client.delete(path, headers=writer), 403)
+    unchanged = (await client.get(path, headers=writer)).json()
+    assert unchanged["message"] == "disk full"
+    assert unchanged["threshold"] == 30.0
+    assert (await stored_action(db, rule["id"]))["headers"] == SECRET_HEADERS
+    # A rule without a webhook stays the writers'; the admin may change and delete the webhook rule.
+    plain = (await client.post(RULES, json=rule_body(device_type=f"t-{unique}"), headers=writer)).json()
+    assert (
+        await client.patch(f"{RULES}/{plain['id']}", json={"message": "m"}, headers=writer)
+    ).status_code == 200
+    assert (await client.patch(path, json={"message": "m"}, headers=admin)).status_code == 200
+    assert (await client.delete(path, headers=admin)).status_code == 204

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+import threading
 from typing import Any
 
 import asyncpg
+import httpx
 import jwt
 import pytest
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
+from prometheus_client import REGISTRY
 
+from iot_api import limits
+from iot_api.services import auth as auth_service
 from iot_common.auth import InvalidCredential, decode_token, issue_token
 from tests.integration.api.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, BOOTSTRAP_KEY, make_key
 from tests.integration.api.test_devices import assert_problem
@@ -196,3 +203,125 @@ async def test_bootstrap_is_idempotent(make_client: Any, database_url: str) -> N
         assert await conn.fetchval("SELECT scopes FROM api_keys") == ["admin"]
     finally:
         await conn.close()
+
+
+async def _wrong_login(client: Client, email: str = ADMIN_EMAIL) -> Any:
+    return await client.post("/api/v1/auth/login", json={"email": email, "password": "wrong password"})
+
+
+async def test_password_checks_past_the_workers_and_queue_are_shed_with_503(
+    make_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Login floods: one worker and one waiting place; further logins are refused at once with 503 and
+    Retry-After instead of each taking another 64 MiB thread; never more than one hash at a time."""
+    base = await make_server(
+        api_password_hash_workers=1,
+        api_password_hash_queue=1,
+        api_login_failures_per_account=0,
+        api_login_failures_per_address=0,
+    )
+    release = threading.Event()
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+    real_verify = auth_service._verify_password
+
+    def held_verify(password_hash: str, password: str) -> bool:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        release.wait(60)
+        with lock:
+            running[0] -= 1
+        return real_verify(password_hash, password)
+
+    monkeypatch.setattr(auth_service, "_verify_password", held_verify)
+    body = {"email": ADMIN_EMAIL, "password": "wrong password"}
+    async with httpx.AsyncClient(base_url=base, timeout=90) as http:
+        tasks = [asyncio.create_task(http.post("/api/v1/auth/login", json=body)) for _ in range(5)]
+        try:
+            # Two are admitted (one hashing, one waiting) and held; the three others are answered now.
+            done: set[asyncio.Task[httpx.Response]] = set()
+            pending: set[asyncio.Task[httpx.Response]] = set(tasks)
+            while len(done) < 3 and pending:
+                finished, pending = await asyncio.wait(
+                    pending, timeout=30, return_when=asyncio.FIRST_COMPLETED
+                )
+                assert finished, "logins past the workers and the queue were not refused while hashes ran"
+                done |= finished
+            assert len(done) == 3
+            for task in done:
+                shed = task.result()
+                assert shed.status_code == 503, shed.text
+                assert shed.headers["Retry-After"] == "1"
+                assert "password checks" in shed.json()["detail"]
+        finally:
+            release.set()
+        for task in pending:
+            assert (await task).status_code == 401
+    assert running[1] == 1
+
+
+async def test_failed_logins_are_limited_per_account_and_per_address(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One long window, so that the minute turning over mid-test cannot reset the counters.
+    monkeypatch.setattr(limits, "WINDOW_S", 3600)
+    client = await make_client(api_login_failures_per_account=3, api_login_failures_per_address=5)
+    for _ in range(3):
+        assert_problem(await _wrong_login(client), 401)
+    # The account has had its three failures: refused without checking, even the right password.
+    limited = await _wrong_login(client)
+    body = assert_problem(limited, 429)
+    assert 1 <= int(limited.headers["Retry-After"]) <= 3600
+    assert "failed attempts" in body["detail"]
+    right = await client.post("/api/v1/auth/login", json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+    assert_problem(right, 429)
+    # Other accounts from the same address: two more failures reach the address's five.
+    assert_problem(await _wrong_login(client, "other1@example.com"), 401)
+    assert_problem(await _wrong_login(client, "other2@example.com"), 401)
+    assert_problem(await _wrong_login(client, "other3@example.com"), 429)
+
+
+def _key_lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("iot_api_key_lookups_total", {"result": result}) or 0.0
+
+
+def _random_key() -> str:
+    return f"iotk_{secrets.token_hex(6)}_{secrets.token_urlsafe(24)}"
+
+
+async def test_failed_credentials_are_limited_per_address_before_any_lookup(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random API keys and bad JWTs count against the client address; past the limit they are refused
+    with 429 before the database is asked about the key."""
+    monkeypatch.setattr(limits, "WINDOW_S", 3600)
+    client = await make_client(api_auth_failures_per_minute=5)
+    looked_up = _key_lookups("unknown")
+    for _ in range(3):
+        assert_problem(await client.get("/api/v1/devices", headers={"X-API-Key": _random_key()}), 401)
+    for _ in range(2):
+        assert_problem(await client.get("/api/v1/devices", headers={"Authorization": "Bearer x.y.z"}), 401)
+    for _ in range(5):
+        limited = await client.get("/api/v1/devices", headers={"X-API-Key": _random_key()})
+        body = assert_problem(limited, 429)
+        assert 1 <= int(limited.headers["Retry-After"]) <= 3600
+        assert "failed attempts" in body["detail"]
+    assert_problem(await client.get("/api/v1/devices", headers={"Authorization": "Bearer x.y.z"}), 429)
+    assert _key_lookups("unknown") - looked_up == 3
+    # A right credential that needs no look-up still works from this address.
+    token = issue_token(SECRET, "someone", ["read"], 60)
+    assert (
+        await client.get("/api/v1/devices", headers={"Authorization": f"Bearer {token}"})
+    ).status_code == 200
+
+
+async def test_an_unknown_key_costs_one_database_lookup(client: Client, admin: dict[str, str]) -> None:
+    key = _random_key()
+    looked_up = _key_lookups("unknown")
+    for _ in range(4):
+        assert_problem(await client.get("/api/v1/devices", headers={"X-API-Key": key}), 401)
+    assert _key_lookups("unknown") - looked_up == 1
+    # A key created afterwards is found at once, whatever was remembered about unknown prefixes.
+    created = await make_key(client, admin, "read")
+    assert (await client.get("/api/v1/devices", headers=created)).status_code == 200

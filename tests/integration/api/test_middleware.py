@@ -9,11 +9,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from iot_api import limits
 from tests.integration.api.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, BOOTSTRAP_KEY
 from tests.integration.api.test_devices import assert_problem
 from tests.support.backends import port_open
@@ -165,3 +167,44 @@ async def test_redis_outage_degrades_to_the_database(make_client: Any, unique: s
         ready = await client.get("/readyz")
         assert ready.status_code == 200
         assert ready.json()["checks"]["redis"] != "ok"
+
+
+BAD_TOKEN = {"Authorization": "Bearer not-a-jwt"}
+
+
+async def test_forwarded_for_is_ignored_without_trusted_proxies(
+    make_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default no X-Forwarded-For is believed, not even from loopback: a client cannot escape the
+    per-address limit of failed credentials by forging one."""
+    monkeypatch.setattr(limits, "WINDOW_S", 3600)
+    base = await make_server(api_auth_failures_per_minute=2)
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        statuses = [
+            (await http.get("/api/v1/devices", headers={**BAD_TOKEN, "X-Forwarded-For": f"203.0.113.{i}"}))
+            for i in range(1, 4)
+        ]
+    assert [r.status_code for r in statuses] == [401, 401, 429]
+    assert 1 <= int(statuses[2].headers["Retry-After"]) <= 3600
+
+
+async def test_clients_behind_a_trusted_proxy_are_limited_separately(
+    make_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "WINDOW_S", 3600)
+    base = await make_server(api_auth_failures_per_minute=2, trusted_proxies=["127.0.0.0/8"])
+
+    def via_proxy(forwarded_for: str) -> dict[str, str]:
+        return {**BAD_TOKEN, "X-Forwarded-For": forwarded_for}
+
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        first = [
+            (await http.get("/api/v1/devices", headers=via_proxy("198.51.100.1"))).status_code
+            for _ in range(3)
+        ]
+        assert first == [401, 401, 429]
+        # Another client behind the same proxy has its own budget.
+        assert (await http.get("/api/v1/devices", headers=via_proxy("198.51.100.2"))).status_code == 401
+        # The proxy appends the address it saw: a forged entry to its left changes nothing.
+        forged = via_proxy("192.0.2.77, 198.51.100.1")
+        assert (await http.get("/api/v1/devices", headers=forged)).status_code == 429

@@ -180,6 +180,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             await mqtt.close()
             if broker is not None:
                 await broker.close()
+            services.auth.close()
             await redis.aclose()
             await pool.close()
 

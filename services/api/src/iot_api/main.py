@@ -31,6 +31,10 @@ async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # X-Forwarded-For is believed only from the proxies named by IOT_TRUSTED_PROXIES (none by default),
+        # never from loopback by default as uvicorn would: the client address is what rate limits count.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies),
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve())

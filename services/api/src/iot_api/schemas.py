@@ -268,17 +268,29 @@ class CommandAction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag
 
 
 class WebhookAction(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="webhook", tag_field="type"):
-    """POST the alert as JSON to ``url`` with the extra ``headers``."""
+    """POST the alert as JSON to ``url`` with the extra ``headers``.
+
+    ``headers`` are write-only: responses show their names only (``header_names``). Left out of an update,
+    the rule keeps the headers it has; ``{}`` removes them."""
 
     url: WebhookUrl
-    headers: Annotated[dict[HeaderName, HeaderValue], msgspec.Meta(max_length=50)] = msgspec.field(
-        default_factory=dict
+    headers: Annotated[dict[HeaderName, HeaderValue], msgspec.Meta(max_length=50)] | msgspec.UnsetType = (
+        msgspec.UNSET
     )
     on: Triggers = msgspec.field(default_factory=lambda: ["open"])
 
 
+class WebhookActionView(msgspec.Struct, frozen=True, tag="webhook", tag_field="type"):
+    """A webhook action as responses show it: the names of its headers, never their values."""
+
+    url: str
+    header_names: list[str]
+    on: list[Literal["open", "resolve"]]
+
+
 Action = CommandAction | WebhookAction
-"""``alert_rules.action``, as the ingest service reads it (docs/alerts.md); never more than it accepts."""
+"""``alert_rules.action`` as clients write it; stored as the ingest service reads it (docs/alerts.md)."""
+ActionView = CommandAction | WebhookActionView
 
 
 class AlertRule(msgspec.Struct, frozen=True):
@@ -295,7 +307,7 @@ class AlertRule(msgspec.Struct, frozen=True):
     hysteresis: float
     severity: Severity
     message: str
-    action: Action | None
+    action: ActionView | None
     enabled: bool
     created_at: datetime
     updated_at: datetime

@@ -22,7 +22,8 @@ from iot_api.services.auth import AuthService
 from iot_common.auth import Principal
 
 
-def _client(scope: Scope) -> str:
+def client_address(scope: Scope) -> str:
+    """The client's address: the peer's, or the one a trusted proxy (``IOT_TRUSTED_PROXIES``) forwarded."""
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
 
@@ -39,10 +40,12 @@ class AuthMiddleware(ASGIMiddleware):
         opt: dict[str, Any] = handler.opt if handler is not None else {}
         state = scope.setdefault("state", {})
         if opt.get("public") or scope.get("method") == "OPTIONS":
-            await auth.rate_limit(f"ip:{_client(scope)}")
+            await auth.rate_limit(f"ip:{client_address(scope)}")
         else:
             headers = Headers.from_scope(scope)
-            principal = await auth.authenticate(headers.get("x-api-key"), headers.get("authorization"))
+            principal = await auth.authenticate(
+                headers.get("x-api-key"), headers.get("authorization"), client_address(scope)
+            )
             scope["user"] = principal
             state["principal"] = principal.subject
             await auth.rate_limit(principal.subject)

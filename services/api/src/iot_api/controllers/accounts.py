@@ -20,7 +20,7 @@ from iot_api.schemas import (
     RefreshRequest,
     Tokens,
 )
-from iot_api.security import principal_of
+from iot_api.security import client_address, principal_of
 from iot_api.services.auth import AuthService
 
 _PUBLIC = {"public": True}
@@ -38,11 +38,17 @@ class AuthController(Controller):
         opt=_PUBLIC,
         status_code=200,
         security=[{}],
-        responses=problem_responses(401, 413, public=True),
+        responses=problem_responses(401, 413, 503, public=True),
     )
-    async def login(self, auth: NamedDependency[AuthService], data: JSONBody[Login]) -> Tokens:
-        """Trade an e-mail and password for an access token and a refresh token."""
-        return await auth.login(data.email, data.password)
+    async def login(
+        self, auth: NamedDependency[AuthService], data: JSONBody[Login], request: Request[Any, Any, Any]
+    ) -> Tokens:
+        """Trade an e-mail and password for an access token and a refresh token.
+
+        Too many failures this minute for the account (``IOT_API_LOGIN_FAILURES_PER_ACCOUNT``) or the client
+        address (``IOT_API_LOGIN_FAILURES_PER_ADDRESS``) give 429 with ``Retry-After``; while the password
+        workers are saturated the answer is 503 with ``Retry-After``."""
+        return await auth.login(data.email, data.password, client_address(request.scope))
 
     @post(
         "/auth/refresh",

@@ -80,6 +80,7 @@ class AlertRuleController(Controller):
 
     @get("/{rule_id:str}", operation_id="getAlertRule", responses=problem_responses(404))
     async def get_rule(self, rules: NamedDependency[AlertRuleService], rule_id: RuleId) -> AlertRule:
+        """A rule; a webhook action shows the names of its headers (``header_names``), never their values."""
         return await rules.get(rule_id)
 
     @patch(
@@ -95,10 +96,10 @@ class AlertRuleController(Controller):
         data: JSONBody[AlertRuleUpdate],
         request: Request[Any, Any, Any],
     ) -> AlertRule:
-        """Change some fields of a rule; ingest replicas reload their rules at once. Setting a webhook
-        action needs the ``admin`` scope."""
-        require_admin_for_webhooks(request, data.action)
-        return await rules.update(rule_id, data)
+        """Change some fields of a rule; ingest replicas reload their rules at once. A rule with a webhook
+        action, before or after the change, needs the ``admin`` scope; a webhook action sent without
+        ``headers`` keeps the headers the rule has."""
+        return await rules.update(rule_id, data, principal_of(request))
 
     @delete(
         "/{rule_id:str}",
@@ -106,9 +107,11 @@ class AlertRuleController(Controller):
         opt={"scope": "write"},
         responses=problem_responses(404),
     )
-    async def delete_rule(self, rules: NamedDependency[AlertRuleService], rule_id: RuleId) -> None:
-        """Delete a rule and, with it, its alerts."""
-        await rules.delete(rule_id)
+    async def delete_rule(
+        self, rules: NamedDependency[AlertRuleService], rule_id: RuleId, request: Request[Any, Any, Any]
+    ) -> None:
+        """Delete a rule and, with it, its alerts; a rule with a webhook action needs the ``admin`` scope."""
+        await rules.delete(rule_id, principal_of(request))
 
 
 class AlertController(Controller):

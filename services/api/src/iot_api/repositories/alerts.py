@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from iot_api.schemas import Action, Alert, AlertRule
+from iot_api.schemas import ActionView, Alert, AlertRule, CommandAction, WebhookActionView
 
 _RULE_COLUMNS = (
     "id, name, device_id, device_type, metric, op, threshold, for_seconds, hysteresis, severity, message,"
@@ -19,6 +19,19 @@ _ALERT_COLUMNS = (
     "id, rule_id, device_id, metric, severity, state, message, value, threshold, opened_at, resolved_at,"
     " acked_at, acked_by"
 )
+
+
+def _action_view(document: dict[str, Any] | None) -> ActionView | None:
+    """The stored action as responses show it: a webhook's header names, never their values."""
+    if document is None:
+        return None
+    if document.get("type") == "webhook":
+        return WebhookActionView(
+            url=document["url"],
+            header_names=sorted(document.get("headers") or {}),
+            on=document.get("on") or ["open"],
+        )
+    return msgspec.convert(document, CommandAction)
 
 
 def _rule(row: asyncpg.Record) -> AlertRule:
@@ -34,7 +47,7 @@ def _rule(row: asyncpg.Record) -> AlertRule:
         hysteresis=row["hysteresis"],
         severity=row["severity"],
         message=row["message"],
-        action=msgspec.convert(row["action"], Action | None),
+        action=_action_view(row["action"]),
         enabled=row["enabled"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
@@ -57,6 +70,10 @@ def _alert(row: asyncpg.Record) -> Alert:
         acked_at=row["acked_at"],
         acked_by=row["acked_by"],
     )
+
+
+# Checked in the same statement as the change, so that a webhook set meanwhile is not changed by a non-admin.
+_NO_WEBHOOK_UNLESS_2 = "$2 OR action IS NULL OR action->>'type' IS DISTINCT FROM 'webhook'"
 
 
 class _Where:
@@ -85,6 +102,13 @@ class AlertRuleRepository:
         row = await self.pool.fetchrow(f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE id = $1", rule_id)
         return None if row is None else _rule(row)
 
+    async def stored_action(self, rule_id: uuid.UUID) -> dict[str, Any] | None:
+        """The rule's action as stored (a webhook's headers included): for the service, never a client."""
+        action: dict[str, Any] | None = await self.pool.fetchval(
+            "SELECT action FROM alert_rules WHERE id = $1", rule_id
+        )
+        return action
+
     async def create(self, values: dict[str, Any]) -> AlertRule:
         """Insert a rule; raises asyncpg's ForeignKeyViolationError when ``device_id`` is unknown."""
         columns = list(values)
@@ -97,19 +121,27 @@ class AlertRuleRepository:
         assert row is not None
         return _rule(row)
 
-    async def update(self, rule_id: uuid.UUID, changes: dict[str, Any]) -> AlertRule | None:
-        """Set the given columns (names come from the service, never from the client)."""
-        sets = [f"{column} = ${i}" for i, column in enumerate(changes, start=2)]
+    async def update(
+        self, rule_id: uuid.UUID, changes: dict[str, Any], *, webhook_allowed: bool = True
+    ) -> AlertRule | None:
+        """Set the given columns (names come from the service, never from the client); None when the rule
+        is gone, or has a webhook action and ``webhook_allowed`` is false."""
+        sets = [f"{column} = ${i}" for i, column in enumerate(changes, start=3)]
         sets.append("updated_at = now()")
         row = await self.pool.fetchrow(
-            f"UPDATE alert_rules SET {', '.join(sets)} WHERE id = $1 RETURNING {_RULE_COLUMNS}",
+            f"UPDATE alert_rules SET {', '.join(sets)} WHERE id = $1 AND ({_NO_WEBHOOK_UNLESS_2})"
+            f" RETURNING {_RULE_COLUMNS}",
             rule_id,
+            webhook_allowed,
             *changes.values(),
         )
         return None if row is None else _rule(row)
 
-    async def delete(self, rule_id: uuid.UUID) -> bool:
-        status = await self.pool.execute("DELETE FROM alert_rules WHERE id = $1", rule_id)
+    async def delete(self, rule_id: uuid.UUID, *, webhook_allowed: bool = True) -> bool:
+        """Delete the rule; False when it is gone, or has a webhook action and ``webhook_allowed`` is off."""
+        status = await self.pool.execute(
+            f"DELETE FROM alert_rules WHERE id = $1 AND ({_NO_WEBHOOK_UNLESS_2})", rule_id, webhook_allowed
+        )
         return status.endswith(" 1")
 
     async def list(

@@ -17,7 +17,7 @@ import msgspec
 
 from iot_api.events import EventPublisher
 from iot_api.pagination import decode_time_position, encode_cursor
-from iot_api.problems import NotFound, invalid
+from iot_api.problems import Forbidden, NotFound, invalid
 from iot_api.repositories.alerts import AlertRepository, AlertRuleRepository
 from iot_api.schemas import (
     Alert,
@@ -27,9 +27,14 @@ from iot_api.schemas import (
     AlertRulePage,
     AlertRuleUpdate,
     CommandAction,
+    WebhookAction,
+    WebhookActionView,
 )
 from iot_api.services.devices import check_json
 from iot_common.alerts import alert_event
+from iot_common.auth import Principal
+
+WEBHOOK_RULE_NEEDS_ADMIN = "changing or deleting a rule with a webhook action needs the 'admin' scope"
 
 
 def parse_id(value: str, what: str) -> uuid.UUID:
@@ -91,6 +96,8 @@ class AlertRuleService:
         _check_target(data.device_id, data.device_type)
         values = msgspec.structs.asdict(data)
         _check_action(values)
+        if isinstance(data.action, WebhookAction) and data.action.headers is msgspec.UNSET:
+            values["action"] = msgspec.structs.replace(data.action, headers={})
         try:
             rule = await self.repo.create(_columns(values))
         except asyncpg.ForeignKeyViolationError:
@@ -98,29 +105,47 @@ class AlertRuleService:
         await self.events.rules_changed(rule.id, "created")
         return rule
 
-    async def update(self, rule_id: str, data: AlertRuleUpdate) -> AlertRule:
+    async def update(self, rule_id: str, data: AlertRuleUpdate, principal: Principal) -> AlertRule:
+        """Change the given fields. A rule with a webhook action, before or after, takes the admin scope
+        (the webhook carries its owner's secret headers); a webhook without ``headers`` keeps the stored ones.
+        """
         current = await self.get(rule_id)
         changes = {
             f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not msgspec.UNSET
         }
+        action = changes.get("action")
+        is_admin = principal.allows("admin")
+        if not is_admin and (
+            isinstance(current.action, WebhookActionView) or isinstance(action, WebhookAction)
+        ):
+            raise Forbidden(WEBHOOK_RULE_NEEDS_ADMIN)
         if not changes:
             return current
         _check_target(
             changes.get("device_id", current.device_id), changes.get("device_type", current.device_type)
         )
         _check_action(changes)
+        if isinstance(action, WebhookAction) and action.headers is msgspec.UNSET:
+            stored = await self.repo.stored_action(uuid.UUID(current.id))
+            kept = stored.get("headers") if stored and stored.get("type") == "webhook" else None
+            changes["action"] = msgspec.structs.replace(action, headers=kept or {})
         try:
-            rule = await self.repo.update(uuid.UUID(current.id), _columns(changes))
+            rule = await self.repo.update(uuid.UUID(current.id), _columns(changes), webhook_allowed=is_admin)
         except asyncpg.ForeignKeyViolationError:
             raise invalid("device_id", "no device with this id", "body") from None
         if rule is None:
-            raise NotFound(f"alert rule {rule_id!r} not found")
+            await self.get(rule_id)  # 404 when it is gone; else a webhook was set meanwhile
+            raise Forbidden(WEBHOOK_RULE_NEEDS_ADMIN)
         await self.events.rules_changed(rule.id, "updated")
         return rule
 
-    async def delete(self, rule_id: str) -> None:
-        if not await self.repo.delete(parse_id(rule_id, "alert rule")):
-            raise NotFound(f"alert rule {rule_id!r} not found")
+    async def delete(self, rule_id: str, principal: Principal) -> None:
+        """Delete the rule; one with a webhook action takes the admin scope."""
+        if not await self.repo.delete(
+            parse_id(rule_id, "alert rule"), webhook_allowed=principal.allows("admin")
+        ):
+            await self.get(rule_id)  # 404 when there is no such rule
+            raise Forbidden(WEBHOOK_RULE_NEEDS_ADMIN)
         await self.events.rules_changed(rule_id, "deleted")
 
 

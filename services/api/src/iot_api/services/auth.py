@@ -1,15 +1,17 @@
 """Who is calling: passwords, access tokens, refresh sessions in Redis, API keys, rate limits.
 
-- Passwords are hashed with argon2id (argon2-cffi), verified in a worker thread.
+- Passwords are hashed with argon2id (argon2-cffi) in a small bounded pool of worker threads
+  (:class:`~iot_api.limits.PasswordWorkers`: 503 past it); failed logins are limited per account and per
+  client address, failed credentials per client address (:class:`~iot_api.limits.FailureLimiter`: 429).
 - A login returns a short-lived JWT and a refresh token; the session behind it lives in Redis under the
   token's SHA-256 and is single-use (a refresh rotates it, a logout deletes it).
 - API keys are looked up by prefix, their hash compared in constant time; the row is cached in Redis for
-  ``IOT_API_CACHE_TTL_S`` and the entry deleted on revocation, so a revoked key stops at once.
+  ``IOT_API_CACHE_TTL_S`` and the entry deleted on revocation, so a revoked key stops at once. A prefix
+  that names no key is remembered too (``UNKNOWN_KEY_TTL_S``), so repeating an unknown key costs no query.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import secrets
@@ -19,8 +21,10 @@ from uuid import UUID
 import argon2
 import msgspec
 import structlog
+from prometheus_client import Counter
 
 from iot_api.cache import Cache
+from iot_api.limits import FailureLimiter, PasswordWorkers
 from iot_api.problems import NotFound, TooManyRequests, Unauthorized, Unavailable
 from iot_api.repositories.accounts import AccountRepository, KeyRow
 from iot_api.schemas import ApiKey, ApiKeyCreate, ApiKeyCreated, RealtimeToken, Tokens
@@ -43,6 +47,9 @@ ROLE_SCOPES: dict[str, frozenset[str]] = {
 }
 _hasher = argon2.PasswordHasher()
 _DUMMY_HASH = _hasher.hash("not-a-real-password")
+KEY_LOOKUPS = Counter("iot_api_key_lookups_total", "API key look-ups in PostgreSQL by result", ["result"])
+UNKNOWN_KEY_TTL_S = 300
+_UNKNOWN_KEY = b"unknown"
 
 
 class _Session(msgspec.Struct, frozen=True):
@@ -80,15 +87,30 @@ class AuthService:
         self.accounts = accounts
         self.cache = cache
         self.settings = settings
+        self.passwords = PasswordWorkers(settings.api_password_hash_workers, settings.api_password_hash_queue)
+        self.failures = FailureLimiter(cache)
 
-    async def login(self, email: str, password: str) -> Tokens:
+    def close(self) -> None:
+        self.passwords.close()
+
+    async def login(self, email: str, password: str, client: str) -> Tokens:
+        """Tokens for a right e-mail and password; 429 before any work once the account or the client
+        address has too many failures this minute, 503 when the password workers are saturated."""
+        s = self.settings
+        account = hashlib.sha256(email.strip().casefold().encode()).hexdigest()[:32]
+        checks = [
+            ("login-account", account, s.api_login_failures_per_account),
+            ("login-address", client, s.api_login_failures_per_address),
+        ]
+        await self.failures.check(checks)
         user = await self.accounts.user_by_email(email)
         # Verify against a dummy hash for unknown users, so timing does not tell which e-mails exist.
-        ok = await asyncio.to_thread(_verify_password, user.password_hash if user else _DUMMY_HASH, password)
+        ok = await self.passwords.run(_verify_password, user.password_hash if user else _DUMMY_HASH, password)
         if user is None or not ok or user.disabled:
+            await self.failures.record(checks)
             raise Unauthorized("wrong e-mail or password")
         if _hasher.check_needs_rehash(user.password_hash):
-            await self.accounts.set_password_hash(user.id, await asyncio.to_thread(hash_password, password))
+            await self.accounts.set_password_hash(user.id, await self.passwords.run(hash_password, password))
         return await self._tokens(str(user.id), ROLE_SCOPES.get(user.role, frozenset()))
 
     async def _tokens(self, user_id: str, scopes: frozenset[str]) -> Tokens:
@@ -140,10 +162,27 @@ class AuthService:
         )
         return RealtimeToken(token=token, token_type="realtime", expires_in=ttl)
 
-    async def authenticate(self, api_key: str | None, authorization: str | None) -> Principal:
-        """The principal of an ``X-API-Key`` or ``Authorization: Bearer`` credential, else 401."""
+    async def authenticate(self, api_key: str | None, authorization: str | None, client: str) -> Principal:
+        """The principal of an ``X-API-Key`` or ``Authorization: Bearer`` credential, else 401.
+
+        Each wrong credential counts against the client address; past ``IOT_API_AUTH_FAILURES_PER_MINUTE``
+        the answer is 429, and an API key that would need a database look-up is refused before it. A valid
+        token, or an API key already in the cache, is still accepted from such an address.
+        """
+        if not api_key and not authorization:
+            raise Unauthorized("credentials required: `Authorization: Bearer <token>` or `X-API-Key`")
+        limit = self.settings.api_auth_failures_per_minute
+        try:
+            return await self._authenticate(api_key, authorization, client)
+        except Unauthorized:
+            counts = await self.failures.record([("auth-address", client, limit)])
+            if counts and counts[0] > limit:
+                raise self.failures.limited("auth-address") from None
+            raise
+
+    async def _authenticate(self, api_key: str | None, authorization: str | None, client: str) -> Principal:
         if api_key:
-            return await self._verify_key(api_key)
+            return await self._verify_key(api_key, client)
         if authorization:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
@@ -154,21 +193,26 @@ class AuthService:
                 raise Unauthorized(str(exc)) from None
         raise Unauthorized("credentials required: `Authorization: Bearer <token>` or `X-API-Key`")
 
-    async def _verify_key(self, key: str) -> Principal:
+    async def _verify_key(self, key: str, client: str) -> Principal:
         prefix = api_key_prefix(key)
         if prefix is None:
             raise Unauthorized("malformed API key")
         cache_key = self.cache.key("apikey", prefix)
         row: _CachedKey | None = None
         cached = await self.cache.get(cache_key)
+        if cached == _UNKNOWN_KEY:
+            raise Unauthorized("unknown API key")
         if cached is not None:
             try:
                 row = _key_decoder.decode(cached)
             except msgspec.DecodeError:
                 row = None
         if row is None:
+            await self.failures.check([("auth-address", client, self.settings.api_auth_failures_per_minute)])
             found: KeyRow | None = await self.accounts.key_by_prefix(prefix)
+            KEY_LOOKUPS.labels("unknown" if found is None else "found").inc()
             if found is None:
+                await self.cache.set(cache_key, _UNKNOWN_KEY, UNKNOWN_KEY_TTL_S)
                 raise Unauthorized("unknown API key")
             row = _CachedKey(str(found.id), found.key_hash, found.scopes, found.revoked)
             await self.cache.set(cache_key, msgspec.json.encode(row), self.settings.api_cache_ttl_s)
@@ -207,6 +251,7 @@ class AuthService:
             key, prefix, key_hash = generate_api_key()
             row = await self.accounts.create_key(data.name, prefix, key_hash, scopes, created_by)
         assert row is not None
+        await self.cache.delete(self.cache.key("apikey", prefix))  # a remembered "unknown" for this prefix
         return ApiKeyCreated(**msgspec.structs.asdict(row), key=key)
 
     async def list_keys(self) -> list[ApiKey]:
@@ -229,7 +274,7 @@ class AuthService:
         if s.bootstrap_admin_email:
             created = await self.accounts.ensure_user(
                 s.bootstrap_admin_email,
-                await asyncio.to_thread(hash_password, s.bootstrap_admin_password),
+                await self.passwords.run(hash_password, s.bootstrap_admin_password),
                 "admin",
             )
             log.info("bootstrap admin", email=s.bootstrap_admin_email, created=created)
@@ -239,4 +284,5 @@ class AuthService:
             row = await self.accounts.create_key(
                 "bootstrap", prefix, hash_api_key(s.bootstrap_api_key), ["admin"], None
             )
+            await self.cache.delete(self.cache.key("apikey", prefix))
             log.info("bootstrap API key", prefix=prefix, created=row is not None)
