@@ -32,10 +32,13 @@ ERR_TOO_MANY: Final = "too_many_subscriptions"
 ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"
 
 FrameId = int | str | None
+# msgspec checks patterns with ``re.search``: ``\\A...\\Z`` makes it a full match whatever anchors
+# DEVICE_ID_PATTERN uses (``$`` alone would accept a trailing newline, as in ``"*\\n"``).
 DeviceSelector = Annotated[
-    str, msgspec.Meta(pattern=f"({DEVICE_ID_PATTERN})|(^\\*$)", description="a device id or '*'")
+    str,
+    msgspec.Meta(pattern=f"\\A(?:(?:{DEVICE_ID_PATTERN})|\\*)\\Z", description="a device id or '*'"),
 ]
-MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN)]
+MetricName = Annotated[str, msgspec.Meta(pattern=f"\\A(?:{METRIC_NAME_PATTERN})\\Z")]
 
 
 class _ClientFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
