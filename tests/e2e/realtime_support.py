@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
@@ -74,8 +75,19 @@ def start_realtime(
     return Realtime(proc, port)
 
 
-def token(scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access") -> str:
-    return issue_token(SECRET, "user-e2e", scopes or {"read"}, ttl_s, token_type)  # type: ignore[arg-type]
+def token(
+    scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access", subject: str = "user-e2e"
+) -> str:
+    return issue_token(SECRET, subject, scopes or {"read"}, ttl_s, token_type)  # type: ignore[arg-type]
+
+
+async def register(database_url: str, *device_ids: str) -> None:
+    """Register devices: the service accepts subscriptions only to devices that exist."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO devices (id) SELECT unnest($1::text[])", list(device_ids))
+    finally:
+        await conn.close()
 
 
 def open_ws(url: str, origin: str | None = None, **kwargs: Any) -> Any:

@@ -26,6 +26,7 @@ from tests.e2e.realtime_support import (
     open_ws,
     private_redis,
     recv_json,
+    register,
     start_realtime,
     subscribe,
     telemetry,
@@ -44,9 +45,10 @@ def realtime(service: Start, database_url: str, redis_url: str) -> Realtime:
 
 
 async def test_subscriber_gets_latest_values_then_live_events_and_others_get_nothing(
-    realtime: Realtime, redis: aioredis.Redis, unique: str
+    realtime: Realtime, database_url: str, redis: aioredis.Redis, unique: str
 ) -> None:
     dev, other = f"dev-{unique}", f"other-{unique}"
+    await register(database_url, dev, other)
     await redis.hset(latest_key(dev), "temperature", b'{"value":20.5,"ts":"2026-01-01T00:00:00Z"}')
     try:
         async with (
@@ -80,9 +82,10 @@ async def test_subscriber_gets_latest_values_then_live_events_and_others_get_not
 
 
 async def test_unsubscribe_stops_delivery_and_drops_the_redis_channel(
-    realtime: Realtime, redis: aioredis.Redis, unique: str
+    realtime: Realtime, database_url: str, redis: aioredis.Redis, unique: str
 ) -> None:
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     async with open_ws(realtime.url(token())) as a, open_ws(realtime.url(token())) as b:
         await subscribe(a, 1, [dev])
         await subscribe(b, 1, [dev])
@@ -99,6 +102,7 @@ async def test_unsubscribe_stops_delivery_and_drops_the_redis_channel(
 
 async def test_metric_filter_and_wildcard(service: Start, database_url: str, unique: str) -> None:
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     # A private Redis: on the shared one, "*" would also see the events of other people's tests.
     with private_redis() as server:
         realtime = start_realtime(service, database_url, server.url)
@@ -145,6 +149,7 @@ async def test_bad_credentials_are_refused_with_their_close_code(
 async def test_api_keys_and_the_auth_frame(
     realtime: Realtime, db: asyncpg.Connection[Any], unique: str
 ) -> None:
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", f"dev-{unique}")
     key, prefix, key_hash = generate_api_key()
     revoked, revoked_prefix, revoked_hash = generate_api_key()
     await db.execute(
@@ -210,12 +215,16 @@ async def test_a_client_that_never_reads_does_not_delay_a_hundred_others(
 ) -> None:
     realtime = start_realtime(service, database_url, redis_url)
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     count, fast_clients = 200, 100
     padding = "x" * 4000  # big events fill the stalled client's socket buffers quickly
     # max_queue=1: the stalled client stops reading from its socket once one frame is buffered.
     async with open_ws(realtime.url(token()), max_queue=1) as stalled:
         await subscribe(stalled, 1, [dev])
-        clients = [await open_ws(realtime.url(token())).__aenter__() for _ in range(fast_clients)]
+        # One user each: a credential may hold 100 connections (IOT_REALTIME_MAX_CONNECTIONS_PER_PRINCIPAL).
+        clients = [
+            await open_ws(realtime.url(token(subject=f"user-{i}"))).__aenter__() for i in range(fast_clients)
+        ]
         try:
             for ws in clients:
                 await subscribe(ws, 1, [dev])
@@ -245,6 +254,7 @@ async def test_a_client_whose_queue_overflows_is_dropped_with_4008(
     env = {"IOT_REALTIME_QUEUE_SIZE": "20", "IOT_REALTIME_CLOSE_TIMEOUT_S": "30"}
     realtime = start_realtime(service, database_url, redis_url, env)
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     big = telemetry(dev, note="x" * 60_000)
     async with open_ws(realtime.url(token()), max_queue=1, max_size=None) as stalled:
         await subscribe(stalled, 1, [dev])
@@ -262,6 +272,7 @@ async def test_a_client_whose_queue_overflows_is_dropped_with_4008(
 
 async def test_subscriptions_survive_a_redis_restart(service: Start, database_url: str, unique: str) -> None:
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     with private_redis() as server:
         realtime = start_realtime(service, database_url, server.url)
         async with open_ws(realtime.url(token())) as ws, open_ws(realtime.url(token())) as everything:
@@ -321,7 +332,10 @@ async def test_heartbeats_close_a_peer_that_vanished(
         writer.close()
 
 
-async def test_sigterm_closes_sockets_with_going_away(realtime: Realtime, unique: str) -> None:
+async def test_sigterm_closes_sockets_with_going_away(
+    realtime: Realtime, database_url: str, unique: str
+) -> None:
+    await register(database_url, f"dev-{unique}")
     async with open_ws(realtime.url(token())) as a, open_ws(realtime.url(token())) as b:
         await subscribe(a, 1, [f"dev-{unique}"])
         await assert_nothing_pending(b)
@@ -332,9 +346,10 @@ async def test_sigterm_closes_sockets_with_going_away(realtime: Realtime, unique
 
 
 async def test_metrics_count_connections_subscriptions_and_messages(
-    realtime: Realtime, redis: aioredis.Redis, unique: str
+    realtime: Realtime, database_url: str, redis: aioredis.Redis, unique: str
 ) -> None:
     dev = f"dev-{unique}"
+    await register(database_url, dev, f"{dev}-b")
     async with open_ws(realtime.url(token())) as ws:
         await subscribe(ws, 1, [dev, f"{dev}-b"])
         assert realtime.metric("iot_realtime_connections") == 1

@@ -22,6 +22,7 @@ CLOSE_INTERNAL_ERROR: Final = 1011
 CLOSE_UNAUTHORIZED: Final = 4001
 CLOSE_FORBIDDEN: Final = 4003
 CLOSE_TOO_SLOW: Final = 4008
+CLOSE_TOO_MANY_CONNECTIONS: Final = 4029
 
 # Error codes of ``error`` frames; the connection stays open after each.
 ERR_BAD_JSON: Final = "bad_json"
@@ -30,6 +31,8 @@ ERR_TOO_LARGE: Final = "too_large"
 ERR_BINARY: Final = "binary_frame"
 ERR_TOO_MANY: Final = "too_many_subscriptions"
 ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"
+ERR_UNKNOWN_DEVICE: Final = "unknown_device"
+ERR_UNAVAILABLE: Final = "unavailable"
 
 FrameId = int | str | None
 # msgspec checks patterns with ``re.search``: ``\\A...\\Z`` makes it a full match whatever anchors
@@ -86,6 +89,8 @@ class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type", omit_def
     code: str
     message: str
     id: FrameId = None
+    devices: list[str] | None = None
+    """The device ids the error is about (``unknown_device``)."""
 
 
 class LatestMetric(msgspec.Struct, frozen=True):
