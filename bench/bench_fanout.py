@@ -42,10 +42,12 @@ import redis.asyncio as aioredis
 
 from iot_common.auth import issue_token
 from iot_common.messages import TelemetryEvent, encode_event
-from iot_common.topics import device_channel
+from iot_common.topics import RedisNames
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_ingest import drop_database, prepare_database
+
+NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 BIN = Path(sys.executable).parent
 SECRET = "bench-realtime-secret-0123456789abcdefghij"
@@ -268,7 +270,7 @@ class ClientFleet:
 async def publish(redis_url: str, devices: list[str], rate: int, duration: float) -> int:
     """Publish ``rate`` telemetry events/s, round-robin over ``devices``, for ``duration`` seconds."""
     client = aioredis.from_url(redis_url)
-    channels = [device_channel(d) for d in devices]
+    channels = [NAMES.device_channel(d) for d in devices]
     sent = 0
     start = time.monotonic()
     try:

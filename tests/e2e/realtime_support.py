@@ -7,6 +7,7 @@ import contextlib
 import json
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from websockets.typing import Origin
 
 from iot_common.auth import issue_token
 from iot_common.messages import TelemetryEvent, encode_event
+from iot_common.topics import RedisNames
 from tests.support.backends import port_open
 from tests.support.processes import ServiceProcess, free_port
 
@@ -32,6 +34,8 @@ Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 class Realtime:
     proc: ServiceProcess
     port: int
+    names: RedisNames
+    """The Redis names of this service (a prefix of its own: the Redis server is shared by tests)."""
 
     @property
     def base(self) -> str:
@@ -63,6 +67,7 @@ def start_realtime(
 ) -> Realtime:
     port = free_port()
     env = {
+        "IOT_REDIS_PREFIX": f"rt{uuid.uuid4().hex[:10]}",
         "IOT_DATABASE_URL": database_url,
         "IOT_REDIS_URL": redis_url,
         "IOT_REALTIME_PORT": str(port),
@@ -72,7 +77,7 @@ def start_realtime(
     }
     proc = service("iot-realtime", env)
     proc.wait_http(f"http://127.0.0.1:{port}/readyz")
-    return Realtime(proc, port)
+    return Realtime(proc, port, RedisNames(env["IOT_REDIS_PREFIX"]))
 
 
 def token(

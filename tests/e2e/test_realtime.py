@@ -16,7 +16,6 @@ import redis.asyncio as aioredis
 
 from iot_common.auth import generate_api_key
 from iot_common.messages import StatusEvent, TelemetryEvent, encode_event
-from iot_common.topics import device_channel, latest_key
 from tests.e2e.realtime_support import (
     ALLOWED_ORIGIN,
     Realtime,
@@ -49,7 +48,9 @@ async def test_subscriber_gets_latest_values_then_live_events_and_others_get_not
 ) -> None:
     dev, other = f"dev-{unique}", f"other-{unique}"
     await register(database_url, dev, other)
-    await redis.hset(latest_key(dev), "temperature", b'{"value":20.5,"ts":"2026-01-01T00:00:00Z"}')
+    await redis.hset(
+        realtime.names.latest_key(dev), "temperature", b'{"value":20.5,"ts":"2026-01-01T00:00:00Z"}'
+    )
     try:
         async with (
             open_ws(realtime.url(token())) as subscriber,
@@ -70,15 +71,15 @@ async def test_subscriber_gets_latest_values_then_live_events_and_others_get_not
                 {"type": "ack", "id": 2},
             ]
             event = telemetry(dev, temperature=21.5)
-            assert await redis.publish(device_channel(dev), event) == 1
+            assert await redis.publish(realtime.names.device_channel(dev), event) == 1
             assert await asyncio.wait_for(subscriber.recv(), 10) == event.decode()  # forwarded unchanged
             status = encode_event(StatusEvent(device_id=dev, status="online", ts=datetime.now(UTC)))
-            await redis.publish(device_channel(dev), status)
+            await redis.publish(realtime.names.device_channel(dev), status)
             assert await asyncio.wait_for(subscriber.recv(), 10) == status.decode()
             await assert_nothing_pending(elsewhere)
             await assert_nothing_pending(idle)
     finally:
-        await redis.delete(latest_key(dev))
+        await redis.delete(realtime.names.latest_key(dev))
 
 
 async def test_unsubscribe_stops_delivery_and_drops_the_redis_channel(
@@ -89,15 +90,19 @@ async def test_unsubscribe_stops_delivery_and_drops_the_redis_channel(
     async with open_ws(realtime.url(token())) as a, open_ws(realtime.url(token())) as b:
         await subscribe(a, 1, [dev])
         await subscribe(b, 1, [dev])
-        assert await redis.pubsub_numsub(device_channel(dev)) == [(device_channel(dev).encode(), 1)]
+        assert await redis.pubsub_numsub(realtime.names.device_channel(dev)) == [
+            (realtime.names.device_channel(dev).encode(), 1)
+        ]
         await a.send(json.dumps({"type": "unsubscribe", "id": 2, "devices": [dev]}))
         assert await recv_json(a) == {"type": "ack", "id": 2}
-        await redis.publish(device_channel(dev), telemetry(dev, temperature=1.0))
+        await redis.publish(realtime.names.device_channel(dev), telemetry(dev, temperature=1.0))
         assert (await recv_json(b))["metrics"] == {"temperature": 1.0}
         await assert_nothing_pending(a)
         await b.send(json.dumps({"type": "unsubscribe", "id": 3, "devices": [dev]}))
         assert await recv_json(b) == {"type": "ack", "id": 3}
-        assert await redis.pubsub_numsub(device_channel(dev)) == [(device_channel(dev).encode(), 0)]
+        assert await redis.pubsub_numsub(realtime.names.device_channel(dev)) == [
+            (realtime.names.device_channel(dev).encode(), 0)
+        ]
 
 
 async def test_metric_filter_and_wildcard(service: Start, database_url: str, unique: str) -> None:
@@ -110,9 +115,9 @@ async def test_metric_filter_and_wildcard(service: Start, database_url: str, uni
         async with open_ws(realtime.url(token())) as filtered, open_ws(realtime.url(token())) as everything:
             await subscribe(filtered, 1, [dev], metrics=["temperature"])
             assert (await subscribe(everything, 1, ["*"]))[-1] == {"type": "ack", "id": 1}
-            await redis.publish(device_channel(dev), telemetry(dev, humidity=40.0))
+            await redis.publish(realtime.names.device_channel(dev), telemetry(dev, humidity=40.0))
             both = telemetry(dev, temperature=22.0, humidity=41.0)
-            await redis.publish(device_channel(dev), both)
+            await redis.publish(realtime.names.device_channel(dev), both)
             frame = await recv_json(filtered)
             assert (frame["device_id"], frame["metrics"]) == (dev, {"temperature": 22.0})
             await assert_nothing_pending(filtered)
@@ -237,7 +242,9 @@ async def test_a_client_that_never_reads_does_not_delay_a_hundred_others(
 
             consumers = asyncio.gather(*(consume(ws) for ws in clients))
             for i in range(count):
-                await redis.publish(device_channel(dev), telemetry(dev, seq=float(i), note=padding))
+                await redis.publish(
+                    realtime.names.device_channel(dev), telemetry(dev, seq=float(i), note=padding)
+                )
             await asyncio.wait_for(consumers, 60)
             delays.sort()
             assert len(delays) == count * fast_clients
@@ -263,7 +270,7 @@ async def test_a_client_whose_queue_overflows_is_dropped_with_4008(
         while realtime.metric("iot_realtime_dropped_connections_total") == 0:
             assert published < 3000, "the stalled client was never dropped"
             for _ in range(50):
-                await redis.publish(device_channel(dev), big)
+                await redis.publish(realtime.names.device_channel(dev), big)
             published += 50
         code, reason = await close_code(stalled, timeout=30)
     assert (code, reason) == (4008, "outgoing queue overflow: client too slow")
@@ -278,26 +285,26 @@ async def test_subscriptions_survive_a_redis_restart(service: Start, database_ur
         async with open_ws(realtime.url(token())) as ws, open_ws(realtime.url(token())) as everything:
             await subscribe(ws, 1, [dev])
             await subscribe(everything, 1, ["*"])
-            await _publish_until_received(server.url, ws, dev, 1.0)
+            await _publish_until_received(realtime, server.url, ws, dev, 1.0)
             server.stop()
             realtime.proc.wait_http(f"{realtime.base}/readyz", status=503)
             server.start()
             realtime.proc.wait_http(f"{realtime.base}/readyz", status=200)
-            await _publish_until_received(server.url, ws, dev, 2.0)
-            await _publish_until_received(server.url, everything, dev, 3.0)
+            await _publish_until_received(realtime, server.url, ws, dev, 2.0)
+            await _publish_until_received(realtime, server.url, everything, dev, 3.0)
             assert realtime.metric("iot_realtime_redis_reconnects_total") >= 1
             # The device channel and the "*" pattern, restored on the new Redis.
             assert realtime.metric("iot_realtime_redis_channels") == 2
 
 
-async def _publish_until_received(url: str, ws: Any, dev: str, value: float) -> None:
+async def _publish_until_received(realtime: Realtime, url: str, ws: Any, dev: str, value: float) -> None:
     """Publish every 200 ms until the client gets the event (Redis may still be resubscribing)."""
     client = aioredis.from_url(url)
     try:
         deadline = time.monotonic() + 30
         while True:
             with contextlib.suppress(OSError, aioredis.ConnectionError):
-                await client.publish(device_channel(dev), telemetry(dev, v=value))
+                await client.publish(realtime.names.device_channel(dev), telemetry(dev, v=value))
             try:
                 frame = await recv_json(ws, timeout=0.2)
             except TimeoutError:
@@ -356,7 +363,7 @@ async def test_metrics_count_connections_subscriptions_and_messages(
         assert realtime.metric("iot_realtime_subscriptions") == 2
         assert realtime.metric("iot_realtime_redis_channels") == 2
         event = encode_event(TelemetryEvent(dev, datetime.now(UTC), {"t": 1.0}))
-        await redis.publish(device_channel(dev), event)
+        await redis.publish(realtime.names.device_channel(dev), event)
         await recv_json(ws)
         assert realtime.metric("iot_realtime_messages_in_total") == 1
         assert realtime.metric("iot_realtime_messages_out_total") >= 4  # 2 snapshots, ack, event

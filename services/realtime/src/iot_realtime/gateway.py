@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from iot_common.auth import InvalidCredential, Principal, decode_token, looks_like_api_key, verify_api_key
 from iot_common.logging import get_logger
 from iot_common.messages import LatestValue
-from iot_common.topics import latest_key
+from iot_common.topics import RedisNames
 from iot_realtime import metrics
 from iot_realtime.connection import Connection, MetricFilter
 from iot_realtime.devices import KnownDevices
@@ -81,8 +81,10 @@ class Gateway:
         hub: Hub,
         redis: aioredis.Redis,
         pool: asyncpg.Pool[asyncpg.Record],
+        names: RedisNames,
     ) -> None:
         self.settings = settings
+        self.names = names
         self.hub = hub
         self.redis = redis
         self.pool = pool
@@ -254,13 +256,13 @@ class Gateway:
             self._subscriptions_of.pop(subject, None)
 
     async def latest(self, devices: list[str], wanted: MetricFilter) -> list[bytes]:
-        """``latest`` frames from the ``iot:latest:{device_id}`` hashes (one round trip for all)."""
+        """``latest`` frames from the ``{prefix}:latest:{device_id}`` hashes (one round trip for all)."""
         if not devices:
             return []
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for device_id in devices:
-                    pipe.hgetall(latest_key(device_id))
+                    pipe.hgetall(self.names.latest_key(device_id))
                 hashes: list[dict[bytes, bytes]] = await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("latest values unavailable", error=str(exc))
