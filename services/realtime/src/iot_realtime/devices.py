@@ -44,8 +44,9 @@ class KnownDevices:
         rows = await self._pool.fetch("SELECT id FROM devices WHERE id = ANY($1::text[])", missing)
         found = {row["id"] for row in rows}
         if self._ttl_s > 0:
-            for device_id in found:
-                self._remember(device_id, now + self._ttl_s)
+            for device_id in missing:  # in the order asked, so the oldest are evicted first
+                if device_id in found:
+                    self._remember(device_id, now + self._ttl_s)
         return [d for d in missing if d not in found]
 
     def _remember(self, device_id: str, expiry: float) -> None:
