@@ -39,7 +39,9 @@ from iot_common.db import connect
 from iot_common.db.migrate import apply_migrations
 from iot_common.db.partitions import ensure_partitions
 from iot_common.messages import LatestValue
-from iot_common.topics import latest_key
+from iot_common.topics import RedisNames
+
+NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -213,7 +215,7 @@ def main() -> None:
             for i in range(DEVICES):
                 for m in METRICS:
                     pipe.hset(
-                        latest_key(f"bench-{i:04d}"), m, msgspec.json.encode(LatestValue(float(i), now))
+                        NAMES.latest_key(f"bench-{i:04d}"), m, msgspec.json.encode(LatestValue(float(i), now))
                     )
             pipe.execute()
 

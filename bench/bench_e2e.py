@@ -241,6 +241,8 @@ class Bench:
                 "IOT_JWT_SECRET": SECRET,
                 # Bursts at the top rates queue up behind a busy CPU: keep them rather than drop the client.
                 "IOT_REALTIME_QUEUE_SIZE": "100000",
+                # Every client uses one credential: lift the per-credential connection limit (100).
+                "IOT_REALTIME_MAX_CONNECTIONS_PER_PRINCIPAL": "1000000",
                 "IOT_DATABASE_POOL_MIN": "1",
                 "IOT_DATABASE_POOL_MAX": "2",
             },

@@ -43,7 +43,12 @@ import redis.asyncio as aioredis
 
 from iot_common.auth import issue_token
 from iot_common.messages import TelemetryEvent, encode_event
-from iot_common.topics import device_channel
+from iot_common.topics import RedisNames
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.bench_ingest import drop_database, prepare_database
+
+NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 BIN = Path(sys.executable).parent
 SECRET = secrets.token_urlsafe(48)  # IOT_JWT_SECRET of the gateway under test: random per run
@@ -107,11 +112,16 @@ def redis_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def realtime_service(redis_url: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def realtime_service(redis_url: str, database_url: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
     env = {
         **os.environ,
         "IOT_REDIS_URL": redis_url,
+        "IOT_DATABASE_URL": database_url,
+        # Every client uses one credential here: the per-credential limits would refuse all but 100.
+        "IOT_REALTIME_MAX_CONNECTIONS_PER_PRINCIPAL": "1000000",
+        "IOT_REALTIME_MAX_SUBSCRIPTIONS_PER_PRINCIPAL": "10000000",
+        "IOT_REALTIME_MAX_CONNECTIONS": "1000000",
         "IOT_REALTIME_PORT": str(port),
         "IOT_JWT_SECRET": SECRET,
         "IOT_LOG_FORMAT": "json",
@@ -119,8 +129,6 @@ def realtime_service(redis_url: str) -> Iterator[tuple[int, subprocess.Popen[byt
         "IOT_DATABASE_POOL_MIN": "1",
         "IOT_DATABASE_POOL_MAX": "2",
     }
-    if "IOT_TEST_DATABASE_URL" in os.environ:
-        env["IOT_DATABASE_URL"] = os.environ["IOT_TEST_DATABASE_URL"]
     proc = subprocess.Popen([str(BIN / "iot-realtime")], env=env, stderr=subprocess.PIPE)
     try:
         wait_port(port)
@@ -263,7 +271,7 @@ class ClientFleet:
 async def publish(redis_url: str, devices: list[str], rate: int, duration: float) -> int:
     """Publish ``rate`` telemetry events/s, round-robin over ``devices``, for ``duration`` seconds."""
     client = aioredis.from_url(redis_url)
-    channels = [device_channel(d) for d in devices]
+    channels = [NAMES.device_channel(d) for d in devices]
     sent = 0
     start = time.monotonic()
     try:
@@ -293,7 +301,14 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResult]:
     devices = [f"bench-{i}" for i in range(scenario.devices)]
     results = []
-    with redis_server() as redis_url, realtime_service(redis_url) as (port, service):
+    # The service accepts subscriptions only to registered devices: a database of this run registers them.
+    database_url = asyncio.run(prepare_database(devices))
+    with (
+        contextlib.ExitStack() as cleanup,
+        redis_server() as redis_url,
+        realtime_service(redis_url, database_url) as (port, service),
+    ):
+        cleanup.callback(lambda: asyncio.run(drop_database(database_url)))
         fleet = ClientFleet(port, scenario.clients, devices, procs)
         started = time.monotonic()
         connected = fleet.start(timeout=300)

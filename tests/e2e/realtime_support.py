@@ -7,17 +7,20 @@ import contextlib
 import json
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
 from iot_common.auth import issue_token
 from iot_common.messages import TelemetryEvent, encode_event
+from iot_common.topics import RedisNames
 from tests.support.backends import port_open
 from tests.support.processes import JWT_SECRET, ServiceProcess, free_port
 
@@ -31,6 +34,8 @@ Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 class Realtime:
     proc: ServiceProcess
     port: int
+    names: RedisNames
+    """The Redis names of this service (a prefix of its own: the Redis server is shared by tests)."""
 
     @property
     def base(self) -> str:
@@ -62,6 +67,7 @@ def start_realtime(
 ) -> Realtime:
     port = free_port()
     env = {
+        "IOT_REDIS_PREFIX": f"rt{uuid.uuid4().hex[:10]}",
         "IOT_DATABASE_URL": database_url,
         "IOT_REDIS_URL": redis_url,
         "IOT_REALTIME_PORT": str(port),
@@ -71,11 +77,22 @@ def start_realtime(
     }
     proc = service("iot-realtime", env)
     proc.wait_http(f"http://127.0.0.1:{port}/readyz")
-    return Realtime(proc, port)
+    return Realtime(proc, port, RedisNames(env["IOT_REDIS_PREFIX"]))
 
 
-def token(scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access") -> str:
-    return issue_token(SECRET, "user-e2e", scopes or {"read"}, ttl_s, token_type)  # type: ignore[arg-type]
+def token(
+    scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access", subject: str = "user-e2e"
+) -> str:
+    return issue_token(SECRET, subject, scopes or {"read"}, ttl_s, token_type)  # type: ignore[arg-type]
+
+
+async def register(database_url: str, *device_ids: str) -> None:
+    """Register devices: the service accepts subscriptions only to devices that exist."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO devices (id) SELECT unnest($1::text[])", list(device_ids))
+    finally:
+        await conn.close()
 
 
 def open_ws(url: str, origin: str | None = None, **kwargs: Any) -> Any:

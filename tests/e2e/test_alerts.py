@@ -21,9 +21,11 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from bench.loadgen import device_ids, publish_async
 from iot_common.alerts import notify_rules_changed
-from iot_common.topics import device_channel
+from iot_common.topics import RedisNames
 from tests.e2e.test_ingest import Ingest, Start, scrape, wait_for
 from tests.support.processes import free_port, mosquitto
+
+NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 
 @pytest.fixture
@@ -56,7 +58,7 @@ class Channel:
 
     def __init__(self, redis: aioredis.Redis, device_id: str) -> None:
         self.pubsub = redis.pubsub()
-        self.channel = device_channel(device_id)
+        self.channel = NAMES.device_channel(device_id)
         self.events: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -116,7 +118,7 @@ async def test_reading_over_threshold_opens_one_alert_and_a_reading_back_under_r
     rule_id = await add_rule(
         db, device_id=device, metric="temperature", op=">", threshold=30.0, severity="critical", message="hot"
     )
-    await notify_rules_changed(redis)
+    await notify_rules_changed(redis, NAMES)
     await wait_for(lambda: _true(scrape(base)["iot_ingest_rules_loaded"] == 1), 30, "the rule loaded")
     async with Channel(redis, device) as channel:
         await send(broker, device, reading(20))

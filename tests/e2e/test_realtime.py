@@ -16,7 +16,6 @@ import redis.asyncio as aioredis
 
 from iot_common.auth import generate_api_key
 from iot_common.messages import StatusEvent, TelemetryEvent, encode_event
-from iot_common.topics import device_channel, latest_key
 from tests.e2e.realtime_support import (
     ALLOWED_ORIGIN,
     Realtime,
@@ -26,6 +25,7 @@ from tests.e2e.realtime_support import (
     open_ws,
     private_redis,
     recv_json,
+    register,
     start_realtime,
     subscribe,
     telemetry,
@@ -44,10 +44,13 @@ def realtime(service: Start, database_url: str, redis_url: str) -> Realtime:
 
 
 async def test_subscriber_gets_latest_values_then_live_events_and_others_get_nothing(
-    realtime: Realtime, redis: aioredis.Redis, unique: str
+    realtime: Realtime, database_url: str, redis: aioredis.Redis, unique: str
 ) -> None:
     dev, other = f"dev-{unique}", f"other-{unique}"
-    await redis.hset(latest_key(dev), "temperature", b'{"value":20.5,"ts":"2026-01-01T00:00:00Z"}')
+    await register(database_url, dev, other)
+    await redis.hset(
+        realtime.names.latest_key(dev), "temperature", b'{"value":20.5,"ts":"2026-01-01T00:00:00Z"}'
+    )
     try:
         async with (
             open_ws(realtime.url(token())) as subscriber,
@@ -68,37 +71,43 @@ async def test_subscriber_gets_latest_values_then_live_events_and_others_get_not
                 {"type": "ack", "id": 2},
             ]
             event = telemetry(dev, temperature=21.5)
-            assert await redis.publish(device_channel(dev), event) == 1
+            assert await redis.publish(realtime.names.device_channel(dev), event) == 1
             assert await asyncio.wait_for(subscriber.recv(), 10) == event.decode()  # forwarded unchanged
             status = encode_event(StatusEvent(device_id=dev, status="online", ts=datetime.now(UTC)))
-            await redis.publish(device_channel(dev), status)
+            await redis.publish(realtime.names.device_channel(dev), status)
             assert await asyncio.wait_for(subscriber.recv(), 10) == status.decode()
             await assert_nothing_pending(elsewhere)
             await assert_nothing_pending(idle)
     finally:
-        await redis.delete(latest_key(dev))
+        await redis.delete(realtime.names.latest_key(dev))
 
 
 async def test_unsubscribe_stops_delivery_and_drops_the_redis_channel(
-    realtime: Realtime, redis: aioredis.Redis, unique: str
+    realtime: Realtime, database_url: str, redis: aioredis.Redis, unique: str
 ) -> None:
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     async with open_ws(realtime.url(token())) as a, open_ws(realtime.url(token())) as b:
         await subscribe(a, 1, [dev])
         await subscribe(b, 1, [dev])
-        assert await redis.pubsub_numsub(device_channel(dev)) == [(device_channel(dev).encode(), 1)]
+        assert await redis.pubsub_numsub(realtime.names.device_channel(dev)) == [
+            (realtime.names.device_channel(dev).encode(), 1)
+        ]
         await a.send(json.dumps({"type": "unsubscribe", "id": 2, "devices": [dev]}))
         assert await recv_json(a) == {"type": "ack", "id": 2}
-        await redis.publish(device_channel(dev), telemetry(dev, temperature=1.0))
+        await redis.publish(realtime.names.device_channel(dev), telemetry(dev, temperature=1.0))
         assert (await recv_json(b))["metrics"] == {"temperature": 1.0}
         await assert_nothing_pending(a)
         await b.send(json.dumps({"type": "unsubscribe", "id": 3, "devices": [dev]}))
         assert await recv_json(b) == {"type": "ack", "id": 3}
-        assert await redis.pubsub_numsub(device_channel(dev)) == [(device_channel(dev).encode(), 0)]
+        assert await redis.pubsub_numsub(realtime.names.device_channel(dev)) == [
+            (realtime.names.device_channel(dev).encode(), 0)
+        ]
 
 
 async def test_metric_filter_and_wildcard(service: Start, database_url: str, unique: str) -> None:
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     # A private Redis: on the shared one, "*" would also see the events of other people's tests.
     with private_redis() as server:
         realtime = start_realtime(service, database_url, server.url)
@@ -106,9 +115,9 @@ async def test_metric_filter_and_wildcard(service: Start, database_url: str, uni
         async with open_ws(realtime.url(token())) as filtered, open_ws(realtime.url(token())) as everything:
             await subscribe(filtered, 1, [dev], metrics=["temperature"])
             assert (await subscribe(everything, 1, ["*"]))[-1] == {"type": "ack", "id": 1}
-            await redis.publish(device_channel(dev), telemetry(dev, humidity=40.0))
+            await redis.publish(realtime.names.device_channel(dev), telemetry(dev, humidity=40.0))
             both = telemetry(dev, temperature=22.0, humidity=41.0)
-            await redis.publish(device_channel(dev), both)
+            await redis.publish(realtime.names.device_channel(dev), both)
             frame = await recv_json(filtered)
             assert (frame["device_id"], frame["metrics"]) == (dev, {"temperature": 22.0})
             await assert_nothing_pending(filtered)
@@ -145,6 +154,7 @@ async def test_bad_credentials_are_refused_with_their_close_code(
 async def test_api_keys_and_the_auth_frame(
     realtime: Realtime, db: asyncpg.Connection[Any], unique: str
 ) -> None:
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", f"dev-{unique}")
     key, prefix, key_hash = generate_api_key()
     revoked, revoked_prefix, revoked_hash = generate_api_key()
     await db.execute(
@@ -210,12 +220,16 @@ async def test_a_client_that_never_reads_does_not_delay_a_hundred_others(
 ) -> None:
     realtime = start_realtime(service, database_url, redis_url)
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     count, fast_clients = 200, 100
     padding = "x" * 4000  # big events fill the stalled client's socket buffers quickly
     # max_queue=1: the stalled client stops reading from its socket once one frame is buffered.
     async with open_ws(realtime.url(token()), max_queue=1) as stalled:
         await subscribe(stalled, 1, [dev])
-        clients = [await open_ws(realtime.url(token())).__aenter__() for _ in range(fast_clients)]
+        # One user each: a credential may hold 100 connections (IOT_REALTIME_MAX_CONNECTIONS_PER_PRINCIPAL).
+        clients = [
+            await open_ws(realtime.url(token(subject=f"user-{i}"))).__aenter__() for i in range(fast_clients)
+        ]
         try:
             for ws in clients:
                 await subscribe(ws, 1, [dev])
@@ -228,7 +242,9 @@ async def test_a_client_that_never_reads_does_not_delay_a_hundred_others(
 
             consumers = asyncio.gather(*(consume(ws) for ws in clients))
             for i in range(count):
-                await redis.publish(device_channel(dev), telemetry(dev, seq=float(i), note=padding))
+                await redis.publish(
+                    realtime.names.device_channel(dev), telemetry(dev, seq=float(i), note=padding)
+                )
             await asyncio.wait_for(consumers, 60)
             delays.sort()
             assert len(delays) == count * fast_clients
@@ -245,6 +261,7 @@ async def test_a_client_whose_queue_overflows_is_dropped_with_4008(
     env = {"IOT_REALTIME_QUEUE_SIZE": "20", "IOT_REALTIME_CLOSE_TIMEOUT_S": "30"}
     realtime = start_realtime(service, database_url, redis_url, env)
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     big = telemetry(dev, note="x" * 60_000)
     async with open_ws(realtime.url(token()), max_queue=1, max_size=None) as stalled:
         await subscribe(stalled, 1, [dev])
@@ -253,7 +270,7 @@ async def test_a_client_whose_queue_overflows_is_dropped_with_4008(
         while realtime.metric("iot_realtime_dropped_connections_total") == 0:
             assert published < 3000, "the stalled client was never dropped"
             for _ in range(50):
-                await redis.publish(device_channel(dev), big)
+                await redis.publish(realtime.names.device_channel(dev), big)
             published += 50
         code, reason = await close_code(stalled, timeout=30)
     assert (code, reason) == (4008, "outgoing queue overflow: client too slow")
@@ -262,31 +279,32 @@ async def test_a_client_whose_queue_overflows_is_dropped_with_4008(
 
 async def test_subscriptions_survive_a_redis_restart(service: Start, database_url: str, unique: str) -> None:
     dev = f"dev-{unique}"
+    await register(database_url, dev)
     with private_redis() as server:
         realtime = start_realtime(service, database_url, server.url)
         async with open_ws(realtime.url(token())) as ws, open_ws(realtime.url(token())) as everything:
             await subscribe(ws, 1, [dev])
             await subscribe(everything, 1, ["*"])
-            await _publish_until_received(server.url, ws, dev, 1.0)
+            await _publish_until_received(realtime, server.url, ws, dev, 1.0)
             server.stop()
             realtime.proc.wait_http(f"{realtime.base}/readyz", status=503)
             server.start()
             realtime.proc.wait_http(f"{realtime.base}/readyz", status=200)
-            await _publish_until_received(server.url, ws, dev, 2.0)
-            await _publish_until_received(server.url, everything, dev, 3.0)
+            await _publish_until_received(realtime, server.url, ws, dev, 2.0)
+            await _publish_until_received(realtime, server.url, everything, dev, 3.0)
             assert realtime.metric("iot_realtime_redis_reconnects_total") >= 1
             # The device channel and the "*" pattern, restored on the new Redis.
             assert realtime.metric("iot_realtime_redis_channels") == 2
 
 
-async def _publish_until_received(url: str, ws: Any, dev: str, value: float) -> None:
+async def _publish_until_received(realtime: Realtime, url: str, ws: Any, dev: str, value: float) -> None:
     """Publish every 200 ms until the client gets the event (Redis may still be resubscribing)."""
     client = aioredis.from_url(url)
     try:
         deadline = time.monotonic() + 30
         while True:
             with contextlib.suppress(OSError, aioredis.ConnectionError):
-                await client.publish(device_channel(dev), telemetry(dev, v=value))
+                await client.publish(realtime.names.device_channel(dev), telemetry(dev, v=value))
             try:
                 frame = await recv_json(ws, timeout=0.2)
             except TimeoutError:
@@ -321,7 +339,10 @@ async def test_heartbeats_close_a_peer_that_vanished(
         writer.close()
 
 
-async def test_sigterm_closes_sockets_with_going_away(realtime: Realtime, unique: str) -> None:
+async def test_sigterm_closes_sockets_with_going_away(
+    realtime: Realtime, database_url: str, unique: str
+) -> None:
+    await register(database_url, f"dev-{unique}")
     async with open_ws(realtime.url(token())) as a, open_ws(realtime.url(token())) as b:
         await subscribe(a, 1, [f"dev-{unique}"])
         await assert_nothing_pending(b)
@@ -332,16 +353,17 @@ async def test_sigterm_closes_sockets_with_going_away(realtime: Realtime, unique
 
 
 async def test_metrics_count_connections_subscriptions_and_messages(
-    realtime: Realtime, redis: aioredis.Redis, unique: str
+    realtime: Realtime, database_url: str, redis: aioredis.Redis, unique: str
 ) -> None:
     dev = f"dev-{unique}"
+    await register(database_url, dev, f"{dev}-b")
     async with open_ws(realtime.url(token())) as ws:
         await subscribe(ws, 1, [dev, f"{dev}-b"])
         assert realtime.metric("iot_realtime_connections") == 1
         assert realtime.metric("iot_realtime_subscriptions") == 2
         assert realtime.metric("iot_realtime_redis_channels") == 2
         event = encode_event(TelemetryEvent(dev, datetime.now(UTC), {"t": 1.0}))
-        await redis.publish(device_channel(dev), event)
+        await redis.publish(realtime.names.device_channel(dev), event)
         await recv_json(ws)
         assert realtime.metric("iot_realtime_messages_in_total") == 1
         assert realtime.metric("iot_realtime_messages_out_total") >= 4  # 2 snapshots, ack, event

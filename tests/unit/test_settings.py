@@ -6,6 +6,7 @@ import pytest
 
 from iot_api.settings import ApiSettings
 from iot_common.settings import BaseSettings, SettingsError, load_settings
+from iot_common.topics import RedisNames
 from iot_common.weak_secrets import PUBLISHED_SECRETS
 from iot_ingest.settings import IngestSettings
 from iot_realtime.settings import RealtimeSettings
@@ -78,6 +79,26 @@ def test_a_malformed_url_stops_start_up_naming_the_variable(variable: str, value
 def test_a_wrong_value_names_its_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         load_settings(ApiSettings, {**SECRET, variable: value})
+
+
+def test_the_redis_prefix_names_every_key_and_channel() -> None:
+    assert load_settings(BaseSettings, {}).redis_names() == RedisNames("iot")
+    settings = load_settings(ApiSettings, {**SECRET, "IOT_REDIS_PREFIX": "staging-2"})
+    assert settings.redis_names().device_channel("d") == "staging-2:device:d"
+    assert settings.cache_namespace() == "staging-2:api:"
+    # IOT_API_CACHE_NAMESPACE, set by deployments from before IOT_REDIS_PREFIX, still wins for the API.
+    legacy = load_settings(
+        ApiSettings, {**SECRET, "IOT_REDIS_PREFIX": "a", "IOT_API_CACHE_NAMESPACE": "old:api:"}
+    )
+    assert legacy.cache_namespace() == "old:api:"
+
+
+@pytest.mark.parametrize("value", ["", "a:b", "iot*", "x" * 33, "iot\n"])
+def test_a_malformed_redis_prefix_names_its_variable(value: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(RealtimeSettings, {**SECRET, "IOT_REDIS_PREFIX": value})
+    assert "IOT_REDIS_PREFIX" in str(err.value)
+    assert "no ':'" in str(err.value)
 
 
 def test_cross_field_errors_name_the_variables_involved() -> None:

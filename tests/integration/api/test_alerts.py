@@ -16,8 +16,10 @@ import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
 from iot_common.messages import AlertEvent, decode_event
-from iot_common.topics import RULES_CHANGED_CHANNEL, device_channel
+from iot_common.topics import RedisNames
 from tests.integration.api.test_devices import assert_problem
+
+NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 Client = AsyncTestClient[Any]
 RULES = "/api/v1/alert-rules"
@@ -39,7 +41,7 @@ async def next_message(pubsub: Any, timeout: float = 5.0) -> bytes:
 @pytest.fixture
 async def rules_channel(redis: aioredis.Redis) -> AsyncIterator[Any]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(RULES_CHANGED_CHANNEL)
+    await pubsub.subscribe(NAMES.rules_changed)
     await pubsub.get_message(timeout=2)  # the subscription confirmation
     yield pubsub
     await pubsub.aclose()
@@ -318,7 +320,7 @@ async def test_ack_is_idempotent_and_publishes_an_alert_event(
     rule = (await client.post(RULES, json=rule_body(device_id=device_id), headers=writer)).json()
     alert_id = await insert_alert(db, rule["id"], device_id, datetime.now(UTC))
     pubsub = redis.pubsub()
-    await pubsub.subscribe(device_channel(device_id))
+    await pubsub.subscribe(NAMES.device_channel(device_id))
     await pubsub.get_message(timeout=2)
     try:
         assert_problem(await client.post(f"/api/v1/alerts/{alert_id}/ack", headers=reader), 403)

@@ -19,11 +19,13 @@ import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
 from iot_common.messages import CommandEvent, CommandMessage, decode_event
-from iot_common.topics import command_topic, device_channel
+from iot_common.topics import RedisNames, command_topic
 from tests.integration.api.conftest import ClientFactory
 from tests.integration.api.test_alerts import make_device, next_message
 from tests.integration.api.test_devices import assert_problem
 from tests.support.processes import free_port, mosquitto
+
+NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 Client = AsyncTestClient[Any]
 
@@ -66,7 +68,7 @@ async def device(client: Client, writer: dict[str, str], mqtt_url: str, unique: 
 @pytest.fixture
 async def events(redis: aioredis.Redis, unique: str) -> AsyncIterator[Any]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(device_channel(f"dev-{unique}"))
+    await pubsub.subscribe(NAMES.device_channel(f"dev-{unique}"))
     await pubsub.get_message(timeout=2)
     yield pubsub
     await pubsub.aclose()

@@ -14,8 +14,10 @@ from iot_api.rollup import roll_up
 from iot_common.db import connect
 from iot_common.db.telemetry import insert_telemetry
 from iot_common.messages import LatestValue, Reading
-from iot_common.topics import latest_key
+from iot_common.topics import RedisNames
 from tests.integration.api.test_devices import assert_problem
+
+NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 Client = AsyncTestClient[Any]
 HOUR0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=5)
@@ -244,7 +246,9 @@ async def test_latest_from_redis_then_database(
         "temp": {"value": 110.0, "ts": last},
     }
     now = datetime.now(UTC)
-    await redis.hset(latest_key(device_id), "temp", msgspec.json.encode(LatestValue(value=42.5, ts=now)))
+    await redis.hset(
+        NAMES.latest_key(device_id), "temp", msgspec.json.encode(LatestValue(value=42.5, ts=now))
+    )
     try:
         cached = (await client.get(f"/api/v1/devices/{device_id}/latest", headers=writer)).json()
         assert cached["source"] == "cache"
@@ -258,7 +262,7 @@ async def test_latest_from_redis_then_database(
         assert [(i["device_id"], i["source"]) for i in items] == [(device_id, "cache"), (other, "database")]
         assert items[1]["metrics"] == {}
     finally:
-        await redis.delete(latest_key(device_id))
+        await redis.delete(NAMES.latest_key(device_id))
     assert_problem(await client.get(f"/api/v1/devices/x-{unique}/latest", headers=writer), 404)
     assert_problem(await client.get("/api/v1/telemetry/latest", headers=writer), 422, "device_id")
 

@@ -14,7 +14,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from iot_common.messages import AlertEvent
-from iot_common.topics import RULES_CHANGED_CHANNEL
+from iot_common.topics import RedisNames
 
 Trigger = Literal["open", "resolve"]
 HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")]
@@ -69,6 +69,6 @@ def alert_event(record: Mapping[str, Any]) -> AlertEvent:
     return AlertEvent(**{name: record[name] for name in AlertEvent.__struct_fields__})
 
 
-async def notify_rules_changed(redis: aioredis.Redis) -> None:
+async def notify_rules_changed(redis: aioredis.Redis, names: RedisNames) -> None:
     """Tell every ingest replica to reload its rule cache (call after committing a rule change)."""
-    await redis.publish(RULES_CHANGED_CHANNEL, b"1")
+    await redis.publish(names.rules_changed, b"1")

@@ -18,7 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from iot_common.messages import CommandAck, CommandEvent, CommandMessage, encode_event
-from iot_common.topics import command_topic, device_channel
+from iot_common.topics import RedisNames, command_topic
 
 if TYPE_CHECKING:
     import asyncpg
@@ -162,6 +162,6 @@ def ack_columns(
     return ids, devices, states, results, errors
 
 
-def publish_command_event(pipe: aioredis.Redis | Any, event: CommandEvent) -> Any:
+def publish_command_event(pipe: aioredis.Redis | Any, names: RedisNames, event: CommandEvent) -> Any:
     """Queue (on a pipeline) or send the PUBLISH of ``event`` on its device's channel."""
-    return pipe.publish(device_channel(event.device_id), encode_event(event))
+    return pipe.publish(names.device_channel(event.device_id), encode_event(event))

@@ -14,6 +14,7 @@ from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
+from iot_common.topics import DEFAULT_REDIS_PREFIX, REDIS_PREFIX_PATTERN, RedisNames
 from iot_common.weak_secrets import MIN_SECRET_BYTES, weak_secret_problem
 
 ENV_PREFIX = "IOT_"
@@ -39,6 +40,13 @@ MqttUrl = Annotated[
         description="MQTT URL, mqtt://[user:password@]host[:port] (mqtts:// for TLS)",
     ),
 ]
+RedisPrefix = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=REDIS_PREFIX_PATTERN,
+        description="1 to 32 letters, digits, '_', '.' or '-' (no ':')",
+    ),
+]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["json", "console", "auto"]
@@ -53,6 +61,8 @@ class BaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     database_url: PostgresUrl = "postgresql://postgres@127.0.0.1:5432/postgres"
     redis_url: RedisUrl = "redis://127.0.0.1:6379/0"
+    redis_prefix: RedisPrefix = DEFAULT_REDIS_PREFIX
+    """Start of every Redis key and channel name: deployments sharing a Redis server need distinct ones."""
     mqtt_url: MqttUrl = "mqtt://127.0.0.1:1883"
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
@@ -64,6 +74,10 @@ class BaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     def __post_init__(self) -> None:
         if self.database_pool_min > self.database_pool_max:
             raise ValueError("database_pool_min must not exceed database_pool_max")
+
+    def redis_names(self) -> RedisNames:
+        """This deployment's Redis key and channel names (``IOT_REDIS_PREFIX``)."""
+        return RedisNames(self.redis_prefix)
 
 
 class WebSettings(BaseSettings, frozen=True, kw_only=True):

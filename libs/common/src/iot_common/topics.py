@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 """Device ids: 1-64 characters, letters, digits and ``_ . : -``, starting with a letter or digit.
@@ -20,11 +21,11 @@ TELEMETRY_FILTER = TELEMETRY_PREFIX + "+"
 STATUS_FILTER = STATUS_PREFIX + "+"
 COMMAND_ACK_FILTER = COMMAND_PREFIX + "+" + COMMAND_ACK_SUFFIX
 
-REDIS_PREFIX = "iot:"
-DEVICE_CHANNEL_PREFIX = REDIS_PREFIX + "device:"
-DEVICE_CHANNEL_PATTERN = DEVICE_CHANNEL_PREFIX + "*"
-LATEST_PREFIX = REDIS_PREFIX + "latest:"
-RULES_CHANGED_CHANNEL = REDIS_PREFIX + "rules-changed"
+REDIS_PREFIX_PATTERN = r"\A[A-Za-z0-9_.-]{1,32}\Z"
+"""``IOT_REDIS_PREFIX``: no ``:`` (so one prefix never starts another's names) and no glob character
+(``* ? [ ] \\``), so the prefix is taken literally in a ``PSUBSCRIBE`` pattern."""
+DEFAULT_REDIS_PREFIX = "iot"
+_REDIS_PREFIX_RE = re.compile(REDIS_PREFIX_PATTERN)
 
 
 def is_valid_device_id(device_id: str) -> bool:
@@ -61,23 +62,62 @@ def device_id_from_topic(topic: str, prefix: str, suffix: str = "") -> str | Non
     return device_id if is_valid_device_id(device_id) else None
 
 
-def device_channel(device_id: str) -> str:
-    """Redis pub/sub channel carrying every event of one device (telemetry, status, alert, command)."""
-    return DEVICE_CHANNEL_PREFIX + device_id
+@dataclass(frozen=True, slots=True)
+class RedisNames:
+    """Every Redis key and channel name of one deployment, under its ``IOT_REDIS_PREFIX``.
 
+    Redis pub/sub ignores the database number, so deployments sharing a Redis server are told apart by
+    this prefix alone. Each service builds one from its settings (``settings.redis_names()``) and hands
+    it to whatever talks to Redis.
+    """
 
-def device_id_from_channel(channel: str) -> str | None:
-    if not channel.startswith(DEVICE_CHANNEL_PREFIX):
-        return None
-    return channel[len(DEVICE_CHANNEL_PREFIX) :]
+    prefix: str = DEFAULT_REDIS_PREFIX
+    _device: str = field(init=False, repr=False, compare=False)
+    _latest: str = field(init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if _REDIS_PREFIX_RE.match(self.prefix) is None:
+            raise ValueError(f"invalid Redis prefix {self.prefix!r}: expected {REDIS_PREFIX_PATTERN}")
+        object.__setattr__(self, "_device", f"{self.prefix}:device:")
+        object.__setattr__(self, "_latest", f"{self.prefix}:latest:")
 
-def latest_key(device_id: str) -> str:
-    """Redis hash of a device's latest values: field = metric, value = encoded :class:`LatestValue`."""
-    return LATEST_PREFIX + device_id
+    def device_channel(self, device_id: str) -> str:
+        """Pub/sub channel carrying every event of one device (telemetry, status, alert, command)."""
+        return self._device + device_id
 
+    @property
+    def device_pattern(self) -> str:
+        """``PSUBSCRIBE`` pattern of every device channel."""
+        return self._device + "*"
 
-ALERT_SYNC_CHANNEL = REDIS_PREFIX + "ingest:alert-sync"
-"""Redis channel on which ingest replicas tell each other that an alert opened or resolved (or that a
-rule's ``for_seconds`` wait started or was reset), so that a device whose readings alternate between
-replicas is judged with one state. Internal to the ingest service."""
+    def device_id_from_channel(self, channel: str) -> str | None:
+        """The device id of one of this deployment's device channels, else None."""
+        if not channel.startswith(self._device):
+            return None
+        return channel[len(self._device) :]
+
+    def latest_key(self, device_id: str) -> str:
+        """Hash of a device's latest values: field = metric, value = encoded ``LatestValue``."""
+        return self._latest + device_id
+
+    @property
+    def rules_changed(self) -> str:
+        """Channel on which a change of the alert rules is announced (ingest reloads them)."""
+        return f"{self.prefix}:rules-changed"
+
+    @property
+    def alert_sync(self) -> str:
+        """Channel on which ingest replicas tell each other that an alert opened or resolved (or that a
+        rule's ``for_seconds`` wait started or was reset), so that a device whose readings alternate
+        between replicas is judged with one state. Internal to the ingest service."""
+        return f"{self.prefix}:ingest:alert-sync"
+
+    @property
+    def realtime_control_prefix(self) -> str:
+        """Start of each realtime process's private channel (``{prefix}:realtime:{host}:{pid}:{random}``)."""
+        return f"{self.prefix}:realtime:"
+
+    @property
+    def api_cache_namespace(self) -> str:
+        """Start of the API's keys (cache, sessions, rate counters) unless ``IOT_API_CACHE_NAMESPACE``."""
+        return f"{self.prefix}:api:"

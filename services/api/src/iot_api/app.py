@@ -88,11 +88,12 @@ def _openapi() -> OpenAPIConfig:
 def build_services(
     pool: asyncpg.Pool[Any], cache: Cache, mqtt: CommandPublisher, settings: ApiSettings
 ) -> Services:
+    names = settings.redis_names()
     devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s)
-    events = EventPublisher(cache)
+    events = EventPublisher(cache, names)
     return Services(
         devices=devices,
-        telemetry=TelemetryService(TelemetryRepository(pool), devices, cache),
+        telemetry=TelemetryService(TelemetryRepository(pool), devices, cache, names),
         auth=AuthService(AccountRepository(pool), cache, settings),
         rejects=RejectRepository(pool),
         alert_rules=AlertRuleService(AlertRuleRepository(pool), events),
@@ -139,7 +140,7 @@ def create_app(settings: ApiSettings) -> Litestar:
         redis = make_redis(settings.redis_url)
         mqtt = CommandPublisher(settings.mqtt_url, settings.api_command_puback_timeout_s)
         mqtt.start()
-        services = build_services(pool, Cache(redis, settings.api_cache_namespace), mqtt, settings)
+        services = build_services(pool, Cache(redis, settings.cache_namespace()), mqtt, settings)
         app.state.pool = pool
         app.state.redis = redis
         app.state.mqtt = mqtt

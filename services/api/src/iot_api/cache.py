@@ -21,8 +21,6 @@ log = structlog.stdlib.get_logger("iot_api.cache")
 REDIS_FAILURES = Counter("iot_api_redis_failures_total", "Redis calls that failed and fell back")
 CACHE_LOOKUPS = Counter("iot_api_cache_lookups_total", "Cache lookups by result", ["result"])
 
-DEFAULT_NAMESPACE = "iot:api:"
-
 
 def make_redis(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
     """A client whose calls give up quickly, so a hung Redis cannot hold a request."""
@@ -38,16 +36,14 @@ def make_redis(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
 class Cache:
     """Redis calls that degrade: on failure they return ``default`` and Redis rests for a while."""
 
-    def __init__(
-        self, client: aioredis.Redis, namespace: str = DEFAULT_NAMESPACE, cooldown_s: float = 1.0
-    ) -> None:
+    def __init__(self, client: aioredis.Redis, namespace: str, cooldown_s: float = 1.0) -> None:
         self.client = client
         self.namespace = namespace
         self.cooldown_s = cooldown_s
         self._down_until = 0.0
 
     def key(self, *parts: str | int) -> str:
-        """A key in this deployment's namespace (``IOT_API_CACHE_NAMESPACE``)."""
+        """A key in this deployment's namespace (``IOT_API_CACHE_NAMESPACE``, else ``{prefix}:api:``)."""
         return self.namespace + ":".join(str(p) for p in parts)
 
     @property

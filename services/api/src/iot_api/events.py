@@ -11,28 +11,31 @@ import msgspec
 
 from iot_api.cache import Cache
 from iot_common.messages import DeviceEvent, encode_event
-from iot_common.topics import RULES_CHANGED_CHANNEL, device_channel
+from iot_common.topics import RedisNames
 
 
 class RuleChange(msgspec.Struct, frozen=True):
-    """Body of a message on ``iot:rules-changed``: which rule changed and how (ingest reloads them all)."""
+    """Body of a message on ``{prefix}:rules-changed``: which rule changed and how (ingest reloads all)."""
 
     rule_id: str
     change: str
 
 
 class EventPublisher:
-    def __init__(self, cache: Cache) -> None:
+    def __init__(self, cache: Cache, names: RedisNames) -> None:
         self.cache = cache
+        self.names = names
 
     async def device_event(self, device_id: str, event: DeviceEvent) -> bool:
         """Publish ``event`` on the device's channel; False when Redis could not be reached."""
         payload = encode_event(event)
-        result = await self.cache.call(lambda r: r.publish(device_channel(device_id), payload), None)
+        result = await self.cache.call(
+            lambda r: r.publish(self.names.device_channel(device_id), payload), None
+        )
         return result is not None
 
     async def rules_changed(self, rule_id: str, change: str) -> bool:
         """Tell every ingest replica to reload the rules; False when Redis could not be reached."""
         payload = msgspec.json.encode(RuleChange(rule_id, change))
-        result = await self.cache.call(lambda r: r.publish(RULES_CHANGED_CHANNEL, payload), None)
+        result = await self.cache.call(lambda r: r.publish(self.names.rules_changed, payload), None)
         return result is not None

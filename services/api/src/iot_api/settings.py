@@ -46,7 +46,9 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     ] = msgspec.field(default_factory=list)
     api_max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=100_000_000)] = 1_048_576
     api_cache_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 10
-    api_cache_namespace: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "iot:api:"
+    api_cache_namespace: Annotated[str, msgspec.Meta(pattern=r"\A(?:[A-Za-z0-9:_.-]{1,64})?\Z")] = ""
+    """Start of the API's Redis keys; empty (the default): ``{IOT_REDIS_PREFIX}:api:``. Kept for
+    deployments that set it before ``IOT_REDIS_PREFIX`` existed."""
     api_rollup_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
     api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
@@ -94,3 +96,7 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
             raise ValueError("IOT_MQTT_SERVICE_USERS has a published placeholder or example password")
         if self.mqtt_admin_url and is_placeholder(unquote(urlsplit(self.mqtt_admin_url).password or "")):
             raise ValueError("IOT_MQTT_ADMIN_URL has a published placeholder or example password")
+
+    def cache_namespace(self) -> str:
+        """Start of the API's Redis keys: ``IOT_API_CACHE_NAMESPACE``, else ``{IOT_REDIS_PREFIX}:api:``."""
+        return self.api_cache_namespace or self.redis_names().api_cache_namespace

@@ -33,6 +33,7 @@ from iot_common.commands import (
 )
 from iot_common.messages import AlertEvent
 from iot_common.mqtt import PublishError
+from iot_common.topics import RedisNames
 from iot_ingest import metrics
 
 log = structlog.stdlib.get_logger(__name__)
@@ -87,6 +88,7 @@ class ActionRunner:
         redis_client: aioredis.Redis,
         publish: MqttPublish,
         *,
+        names: RedisNames,
         workers: int,
         queue_size: int,
         webhook_timeout_s: float,
@@ -96,6 +98,7 @@ class ActionRunner:
     ) -> None:
         self._pool = pool
         self._redis = redis_client
+        self._names = names
         self._publish = publish
         self._workers = workers
         self._queue: asyncio.Queue[ActionJob] = asyncio.Queue(queue_size)
@@ -246,4 +249,4 @@ class ActionRunner:
 
     async def _publish_event(self, row: Any) -> None:
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            await publish_command_event(self._redis, command_event(row))
+            await publish_command_event(self._redis, self._names, command_event(row))

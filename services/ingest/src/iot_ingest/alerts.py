@@ -9,9 +9,9 @@ order (pure, in memory: no database round trip per reading) and writes the rare 
 - resolve: ``UPDATE ... WHERE state = 'open'``.
 
 Only a row actually inserted or updated is published (an ``AlertEvent`` on the device channel) and starts
-the rule's action. Replicas share their view through ``iot:ingest:alert-sync`` (see
-:mod:`iot_ingest.rules`), and every reload of the rules (on ``iot:rules-changed`` and periodically) takes the
-open alerts from the database, which corrects whatever a lost note left wrong.
+the rule's action. Replicas share their view through ``{prefix}:ingest:alert-sync`` (see
+:mod:`iot_ingest.rules`), and every reload of the rules (on ``{prefix}:rules-changed`` and periodically)
+takes the open alerts from the database, which corrects whatever a lost note left wrong.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import structlog
 
 from iot_common.alerts import ALERT_COLUMNS, InvalidAction, alert_event, parse_action
 from iot_common.messages import Reading, encode_event
-from iot_common.topics import ALERT_SYNC_CHANNEL, RULES_CHANGED_CHANNEL, device_channel
+from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.actions import ActionJob, ActionRunner
 from iot_ingest.rules import Kind, Rule, RuleEngine, Transition
@@ -62,7 +62,7 @@ RETRY_MAX_S: Final = 5.0
 
 
 class SyncNote(msgspec.Struct, frozen=True, array_like=True):
-    """One change a replica saw, for the others (``iot:ingest:alert-sync``)."""
+    """One change a replica saw, for the others (``{prefix}:ingest:alert-sync``)."""
 
     replica: str
     kind: Kind
@@ -121,9 +121,11 @@ class AlertService:
         known: KnownDevices,
         actions: ActionRunner,
         *,
+        names: RedisNames,
         queue_size: int,
     ) -> None:
         self.engine = RuleEngine()
+        self._names = names
         self.replica = uuid.uuid4().hex
         self._pool = pool
         self._redis = redis_client
@@ -196,19 +198,19 @@ class AlertService:
                 self._queue.task_done()
 
     async def refresh_forever(self, refresh_s: float) -> None:
-        """Safety net beside ``iot:rules-changed``: reload every ``refresh_s``."""
+        """Safety net beside ``{prefix}:rules-changed``: reload every ``refresh_s``."""
         while True:
             await asyncio.sleep(refresh_s)
             self.request_reload()
 
     async def listen(self) -> None:
-        """Follow ``iot:rules-changed`` and the other replicas' notes; reconnect with backoff."""
+        """Follow ``{prefix}:rules-changed`` and the other replicas' notes; reconnect with backoff."""
         delay = 0.5
         while True:
             client = aioredis.from_url(self._redis_url, socket_connect_timeout=2, health_check_interval=30)
             pubsub = client.pubsub()
             try:
-                await pubsub.subscribe(RULES_CHANGED_CHANNEL, ALERT_SYNC_CHANNEL)
+                await pubsub.subscribe(self._names.rules_changed, self._names.alert_sync)
                 # Whatever changed while we were not subscribed is read now.
                 self.request_reload()
                 delay = 0.5
@@ -226,7 +228,7 @@ class AlertService:
             delay = min(delay * 2, 30.0)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        if channel == RULES_CHANGED_CHANNEL.encode():
+        if channel == self._names.rules_changed.encode():
             self.request_reload()
             return
         try:
@@ -299,10 +301,12 @@ class AlertService:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for _, record in changes:
-                    pipe.publish(device_channel(record["device_id"]), encode_event(alert_event(record)))
+                    pipe.publish(
+                        self._names.device_channel(record["device_id"]), encode_event(alert_event(record))
+                    )
                 for t in transitions:
                     note = SyncNote(self.replica, t.kind, t.rule.id, t.device_id, t.ts)
-                    pipe.publish(ALERT_SYNC_CHANNEL, _note_encoder.encode(note))
+                    pipe.publish(self._names.alert_sync, _note_encoder.encode(note))
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.ALERT_ERRORS.labels("publish").inc()

@@ -25,6 +25,7 @@ from iot_common.db import create_pool
 from iot_common.db.partitions import run_maintenance_forever
 from iot_common.health import postgres_check, redis_check
 from iot_common.service import run_service
+from iot_common.topics import RedisNames
 from iot_common.web import health_routes
 from iot_ingest import metrics
 from iot_ingest.actions import ActionRunner
@@ -63,6 +64,7 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         command_timeout=60,
     )
     redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    names = settings.redis_names()
     known = KnownDevices()
     async with pool.acquire() as conn:
         await known.load(conn)
@@ -76,6 +78,7 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         pool,
         redis,
         publish_command,
+        names=names,
         workers=settings.ingest_action_workers,
         queue_size=settings.ingest_action_queue,
         webhook_timeout_s=settings.ingest_webhook_timeout_s,
@@ -84,11 +87,11 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         command_ttl_s=settings.ingest_command_ttl_s,
     )
     alerts = AlertService(
-        pool, redis, settings.redis_url, known, actions, queue_size=settings.ingest_alert_queue
+        pool, redis, settings.redis_url, known, actions, names=names, queue_size=settings.ingest_alert_queue
     )
     await alerts.reload()
     writer = BatchWriter(
-        pool, redis, known, auto_register=settings.ingest_auto_register, on_commit=alerts.submit
+        pool, redis, known, names=names, auto_register=settings.ingest_auto_register, on_commit=alerts.submit
     )
     batcher: Batcher[Delivery] = Batcher(
         writer, max_size=settings.ingest_batch_size, max_delay=settings.ingest_batch_delay_ms / 1000
@@ -131,7 +134,9 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         asyncio.create_task(known.refresh_forever(pool, settings.ingest_device_cache_s)),
         asyncio.create_task(alerts.listen()),
         asyncio.create_task(alerts.refresh_forever(settings.ingest_rules_refresh_s)),
-        asyncio.create_task(expire_commands_forever(pool, redis, settings.ingest_command_expiry_interval_s)),
+        asyncio.create_task(
+            expire_commands_forever(pool, redis, names, settings.ingest_command_expiry_interval_s)
+        ),
         asyncio.create_task(actions.run()),
     ]
     alert_worker = asyncio.create_task(alerts.run())
@@ -163,7 +168,9 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         await pool.close()
 
 
-async def expire_commands_forever(pool: asyncpg.Pool[Any], redis: aioredis.Redis, interval_s: float) -> None:
+async def expire_commands_forever(
+    pool: asyncpg.Pool[Any], redis: aioredis.Redis, names: RedisNames, interval_s: float
+) -> None:
     """Every ``interval_s``: commands past ``expires_at`` become ``expired`` (one replica at a time)."""
     while True:
         await asyncio.sleep(interval_s)
@@ -180,7 +187,7 @@ async def expire_commands_forever(pool: asyncpg.Pool[Any], redis: aioredis.Redis
         try:
             async with redis.pipeline(transaction=False) as pipe:
                 for event in events:
-                    publish_command_event(pipe, event)
+                    publish_command_event(pipe, names, event)
                 await pipe.execute()
         except (redis_exceptions.RedisError, OSError) as exc:
             log.warning("publishing expired commands failed", error=str(exc))

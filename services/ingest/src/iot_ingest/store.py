@@ -22,7 +22,7 @@ import structlog
 from iot_common.commands import APPLY_ACKS, ack_columns, command_event, publish_command_event
 from iot_common.db.telemetry import insert_telemetry
 from iot_common.messages import LatestValue, Reading, StatusEvent, TelemetryEvent, encode_event
-from iot_common.topics import device_channel, latest_key
+from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.plan import Delivery, Plan, dead_letter, latest_values, plan_batch, ts_sort_key
 
@@ -176,6 +176,7 @@ class BatchWriter:
         redis_client: aioredis.Redis,
         known: KnownDevices,
         *,
+        names: RedisNames,
         auto_register: bool,
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
@@ -183,6 +184,7 @@ class BatchWriter:
     ) -> None:
         self._pool = pool
         self._redis = redis_client
+        self._names = names
         self._known = known
         self._auto_register = auto_register
         self._retry_initial_s = retry_initial_s
@@ -304,14 +306,19 @@ class BatchWriter:
                     args: list[str | bytes] = []
                     for name, (ts, value) in values.items():
                         args += [name, ts_sort_key(ts), _latest_encoder.encode(LatestValue(value, ts))]
-                    await self._latest_script(keys=[latest_key(device_id)], args=args, client=pipe)
+                    await self._latest_script(
+                        keys=[self._names.latest_key(device_id)], args=args, client=pipe
+                    )
                 for reading in plan.readings:
                     event = TelemetryEvent(reading.device_id, reading.ts, reading.metrics)
-                    pipe.publish(device_channel(reading.device_id), encode_event(event))
+                    pipe.publish(self._names.device_channel(reading.device_id), encode_event(event))
                 for device_id, (status, at) in plan.statuses.items():
-                    pipe.publish(device_channel(device_id), encode_event(StatusEvent(device_id, status, at)))
+                    pipe.publish(
+                        self._names.device_channel(device_id),
+                        encode_event(StatusEvent(device_id, status, at)),
+                    )
                 for command in plan.command_events:
-                    publish_command_event(pipe, command)
+                    publish_command_event(pipe, self._names, command)
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.REDIS_FAILURES.inc()

@@ -49,8 +49,9 @@ async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(
         settings.database_url, min_size=settings.database_pool_min, max_size=settings.database_pool_max
     )
-    hub = Hub(settings.redis_url)
-    app[GATEWAY] = Gateway(settings, hub, app[REDIS], pool)
+    names = settings.redis_names()
+    hub = Hub(settings.redis_url, names)
+    app[GATEWAY] = Gateway(settings, hub, app[REDIS], pool, names)
     listener = asyncio.create_task(hub.run(), name="redis-listener")
     try:
         yield

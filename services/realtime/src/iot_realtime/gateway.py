@@ -18,18 +18,22 @@ from redis.exceptions import RedisError
 from iot_common.auth import InvalidCredential, Principal, decode_token, looks_like_api_key, verify_api_key
 from iot_common.logging import get_logger
 from iot_common.messages import LatestValue
-from iot_common.topics import latest_key
+from iot_common.topics import RedisNames
 from iot_realtime import metrics
 from iot_realtime.connection import Connection, MetricFilter
+from iot_realtime.devices import KnownDevices
 from iot_realtime.hub import Hub
 from iot_realtime.protocol import (
     CLOSE_FORBIDDEN,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
+    CLOSE_TOO_MANY_CONNECTIONS,
     CLOSE_UNAUTHORIZED,
     ERR_ALREADY_AUTHENTICATED,
     ERR_BINARY,
     ERR_TOO_MANY,
+    ERR_UNAVAILABLE,
+    ERR_UNKNOWN_DEVICE,
     WILDCARD,
     Ack,
     Auth,
@@ -53,6 +57,9 @@ MAX_WIRE_FRAME_BYTES = 1024 * 1024
 """Frames above this are refused by the WebSocket layer itself (close 1009); smaller ones above
 ``IOT_REALTIME_MAX_FRAME_BYTES`` get an ``error`` frame and the connection stays open."""
 
+RETRY_AFTER_S = 5
+"""``Retry-After`` of the HTTP 503 a full process answers (``IOT_REALTIME_MAX_CONNECTIONS``)."""
+
 _latest_decoder = msgspec.json.Decoder(LatestValue)
 
 
@@ -74,12 +81,20 @@ class Gateway:
         hub: Hub,
         redis: aioredis.Redis,
         pool: asyncpg.Pool[asyncpg.Record],
+        names: RedisNames,
     ) -> None:
         self.settings = settings
+        self.names = names
         self.hub = hub
         self.redis = redis
         self.pool = pool
         self.connections: set[Connection] = set()
+        self.devices = KnownDevices(pool, settings.realtime_device_cache_s)
+        self.sockets = 0
+        """Open WebSockets, authenticated or not (``IOT_REALTIME_MAX_CONNECTIONS``)."""
+        self._connections_of: dict[str, int] = {}
+        self._subscriptions_of: dict[str, int] = {}
+        """Connections and subscriptions held by each credential (principal subject), over its connections."""
         self._allow_any_origin = "*" in settings.cors_origins
         self._origins = frozenset(settings.cors_origins)
 
@@ -105,6 +120,21 @@ class Gateway:
         if not principal.allows("read"):
             raise Refused(CLOSE_FORBIDDEN, "credential lacks the read scope")
         return principal
+
+    def check_admission(self, principal: Principal) -> None:
+        """Refuse a connection beyond ``IOT_REALTIME_MAX_CONNECTIONS_PER_PRINCIPAL`` for its credential."""
+        limit = self.settings.realtime_max_connections_per_principal
+        if self._connections_of.get(principal.subject, 0) >= limit:
+            raise Refused(
+                CLOSE_TOO_MANY_CONNECTIONS, f"too many connections for this credential (limit {limit})"
+            )
+
+    def register(self, conn: Connection) -> None:
+        """Count an admitted connection (call right after :meth:`check_admission`, with no await between)."""
+        self.connections.add(conn)
+        subject = conn.principal.subject
+        self._connections_of[subject] = self._connections_of.get(subject, 0) + 1
+        metrics.CONNECTIONS.inc()
 
     async def await_auth_frame(self, ws: web.WebSocketResponse) -> Auth:
         """The first frame of a client that gave no ``?token=``: it must be ``auth``, and come in time."""
@@ -157,9 +187,29 @@ class Gateway:
         new = [d for d in devices if d not in conn.filters]
         limit = self.settings.realtime_max_subscriptions
         if len(conn.filters) + len(new) > limit:
-            error = Error(code=ERR_TOO_MANY, message=f"at most {limit} subscriptions", id=frame.id)
-            conn.send_now(encode(error))
+            message = f"at most {limit} subscriptions per connection"
+            self._refuse(conn, Error(code=ERR_TOO_MANY, message=message, id=frame.id))
             return
+        subject = conn.principal.subject
+        held = self._subscriptions_of.get(subject, 0)
+        per_principal = self.settings.realtime_max_subscriptions_per_principal
+        if held + len(new) > per_principal:
+            message = f"at most {per_principal} subscriptions per credential, over all its connections"
+            self._refuse(conn, Error(code=ERR_TOO_MANY, message=message, id=frame.id))
+            return
+        # Reserved while the device check awaits, so the credential's other connections cannot all pass
+        # the same check meanwhile; given back unless the subscriptions are made.
+        self._subscriptions_of[subject] = held + len(new)
+        admitted = False
+        try:
+            error = await self._check_devices([d for d in new if d != WILDCARD], frame)
+            if error is not None:
+                self._refuse(conn, error)
+                return
+            admitted = True
+        finally:
+            if not admitted:
+                self._forget_subscriptions(subject, len(new))
         wanted: MetricFilter = frozenset(frame.metrics) if frame.metrics else None
         conn.hold()
         try:
@@ -176,17 +226,43 @@ class Gateway:
     async def unsubscribe(self, conn: Connection, frame: Unsubscribe) -> None:
         removed = [d for d in dict.fromkeys(frame.devices) if conn.filters.pop(d, False) is not False]
         metrics.SUBSCRIPTIONS.dec(len(removed))
+        self._forget_subscriptions(conn.principal.subject, len(removed))
         await self.hub.remove(conn, removed)
         conn.send_now(encode(Ack(id=frame.id)))
 
+    async def _check_devices(self, device_ids: list[str], frame: Subscribe) -> Error | None:
+        """An ``error`` for a subscribe naming devices that are not registered (or that cannot be checked)."""
+        try:
+            unknown = await self.devices.unknown(device_ids)
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.error("could not check device ids", error=str(exc))
+            return Error(code=ERR_UNAVAILABLE, message="could not check the devices, try again", id=frame.id)
+        if not unknown:
+            return None
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        message = f"{len(unknown)} unknown device(s): {shown}"
+        return Error(code=ERR_UNKNOWN_DEVICE, message=message, id=frame.id, devices=unknown)
+
+    @staticmethod
+    def _refuse(conn: Connection, error: Error) -> None:
+        metrics.REFUSED_SUBSCRIPTIONS.labels(error.code).inc()
+        conn.send_now(encode(error))
+
+    def _forget_subscriptions(self, subject: str, count: int) -> None:
+        remaining = self._subscriptions_of.get(subject, 0) - count
+        if remaining > 0:
+            self._subscriptions_of[subject] = remaining
+        else:
+            self._subscriptions_of.pop(subject, None)
+
     async def latest(self, devices: list[str], wanted: MetricFilter) -> list[bytes]:
-        """``latest`` frames from the ``iot:latest:{device_id}`` hashes (one round trip for all)."""
+        """``latest`` frames from the ``{prefix}:latest:{device_id}`` hashes (one round trip for all)."""
         if not devices:
             return []
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for device_id in devices:
-                    pipe.hgetall(latest_key(device_id))
+                    pipe.hgetall(self.names.latest_key(device_id))
                 hashes: list[dict[bytes, bytes]] = await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("latest values unavailable", error=str(exc))
@@ -212,9 +288,16 @@ class Gateway:
         """Forget a connection whose socket is closed."""
         self.connections.discard(conn)
         metrics.CONNECTIONS.dec()
+        subject = conn.principal.subject
+        left = self._connections_of.get(subject, 0) - 1
+        if left > 0:
+            self._connections_of[subject] = left
+        else:
+            self._connections_of.pop(subject, None)
         selectors = list(conn.filters)
         conn.filters.clear()
         metrics.SUBSCRIPTIONS.dec(len(selectors))
+        self._forget_subscriptions(subject, len(selectors))
         await self.hub.remove(conn, selectors)
 
     async def close_all(self) -> None:
@@ -232,6 +315,26 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     """``GET /ws``: check origin and credential, then serve frames until either side closes."""
     gateway: Gateway = request.app[GATEWAY]
     settings = gateway.settings
+    if gateway.sockets >= settings.realtime_max_connections:
+        # Refused before the upgrade: a full replica spends nothing on it, and the load balancer (or the
+        # client's backoff) tries again.
+        metrics.REFUSED.labels("503").inc()
+        return web.Response(
+            status=503,
+            text="too many connections on this server, try again later\n",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    gateway.sockets += 1
+    metrics.SOCKETS.inc()
+    try:
+        return await _serve(gateway, request)
+    finally:
+        gateway.sockets -= 1
+        metrics.SOCKETS.dec()
+
+
+async def _serve(gateway: Gateway, request: web.Request) -> web.WebSocketResponse:
+    settings = gateway.settings
     ws = web.WebSocketResponse(
         heartbeat=settings.realtime_heartbeat_s,
         compress=False,  # per-message deflate costs CPU and ~100 KiB per socket: too much at 10k sockets
@@ -244,6 +347,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         token = request.query.get("token")
         auth_frame = None if token else await gateway.await_auth_frame(ws)
         principal = await gateway.authenticate(token or (auth_frame.token if auth_frame else ""))
+        gateway.check_admission(principal)
     except Refused as refused:
         metrics.REFUSED.labels(str(refused.code)).inc()
         log.debug("connection refused", code=refused.code, reason=refused.reason, peer=request.remote)
@@ -256,8 +360,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         queue_size=settings.realtime_queue_size,
         close_timeout=settings.realtime_close_timeout_s,
     )
-    gateway.connections.add(conn)
-    metrics.CONNECTIONS.inc()
+    gateway.register(conn)
     log.debug("connection opened", subject=principal.subject, peer=request.remote)
     conn.start()
     if auth_frame is not None:

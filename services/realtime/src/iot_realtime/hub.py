@@ -1,7 +1,9 @@
 """Fan-out from Redis pub/sub to the connections of this process.
 
 One Redis pub/sub connection per process. A device channel is subscribed when its first local subscriber
-arrives and unsubscribed when the last one leaves; ``*`` subscribers share one ``PSUBSCRIBE iot:device:*``.
+arrives and unsubscribed when the last one leaves; ``*`` subscribers share one
+``PSUBSCRIBE {prefix}:device:*`` (``IOT_REDIS_PREFIX``: another deployment on the same Redis server never
+reaches these clients).
 So each replica listens only to what its own clients need. When the Redis connection breaks, the listener
 reconnects with backoff and subscribes again to everything its clients hold.
 """
@@ -24,16 +26,12 @@ from redis.retry import Retry
 
 from iot_common.logging import get_logger
 from iot_common.messages import AlertEvent, TelemetryEvent, decode_event, encode_event
-from iot_common.topics import DEVICE_CHANNEL_PATTERN, device_channel, device_id_from_channel
+from iot_common.topics import RedisNames
 from iot_realtime import metrics
 from iot_realtime.connection import Connection, MetricFilter
 from iot_realtime.protocol import WILDCARD
 
 log = get_logger(__name__)
-
-CONTROL_PREFIX = "iot:realtime:"
-"""Each process also subscribes to a private ``iot:realtime:{host}:{pid}:{random}`` channel, so its
-pub/sub connection is never idle of subscriptions (and can be pinged) even with no clients."""
 
 
 def filter_event(data: bytes, wanted: frozenset[str]) -> bytes | None:
@@ -61,7 +59,9 @@ def filter_event(data: bytes, wanted: frozenset[str]) -> bytes | None:
 class Hub:
     """Local subscription registry plus the Redis pub/sub listener that feeds it."""
 
-    def __init__(self, redis_url: str, *, confirm_timeout: float = 5.0, idle_ping_s: float = 10.0) -> None:
+    def __init__(
+        self, redis_url: str, names: RedisNames, *, confirm_timeout: float = 5.0, idle_ping_s: float = 10.0
+    ) -> None:
         self._client = aioredis.from_url(
             redis_url,
             retry=Retry(NoBackoff(), 0),  # reconnects are ours: we restore subscriptions ourselves
@@ -69,9 +69,14 @@ class Hub:
             socket_timeout=10.0,  # a (un)subscribe to a Redis that stopped answering must not hang
             socket_keepalive=True,
         )
+        self._names = names
+        self._pattern = names.device_pattern
         self._subs: dict[str, set[Connection]] = {}
         self._wildcard: set[Connection] = set()
-        self._control = f"{CONTROL_PREFIX}{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # A private channel of this process, so its pub/sub connection is never idle of subscriptions (and
+        # can be pinged) even with no clients.
+        control = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._control = names.realtime_control_prefix + control
         self._pubsub: PubSub | None = None
         self._requested: set[str] = set()
         self._listening: set[str] = set()
@@ -93,10 +98,10 @@ class Hub:
         for selector in selectors:
             if selector == WILDCARD:
                 self._wildcard.add(conn)
-                names.append(DEVICE_CHANNEL_PATTERN)
+                names.append(self._pattern)
             else:
                 self._subs.setdefault(selector, set()).add(conn)
-                names.append(device_channel(selector))
+                names.append(self._names.device_channel(selector))
         await self._sync(names)
         waiters = [self._waiter(name) for name in names if name not in self._listening]
         if waiters:
@@ -110,20 +115,20 @@ class Hub:
         for selector in selectors:
             if selector == WILDCARD:
                 self._wildcard.discard(conn)
-                names.append(DEVICE_CHANNEL_PATTERN)
+                names.append(self._pattern)
                 continue
             conns = self._subs.get(selector)
             if conns is not None:
                 conns.discard(conn)
                 if not conns:
                     del self._subs[selector]
-                names.append(device_channel(selector))
+                names.append(self._names.device_channel(selector))
         await self._sync(names)
 
     def _wants(self, name: str) -> bool:
-        if name == DEVICE_CHANNEL_PATTERN:
+        if name == self._pattern:
             return bool(self._wildcard)
-        device_id = device_id_from_channel(name)
+        device_id = self._names.device_id_from_channel(name)
         return device_id is not None and device_id in self._subs
 
     def _waiter(self, name: str) -> asyncio.Future[None]:
@@ -149,20 +154,19 @@ class Hub:
             self._requested.difference_update(drop)
             metrics.REDIS_CHANNELS.set(len(self._requested))
 
-    @staticmethod
-    async def _command(pubsub: PubSub, names: list[str], *, subscribe: bool) -> None:
-        channels = [n for n in names if n != DEVICE_CHANNEL_PATTERN]
-        pattern = DEVICE_CHANNEL_PATTERN in names
+    async def _command(self, pubsub: PubSub, names: list[str], *, subscribe: bool) -> None:
+        channels = [n for n in names if n != self._pattern]
+        pattern = self._pattern in names
         if subscribe:
             if channels:
                 await pubsub.subscribe(*channels)
             if pattern:
-                await pubsub.psubscribe(DEVICE_CHANNEL_PATTERN)
+                await pubsub.psubscribe(self._pattern)
         else:
             if channels:
                 await pubsub.unsubscribe(*channels)
             if pattern:
-                await pubsub.punsubscribe(DEVICE_CHANNEL_PATTERN)
+                await pubsub.punsubscribe(self._pattern)
 
     # -- listener ------------------------------------------------------------------------------------
 
@@ -175,9 +179,9 @@ class Hub:
             try:
                 async with self._lock:
                     await pubsub.subscribe(self._control)
-                    wanted = [device_channel(d) for d in self._subs]
+                    wanted = [self._names.device_channel(d) for d in self._subs]
                     if self._wildcard:
-                        wanted.append(DEVICE_CHANNEL_PATTERN)
+                        wanted.append(self._pattern)
                     await self._command(pubsub, wanted, subscribe=True)
                     self._pubsub = pubsub
                     self._requested = set(wanted)
@@ -222,7 +226,7 @@ class Hub:
         kind = message["type"]
         if kind == "message" or kind == "pmessage":
             channel = message["channel"].decode()
-            device_id = device_id_from_channel(channel)
+            device_id = self._names.device_id_from_channel(channel)
             if device_id is not None:
                 metrics.MESSAGES_IN.inc()
                 self.dispatch(device_id, message["data"], wildcard=kind == "pmessage")

@@ -5,6 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 
 CONNECTIONS = Gauge("iot_realtime_connections", "Open, authenticated WebSocket connections")
+SOCKETS = Gauge(
+    "iot_realtime_sockets", "Open WebSockets, authenticated or not (counted by IOT_REALTIME_MAX_CONNECTIONS)"
+)
 SUBSCRIPTIONS = Gauge(
     "iot_realtime_subscriptions", "Subscriptions held by clients (one per connection and device or '*')"
 )
@@ -20,5 +23,12 @@ DROPPED_CONNECTIONS = Counter(
 DROPPED_MESSAGES = Counter(
     "iot_realtime_dropped_messages", "Frames not delivered because the client's queue overflowed"
 )
-REFUSED = Counter("iot_realtime_refused", "Connections refused, by close code", ["code"])
+REFUSED = Counter(
+    "iot_realtime_refused",
+    "Connections refused, by close code (or 503: refused before the upgrade)",
+    ["code"],
+)
+REFUSED_SUBSCRIPTIONS = Counter(
+    "iot_realtime_refused_subscriptions", "Subscribe frames refused, by error code", ["code"]
+)
 REDIS_RECONNECTS = Counter("iot_realtime_redis_reconnects", "Reconnections of the Redis pub/sub listener")

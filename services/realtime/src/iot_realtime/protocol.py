@@ -22,6 +22,7 @@ CLOSE_INTERNAL_ERROR: Final = 1011
 CLOSE_UNAUTHORIZED: Final = 4001
 CLOSE_FORBIDDEN: Final = 4003
 CLOSE_TOO_SLOW: Final = 4008
+CLOSE_TOO_MANY_CONNECTIONS: Final = 4029
 
 # Error codes of ``error`` frames; the connection stays open after each.
 ERR_BAD_JSON: Final = "bad_json"
@@ -30,12 +31,17 @@ ERR_TOO_LARGE: Final = "too_large"
 ERR_BINARY: Final = "binary_frame"
 ERR_TOO_MANY: Final = "too_many_subscriptions"
 ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"
+ERR_UNKNOWN_DEVICE: Final = "unknown_device"
+ERR_UNAVAILABLE: Final = "unavailable"
 
 FrameId = int | str | None
+# msgspec checks patterns with ``re.search``: ``\\A...\\Z`` makes it a full match whatever anchors
+# DEVICE_ID_PATTERN uses (``$`` alone would accept a trailing newline, as in ``"*\\n"``).
 DeviceSelector = Annotated[
-    str, msgspec.Meta(pattern=f"({DEVICE_ID_PATTERN})|(^\\*$)", description="a device id or '*'")
+    str,
+    msgspec.Meta(pattern=f"\\A(?:(?:{DEVICE_ID_PATTERN})|\\*)\\Z", description="a device id or '*'"),
 ]
-MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN)]
+MetricName = Annotated[str, msgspec.Meta(pattern=f"\\A(?:{METRIC_NAME_PATTERN})\\Z")]
 
 
 class _ClientFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -83,6 +89,8 @@ class Error(msgspec.Struct, frozen=True, tag="error", tag_field="type", omit_def
     code: str
     message: str
     id: FrameId = None
+    devices: list[str] | None = None
+    """The device ids the error is about (``unknown_device``)."""
 
 
 class LatestMetric(msgspec.Struct, frozen=True):

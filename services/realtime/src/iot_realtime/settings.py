@@ -21,5 +21,13 @@ class RealtimeSettings(WebSettings, frozen=True, kw_only=True):
     """Largest client frame processed; a larger one gets an ``error`` frame (``too_large``)."""
     realtime_max_subscriptions: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
     """Devices one connection may subscribe to at once."""
+    realtime_max_subscriptions_per_principal: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10_000
+    """Subscriptions one credential (user or API key) may hold at once, over all its connections here."""
+    realtime_max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 20_000
+    """Open WebSockets of this process (authenticated or not); one more is refused with HTTP 503."""
+    realtime_max_connections_per_principal: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100
+    """Open connections of one credential (user or API key) here; one more is closed with 4029."""
+    realtime_device_cache_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 60.0
+    """How long a device found in PostgreSQL is remembered as existing (0: ask every time)."""
     realtime_close_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     """How long a closing handshake may take before the socket is cut."""

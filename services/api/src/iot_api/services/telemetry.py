@@ -25,7 +25,7 @@ from iot_api.schemas import (
 )
 from iot_api.services.devices import DeviceService
 from iot_common import messages
-from iot_common.topics import latest_key
+from iot_common.topics import RedisNames
 
 BUCKETS: dict[str, timedelta] = {
     "1m": timedelta(minutes=1),
@@ -96,7 +96,10 @@ def decode_latest(raw: dict[bytes, bytes]) -> dict[str, LatestValue]:
 
 
 class TelemetryService:
-    def __init__(self, repo: TelemetryRepository, devices: DeviceService, cache: Cache) -> None:
+    def __init__(
+        self, repo: TelemetryRepository, devices: DeviceService, cache: Cache, names: RedisNames
+    ) -> None:
+        self.names = names
         self.repo = repo
         self.devices = devices
         self.cache = cache
@@ -179,7 +182,7 @@ class TelemetryService:
         return await self._latest(list(dict.fromkeys(device_ids)))
 
     async def _latest(self, device_ids: list[str]) -> list[DeviceLatest]:
-        cached = await self.cache.hgetall_many([latest_key(d) for d in device_ids])
+        cached = await self.cache.hgetall_many([self.names.latest_key(d) for d in device_ids])
         result = []
         for index, device_id in enumerate(device_ids):
             if cached is not None and cached[index]:

@@ -1,0 +1,56 @@
+"""Which device ids exist: subscriptions are accepted only for devices registered in PostgreSQL.
+
+Found ids are remembered for ``IOT_REALTIME_DEVICE_CACHE_S`` (bounded, oldest evicted first), so a
+dashboard that reconnects and resubscribes costs no query. Unknown ids are not cached: a device registered a
+moment ago can be subscribed at once, and each refused subscribe costs one indexed query for at most 1,000
+ids (the frame's limit), which the per-credential limits bound.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import asyncpg
+
+MAX_CACHED = 100_000
+"""Known device ids remembered at most (about 100 bytes each)."""
+
+
+class KnownDevices:
+    """Existence of device ids, from the ``devices`` table, with a small cache of the ids found."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[asyncpg.Record],
+        ttl_s: float,
+        *,
+        max_cached: int = MAX_CACHED,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._ttl_s = ttl_s
+        self._max_cached = max_cached
+        self._clock = clock
+        self._expiry: dict[str, float] = {}
+
+    async def unknown(self, device_ids: Sequence[str]) -> list[str]:
+        """The ids of ``device_ids`` that are not registered (raises asyncpg/OS errors when the database
+        cannot be asked)."""
+        now = self._clock()
+        missing = [d for d in device_ids if self._expiry.get(d, 0.0) <= now]
+        if not missing:
+            return []
+        rows = await self._pool.fetch("SELECT id FROM devices WHERE id = ANY($1::text[])", missing)
+        found = {row["id"] for row in rows}
+        if self._ttl_s > 0:
+            for device_id in missing:  # in the order asked, so the oldest are evicted first
+                if device_id in found:
+                    self._remember(device_id, now + self._ttl_s)
+        return [d for d in missing if d not in found]
+
+    def _remember(self, device_id: str, expiry: float) -> None:
+        self._expiry.pop(device_id, None)
+        while len(self._expiry) >= self._max_cached:
+            del self._expiry[next(iter(self._expiry))]
+        self._expiry[device_id] = expiry
