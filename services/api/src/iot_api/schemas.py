@@ -25,7 +25,7 @@ DeviceId = Annotated[
     ),
 ]
 MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN, examples=["temperature"])]
-DeviceType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", examples=["thermometer"])]
+DeviceType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$", examples=["thermometer"])]
 Text = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\x00]*$")]
 Scope = Literal["read", "write", "admin"]
 Aggregate = Literal["avg", "min", "max", "sum", "count"]
@@ -235,19 +235,19 @@ class ApiKeyPage(msgspec.Struct, frozen=True):
 
 Op = Literal[">", ">=", "<", "<=", "==", "!="]
 CommandName = Annotated[
-    str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$", examples=["reboot", "set_interval"])
+    str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}(?!\n)$", examples=["reboot", "set_interval"])
 ]
 WebhookUrl = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^https?://[^\s/?#@]+(:\d{1,5})?([/?#]\S*)?$",
+        pattern=r"^https?://[^\s/?#@]+(:\d{1,5})?([/?#]\S*)?(?!\n)$",
         max_length=2048,
         description="http:// or https:// URL the webhook POSTs to",
         examples=["https://hooks.example.com/iot"],
     ),
 ]
-HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")]
-HeaderValue = Annotated[str, msgspec.Meta(max_length=2000, pattern=r"^[^\x00-\x1f\x7f]*$")]
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}(?!\n)$")]
+HeaderValue = Annotated[str, msgspec.Meta(max_length=2000, pattern=r"^[^\x00-\x1f\x7f]*(?!\n)$")]
 Threshold = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
 
 

@@ -8,8 +8,8 @@ import msgspec
 
 from iot_common.settings import Port, WebSettings
 
-BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}$"
-SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}$"
+BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}(?!\n)$"
+SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}(?!\n)$"
 
 
 class ApiSettings(WebSettings, frozen=True, kw_only=True):
@@ -17,7 +17,7 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     bootstrap_api_key: Annotated[
         str,
         msgspec.Meta(
-            pattern=f"({BOOTSTRAP_KEY_PATTERN})|^$",
+            pattern=f"({BOOTSTRAP_KEY_PATTERN})|^(?!\\n)$",
             description="API key iotk_<12 letters, digits or -><at least 16 letters, digits, _ or ->",
         ),
     ] = ""
@@ -29,7 +29,7 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_rate_limit_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 1200
     api_max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=100_000_000)] = 1_048_576
     api_cache_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 10
-    api_cache_namespace: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}$")] = "iot:api:"
+    api_cache_namespace: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9:_.-]{1,64}(?!\n)$")] = "iot:api:"
     api_rollup_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
     api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
@@ -39,11 +39,11 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     mqtt_admin_url: Annotated[
         str,
         msgspec.Meta(
-            pattern=r"^$|^mqtts?://[^\s:@/]+:[^\s@/]*@[^\s:@/]+(:\d{1,5})?/?$",
+            pattern=r"^(?!\n)$|^mqtts?://[^\s:@/]+:[^\s@/]*@[^\s:@/]+(:\d{1,5})?/?(?!\n)$",
             description="MQTT URL with the dynsec admin's user and password, mqtt://admin:password@host:port",
         ),
     ] = ""
-    mqtt_hook_secret: Annotated[str, msgspec.Meta(pattern=r"^$|^\S{16,}$")] = ""
+    mqtt_hook_secret: Annotated[str, msgspec.Meta(pattern=r"^(?!\n)$|^\S{16,}(?!\n)$")] = ""
     mqtt_service_users: list[
         Annotated[
             str,

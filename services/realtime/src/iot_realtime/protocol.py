@@ -33,7 +33,7 @@ ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"
 
 FrameId = int | str | None
 DeviceSelector = Annotated[
-    str, msgspec.Meta(pattern=f"({DEVICE_ID_PATTERN})|(^\\*$)", description="a device id or '*'")
+    str, msgspec.Meta(pattern=f"({DEVICE_ID_PATTERN})|(^\\*(?!\\n)$)", description="a device id or '*'")
 ]
 MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN)]
 

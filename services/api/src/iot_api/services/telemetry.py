@@ -40,9 +40,9 @@ BUCKETS: dict[str, timedelta] = {
     "1d": timedelta(days=1),
     "7d": timedelta(days=7),
 }
-BUCKET_PATTERN = "^(" + "|".join(BUCKETS) + ")$"
+BUCKET_PATTERN = "^(" + "|".join(BUCKETS) + ")" + r"(?!\n)$"
 AGGREGATES: tuple[Aggregate, ...] = ("avg", "min", "max", "sum", "count")
-AGG_PATTERN = r"^(avg|min|max|sum|count)(,(avg|min|max|sum|count))*$"
+AGG_PATTERN = r"^(avg|min|max|sum|count)(,(avg|min|max|sum|count))*(?!\n)$"
 MAX_BUCKETS = 10_000
 DEFAULT_AGGREGATE_RANGE = timedelta(hours=24)
 _MIN_TS = datetime(1970, 1, 1, tzinfo=UTC)
