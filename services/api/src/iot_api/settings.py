@@ -9,6 +9,8 @@ import msgspec
 from iot_common.settings import Port, WebSettings
 
 BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}(?!\n)$"
+# One CSP source expression: scheme, host (an optional leading *.), optional port and path.
+CONNECT_SOURCE_PATTERN = r"^(wss?|https?)://(\*\.)?[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/-]*)?(?!\n)$"
 SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}(?!\n)$"
 
 
@@ -34,6 +36,17 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
     api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
     dashboard_dir: str = ""
+    dashboard_connect_src: list[
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=CONNECT_SOURCE_PATTERN,
+                description="CSP source the dashboard may connect to, e.g. wss://rt.example.com",
+            ),
+        ]
+    ] = msgspec.field(default_factory=list)
+    api_max_points_per_response: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 20_000
+    api_max_heavy_reads_per_principal: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     api_command_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] = 300
     api_command_puback_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     mqtt_admin_url: Annotated[
