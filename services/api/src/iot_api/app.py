@@ -93,7 +93,13 @@ def build_services(
     events = EventPublisher(cache)
     return Services(
         devices=devices,
-        telemetry=TelemetryService(TelemetryRepository(pool), devices, cache),
+        telemetry=TelemetryService(
+            TelemetryRepository(pool),
+            devices,
+            cache,
+            max_points=settings.api_max_points_per_response,
+            heavy_reads_per_principal=settings.api_max_heavy_reads_per_principal,
+        ),
         auth=AuthService(AccountRepository(pool), cache, settings),
         rejects=RejectRepository(pool),
         alert_rules=AlertRuleService(AlertRuleRepository(pool), events),

@@ -24,7 +24,7 @@ def encode_cursor(*position: Any) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode(list(position))).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, types: tuple[type, ...]) -> tuple[Any, ...]:
+def decode_cursor(cursor: str, types: tuple[Any, ...]) -> tuple[Any, ...]:
     """The position in ``cursor`` converted to ``types``; a 422 naming ``cursor`` when it is not one."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))

@@ -121,6 +121,9 @@ class SeriesPoint(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Series(msgspec.Struct, frozen=True):
+    """``has_more``: the device has more points than shown; on a ``truncated`` page the last series goes
+    on in the next page, otherwise the range holds more than ``limit`` raw points (narrow it)."""
+
     device_id: str
     metric: str
     has_more: bool
@@ -128,13 +131,19 @@ class Series(msgspec.Struct, frozen=True):
 
 
 class History(msgspec.Struct, frozen=True):
-    """One series per requested device, all on the same time range and bucket."""
+    """One series per requested device, all on the same time range and bucket.
+
+    At most IOT_API_MAX_POINTS_PER_RESPONSE points in all: past that the page is ``truncated`` and
+    ``next_cursor`` continues right after the last point (the next page starts with that device's series).
+    """
 
     metric: str
     bucket: str | None
     from_: datetime = msgspec.field(name="from")
     to: datetime
     series: list[Series]
+    truncated: bool = False
+    next_cursor: str | None = None
 
 
 class LatestValue(msgspec.Struct, frozen=True):
