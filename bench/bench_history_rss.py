@@ -85,8 +85,8 @@ async def seed() -> tuple[datetime, datetime]:
             await conn.execute(
                 """
                 INSERT INTO telemetry (device_id, metric, ts, value)
-                SELECT format('hist-%s', lpad(d::text, 3, '0')), 'temp', $1::timestamptz + s * interval '1 second',
-                       20 + random()
+                SELECT format('hist-%s', lpad(d::text, 3, '0')), 'temp',
+                       $1::timestamptz + s * interval '1 second', 20 + random()
                 FROM generate_series(0, $2 - 1) d, generate_series(0, $3 - 1) s
                 """,
                 start,
