@@ -100,3 +100,13 @@ def test_realtime_refuses_a_star_with_a_newline() -> None:
 
     with pytest.raises(FrameError):
         decode_client_frame(b'{"type":"subscribe","devices":["*\\n"]}', 1024)
+
+
+def test_ingest_dead_letters_a_metric_name_with_a_newline() -> None:
+    from datetime import UTC, datetime
+
+    from iot_ingest.payload import Limits, parse_telemetry
+
+    parsed = parse_telemetry("dev-1", b'{"tnl\\n": 1, "ok": 2}', datetime.now(UTC), Limits())
+    assert parsed.readings == []
+    assert [r.reason for r in parsed.rejects] == ["invalid_metric_name"]
