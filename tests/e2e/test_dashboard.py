@@ -93,7 +93,9 @@ class AckingDevice:
         self._thread.join(5)
 
 
+@pytest.mark.parametrize("served_by", ["static", "api"])
 def test_dashboard_shows_live_data_alerts_and_sends_commands(
+    served_by: str,
     service: Start,
     database_url: str,
     redis_url: str,
@@ -101,6 +103,8 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
     unique: str,
     artifacts_dir: Path,
 ) -> None:
+    """``static``: the page on its own origin calls the API cross-origin. ``api``: the API serves the page
+    under its Content-Security-Policy (a blocked script, style or connection is a console error)."""
     api_key = generate_api_key()[0]
     api_port, rt_port, ingest_port = free_port(), free_port(), free_port()
     prefix = f"dash{unique}"
@@ -109,7 +113,8 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
             "IOT_DATABASE_URL": database_url,
             "IOT_REDIS_URL": redis_url,
             "IOT_MQTT_URL": mqtt_url,
-            "IOT_CORS_ORIGINS": static_origin,
+            # The page's origin: the static server, or the API serving it (the realtime service checks it).
+            "IOT_CORS_ORIGINS": f"{static_origin},http://127.0.0.1:{api_port}",
             "IOT_API_CACHE_NAMESPACE": f"dash{unique}:",
         }
         api = service(
@@ -120,6 +125,8 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
                 "IOT_BOOTSTRAP_API_KEY": api_key,
                 "IOT_BOOTSTRAP_ADMIN_EMAIL": ADMIN[0],
                 "IOT_BOOTSTRAP_ADMIN_PASSWORD": ADMIN[1],
+                "IOT_DASHBOARD_DIR": str(DIST),
+                "IOT_DASHBOARD_CONNECT_SRC": f"ws://127.0.0.1:{rt_port}",
             },
         )
         realtime = service("iot-realtime", {**common, "IOT_REALTIME_PORT": str(rt_port)})
@@ -155,7 +162,7 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
 
         run_browser(
             restart_realtime,
-            static_origin,
+            static_origin if served_by == "static" else f"{base}/dashboard",
             base,
             f"ws://127.0.0.1:{rt_port}/ws",
             mqtt_url,

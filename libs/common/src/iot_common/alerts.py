@@ -17,13 +17,13 @@ from iot_common.messages import AlertEvent
 from iot_common.topics import RedisNames
 
 Trigger = Literal["open", "resolve"]
-HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")]
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}(?!\n)$")]
 
 
 class WebhookAction(msgspec.Struct, frozen=True, tag="webhook", tag_field="type", forbid_unknown_fields=True):
     """POST the alert as JSON to ``url`` (timeout, retries with backoff; outcome in ``action_runs``)."""
 
-    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+$", max_length=2048)]
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s]+(?!\n)$", max_length=2048)]
     headers: dict[HeaderName, Annotated[str, msgspec.Meta(max_length=4096)]] = msgspec.field(
         default_factory=dict
     )

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-METRIC_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$"
+METRIC_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}(?!\n)$"
 """Metric names: 1-64 characters, letters, digits and ``_ . -``, not starting with a digit."""
 
 MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN)]

@@ -22,21 +22,21 @@ ENV_PREFIX = "IOT_"
 PostgresUrl = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^postgres(ql)?://[^\s/?#]*(/[^\s?#]*)?(\?\S*)?$",
+        pattern=r"^postgres(ql)?://[^\s/?#]*(/[^\s?#]*)?(\?\S*)?(?!\n)$",
         description="PostgreSQL URL, postgresql://user[:password]@host[:port]/database",
     ),
 ]
 RedisUrl = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^rediss?://[^\s/?#]*(/\d*)?(\?\S*)?$",
+        pattern=r"^rediss?://[^\s/?#]*(/\d*)?(\?\S*)?(?!\n)$",
         description="Redis URL, redis://[user:password@]host[:port]/db",
     ),
 ]
 MqttUrl = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^mqtts?://([^\s:@/]+(:[^\s@/]*)?@)?[^\s:@/]+(:\d{1,5})?/?$",
+        pattern=r"^mqtts?://([^\s:@/]+(:[^\s@/]*)?@)?[^\s:@/]+(:\d{1,5})?/?(?!\n)$",
         description="MQTT URL, mqtt://[user:password@]host[:port] (mqtts:// for TLS)",
     ),
 ]

@@ -5,10 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}(?!\n)$"
 """Device ids: 1-64 characters, letters, digits and ``_ . : -``, starting with a letter or digit.
 
 They never contain MQTT wildcards or ``/``, so an id is always exactly one topic level.
+
+Every validation pattern ends with ``(?!\\n)$``: Python's ``$`` (msgspec ``Meta(pattern=)``,
+``re.match``) also matches before a trailing newline, so ``^x$`` would accept ``"x\\n"``. ``\\Z`` is not
+used because the patterns are shown in the OpenAPI document, where ECMA-262 reads ``\\Z`` as a literal ``Z``.
 """
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
 

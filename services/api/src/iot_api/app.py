@@ -28,6 +28,7 @@ from iot_api.cache import Cache, make_redis
 from iot_api.context import RequestContext
 from iot_api.controllers import CONTROLLERS
 from iot_api.controllers.deps import Services
+from iot_api.edge import SecurityHeaders, StaticFileSystem
 from iot_api.events import EventPublisher
 from iot_api.mqtt import CommandPublisher
 from iot_api.problems import EXCEPTION_HANDLERS
@@ -93,7 +94,14 @@ def build_services(
     events = EventPublisher(cache, names)
     return Services(
         devices=devices,
-        telemetry=TelemetryService(TelemetryRepository(pool), devices, cache, names),
+        telemetry=TelemetryService(
+            TelemetryRepository(pool),
+            devices,
+            cache,
+            names,
+            max_points=settings.api_max_points_per_response,
+            heavy_reads_per_principal=settings.api_max_heavy_reads_per_principal,
+        ),
         auth=AuthService(AccountRepository(pool), cache, settings),
         rejects=RejectRepository(pool),
         alert_rules=AlertRuleService(AlertRuleRepository(pool), events),
@@ -124,7 +132,12 @@ def _dashboard_routes(settings: ApiSettings) -> list[ControllerRouterHandler]:
         return []
     return [
         create_static_files_router(
-            path="/dashboard", directories=[folder], html_mode=True, opt={"public": True}, name="dashboard"
+            path="/dashboard",
+            directories=[folder],
+            file_system=StaticFileSystem(),
+            html_mode=True,
+            opt={"public": True},
+            name="dashboard",
         )
     ]
 
@@ -204,5 +217,7 @@ def create_app(settings: ApiSettings) -> Litestar:
         request_max_body_size=settings.api_max_body_bytes,
     )
     # Outermost layer, so that 404s, CORS preflights and errors also get a request id and an access line.
-    app.asgi_handler = RequestContext(app.asgi_handler)
+    app.asgi_handler = RequestContext(
+        SecurityHeaders(app.asgi_handler, docs_path=OPENAPI_PATH, connect_src=settings.dashboard_connect_src)
+    )
     return app

@@ -19,7 +19,7 @@ from prometheus_client import Histogram
 
 from iot_common.logging import bind_context, clear_context
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}(?!\n)$")
 log = structlog.stdlib.get_logger("iot_api.access")
 REQUEST_SECONDS = Histogram(
     "iot_api_request_seconds", "HTTP request duration by method and status", ["method", "status"]

@@ -10,6 +10,7 @@ import re
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 import msgspec
 import structlog
 from litestar import Request, Response
@@ -87,6 +88,12 @@ def invalid(field: str, message: str, source: str = "query") -> Unprocessable:
     return Unprocessable(f"{field}: {message}", errors=[FieldError(field, message, source)])
 
 
+_DATA_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.exceptions._base.DataError,  # raised by asyncpg while encoding an argument
+    asyncpg.CheckViolationError,
+)
+
 _MISSING_PARAM_RE = re.compile(r"Missing required (\w+) parameter '([^']+)'")
 _MISSING_RE = re.compile(r"missing required field `([^`]+)`")
 
@@ -132,6 +139,16 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
         detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or str(exc.detail)
         if "JSON" in str(exc.detail) or "decode" in str(exc.detail).lower():
             status, detail = 400, "request body is not valid JSON"
+    elif isinstance(exc, RecursionError):
+        # msgspec (and anything recursive) gives up on input nested thousands deep: the input is at fault.
+        status, detail = 400, "the input is nested too deeply"
+    elif isinstance(exc, UnicodeDecodeError):
+        status, detail = 400, "the input is not valid UTF-8"
+    elif isinstance(exc, _DATA_ERRORS):
+        # PostgreSQL (or asyncpg encoding an argument) refused a value the validation let through: a NUL
+        # in text, an integer out of its column's range, a CHECK constraint. The request is at fault.
+        log.warning("database refused a value", error=type(exc).__name__, message=str(exc)[:200])
+        status, detail = 400, "a value is out of range or has characters that cannot be stored"
     elif isinstance(exc, HTTPException):
         status = exc.status_code
         detail = exc.detail if exc.detail != HTTPStatus(status).phrase else ""

@@ -25,7 +25,7 @@ DeviceId = Annotated[
     ),
 ]
 MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN, examples=["temperature"])]
-DeviceType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", examples=["thermometer"])]
+DeviceType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$", examples=["thermometer"])]
 Text = Annotated[str, msgspec.Meta(max_length=200, pattern=r"^[^\x00]*$")]
 Scope = Literal["read", "write", "admin"]
 Aggregate = Literal["avg", "min", "max", "sum", "count"]
@@ -121,6 +121,9 @@ class SeriesPoint(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Series(msgspec.Struct, frozen=True):
+    """``has_more``: the device has more points than shown; on a ``truncated`` page the last series goes
+    on in the next page, otherwise the range holds more than ``limit`` raw points (narrow it)."""
+
     device_id: str
     metric: str
     has_more: bool
@@ -128,13 +131,19 @@ class Series(msgspec.Struct, frozen=True):
 
 
 class History(msgspec.Struct, frozen=True):
-    """One series per requested device, all on the same time range and bucket."""
+    """One series per requested device, all on the same time range and bucket.
+
+    At most IOT_API_MAX_POINTS_PER_RESPONSE points in all: past that the page is ``truncated`` and
+    ``next_cursor`` continues right after the last point (the next page starts with that device's series).
+    """
 
     metric: str
     bucket: str | None
     from_: datetime = msgspec.field(name="from")
     to: datetime
     series: list[Series]
+    truncated: bool = False
+    next_cursor: str | None = None
 
 
 class LatestValue(msgspec.Struct, frozen=True):
@@ -235,19 +244,19 @@ class ApiKeyPage(msgspec.Struct, frozen=True):
 
 Op = Literal[">", ">=", "<", "<=", "==", "!="]
 CommandName = Annotated[
-    str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$", examples=["reboot", "set_interval"])
+    str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}(?!\n)$", examples=["reboot", "set_interval"])
 ]
 WebhookUrl = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^https?://[^\s/?#@]+(:\d{1,5})?([/?#]\S*)?$",
+        pattern=r"^https?://[^\s/?#@]+(:\d{1,5})?([/?#]\S*)?(?!\n)$",
         max_length=2048,
         description="http:// or https:// URL the webhook POSTs to",
         examples=["https://hooks.example.com/iot"],
     ),
 ]
-HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")]
-HeaderValue = Annotated[str, msgspec.Meta(max_length=2000, pattern=r"^[^\x00-\x1f\x7f]*$")]
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}(?!\n)$")]
+HeaderValue = Annotated[str, msgspec.Meta(max_length=2000, pattern=r"^[^\x00-\x1f\x7f]*(?!\n)$")]
 Threshold = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
 
 

@@ -11,8 +11,10 @@ import msgspec
 from iot_common.settings import Port, WebSettings
 from iot_common.weak_secrets import is_placeholder
 
-BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}$"
-SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}$"
+BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}(?!\n)$"
+# One CSP source expression: scheme, host (an optional leading *.), optional port and path.
+CONNECT_SOURCE_PATTERN = r"^(wss?|https?)://(\*\.)?[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/-]*)?(?!\n)$"
+SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}(?!\n)$"
 
 
 class ApiSettings(WebSettings, frozen=True, kw_only=True):
@@ -20,7 +22,7 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     bootstrap_api_key: Annotated[
         str,
         msgspec.Meta(
-            pattern=f"({BOOTSTRAP_KEY_PATTERN})|^$",
+            pattern=f"({BOOTSTRAP_KEY_PATTERN})|^(?!\\n)$",
             description="API key iotk_<12 letters, digits or -><at least 16 letters, digits, _ or ->",
         ),
     ] = ""
@@ -39,7 +41,7 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
         Annotated[
             str,
             msgspec.Meta(
-                pattern=r"^[0-9A-Fa-f.:]+(/\d{1,3})?$",
+                pattern=r"^[0-9A-Fa-f.:]+(/\d{1,3})?(?!\n)$",
                 description="IP address or CIDR network of a reverse proxy whose X-Forwarded-For is believed",
             ),
         ]
@@ -53,16 +55,27 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
     api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
     dashboard_dir: str = ""
+    dashboard_connect_src: list[
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=CONNECT_SOURCE_PATTERN,
+                description="CSP source the dashboard may connect to, e.g. wss://rt.example.com",
+            ),
+        ]
+    ] = msgspec.field(default_factory=list)
+    api_max_points_per_response: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 20_000
+    api_max_heavy_reads_per_principal: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     api_command_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] = 300
     api_command_puback_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     mqtt_admin_url: Annotated[
         str,
         msgspec.Meta(
-            pattern=r"^$|^mqtts?://[^\s:@/]+:[^\s@/]*@[^\s:@/]+(:\d{1,5})?/?$",
+            pattern=r"^(?!\n)$|^mqtts?://[^\s:@/]+:[^\s@/]*@[^\s:@/]+(:\d{1,5})?/?(?!\n)$",
             description="MQTT URL with the dynsec admin's user and password, mqtt://admin:password@host:port",
         ),
     ] = ""
-    mqtt_hook_secret: Annotated[str, msgspec.Meta(pattern=r"^$|^\S{16,}$")] = ""
+    mqtt_hook_secret: Annotated[str, msgspec.Meta(pattern=r"^(?!\n)$|^\S{16,}(?!\n)$")] = ""
     mqtt_service_users: list[
         Annotated[
             str,

@@ -11,8 +11,8 @@ from iot_common.settings import BaseSettings, Port
 
 class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     ingest_http_port: Port = 8002
-    mqtt_share_group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "ingest"
-    mqtt_client_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")] = ""
+    mqtt_share_group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$")] = "ingest"
+    mqtt_client_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{0,64}(?!\n)$")] = ""
     mqtt_session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86400
     ingest_auto_register: bool = False
     ingest_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 2000

@@ -35,13 +35,12 @@ ERR_UNKNOWN_DEVICE: Final = "unknown_device"
 ERR_UNAVAILABLE: Final = "unavailable"
 
 FrameId = int | str | None
-# msgspec checks patterns with ``re.search``: ``\\A...\\Z`` makes it a full match whatever anchors
-# DEVICE_ID_PATTERN uses (``$`` alone would accept a trailing newline, as in ``"*\\n"``).
+# msgspec checks patterns with ``re.search``; the shared patterns end in ``(?!\\n)$`` (``$`` alone would
+# accept a trailing newline, as in ``"*\\n"``), which JavaScript clients of the schema read the same way.
 DeviceSelector = Annotated[
-    str,
-    msgspec.Meta(pattern=f"\\A(?:(?:{DEVICE_ID_PATTERN})|\\*)\\Z", description="a device id or '*'"),
+    str, msgspec.Meta(pattern=f"({DEVICE_ID_PATTERN})|(^\\*(?!\\n)$)", description="a device id or '*'")
 ]
-MetricName = Annotated[str, msgspec.Meta(pattern=f"\\A(?:{METRIC_NAME_PATTERN})\\Z")]
+MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN)]
 
 
 class _ClientFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):

@@ -32,7 +32,7 @@ DeviceFilter = Annotated[
 ]
 TypeFilter = Annotated[
     str | None,
-    QueryParameter(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Only rules on this device type"),
+    QueryParameter(pattern=r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$", description="Only rules on this device type"),
 ]
 StateFilter = Annotated[AlertState | None, QueryParameter(name="state", description="open or resolved")]
 RuleId = Annotated[str, PathParameter(description="Rule id (UUID)")]

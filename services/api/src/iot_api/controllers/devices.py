@@ -24,7 +24,9 @@ Cursor = Annotated[
 ]
 TypeFilter = Annotated[
     str | None,
-    QueryParameter(name="type", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Only devices of this type"),
+    QueryParameter(
+        name="type", pattern=r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$", description="Only devices of this type"
+    ),
 ]
 Search = Annotated[
     str | None,

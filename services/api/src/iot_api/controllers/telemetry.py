@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, get
+from litestar import Controller, Request, get
 from litestar.di import NamedDependency
 from litestar.params import PathParameter, QueryParameter
 
@@ -22,6 +22,7 @@ from iot_api.schemas import (
     TelemetryAggregate,
     TelemetryPage,
 )
+from iot_api.security import principal_of
 from iot_api.services.telemetry import AGG_PATTERN, BUCKET_PATTERN, TelemetryService, utc
 from iot_common.messages import METRIC_NAME_PATTERN
 from iot_common.topics import DEVICE_ID_PATTERN
@@ -69,6 +70,7 @@ class TelemetryController(Controller):
     )
     async def device_telemetry(
         self,
+        request: Request[Any, Any, Any],
         telemetry: NamedDependency[TelemetryService],
         device_id: Annotated[str, PathParameter()],
         from_: From = None,
@@ -83,11 +85,12 @@ class TelemetryController(Controller):
         agg: Agg = "avg",
     ) -> TelemetryPage | TelemetryAggregate:
         """Raw points (cursor-paginated), or with ``bucket`` one point per bucket with the ``agg`` fields."""
-        if bucket is None:
-            return await telemetry.raw(device_id, metric, from_, to, order, limit, cursor)
-        if not metric or len(set(metric)) != 1:
+        if bucket is not None and (not metric or len(set(metric)) != 1):
             raise invalid("metric", "exactly one metric is needed with `bucket`")
-        return await telemetry.aggregate(device_id, metric[0], from_, to, bucket, agg)
+        async with telemetry.heavy.hold(principal_of(request).subject):
+            if bucket is None or not metric:
+                return await telemetry.raw(device_id, metric, from_, to, order, limit, cursor)
+            return await telemetry.aggregate(device_id, metric[0], from_, to, bucket, agg)
 
     @get(
         "/devices/{device_id:str}/latest",
@@ -110,6 +113,7 @@ class TelemetryController(Controller):
     @get("/telemetry/history", operation_id="getHistory", responses=problem_responses())
     async def history(
         self,
+        request: Request[Any, Any, Any],
         telemetry: NamedDependency[TelemetryService],
         device_id: DeviceIds,
         metric: Annotated[str, QueryParameter(pattern=METRIC_NAME_PATTERN, description="The metric to draw")],
@@ -118,9 +122,17 @@ class TelemetryController(Controller):
         bucket: Bucket = None,
         agg: Agg = "avg",
         limit: Annotated[int, QueryParameter(ge=1, le=10_000, description="Raw points per device")] = 1000,
+        cursor: Cursor = None,
     ) -> History:
-        """One metric of many devices on one time range (default: the last 24 hours), raw or bucketed."""
-        return await telemetry.history(device_id, metric, from_, to, bucket, agg, limit)
+        """One metric of many devices on one time range (default: the last 24 hours), raw or bucketed.
+
+        At most ``IOT_API_MAX_POINTS_PER_RESPONSE`` points per response: past that the page says
+        ``truncated`` and ``next_cursor`` continues exactly after its last point (same query, plus the
+        cursor; the range is the first page's). At most ``IOT_API_MAX_HEAVY_READS_PER_PRINCIPAL`` telemetry
+        reads of one credential run at once; more get 429 with ``Retry-After``.
+        """
+        async with telemetry.heavy.hold(principal_of(request).subject):
+            return await telemetry.history(device_id, metric, from_, to, bucket, agg, limit, cursor)
 
 
 class RejectController(Controller):

@@ -136,9 +136,16 @@ class TelemetryRepository:
         return [RawRow(r["ts"], r["metric"], _value(r)) for r in rows]
 
     async def aggregate(
-        self, device_id: str, metric: str, start: datetime, end: datetime, bucket: timedelta
+        self,
+        device_id: str,
+        metric: str,
+        start: datetime,
+        end: datetime,
+        bucket: timedelta,
+        limit: int | None = None,
     ) -> list[Bucket]:
-        """count/sum/min/max of numeric values per bucket (aligned on the Unix epoch), oldest first.
+        """count/sum/min/max of numeric values per bucket (aligned on the Unix epoch), oldest first;
+        the first ``limit`` buckets when given.
 
         Buckets of whole hours read closed hours from ``telemetry_hourly`` and only the edges (the part of
         the range before the first whole hour, after the last one, and after the rollup watermark) from
@@ -150,19 +157,17 @@ class TelemetryRepository:
                 until = await rolled_until(conn)
                 if until is not None:
                     mid_start, mid_end = ceil_to(start, HOUR), min(floor_to(end, HOUR), until)
+            args: list[Any] = [device_id, metric, start, end, bucket]
             if mid_start is not None and mid_end is not None and mid_start < mid_end:
-                rows = await conn.fetch(
-                    _ROLLUP_AGGREGATE + " ORDER BY b",
-                    device_id,
-                    metric,
-                    start,
-                    end,
-                    bucket,
-                    mid_start,
-                    mid_end,
-                )
+                query = _ROLLUP_AGGREGATE
+                args += [mid_start, mid_end]
             else:
-                rows = await conn.fetch(_RAW_AGGREGATE + " ORDER BY b", device_id, metric, start, end, bucket)
+                query = _RAW_AGGREGATE
+            query += " ORDER BY b"
+            if limit is not None:
+                args.append(limit)
+                query += f" LIMIT ${len(args)}"
+            rows = await conn.fetch(query, *args)
         return [Bucket(r["b"], r["count"], r["sum"], r["min"], r["max"]) for r in rows]
 
     async def latest(self, device_id: str) -> dict[str, tuple[float | str, datetime]]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -9,7 +13,7 @@ import msgspec
 
 from iot_api.cache import Cache
 from iot_api.pagination import decode_cursor, encode_cursor
-from iot_api.problems import invalid
+from iot_api.problems import TooManyRequests, invalid
 from iot_api.repositories.telemetry import Bucket, TelemetryRepository
 from iot_api.schemas import (
     Aggregate,
@@ -40,9 +44,9 @@ BUCKETS: dict[str, timedelta] = {
     "1d": timedelta(days=1),
     "7d": timedelta(days=7),
 }
-BUCKET_PATTERN = "^(" + "|".join(BUCKETS) + ")$"
+BUCKET_PATTERN = "^(" + "|".join(BUCKETS) + ")" + r"(?!\n)$"
 AGGREGATES: tuple[Aggregate, ...] = ("avg", "min", "max", "sum", "count")
-AGG_PATTERN = r"^(avg|min|max|sum|count)(,(avg|min|max|sum|count))*$"
+AGG_PATTERN = r"^(avg|min|max|sum|count)(,(avg|min|max|sum|count))*(?!\n)$"
 MAX_BUCKETS = 10_000
 DEFAULT_AGGREGATE_RANGE = timedelta(hours=24)
 _MIN_TS = datetime(1970, 1, 1, tzinfo=UTC)
@@ -95,14 +99,58 @@ def decode_latest(raw: dict[bytes, bytes]) -> dict[str, LatestValue]:
     return dict(sorted(result.items()))
 
 
+class HeavyReads:
+    """At most ``per_principal`` heavy reads (raw pages, aggregates, history) of one principal at once.
+
+    Past it the request is refused at once with 429 and ``Retry-After`` rather than queued: a queue would
+    hold the request (and its connection) anyway, and a client that fans out is told to slow down. The
+    count is per process (each replica has its own), which is what bounds each process's memory.
+    """
+
+    RETRY_AFTER_S = 1
+
+    def __init__(self, per_principal: int) -> None:
+        self.per_principal = per_principal
+        self.active: Counter[str] = Counter()
+
+    @asynccontextmanager
+    async def hold(self, principal: str) -> AsyncIterator[None]:
+        if self.active[principal] >= self.per_principal:
+            raise TooManyRequests(
+                f"at most {self.per_principal} telemetry reads at once per credential; retry shortly",
+                headers={"Retry-After": str(self.RETRY_AFTER_S)},
+            )
+        self.active[principal] += 1
+        try:
+            yield
+        finally:
+            self.active[principal] -= 1
+            if self.active[principal] <= 0:
+                del self.active[principal]
+
+
+def _fingerprint(*parts: object) -> str:
+    """Ties a history cursor to the query it continues (devices, metric, bucket, limit)."""
+    return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
+
+
 class TelemetryService:
     def __init__(
-        self, repo: TelemetryRepository, devices: DeviceService, cache: Cache, names: RedisNames
+        self,
+        repo: TelemetryRepository,
+        devices: DeviceService,
+        cache: Cache,
+        names: RedisNames,
+        *,
+        max_points: int = 20_000,
+        heavy_reads_per_principal: int = 2,
     ) -> None:
         self.names = names
         self.repo = repo
         self.devices = devices
         self.cache = cache
+        self.max_points = max_points
+        self.heavy = HeavyReads(heavy_reads_per_principal)
 
     async def raw(
         self,
@@ -115,6 +163,7 @@ class TelemetryService:
         cursor: str | None,
     ) -> TelemetryPage:
         await self.devices.require(device_id)
+        limit = min(limit, self.max_points)
         after: tuple[datetime, str] | None = None
         if cursor:
             ts, metric = decode_cursor(cursor, (datetime, str))
@@ -153,7 +202,7 @@ class TelemetryService:
     ) -> TelemetryAggregate:
         await self.devices.require(device_id)
         start_, end_ = aggregate_range(start, end)
-        step = self._check_buckets(start_, end_, bucket)
+        step = self._check_buckets(start_, end_, bucket, min(MAX_BUCKETS, self.max_points))
         aggs = parse_agg(agg)
         buckets = await self.repo.aggregate(device_id, metric, start_, end_, step)
         return TelemetryAggregate(
@@ -167,10 +216,10 @@ class TelemetryService:
         )
 
     @staticmethod
-    def _check_buckets(start: datetime, end: datetime, bucket: str) -> timedelta:
+    def _check_buckets(start: datetime, end: datetime, bucket: str, most: int = MAX_BUCKETS) -> timedelta:
         step = BUCKETS[bucket]
-        if (end - start) / step > MAX_BUCKETS:
-            raise invalid("bucket", f"more than {MAX_BUCKETS} buckets in the range; use a larger bucket")
+        if (end - start) / step > most:
+            raise invalid("bucket", f"more than {most} buckets in the range; use a larger bucket")
         return step
 
     async def latest(self, device_id: str) -> DeviceLatest:
@@ -202,25 +251,68 @@ class TelemetryService:
         bucket: str | None,
         agg: str,
         limit: int,
+        cursor: str | None = None,
     ) -> History:
-        """One series of ``metric`` per device: raw points (oldest first, ``limit`` each) or buckets."""
+        """One series of ``metric`` per device: raw points (oldest first, ``limit`` each) or buckets.
+
+        A response holds at most ``max_points`` points in all. When the series do not fit, the page stops
+        after ``max_points`` points (``truncated``) and ``next_cursor`` continues exactly after the last
+        point returned: the same device, the next point, on the same time range as the first page.
+        """
         ids = list(dict.fromkeys(device_ids))
-        start_, end_ = aggregate_range(start, end)
-        series = []
+        step = None
+        fingerprint = _fingerprint(ids, metric, bucket, limit)
+        index, emitted, after = 0, 0, None
+        if cursor:
+            mark, index, start_, end_, after, emitted = decode_cursor(
+                cursor, (str, int, datetime, datetime, datetime | None, int)
+            )
+            if mark != fingerprint or not 0 <= index < len(ids) or not 0 <= emitted < limit:
+                raise invalid("cursor", "not a cursor of this query (same devices, metric, bucket, limit)")
+        else:
+            start_, end_ = aggregate_range(start, end)
         if bucket is not None:
             step = self._check_buckets(start_, end_, bucket)
-            aggs = parse_agg(agg)
-            for device_id in ids:
-                buckets = await self.repo.aggregate(device_id, metric, start_, end_, step)
-                points = [SeriesPoint(ts=b.ts, **_point(b, aggs)) for b in buckets]  # type: ignore[arg-type]
-                series.append(Series(device_id=device_id, metric=metric, has_more=False, points=points))
-        else:
-            for device_id in ids:
+        aggs = parse_agg(agg)
+        budget = self.max_points
+        series: list[Series] = []
+        next_cursor = None
+        for i in range(index, len(ids)):
+            device_id = ids[i]
+            after_ts, done = (after, emitted) if i == index else (None, 0)
+            if budget == 0:
+                next_cursor = encode_cursor(fingerprint, i, start_, end_, None, 0)
+                break
+            if step is not None:
+                first = start_ if after_ts is None else after_ts + step
+                buckets = await self.repo.aggregate(device_id, metric, first, end_, step, limit=budget + 1)
+                points = [SeriesPoint(ts=b.ts, **_point(b, aggs)) for b in buckets[:budget]]  # type: ignore[arg-type]
+                cut = len(buckets) > budget
+                series.append(Series(device_id=device_id, metric=metric, has_more=cut, points=points))
+                if cut:
+                    next_cursor = encode_cursor(fingerprint, i, start_, end_, points[-1].ts, 0)
+                    break
+            else:
+                want = min(limit - done, budget)
+                position = (after_ts, metric) if after_ts is not None else None
                 rows = await self.repo.raw(
-                    device_id, [metric], start_, end_, descending=False, after=None, limit=limit + 1
+                    device_id, [metric], start_, end_, descending=False, after=position, limit=want + 1
                 )
-                points = [SeriesPoint(ts=r.ts, value=r.value) for r in rows[:limit]]
-                series.append(
-                    Series(device_id=device_id, metric=metric, has_more=len(rows) > limit, points=points)
-                )
-        return History(metric=metric, bucket=bucket, from_=start_, to=end_, series=series)
+                points = [SeriesPoint(ts=r.ts, value=r.value) for r in rows[:want]]
+                more = len(rows) > want
+                series.append(Series(device_id=device_id, metric=metric, has_more=more, points=points))
+                if more and budget < limit - done:  # cut by the response's budget, not by `limit`
+                    next_cursor = encode_cursor(
+                        fingerprint, i, start_, end_, points[-1].ts, done + len(points)
+                    )
+                    break
+            budget -= len(points)
+        return History(
+            metric=metric,
+            bucket=bucket,
+            from_=start_,
+            to=end_,
+            series=series,
+            truncated=next_cursor is not None,
+            next_cursor=next_cursor,
+        )
