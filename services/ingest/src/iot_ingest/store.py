@@ -309,7 +309,7 @@ class BatchWriter:
             topic=safe_text(delivery.topic[:1000]),
             device_id=None,
             reason=reason,
-            detail=f"dead letter refused; first error: {letter.detail[:500]}",
+            detail=safe_text(f"dead letter refused; first error: {detail[:500]}"),
             payload="",
             payload_size=len(delivery.payload),
             received_at=delivery.received_at,
