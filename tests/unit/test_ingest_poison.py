@@ -132,6 +132,13 @@ def test_quota_counts_every_reading_of_a_batch_message() -> None:
     assert len(translate("devices/telemetry/d", batch[:-10] + b"]", NOW, LIMITS, quota=quota).readings) == 5
 
 
+def test_quota_counts_status_and_command_answers_too() -> None:
+    quota = DeviceQuota(1, 2, clock=Clock())
+    topics = ["devices/status/d", "devices/commands/d/ack", "devices/status/d"]
+    sent = [translate(topic, b"online", NOW, LIMITS, quota=quota) for topic in topics]
+    assert [reasons_of(d) for d in sent] == [[], ["invalid_command_ack"], ["rate_limited"]]
+
+
 def test_quota_memory_is_bounded_and_idle_devices_are_forgotten() -> None:
     clock = Clock()
     quota = DeviceQuota(10, 20, max_devices=100, clock=clock)

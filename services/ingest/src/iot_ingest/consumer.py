@@ -92,6 +92,9 @@ def default_client_id(share_group: str = "ingest", database_url: str = "") -> st
 class DeviceQuota:
     """A token bucket per device: ``rate`` readings per second, up to ``burst`` at once.
 
+    A telemetry message costs one token per reading (at least one, so that invalid ones count too); a
+    status message or a command answer costs one. A message the bucket cannot pay for is not parsed.
+
     Memory is bounded: a bucket idle long enough to be full again is the same as a new one, so such
     buckets are evicted (oldest use first) as new devices arrive, and at most ``max_devices`` are kept
     (the least recently used goes first).
@@ -223,6 +226,8 @@ def _translate(
     device_id = _device_id(topic, STATUS_PREFIX)
     if device_id is not None:
         _RECEIVED_STATUS.inc()
+        if quota is not None and not quota.take(device_id, 1):
+            return _rate_limited(topic, device_id, received_at, payload, quota, 1)
         status = parse_status(payload, limits)
         if isinstance(status, Reject):
             return Delivery(topic, device_id, received_at, payload, rejects=[status])
@@ -230,6 +235,8 @@ def _translate(
     device_id = _device_id(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
     if device_id is not None:
         _RECEIVED_ACK.inc()
+        if quota is not None and not quota.take(device_id, 1):
+            return _rate_limited(topic, device_id, received_at, payload, quota, 1)
         if len(payload) > limits.max_payload_bytes:
             reject = Reject("payload_too_large", f"{len(payload)} bytes, limit {limits.max_payload_bytes}")
             return Delivery(topic, device_id, received_at, payload, rejects=[reject])
