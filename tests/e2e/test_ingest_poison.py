@@ -23,13 +23,16 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from bench.e2e_support import TcpProxy
 from bench.loadgen import publish_async
-from tests.e2e.test_ingest import Ingest, broker, ingest, register, scrape, wait_for
+from tests.e2e.test_ingest import Ingest, broker, ingest, pg_proxy, register, scrape, wait_for
 
-__all__ = ["broker", "ingest"]  # fixtures used below
+__all__ = ["broker", "ingest", "pg_proxy"]  # fixtures used below
 
 POISON_MESSAGES = int(os.environ.get("IOT_TEST_POISON_MESSAGES", "20000"))
 VALID_READINGS = 200
+AFTER_READINGS = 20
+"""Published once the whole flood is in the broker: before, they waited behind poison holding every slot."""
 VALID_RATE = 50.0
 DEEP_ARRAY = b"[" * 1100 + b"]" * 1100
 DEEP_OBJECT = b'{"a":' * 1100 + b"1" + b"}" * 1100
@@ -73,7 +76,7 @@ async def test_a_poison_flood_from_one_device_is_dead_lettered_and_never_stalls_
     delays_ms: list[float] = []
 
     async def listen() -> None:
-        while len(delays_ms) < VALID_READINGS:
+        while len(delays_ms) < VALID_READINGS + AFTER_READINGS:
             event = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
             if event is not None:
                 body = json.loads(event["data"])
@@ -100,10 +103,17 @@ async def test_a_poison_flood_from_one_device_is_dead_lettered_and_never_stalls_
     )
     assert poisoned.acked == POISON_MESSAGES
     assert valid.acked == VALID_READINGS
+    after = await publish_async(
+        broker,
+        [good],
+        AFTER_READINGS,
+        payload=lambda seq, _: b'{"sent_ms": %d, "seq": %d}' % (time.time() * 1000, VALID_READINGS + seq),
+    )
+    assert after.acked == AFTER_READINGS
 
     async def valid_stored() -> bool:
         count = await db.fetchval("SELECT count(DISTINCT ts) FROM telemetry WHERE device_id = $1", good)
-        return bool(count == VALID_READINGS)
+        return bool(count == VALID_READINGS + AFTER_READINGS)
 
     await wait_for(valid_stored, 60, "every valid reading stored")
     await asyncio.wait_for(listener, 30)
@@ -136,7 +146,7 @@ async def test_a_poison_flood_from_one_device_is_dead_lettered_and_never_stalls_
     await wait_for(drained, 30, "no message in flight")
     metrics = scrape(base)
     received = sum(v for k, v in metrics.items() if k.startswith("iot_ingest_messages_received_total"))
-    assert received == POISON_MESSAGES + VALID_READINGS
+    assert received == POISON_MESSAGES + VALID_READINGS + AFTER_READINGS
     ready = await asyncio.to_thread(httpx.get, f"{base}/readyz", timeout=5)
     assert ready.status_code == 200, ready.text
     summary = {
@@ -144,7 +154,7 @@ async def test_a_poison_flood_from_one_device_is_dead_lettered_and_never_stalls_
         "poison_messages": POISON_MESSAGES,
         "poison_publish_s": round(poisoned.elapsed_s, 2),
         "all_dead_lettered_s": round(elapsed_s, 2),
-        "valid_readings": VALID_READINGS,
+        "valid_readings": VALID_READINGS + AFTER_READINGS,
         "valid_delay_ms_p50": round(statistics.median(delays_ms), 1),
         "valid_delay_ms_max": round(max(delays_ms), 1),
     }
@@ -186,3 +196,36 @@ async def test_retained_telemetry_is_a_dead_letter_not_a_reading_on_each_start(
         '{"t": 1}',
     )
     assert scrape(base)["iot_ingest_in_flight"] == 0
+
+
+async def test_readiness_fails_while_messages_are_stuck_in_flight_and_recovers(
+    ingest: Ingest, db: asyncpg.Connection[Any], broker: str, unique: str, pg_proxy: tuple[TcpProxy, str]
+) -> None:
+    """Held by a PostgreSQL outage here; before, nothing in ``/readyz`` looked at messages in flight."""
+    proxy, proxied_url = pg_proxy
+    device = f"stuck-{unique}"
+    await register(db, [device])
+    # In a thread: the proxy runs in this event loop and must serve ingest's start-up.
+    _, base = await asyncio.to_thread(
+        ingest.start, f"ingest-{unique}", IOT_DATABASE_URL=proxied_url, IOT_INGEST_STUCK_AFTER_S="1"
+    )
+    await proxy.cut()
+    assert (await publish_async(broker, [device], 5)).acked == 5
+
+    async def in_flight_check() -> str:
+        response = await asyncio.to_thread(httpx.get, f"{base}/readyz", timeout=5)
+        return str(response.json()["checks"]["in_flight"])
+
+    async def stuck() -> bool:
+        return (await in_flight_check()).startswith("error:")
+
+    await wait_for(stuck, 30, "/readyz reporting stuck messages")
+    assert "5 messages unacknowledged" in await in_flight_check()
+    await proxy.start()
+
+    async def ready() -> bool:
+        response = await asyncio.to_thread(httpx.get, f"{base}/readyz", timeout=5)
+        return response.status_code == 200
+
+    await wait_for(ready, 30, "/readyz ok again")
+    assert await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id = $1", device) == 15
