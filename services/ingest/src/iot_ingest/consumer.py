@@ -115,6 +115,7 @@ class DeviceQuota:
         self.max_devices = max_devices
         self._clock = clock
         self._refill_s = burst / rate
+        self.detail = f"device over its quota of {rate:g} readings/s (burst {burst:g})"
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -256,9 +257,7 @@ def _translate(
 def _rate_limited(
     topic: str, device_id: str, received_at: datetime, payload: bytes, quota: DeviceQuota, readings: int
 ) -> Delivery:
-    detail = f"device over its quota of {quota.rate:g} readings/s (burst {quota.burst:g})" + (
-        f"; message of {readings} readings" if readings > 1 else ""
-    )
+    detail = quota.detail if readings <= 1 else f"{quota.detail}; message of {readings} readings"
     return Delivery(topic, device_id, received_at, payload, rejects=[Reject("rate_limited", detail)])
 
 
