@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_ingest import REDIS, drop_database, metric, prepare_database  # noqa: E402
-from bench.loadgen import publish_async, telemetry_payload  # noqa: E402
+from bench.loadgen import PublishResult, publish_async, telemetry_payload  # noqa: E402
 from tests.support.processes import ServiceProcess, free_port, mosquitto  # noqa: E402
 
 
@@ -94,12 +94,14 @@ async def scenario(
         )
         listener = asyncio.create_task(listen())
         started = time.monotonic()
-        base_ms = int(time.time() * 1000) - args.flood - 60_000
+        base_ms = int(time.time() * 1000) - flood_messages - 60_000
         if args.verbose:
             print(f"  {name}: flooding", flush=True)
-        result = await publish_async(
-            mqtt_url, [flood], args.flood, base_ms=base_ms, payload=telemetry_payload, timeout_s=120
-        )
+        result = PublishResult(0, 0, 0.0, time.time())
+        if flood_messages:
+            result = await publish_async(
+                mqtt_url, [flood], flood_messages, base_ms=base_ms, payload=telemetry_payload, timeout_s=120
+            )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             handled = await db.fetchval(
