@@ -168,7 +168,7 @@ def test_default_client_id_differs_by_share_group_and_database_and_is_stable() -
     assert all(c.isalnum() or c in "_.:-" for c in long_id)
 
 
-def make_consumer(flush: Any) -> tuple[Consumer, Batcher[Delivery]]:
+def make_consumer(flush: Any, quota: DeviceQuota | None = None) -> tuple[Consumer, Batcher[Delivery]]:
     batcher: Batcher[Delivery] = Batcher(flush, max_size=10, max_delay=0.0)
     consumer = Consumer(
         mqtt_url="mqtt://127.0.0.1:1",
@@ -178,6 +178,7 @@ def make_consumer(flush: Any) -> tuple[Consumer, Batcher[Delivery]]:
         max_in_flight=10,
         batcher=batcher,
         limits=LIMITS,
+        quota=quota,
     )
     return consumer, batcher
 
@@ -243,3 +244,27 @@ async def test_messages_waiting_longer_than_the_bound_are_reported_stuck() -> No
     assert consumer.stuck(0.0) == 0
     assert consumer.oldest_in_flight_s() == 0.0
     await batcher.close()
+
+
+async def test_a_message_over_quota_is_acknowledged_at_once_and_dead_lettered_with_the_next_batch() -> None:
+    release = asyncio.Event()
+    flushing = asyncio.Event()
+    flushed: list[Delivery] = []
+
+    async def flush(batch: list[Delivery]) -> None:
+        flushing.set()
+        await release.wait()
+        flushed.extend(batch)
+
+    consumer, batcher = make_consumer(flush, DeviceQuota(1, 1, clock=Clock()))
+    batcher.start()
+    handler = consumer.client.on_message
+    first = asyncio.ensure_future(handler("devices/telemetry/d", b'{"t": 1}', 1, {}))
+    await flushing.wait()
+    # The bucket is empty now: the next message is refused and acknowledged without waiting for a commit.
+    assert await handler("devices/telemetry/d", b'{"t": 2}', 1, {}) == 0
+    assert not first.done()
+    release.set()
+    assert await first == 0
+    await batcher.close()
+    assert [reasons_of(d) for d in flushed] == [[], ["rate_limited"]]

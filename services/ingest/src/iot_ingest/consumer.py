@@ -280,6 +280,7 @@ class Consumer:
         self._batcher = batcher
         self._limits = limits
         self._quota = quota
+        self._max_unawaited = max_in_flight
         self._accepting = True
         self._generation = 0
         self._reconnect_delay = RECONNECT_MIN_S
@@ -395,6 +396,21 @@ class Consumer:
         delivery = translate(
             topic, payload, datetime.now(UTC), self._limits, retained=retained, quota=self._quota
         )
+        if (
+            delivery.rejects
+            and delivery.rejects[0].reason == "rate_limited"
+            and self._batcher.pending < self._max_unawaited
+        ):
+            # A flood past its quota: acknowledged at once, its dead letter written with the next batch.
+            # Waiting for that commit would let the flood hold the in-flight window, and every other
+            # device's messages queue behind it in the broker. Bounded: past max_unawaited waiting items,
+            # these wait for their commit like any message.
+            try:
+                future = self._batcher.submit_nowait(delivery)
+            except BatcherClosed:
+                raise NotAcknowledged("stopping") from None
+            future.add_done_callback(_unawaited_done)
+            return 0
         token = next(self._tokens)
         self._in_flight[token] = time.monotonic()
         metrics.IN_FLIGHT.inc()
@@ -447,6 +463,15 @@ class Consumer:
                 payload=payload_excerpt(delivery.payload),
                 error=f"{type(exc).__name__}: {exc}"[:500],
             )
+
+
+def _unawaited_done(future: asyncio.Future[None]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, BatcherClosed):
+        metrics.HANDLER_ERRORS.labels("store").inc()
+        log.error("rate_limited dead letter not stored", error=f"{type(exc).__name__}: {exc}"[:500])
 
 
 def ignore_not_acknowledged(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
