@@ -142,13 +142,14 @@ async def publish_async(
     timeout_s: float = 120.0,
     on_progress: Callable[[int], object] | None = None,
     topic_prefix: str = "devices/telemetry/",
+    retain: bool = False,
 ) -> PublishResult:
     """Publish ``messages`` QoS 1 messages round-robin over ``devices``; wait for their PUBACKs.
 
     At most ``max_inflight`` are unacknowledged at once. ``rate`` (messages/s, 0 = as fast as the broker
     acknowledges) paces publishing; ``on_progress`` gets the number sent every 1000 messages (a test can
-    kill a process mid-stream there). If the connection drops, what was not acknowledged is not retried:
-    the result says exactly which messages the broker took.
+    kill a process mid-stream there); ``retain`` sets the RETAIN flag. If the connection drops, what was
+    not acknowledged is not retried: the result says exactly which messages the broker took.
     """
     base = int(time.time() * 1000) - messages - 1000 if base_ms is None else base_ms
     conn = await _Connection.open(url, f"loadgen-{uuid.uuid4().hex[:12]}")
@@ -189,7 +190,7 @@ async def publish_async(
             pid = free_ids.pop()
             in_flight[pid] = seq
             body = topics[seq % len(topics)] + struct.pack("!H", pid) + payload(seq, base)
-            conn.writer.write(_packet(0x32, body))
+            conn.writer.write(_packet(0x33 if retain else 0x32, body))
             sent += 1
             if on_progress is not None and sent % 1000 == 0:
                 on_progress(sent)

@@ -20,6 +20,7 @@ from iot_common.auth import generate_api_key
 from tests.integration.api.conftest import ClientFactory
 from tests.integration.api.test_devices import assert_problem
 from tests.integration.api.test_telemetry import make_device, seed
+from tests.support.processes import JWT_SECRET
 
 Client = AsyncTestClient[Any]
 DEEP = "[" * 3000 + "]" * 3000
@@ -133,7 +134,7 @@ HOSTILE_BYTES = [body.encode() for body in HOSTILE_BODIES] + [b'{"id": "\xff\xfe
 
 
 def _operations() -> list[tuple[str, str, list[tuple[str, str]], bool]]:
-    settings = ApiSettings(bootstrap_api_key=generate_api_key()[0])
+    settings = ApiSettings(bootstrap_api_key=generate_api_key()[0], jwt_secret=JWT_SECRET)
     schema = create_app(settings).openapi_schema.to_schema()
     operations = []
     for path, methods in schema["paths"].items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
 import redis.asyncio as aioredis
@@ -68,8 +68,19 @@ _ack_decoder: Final = msgspec.json.Decoder(CommandAck)
 _result_encoder: Final = msgspec.json.Encoder()
 
 
+AckProblem = Literal["invalid_command_ack", "malformed_json", "too_deep"]
+
+
 class InvalidAck(ValueError):
-    """A payload on an ack topic that is not a :class:`CommandAck` with a UUID ``id``."""
+    """A payload on an ack topic that is not a :class:`CommandAck` with a UUID ``id``.
+
+    ``reason``: ``malformed_json`` for invalid UTF-8, ``too_deep`` for JSON nested deeper than the
+    recursion limit, ``invalid_command_ack`` for anything else.
+    """
+
+    def __init__(self, detail: str, reason: AckProblem = "invalid_command_ack") -> None:
+        super().__init__(detail)
+        self.reason: AckProblem = reason
 
 
 def command_message(
@@ -133,6 +144,10 @@ def decode_ack(payload: bytes) -> CommandAck:
         ack = _ack_decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise InvalidAck(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidAck(f"invalid UTF-8: {exc}", "malformed_json") from None
+    except RecursionError:
+        raise InvalidAck("JSON nested too deep", "too_deep") from None
     try:
         uuid.UUID(ack.id)
     except ValueError:

@@ -4,15 +4,27 @@ gmqtt runs an ``async`` on_message handler as its own task (``asyncio.ensure_fut
 ``optimistic_acknowledgement=False``, sends the PUBACK from that task's done-callback with the value it
 returns. So many messages wait in one batch at once, and each PUBACK leaves only after its batch commits.
 The broker's in-flight window is the Receive Maximum we announce (``IOT_INGEST_MAX_IN_FLIGHT``).
+
+A handler that raises sends no PUBACK, and the message then holds one slot of that window until the
+connection ends (and comes back on the next one): so nothing a device sends may make it raise. Any
+exception while translating a message becomes a dead letter (:func:`translate`), and a failure to store
+one is recorded and acknowledged (:meth:`Consumer._on_message`); only a stopping service withholds PUBACKs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
+import re
 import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import structlog
 from gmqtt import Client, Subscription
@@ -23,6 +35,7 @@ from iot_common.topics import (
     COMMAND_ACK_FILTER,
     COMMAND_ACK_SUFFIX,
     COMMAND_PREFIX,
+    DEVICE_ID_PATTERN,
     STATUS_FILTER,
     STATUS_PREFIX,
     TELEMETRY_FILTER,
@@ -32,8 +45,8 @@ from iot_common.topics import (
 )
 from iot_ingest import metrics
 from iot_ingest.batcher import Batcher, BatcherClosed
-from iot_ingest.payload import Limits, Reject, parse_status, parse_telemetry
-from iot_ingest.plan import Delivery
+from iot_ingest.payload import Limits, Reject, RejectReason, parse_status, parse_telemetry
+from iot_ingest.plan import Delivery, payload_excerpt
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -44,44 +57,195 @@ _RECEIVED_STATUS: Final = metrics.MESSAGES_RECEIVED.labels("status")
 _RECEIVED_ACK: Final = metrics.MESSAGES_RECEIVED.labels("command_ack")
 RECONNECT_MAX_S: Final = 30.0
 SUBSCRIBE_RETRY_S: Final = 30.0
+CLIENT_ID_MAX: Final = 64
+# fullmatch: the pattern's ``$`` alone accepts a trailing newline, a device id "x\n" the database refuses.
+_DEVICE_ID_RE: Final = re.compile(DEVICE_ID_PATTERN)
 
 
 class NotAcknowledged(Exception):
     """Raised by the handler to withhold the PUBACK: the broker redelivers the message later."""
 
 
-def default_client_id() -> str:
-    """``iot-ingest-{host name}``: stable across restarts of one pod or host, distinct between replicas."""
-    host = "".join(c if c.isalnum() or c in "_.:-" else "-" for c in socket.gethostname())
-    return f"iot-ingest-{host}"[:64]
+def _client_id_part(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_.:-" else "-" for c in text)
 
 
-def translate(topic: str, payload: bytes, received_at: datetime, limits: Limits) -> Delivery:
-    """One MQTT message as a :class:`Delivery`: readings or a status, and rejects with reasons."""
-    device_id = device_id_from_topic(topic, TELEMETRY_PREFIX)
+def default_client_id(share_group: str = "ingest", database_url: str = "") -> str:
+    """``iot-ingest-{host}-{share group}-{hash}``, at most 64 characters.
+
+    Stable across restarts of one pod or host (nothing random), distinct between replicas (host name),
+    and between two deployments on one host: the hash covers the host name, the share group and the
+    database (server, port, name; not the password), so a second process with another share group or
+    database never takes over this one's persistent session.
+    """
+    host = socket.gethostname()
+    db = urlsplit(database_url)
+    try:
+        db_port = db.port
+    except ValueError:
+        db_port = None
+    identity = "\n".join((host, share_group, db.hostname or "", str(db_port or ""), db.path, db.query))
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+    head = f"iot-ingest-{_client_id_part(host)[:24]}-{_client_id_part(share_group)[:19]}"
+    return f"{head}-{digest}"  # 11 + 24 + 1 + 19 + 1 + 8 = 64 characters at most
+
+
+class DeviceQuota:
+    """A token bucket per device: ``rate`` readings per second, up to ``burst`` at once.
+
+    A telemetry message costs one token per reading (at least one, so that invalid ones count too); a
+    status message or a command answer costs one. A message the bucket cannot pay for is not parsed.
+
+    Memory is bounded: a bucket idle long enough to be full again is the same as a new one, so such
+    buckets are evicted (oldest use first) as new devices arrive, and at most ``max_devices`` are kept
+    (the least recently used goes first).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        *,
+        max_devices: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.rate = rate
+        self.burst = burst
+        self.max_devices = max_devices
+        self._clock = clock
+        self._refill_s = burst / rate
+        self.detail = f"device over its quota of {rate:g} readings/s (burst {burst:g})"
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _bucket(self, device_id: str, now: float) -> list[float]:
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            self._evict(now)
+            bucket = [self.burst, now]
+            self._buckets[device_id] = bucket
+            return bucket
+        self._buckets.move_to_end(device_id)
+        tokens, last = bucket
+        bucket[0] = min(self.burst, tokens + (now - last) * self.rate)
+        bucket[1] = now
+        return bucket
+
+    def _evict(self, now: float) -> None:
+        buckets = self._buckets
+        while buckets:
+            oldest_id, (_, last) = next(iter(buckets.items()))
+            if now - last < self._refill_s and len(buckets) < self.max_devices:
+                return
+            del buckets[oldest_id]
+
+    def exhausted(self, device_id: str) -> bool:
+        """Whether ``device_id`` has less than one reading left right now."""
+        return self._bucket(device_id, self._clock())[0] < 1
+
+    def take(self, device_id: str, count: int) -> bool:
+        """Take ``count`` readings from the device's bucket; False (and nothing taken) if it lacks them."""
+        bucket = self._bucket(device_id, self._clock())
+        if bucket[0] < count:
+            return False
+        bucket[0] -= count
+        return True
+
+
+def _device_id(topic: str, prefix: str, suffix: str = "") -> str | None:
+    device_id = device_id_from_topic(topic, prefix, suffix)
+    if device_id is None or _DEVICE_ID_RE.fullmatch(device_id) is None:
+        return None
+    return device_id
+
+
+def _any_device_id(topic: str) -> str | None:
+    return (
+        _device_id(topic, TELEMETRY_PREFIX)
+        or _device_id(topic, STATUS_PREFIX)
+        or _device_id(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
+    )
+
+
+def translate(
+    topic: str,
+    payload: bytes,
+    received_at: datetime,
+    limits: Limits,
+    *,
+    retained: bool = False,
+    quota: DeviceQuota | None = None,
+) -> Delivery:
+    """One MQTT message as a :class:`Delivery`: readings or a status, and rejects with reasons.
+
+    Never raises: whatever goes wrong translating a message makes it a dead letter (``too_deep``,
+    ``malformed_json`` or ``handler_error``), counted in ``iot_ingest_handler_errors_total``.
+    """
+    try:
+        return _translate(topic, payload, received_at, limits, retained, quota)
+    except Exception as exc:
+        metrics.HANDLER_ERRORS.labels("translate").inc()
+        reason: RejectReason = "handler_error"
+        if isinstance(exc, RecursionError):
+            reason = "too_deep"
+        elif isinstance(exc, UnicodeDecodeError):
+            reason = "malformed_json"
+        detail = f"{type(exc).__name__}: {exc}"[:500]
+        log.warning("message handler failed, dead-lettered", topic=topic[:200], reason=reason, error=detail)
+        device_id = None
+        with contextlib.suppress(Exception):
+            device_id = _any_device_id(topic)
+        return Delivery(topic, device_id, received_at, payload, rejects=[Reject(reason, detail)])
+
+
+def _translate(
+    topic: str,
+    payload: bytes,
+    received_at: datetime,
+    limits: Limits,
+    retained: bool,
+    quota: DeviceQuota | None,
+) -> Delivery:
+    if retained:
+        # Delivered because ingest (re)subscribed, not because the device just sent it: storing it would
+        # add the same reading again, stamped with the time of this connection.
+        metrics.MESSAGES_RECEIVED.labels("retained").inc()
+        reject = Reject("retained", "retained message, delivered on subscribe; not a new reading")
+        return Delivery(topic, _any_device_id(topic), received_at, payload, rejects=[reject])
+    device_id = _device_id(topic, TELEMETRY_PREFIX)
     if device_id is not None:
         _RECEIVED_TELEMETRY.inc()
+        if quota is not None and quota.exhausted(device_id):
+            return _rate_limited(topic, device_id, received_at, payload, quota, 1)
         parsed = parse_telemetry(device_id, payload, received_at, limits)
+        if quota is not None and not quota.take(device_id, max(1, len(parsed.readings))):
+            return _rate_limited(topic, device_id, received_at, payload, quota, len(parsed.readings))
         return Delivery(topic, device_id, received_at, payload, parsed.readings, parsed.rejects)
-    device_id = device_id_from_topic(topic, STATUS_PREFIX)
+    device_id = _device_id(topic, STATUS_PREFIX)
     if device_id is not None:
         _RECEIVED_STATUS.inc()
+        if quota is not None and not quota.take(device_id, 1):
+            return _rate_limited(topic, device_id, received_at, payload, quota, 1)
         status = parse_status(payload, limits)
         if isinstance(status, Reject):
             return Delivery(topic, device_id, received_at, payload, rejects=[status])
         return Delivery(topic, device_id, received_at, payload, status=status)
-    device_id = device_id_from_topic(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
+    device_id = _device_id(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
     if device_id is not None:
         _RECEIVED_ACK.inc()
+        if quota is not None and not quota.take(device_id, 1):
+            return _rate_limited(topic, device_id, received_at, payload, quota, 1)
         if len(payload) > limits.max_payload_bytes:
             reject = Reject("payload_too_large", f"{len(payload)} bytes, limit {limits.max_payload_bytes}")
             return Delivery(topic, device_id, received_at, payload, rejects=[reject])
         try:
             ack = decode_ack(payload)
         except InvalidAck as exc:
-            return Delivery(
-                topic, device_id, received_at, payload, rejects=[Reject("invalid_command_ack", str(exc))]
-            )
+            return Delivery(topic, device_id, received_at, payload, rejects=[Reject(exc.reason, str(exc))])
         return Delivery(topic, device_id, received_at, payload, ack=ack)
     metrics.MESSAGES_RECEIVED.labels("other").inc()
     reject = Reject(
@@ -89,6 +253,13 @@ def translate(topic: str, payload: bytes, received_at: datetime, limits: Limits)
         "expected devices/telemetry/{id}, devices/status/{id} or devices/commands/{id}/ack",
     )
     return Delivery(topic, None, received_at, payload, rejects=[reject])
+
+
+def _rate_limited(
+    topic: str, device_id: str, received_at: datetime, payload: bytes, quota: DeviceQuota, readings: int
+) -> Delivery:
+    detail = quota.detail if readings <= 1 else f"{quota.detail}; message of {readings} readings"
+    return Delivery(topic, device_id, received_at, payload, rejects=[Reject("rate_limited", detail)])
 
 
 class Consumer:
@@ -105,6 +276,7 @@ class Consumer:
         batcher: Batcher[Delivery],
         limits: Limits,
         publish_timeout_s: float = 5.0,
+        quota: DeviceQuota | None = None,
     ) -> None:
         self._endpoint = MqttEndpoint.parse(mqtt_url)
         self._publish_timeout_s = publish_timeout_s
@@ -114,11 +286,15 @@ class Consumer:
         self._retry: asyncio.TimerHandle | None = None
         self._batcher = batcher
         self._limits = limits
+        self._quota = quota
+        self._max_unawaited = max_in_flight
         self._accepting = True
         self._generation = 0
         self._reconnect_delay = RECONNECT_MIN_S
         self._subscribed = False
-        self._active = 0
+        self._tokens = itertools.count()
+        # When each message in flight was taken (monotonic), in arrival order: the first is the oldest.
+        self._in_flight: dict[int, float] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.connected = asyncio.Event()
@@ -166,6 +342,22 @@ class Consumer:
         await self._idle.wait()
         for _ in range(2):
             await asyncio.sleep(0)
+
+    def oldest_in_flight_s(self) -> float:
+        """Seconds the oldest message still unacknowledged has been in this process; 0 when none."""
+        for started in self._in_flight.values():
+            return time.monotonic() - started
+        return 0.0
+
+    def stuck(self, after_s: float) -> int:
+        """Messages in flight for longer than ``after_s`` (counted up to the first younger one)."""
+        limit = time.monotonic() - after_s
+        count = 0
+        for started in self._in_flight.values():
+            if started > limit:
+                break
+            count += 1
+        return count
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 on this client's connection (commands to devices) and wait for the PUBACK.
@@ -258,22 +450,86 @@ class Consumer:
             topic = topic.decode("utf-8", errors="replace")
         if not self._accepting:
             raise NotAcknowledged("stopping")
-        delivery = translate(topic, payload, datetime.now(UTC), self._limits)
+        retained = bool(properties.get("retain")) if isinstance(properties, dict) else False
+        delivery = translate(
+            topic, payload, datetime.now(UTC), self._limits, retained=retained, quota=self._quota
+        )
+        if (
+            delivery.rejects
+            and delivery.rejects[0].reason == "rate_limited"
+            and self._batcher.pending < self._max_unawaited
+        ):
+            # A flood past its quota: acknowledged at once, its dead letter written with the next batch.
+            # Waiting for that commit would let the flood hold the in-flight window, and every other
+            # device's messages queue behind it in the broker. Bounded: past max_unawaited waiting items,
+            # these wait for their commit like any message.
+            try:
+                future = self._batcher.submit_nowait(delivery)
+            except BatcherClosed:
+                raise NotAcknowledged("stopping") from None
+            future.add_done_callback(_unawaited_done)
+            return 0
+        token = next(self._tokens)
+        self._in_flight[token] = time.monotonic()
         metrics.IN_FLIGHT.inc()
-        self._active += 1
         self._idle.clear()
         try:
-            await self._batcher.submit(delivery)
+            await self._store(delivery)
         finally:
             metrics.IN_FLIGHT.dec()
-            self._active -= 1
-            if not self._active:
+            del self._in_flight[token]
+            if not self._in_flight:
                 self._idle.set()
         if generation != self._generation:
             # The connection it came on is gone: the broker redelivers it on the new one with the same
             # packet id, which a PUBACK sent now might acknowledge before that copy is stored.
             raise NotAcknowledged("connection replaced")
         return 0
+
+    async def _store(self, delivery: Delivery) -> None:
+        """Submit to the batcher; if storing fails, record the message as a ``handler_error`` dead letter.
+
+        The writer retries what PostgreSQL could not take for a while and isolates a message it refuses,
+        so this is a last resort for a fault of the code: the message is then acknowledged all the same
+        (logged with its payload if even its dead letter cannot be stored), never left holding a slot.
+        """
+        try:
+            await self._batcher.submit(delivery)
+            return
+        except (BatcherClosed, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            metrics.HANDLER_ERRORS.labels("store").inc()
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        log.error("storing a message failed, writing it as a dead letter", topic=delivery.topic, error=error)
+        letter = Delivery(
+            delivery.topic,
+            delivery.device_id,
+            delivery.received_at,
+            delivery.payload,
+            rejects=[Reject("handler_error", f"storing failed: {error}")],
+        )
+        try:
+            await self._batcher.submit(letter)
+        except (BatcherClosed, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.error(
+                "dead letter not stored either; message acknowledged and dropped",
+                topic=delivery.topic,
+                device_id=delivery.device_id,
+                payload=payload_excerpt(delivery.payload),
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
+
+
+def _unawaited_done(future: asyncio.Future[None]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None and not isinstance(exc, BatcherClosed):
+        metrics.HANDLER_ERRORS.labels("store").inc()
+        log.error("rate_limited dead letter not stored", error=f"{type(exc).__name__}: {exc}"[:500])
 
 
 def ignore_not_acknowledged(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from iot_ingest import metrics
 from iot_ingest.actions import ActionRunner
 from iot_ingest.alerts import AlertService
 from iot_ingest.batcher import Batcher
-from iot_ingest.consumer import Consumer, default_client_id, ignore_not_acknowledged
+from iot_ingest.consumer import Consumer, DeviceQuota, default_client_id, ignore_not_acknowledged
 from iot_ingest.payload import Limits
 from iot_ingest.plan import Delivery
 from iot_ingest.settings import IngestSettings
@@ -96,16 +96,24 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
     batcher: Batcher[Delivery] = Batcher(
         writer, max_size=settings.ingest_batch_size, max_delay=settings.ingest_batch_delay_ms / 1000
     )
+    quota = None
+    if settings.ingest_max_readings_per_device_s > 0:
+        quota = DeviceQuota(
+            settings.ingest_max_readings_per_device_s, settings.ingest_max_readings_per_device_burst
+        )
     consumer = Consumer(
         mqtt_url=settings.mqtt_url,
-        client_id=settings.mqtt_client_id or default_client_id(),
+        client_id=settings.mqtt_client_id
+        or default_client_id(settings.mqtt_share_group, settings.database_url),
         share_group=settings.mqtt_share_group,
         session_expiry_s=settings.mqtt_session_expiry_s,
         max_in_flight=settings.ingest_max_in_flight,
         batcher=batcher,
         limits=limits_from(settings),
         publish_timeout_s=settings.ingest_command_puback_timeout_s,
+        quota=quota,
     )
+    metrics.OLDEST_IN_FLIGHT.set_function(consumer.oldest_in_flight_s)
 
     async def mqtt_check() -> object:
         if not consumer.connected.is_set():
@@ -113,10 +121,23 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         consumer.check_subscriptions()
         return True
 
+    async def stuck_check() -> object:
+        stuck = consumer.stuck(settings.ingest_stuck_after_s)
+        if stuck:
+            raise RuntimeError(
+                f"{stuck} messages unacknowledged for more than {settings.ingest_stuck_after_s:g} s"
+            )
+        return True
+
     app = web.Application()
     app.add_routes(
         health_routes(
-            lambda: {"mqtt": mqtt_check, "postgres": postgres_check(pool), "redis": redis_check(redis)},
+            lambda: {
+                "mqtt": mqtt_check,
+                "in_flight": stuck_check,
+                "postgres": postgres_check(pool),
+                "redis": redis_check(redis),
+            },
             alive=lambda: not stop.is_set(),
         )
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 MESSAGES_RECEIVED = Counter(
-    "iot_ingest_messages_received", "MQTT messages received, by kind (telemetry, status, other)", ["kind"]
+    "iot_ingest_messages_received",
+    "MQTT messages received, by kind (telemetry, status, command_ack, retained, other)",
+    ["kind"],
 )
 READINGS_STORED = Counter("iot_ingest_readings_stored", "Readings committed to PostgreSQL")
 ROWS_STORED = Counter("iot_ingest_rows_stored", "New telemetry rows (one per metric); duplicates excluded")
@@ -27,6 +29,14 @@ COMMIT_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 IN_FLIGHT = Gauge("iot_ingest_in_flight", "Messages received and not yet acknowledged")
+OLDEST_IN_FLIGHT = Gauge(
+    "iot_ingest_oldest_in_flight_seconds", "Age of the oldest message received and not yet acknowledged"
+)
+HANDLER_ERRORS = Counter(
+    "iot_ingest_handler_errors",
+    "Exceptions while handling a message (dead-lettered and acknowledged), by stage (translate, store)",
+    ["stage"],
+)
 STORAGE_RETRIES = Counter("iot_ingest_storage_retries", "Batch writes that failed and were retried")
 REDIS_FAILURES = Counter(
     "iot_ingest_redis_failures", "Batches whose Redis update (latest values, publish) failed; storage kept"

@@ -41,6 +41,10 @@ RejectReason = Literal[
     "invalid_topic",
     "storage_error",
     "invalid_command_ack",
+    "too_deep",
+    "retained",
+    "rate_limited",
+    "handler_error",
 ]
 """Why a message or a reading was refused; the ``reason`` column of ``ingest_rejects`` and a metric label."""
 
@@ -96,14 +100,22 @@ def decode_json(payload: bytes) -> Any:
     """Decode JSON; ``NaN``/``Infinity`` literals (sent by many JSON libraries) decode to floats.
 
     msgspec refuses those literals, so only payloads it refuses take the slower standard-library path,
-    which lets the value check report a non-finite value instead of malformed JSON.
+    which lets the value check report a non-finite value instead of malformed JSON. Invalid UTF-8 is
+    ``malformed_json``; nesting deeper than the interpreter's recursion limit (about 1,000 levels) is
+    ``too_deep``: both raise something else than :class:`msgspec.DecodeError`.
     """
     try:
         return _decoder.decode(payload)
+    except RecursionError:
+        raise _Invalid("too_deep", "JSON nested too deep") from None
+    except UnicodeDecodeError as exc:
+        raise _Invalid("malformed_json", f"invalid UTF-8: {exc}") from None
     except msgspec.DecodeError as exc:
         try:
             return json.loads(payload)
-        except (ValueError, RecursionError):
+        except RecursionError:
+            raise _Invalid("too_deep", "JSON nested too deep") from None
+        except ValueError:
             raise _Invalid("malformed_json", str(exc)) from None
 
 
@@ -169,7 +181,8 @@ def _reading(
 
 
 def _name(name: str) -> str:
-    if _METRIC_RE.match(name) is None:
+    # fullmatch: the pattern's ``$`` alone would accept a trailing newline ("tnl\n").
+    if _METRIC_RE.fullmatch(name) is None:
         raise _Invalid("invalid_metric_name", f"{name[:80]!r} does not match {METRIC_NAME_PATTERN}")
     return name
 
@@ -191,8 +204,20 @@ def _value(name: str, value: Any, limits: Limits) -> MetricValue:
             raise _Invalid(
                 "text_too_long", f"{name}: {len(value)} characters, limit {limits.max_text_length}"
             )
+        # PostgreSQL text refuses NUL and lone surrogates ("\ud800" in JSON): refused here, not by the
+        # database, which would make the whole batch be written again one message at a time.
+        if "\x00" in value or not _encodable(value):
+            raise _Invalid("invalid_value", f"{name}: text with NUL or an unpaired surrogate")
         return value
     raise _Invalid("invalid_value", f"{name}: expected a number, boolean or text, got {_json_type(value)}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _timestamp(raw: Any) -> datetime:
@@ -239,9 +264,9 @@ def parse_status(payload: bytes, limits: Limits) -> DeviceStatus | Reject:
     status = _STATUSES.get(text.lower())
     if status is None and text[:1] in ('"', "{"):
         try:
-            document = _decoder.decode(payload)
-        except msgspec.DecodeError as exc:
-            return Reject("malformed_json", str(exc))
+            document = decode_json(payload)
+        except _Invalid as exc:
+            return Reject(exc.reason, exc.detail)
         if isinstance(document, dict):
             document = document.get("status")
         if isinstance(document, str):

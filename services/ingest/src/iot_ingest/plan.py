@@ -64,12 +64,23 @@ def payload_excerpt(payload: bytes) -> str:
     return text.replace("\x00", "\\u0000")
 
 
+def safe_text(text: str) -> str:
+    """``text`` without what PostgreSQL ``text`` refuses: NUL, and unpaired surrogates (escaped)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 def dead_letter(delivery: Delivery, reason: RejectReason, detail: str) -> DeadLetter:
     return DeadLetter(
-        topic=delivery.topic,
+        topic=safe_text(delivery.topic),
         device_id=delivery.device_id,
         reason=reason,
-        detail=detail.replace("\x00", "\\u0000")[:1000],
+        detail=safe_text(detail[:1000]),
         payload=payload_excerpt(delivery.payload),
         payload_size=len(delivery.payload),
         received_at=delivery.received_at,

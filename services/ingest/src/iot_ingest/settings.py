@@ -35,3 +35,9 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     ingest_command_puback_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     ingest_command_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] = 300
     ingest_command_expiry_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+    ingest_stuck_after_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 60.0
+    """``/readyz`` fails while a message has been in flight (not acknowledged) for longer than this."""
+    ingest_max_readings_per_device_s: Annotated[float, msgspec.Meta(ge=0, le=1_000_000)] = 1000.0
+    """Per-device quota (token bucket refill rate, readings/s); 0 turns the quota off."""
+    ingest_max_readings_per_device_burst: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 10_000
+    """Bucket size: readings a device may send at once above the rate (keep it >= max_readings)."""

@@ -24,7 +24,18 @@ from iot_common.db.telemetry import insert_telemetry
 from iot_common.messages import LatestValue, Reading, StatusEvent, TelemetryEvent, encode_event
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
-from iot_ingest.plan import Delivery, Plan, dead_letter, latest_values, plan_batch, ts_sort_key
+from iot_ingest.payload import RejectReason
+from iot_ingest.plan import (
+    DeadLetter,
+    Delivery,
+    Plan,
+    dead_letter,
+    latest_values,
+    payload_excerpt,
+    plan_batch,
+    safe_text,
+    ts_sort_key,
+)
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -44,11 +55,27 @@ TRANSIENT_ERRORS: Final = (
 )
 """Errors that a later attempt can get past: the batch is retried as a whole."""
 
-DATA_ERRORS: Final = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-"""Errors caused by some row of the batch: its messages are then written one by one to find it.
+DATA_ERRORS: Final = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.exceptions.ProgramLimitExceededError,
+)
+"""Errors caused by some row of the batch: its messages are then written one by one to find it."""
 
-Any other error (a missing table, a permission) is retried like a transient one: never dropped.
-"""
+
+def message_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` may come from one message's content, so that writing messages one by one finds it.
+
+    Data errors do, and so does any error of the code that is not PostgreSQL's (a value the driver cannot
+    encode, a fault on some odd message). Transient errors and PostgreSQL's other errors (a missing table, a
+    permission) concern the whole batch: it is retried as is, never dropped.
+    """
+    if isinstance(exc, DATA_ERRORS):
+        return True
+    if isinstance(exc, (*TRANSIENT_ERRORS, asyncpg.PostgresError)):
+        return False
+    return isinstance(exc, Exception)
+
 
 INSERT_DEAD_LETTERS = """
 INSERT INTO ingest_rejects (topic, device_id, reason, detail, payload, payload_size, received_at)
@@ -207,23 +234,26 @@ class BatchWriter:
             await asyncio.wait([self._redis_tail])
 
     async def _commit_with_retry(self, batch: list[Delivery]) -> Plan:
+        """Commit ``batch``; never raises (but :class:`asyncio.CancelledError`): a message that cannot be
+        stored becomes a dead letter, and what concerns the whole batch is retried with backoff."""
         delay = self._retry_initial_s
         isolate = False
         while True:
             started = time.perf_counter()
             try:
                 plan = await self._commit(batch, isolate)
-            except DATA_ERRORS as exc:
-                if isolate:
-                    raise
-                log.warning("batch refused by PostgreSQL, writing its messages one by one", error=str(exc))
-                isolate = True
-                continue
             except Exception as exc:
+                if not isolate and message_fault(exc):
+                    log.warning(
+                        "batch refused, writing its messages one by one",
+                        error=f"{type(exc).__name__}: {exc}"[:500],
+                    )
+                    isolate = True
+                    continue
                 metrics.STORAGE_RETRIES.inc()
                 log.warning(
                     "batch write failed, retrying",
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=f"{type(exc).__name__}: {exc}"[:500],
                     messages=len(batch),
                     retry_in_s=round(delay, 2),
                 )
@@ -245,21 +275,21 @@ class BatchWriter:
         async with self._pool.acquire() as conn, conn.transaction():
             candidates = (d.device_id for d in batch if d.needs_device and d.device_id not in self._known.ids)
             unknown = await self._known.resolve(conn, candidates, self._auto_register)  # type: ignore[arg-type]
-            plan = plan_batch(batch, unknown)
             if not isolate:
+                plan = plan_batch(batch, unknown)
                 await self._write(conn, plan)
                 return plan
-            # One savepoint per message: a message PostgreSQL refuses becomes a dead letter.
+            # One savepoint per message: a message that cannot be stored becomes a dead letter.
             merged = plan_batch([], set())
             for delivery in batch:
-                one = plan_batch([delivery], unknown)
                 try:
+                    one = plan_batch([delivery], unknown)
                     async with conn.transaction():
                         await self._write(conn, one)
-                except DATA_ERRORS as exc:
-                    one = plan_batch([], set())
-                    one.dead_letters.append(dead_letter(delivery, "storage_error", str(exc)))
-                    await self._write(conn, one)
+                except Exception as exc:
+                    if not message_fault(exc):
+                        raise
+                    one = await self._write_instead(conn, delivery, exc)
                 merged.readings += one.readings
                 merged.new_rows += one.new_rows
                 merged.dead_letters += one.dead_letters
@@ -268,6 +298,45 @@ class BatchWriter:
                 merged.command_events += one.command_events
                 merged.last_seen.update(one.last_seen)
             return merged
+
+    async def _write_instead(self, conn: Conn, delivery: Delivery, exc: Exception) -> Plan:
+        """A dead letter for a message that could not be stored; if even that is refused, a bare one
+        (no payload, no device); if that is refused too, the message is only logged and counted."""
+        reason: RejectReason = "storage_error" if isinstance(exc, asyncpg.PostgresError) else "handler_error"
+        if reason == "handler_error":
+            metrics.HANDLER_ERRORS.labels("store").inc()
+        detail = f"{type(exc).__name__}: {exc}"
+        letter = dead_letter(delivery, reason, detail)
+        bare = DeadLetter(
+            topic=safe_text(delivery.topic[:1000]),
+            device_id=None,
+            reason=reason,
+            detail=safe_text(f"dead letter refused; first error: {detail[:500]}"),
+            payload="",
+            payload_size=len(delivery.payload),
+            received_at=delivery.received_at,
+        )
+        for candidate in (letter, bare):
+            one = plan_batch([], set())
+            one.dead_letters.append(candidate)
+            try:
+                async with conn.transaction():
+                    await self._write(conn, one)
+            except Exception as again:
+                if not message_fault(again):
+                    raise
+                detail = f"{type(again).__name__}: {again}"
+                continue
+            return one
+        metrics.HANDLER_ERRORS.labels("store").inc()
+        log.error(
+            "message and its dead letter refused; acknowledged and dropped",
+            topic=delivery.topic[:200],
+            device_id=delivery.device_id,
+            payload=payload_excerpt(delivery.payload),
+            error=detail[:500],
+        )
+        return plan_batch([], set())
 
     async def _write(self, conn: Conn, plan: Plan) -> None:
         plan.new_rows = await insert_telemetry(conn, plan.readings)
