@@ -13,38 +13,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
-import os
 import random
-import secrets
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import asyncpg
 import httpx
 import msgspec
 import redis
 
 from iot_api.rollup import roll_up
 from iot_common.db import connect
-from iot_common.db.migrate import apply_migrations
 from iot_common.db.partitions import ensure_partitions
 from iot_common.messages import LatestValue
 from iot_common.topics import RedisNames
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.support import (
+    LoadResult,
+    api_process,
+    database_url,
+    in_process,
+    migrated_database,
+    pct,
+    redis_server,
+)
+
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 DATABASE = "iot_bench_api"
 SEED_VERSION = 1
 DEVICES = 1000
@@ -54,34 +55,10 @@ DAYS = 30
 API_KEY = "iotk_benchbenchbe_" + "b" * 24
 
 
-def server_url() -> str:
-    return os.environ.get("IOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def database_url() -> str:
-    return urlunsplit(urlsplit(server_url())._replace(path=f"/{DATABASE}"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def seed() -> tuple[datetime, datetime]:
     """Create and fill the benchmark database unless a previous run did; return the month's range."""
-    admin = await asyncpg.connect(server_url())
+    conn = await connect(await migrated_database(DATABASE, fresh=False))
     try:
-        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
-            await admin.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await admin.close()
-    conn = await connect(database_url())
-    try:
-        await apply_migrations(conn)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS bench_seed"
             " (version int PRIMARY KEY, start timestamptz, stop timestamptz)"
@@ -133,14 +110,6 @@ async def seed() -> tuple[datetime, datetime]:
         await conn.close()
 
 
-@dataclass
-class LoadResult:
-    requests: int
-    errors: int
-    seconds: float
-    latencies_ms: list[float]
-
-
 async def _load(base: str, paths: list[str], concurrency: int, duration: float, count: int) -> LoadResult:
     latencies: list[float] = []
     errors = 0
@@ -167,24 +136,9 @@ async def _load(base: str, paths: list[str], concurrency: int, duration: float, 
     return LoadResult(len(latencies), errors, elapsed, latencies)
 
 
-def _load_process(queue: Any, args: tuple[Any, ...]) -> None:
-    queue.put(asyncio.run(_load(*args)))
-
-
 def load(base: str, paths: list[str], concurrency: int, duration: float, count: int = 0) -> LoadResult:
     """Run the load in a separate process, so the client does not share an event loop with anything."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_load_process, args=(queue, (base, paths, concurrency, duration, count)))
-    proc.start()
-    result: LoadResult = queue.get(timeout=duration + 120)
-    proc.join(30)
-    return result
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return in_process(_load, base, paths, concurrency, duration, count, timeout=duration + 120)
 
 
 def main() -> None:
@@ -195,59 +149,27 @@ def main() -> None:
     args = parser.parse_args()
 
     start, stop = asyncio.run(seed())
-    with tempfile.TemporaryDirectory() as tmp:
-        redis_port = free_port()
-        redis_proc = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
-        )
-        api: subprocess.Popen[bytes] | None = None
-        try:
-            client = redis.Redis(port=redis_port)
-            for _ in range(100):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            now = datetime.now(UTC)
-            pipe = client.pipeline(transaction=False)
-            for i in range(DEVICES):
-                for m in METRICS:
-                    pipe.hset(
-                        NAMES.latest_key(f"bench-{i:04d}"), m, msgspec.json.encode(LatestValue(float(i), now))
-                    )
-            pipe.execute()
+    with redis_server() as redis_url:
+        client = redis.Redis.from_url(redis_url)
+        now = datetime.now(UTC)
+        pipe = client.pipeline(transaction=False)
+        for i in range(DEVICES):
+            for m in METRICS:
+                pipe.hset(
+                    NAMES.latest_key(f"bench-{i:04d}"), m, msgspec.json.encode(LatestValue(float(i), now))
+                )
+        pipe.execute()
 
-            port = free_port()
-            env = {
-                **os.environ,
-                "IOT_DATABASE_URL": database_url(),
-                "IOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                "IOT_API_PORT": str(port),
-                "IOT_JWT_SECRET": secrets.token_urlsafe(48),
-                "IOT_BOOTSTRAP_API_KEY": API_KEY,
-                "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
-                "IOT_API_ROLLUP_INTERVAL_S": "0",
-                "IOT_TELEMETRY_RETENTION_DAYS": str(DAYS + 5),
-                "IOT_DATABASE_POOL_MAX": "20",
-                "IOT_LOG_FORMAT": "json",
-                "IOT_LOG_LEVEL": "warning",
-            }
-            log = open(Path(tmp) / "api.log", "wb")  # noqa: SIM115
-            api = subprocess.Popen([str(BIN / "iot-api")], env=env, stdout=log, stderr=subprocess.STDOUT)
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or api.poll() is not None:
-                    raise SystemExit("iot-api did not start:\n" + (Path(tmp) / "api.log").read_text()[-4000:])
-                time.sleep(0.1)
-
+        env = {
+            "IOT_DATABASE_URL": database_url(DATABASE),
+            "IOT_REDIS_URL": redis_url,
+            "IOT_BOOTSTRAP_API_KEY": API_KEY,
+            "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
+            "IOT_TELEMETRY_RETENTION_DAYS": str(DAYS + 5),
+            "IOT_DATABASE_POOL_MAX": "20",
+        }
+        with api_process(env) as api:
+            base = api.base
             month = f"from={start:%Y-%m-%dT%H:%M:%SZ}&to={stop:%Y-%m-%dT%H:%M:%SZ}"
             aggregate = (
                 f"/api/v1/devices/{HOT_DEVICE}/telemetry?metric=temp&bucket=1h&agg=avg,min,max&{month}"
@@ -317,12 +239,6 @@ def main() -> None:
             )
             if any(r.errors for _, _, r in rows):
                 raise SystemExit("some requests failed")
-        finally:
-            if api is not None:
-                api.terminate()
-                api.wait(20)
-            redis_proc.terminate()
-            redis_proc.wait(10)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import resource
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from iot_common.topics import RedisNames
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_ingest import drop_database, prepare_database
+from bench.support import free_port, redis_server, rss_mib, wait_port
 
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
@@ -76,39 +76,10 @@ class RoundResult:
     dropped: int
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 def raise_fd_limit() -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    port = free_port()
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -146,13 +117,6 @@ def realtime_service(redis_url: str, database_url: str) -> Iterator[tuple[int, s
 def proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def scrape(port: int, name: str) -> float:
@@ -314,7 +278,7 @@ def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResul
         connected = fleet.start(timeout=300)
         print(
             f"  {connected} clients connected and subscribed in {time.monotonic() - started:.1f}s; "
-            f"service RSS {proc_rss_mb(service.pid):.0f} MB, "
+            f"service RSS {rss_mib(service.pid):.0f} MB, "
             f"connections gauge {scrape(port, 'iot_realtime_connections'):.0f}",
             flush=True,
         )
@@ -340,7 +304,7 @@ def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResul
                         p99_ms=percentile(delays, 0.99) * 1000,
                         max_ms=(delays[-1] if delays else float("nan")) * 1000,
                         cpu_pct=100 * cpu / scenario.duration,
-                        rss_mb=proc_rss_mb(service.pid),
+                        rss_mb=rss_mib(service.pid),
                         dropped=int(scrape(port, "iot_realtime_dropped_connections_total")),
                     )
                 )

@@ -17,61 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 
-from iot_common.db.migrate import apply_migrations
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BIN = Path(sys.executable).parent
+from bench.support import api_process, migrated_database, redis_server, rss_mib
+
 DATABASE = "iot_bench_login"
 API_KEY = "iotk_benchloginbe_" + "b" * 24
 ADMIN = "admin@bench.example"
-
-
-def server_url() -> str:
-    return os.environ.get("IOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def database_url() -> str:
-    return urlunsplit(urlsplit(server_url())._replace(path=f"/{DATABASE}"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def fresh_database() -> None:
-    admin = await asyncpg.connect(server_url())
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(database_url())
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
-
-
-def rss_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 async def flood(base: str, args: argparse.Namespace) -> tuple[collections.Counter[int], list[float]]:
@@ -114,82 +73,47 @@ def main() -> None:
     args.duration = min(args.duration, 60.0)
     args.concurrency = min(args.concurrency, 256)
 
-    asyncio.run(fresh_database())
-    with tempfile.TemporaryDirectory() as tmp:
-        redis_port = free_port()
-        redis_proc = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
+    database = asyncio.run(migrated_database(DATABASE, fresh=True))
+    env = {
+        "IOT_DATABASE_URL": database,
+        "IOT_JWT_SECRET": "bench-login-" + "s" * 40,
+        "IOT_BOOTSTRAP_API_KEY": API_KEY,
+        "IOT_BOOTSTRAP_ADMIN_EMAIL": ADMIN,
+        "IOT_BOOTSTRAP_ADMIN_PASSWORD": "bench-admin-password",
+        "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
+    }
+    if args.no_login_limits:
+        env["IOT_API_LOGIN_FAILURES_PER_ACCOUNT"] = "0"
+        env["IOT_API_LOGIN_FAILURES_PER_ADDRESS"] = "0"
+    for item in args.env:
+        name, _, value = item.partition("=")
+        env[name] = value
+    with redis_server() as redis_url, api_process({**env, "IOT_REDIS_URL": redis_url}) as api:
+        base = api.base
+        # Warm up: one request of each kind, then the baseline.
+        httpx.get(f"{base}/api/v1/auth/me", headers={"X-API-Key": API_KEY}, timeout=10)
+        httpx.post(f"{base}/api/v1/auth/login", json={"email": ADMIN, "password": "x"}, timeout=10)
+        quiet = []
+        with httpx.Client(base_url=base, timeout=10) as probe:
+            for _ in range(20):
+                started = time.perf_counter()
+                probe.get("/api/v1/auth/me", headers={"X-API-Key": API_KEY})
+                quiet.append(time.perf_counter() - started)
+        before = rss_mib(api.pid)
+        statuses, latencies = asyncio.run(flood(base, args))
+        peak = rss_mib(api.pid, "VmHWM")
+        after = rss_mib(api.pid)
+        latencies.sort()
+        print(f"flood: {args.concurrency} concurrent bad logins for {args.duration:.0f} s")
+        print(f"RSS before {before:.0f} MiB, peak {peak:.0f} MiB, after {after:.0f} MiB")
+        print(f"GET /api/v1/auth/me alone: p50 {statistics.median(quiet) * 1000:.1f} ms")
+        print(
+            f"GET /api/v1/auth/me during the flood ({len(latencies)} requests):"
+            f" p50 {statistics.median(latencies) * 1000:.1f} ms,"
+            f" p95 {latencies[int(len(latencies) * 0.95)] * 1000:.1f} ms,"
+            f" max {latencies[-1] * 1000:.1f} ms"
         )
-        api: subprocess.Popen[bytes] | None = None
-        try:
-            port = free_port()
-            env = {
-                **os.environ,
-                "IOT_DATABASE_URL": database_url(),
-                "IOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                "IOT_API_PORT": str(port),
-                "IOT_JWT_SECRET": "bench-login-" + "s" * 40,
-                "IOT_BOOTSTRAP_API_KEY": API_KEY,
-                "IOT_BOOTSTRAP_ADMIN_EMAIL": ADMIN,
-                "IOT_BOOTSTRAP_ADMIN_PASSWORD": "bench-admin-password",
-                "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
-                "IOT_API_ROLLUP_INTERVAL_S": "0",
-                "IOT_LOG_FORMAT": "json",
-                "IOT_LOG_LEVEL": "warning",
-            }
-            if args.no_login_limits:
-                env["IOT_API_LOGIN_FAILURES_PER_ACCOUNT"] = "0"
-                env["IOT_API_LOGIN_FAILURES_PER_ADDRESS"] = "0"
-            for item in args.env:
-                name, _, value = item.partition("=")
-                env[name] = value
-            log = open(Path(tmp) / "api.log", "wb")  # noqa: SIM115
-            api = subprocess.Popen([str(BIN / "iot-api")], env=env, stdout=log, stderr=subprocess.STDOUT)
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or api.poll() is not None:
-                    raise SystemExit("iot-api did not start:\n" + (Path(tmp) / "api.log").read_text()[-4000:])
-                time.sleep(0.1)
-            # Warm up: one request of each kind, then the baseline.
-            httpx.get(f"{base}/api/v1/auth/me", headers={"X-API-Key": API_KEY}, timeout=10)
-            httpx.post(f"{base}/api/v1/auth/login", json={"email": ADMIN, "password": "x"}, timeout=10)
-            quiet = []
-            with httpx.Client(base_url=base, timeout=10) as probe:
-                for _ in range(20):
-                    started = time.perf_counter()
-                    probe.get("/api/v1/auth/me", headers={"X-API-Key": API_KEY})
-                    quiet.append(time.perf_counter() - started)
-            before = rss_kib(api.pid, "VmRSS")
-            statuses, latencies = asyncio.run(flood(base, args))
-            peak = rss_kib(api.pid, "VmHWM")
-            after = rss_kib(api.pid, "VmRSS")
-            latencies.sort()
-            print(f"flood: {args.concurrency} concurrent bad logins for {args.duration:.0f} s")
-            print(
-                f"RSS before {before / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB,"
-                f" after {after / 1024:.0f} MiB"
-            )
-            print(f"GET /api/v1/auth/me alone: p50 {statistics.median(quiet) * 1000:.1f} ms")
-            print(
-                f"GET /api/v1/auth/me during the flood ({len(latencies)} requests):"
-                f" p50 {statistics.median(latencies) * 1000:.1f} ms,"
-                f" p95 {latencies[int(len(latencies) * 0.95)] * 1000:.1f} ms,"
-                f" max {latencies[-1] * 1000:.1f} ms"
-            )
-            print("login answers:", dict(sorted(statuses.items())))
-        finally:
-            if api is not None:
-                api.terminate()
-                api.wait(20)
-            redis_proc.terminate()
-            redis_proc.wait(10)
+        print("login answers:", dict(sorted(statuses.items())))
 
 
 if __name__ == "__main__":

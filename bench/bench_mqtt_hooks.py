@@ -13,50 +13,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
-import os
 import random
-import secrets
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import asyncpg
 import httpx
-
-from iot_common.db import connect
-from iot_common.db.migrate import apply_migrations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_api import BIN, LoadResult, free_port, pct, server_url
+from bench.support import LoadResult, api_process, in_process, migrated_database, pct, redis_server
 
 DATABASE = "iot_bench_hooks"
 DEVICES = 500
 API_KEY = "iotk_benchhooks01_" + "h" * 24
 HOOK_SECRET = "bench-hook-secret-0123456789abcdef"
-
-
-async def fresh_database() -> str:
-    admin = await asyncpg.connect(server_url())
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(server_url())._replace(path=f"/{DATABASE}"))
-    conn = await connect(url)
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
-    return url
 
 
 async def _load(
@@ -86,18 +60,8 @@ async def _load(
     return LoadResult(len(latencies), errors, elapsed, latencies)
 
 
-def _load_process(queue: Any, args: tuple[Any, ...]) -> None:
-    queue.put(asyncio.run(_load(*args)))
-
-
-def load(*args: Any) -> LoadResult:
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_load_process, args=(queue, args))
-    proc.start()
-    result: LoadResult = queue.get(timeout=300)
-    proc.join(30)
-    return result
+def load(base: str, path: str, bodies: list[dict[str, Any]], concurrency: int, duration: float) -> LoadResult:
+    return in_process(_load, base, path, bodies, concurrency, duration)
 
 
 def main() -> None:
@@ -105,73 +69,42 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per scenario")
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    database_url = asyncio.run(fresh_database())
-    with tempfile.TemporaryDirectory() as tmp:
-        redis_port = free_port()
-        redis_proc = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
-        )
-        port = free_port()
-        env = {
-            **os.environ,
-            "IOT_DATABASE_URL": database_url,
-            "IOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "IOT_API_PORT": str(port),
-            "IOT_JWT_SECRET": secrets.token_urlsafe(48),
-            "IOT_BOOTSTRAP_API_KEY": API_KEY,
-            "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
-            "IOT_API_ROLLUP_INTERVAL_S": "0",
-            "IOT_API_CACHE_TTL_S": "300",
-            "IOT_MQTT_HOOK_SECRET": HOOK_SECRET,
-            "IOT_LOG_FORMAT": "json",
-            "IOT_LOG_LEVEL": "warning",
-        }
-        log = open(Path(tmp) / "api.log", "wb")  # noqa: SIM115
-        api = subprocess.Popen([str(BIN / "iot-api")], env=env, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or api.poll() is not None:
-                    raise SystemExit("iot-api did not become ready")
-                time.sleep(0.1)
-            authn, authz = [], []
-            with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}, timeout=10) as http:
-                for i in range(DEVICES):
-                    device_id = f"hook-{i:04d}"
-                    mqtt = http.post("/api/v1/devices", json={"id": device_id}).json()["mqtt"]
-                    authn.append({"username": device_id, "password": mqtt["password"], "clientid": device_id})
-                    topic = f"devices/telemetry/{device_id}"
-                    authz.append(
-                        {"username": device_id, "clientid": device_id, "action": "publish", "topic": topic}
-                    )
-            rows = []
-            for name, path, bodies in (
-                ("authn", "/api/v1/mqtt/authn", authn),
-                ("authz", "/api/v1/mqtt/authz", authz),
-            ):
-                load(base, path, bodies, args.concurrency, 2.0)  # warm the cache and the connections
-                result = load(base, path, bodies, args.concurrency, args.duration)
-                rows.append(
-                    (
-                        name,
-                        result.requests / result.seconds,
-                        statistics.median(result.latencies_ms),
-                        pct(result.latencies_ms, 0.95),
-                        result.errors,
-                    )
+    database_url = asyncio.run(migrated_database(DATABASE, fresh=True))
+    env = {
+        "IOT_DATABASE_URL": database_url,
+        "IOT_BOOTSTRAP_API_KEY": API_KEY,
+        "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
+        "IOT_API_CACHE_TTL_S": "300",
+        "IOT_MQTT_HOOK_SECRET": HOOK_SECRET,
+    }
+    with redis_server() as redis_url, api_process({**env, "IOT_REDIS_URL": redis_url}) as api:
+        base = api.base
+        authn, authz = [], []
+        with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}, timeout=10) as http:
+            for i in range(DEVICES):
+                device_id = f"hook-{i:04d}"
+                mqtt = http.post("/api/v1/devices", json={"id": device_id}).json()["mqtt"]
+                authn.append({"username": device_id, "password": mqtt["password"], "clientid": device_id})
+                topic = f"devices/telemetry/{device_id}"
+                authz.append(
+                    {"username": device_id, "clientid": device_id, "action": "publish", "topic": topic}
                 )
-        finally:
-            api.terminate()
-            api.wait(20)
-            redis_proc.terminate()
-            redis_proc.wait(10)
+        rows = []
+        for name, path, bodies in (
+            ("authn", "/api/v1/mqtt/authn", authn),
+            ("authz", "/api/v1/mqtt/authz", authz),
+        ):
+            load(base, path, bodies, args.concurrency, 2.0)  # warm the cache and the connections
+            result = load(base, path, bodies, args.concurrency, args.duration)
+            rows.append(
+                (
+                    name,
+                    result.requests / result.seconds,
+                    statistics.median(result.latencies_ms),
+                    pct(result.latencies_ms, 0.95),
+                    result.errors,
+                )
+            )
     print(f"\nEMQX hooks, {DEVICES} devices, concurrency {args.concurrency}, {args.duration:.0f} s per row")
     print(f"{'hook':<8}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'errors':>8}")
     for name, rate, p50, p95, errors in rows:

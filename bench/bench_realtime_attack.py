@@ -24,8 +24,9 @@ import aiohttp
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_fanout import SECRET, free_port, proc_rss_mb, raise_fd_limit, redis_server, wait_port
+from bench.bench_fanout import SECRET, raise_fd_limit
 from bench.bench_ingest import drop_database, prepare_database
+from bench.support import free_port, redis_server, rss_mib, wait_port
 from iot_common.auth import issue_token
 
 
@@ -103,7 +104,7 @@ def main() -> int:
             try:
                 wait_port(port)
                 time.sleep(1.0)
-                before = proc_rss_mb(service.pid)
+                before = rss_mib(service.pid)
                 started = time.monotonic()
 
                 async def run() -> tuple[Counter[str], tuple[int, int], float]:
@@ -112,7 +113,7 @@ def main() -> int:
                             session, port, args.connections, args.credentials, args.ids
                         )
                         counted = await channels(redis_url)
-                        rss = proc_rss_mb(service.pid)
+                        rss = rss_mib(service.pid)
                         for ws in sockets:
                             with contextlib.suppress(aiohttp.ClientError, OSError):
                                 await ws.close()

@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -25,23 +24,10 @@ import pytest
 
 from iot_common.dynsec import DynsecAdmin
 from iot_common.topics import command_ack_topic, command_topic, telemetry_topic
-from tests.e2e.test_device_identity import PASSWORDS, shipped_broker
-from tests.support.processes import ServiceProcess, free_port
+from tests.e2e.broker_support import PASSWORDS, Platform, Start, shipped_broker, start_platform, wait_for
 
 BOOTSTRAP_KEY = "iotk_brokeracl001_" + "b" * 24
 REFUSED = "broker refused: not authorized (135)"
-
-Start = Callable[[str, Mapping[str, str]], ServiceProcess]
-
-
-@dataclass
-class Platform:
-    broker: int
-    api: ServiceProcess
-    api_base: str
-    ingest: ServiceProcess
-    ingest_base: str
-    http: httpx.AsyncClient
 
 
 class Device:
@@ -74,16 +60,6 @@ class Device:
         self.client.publish(telemetry_topic(self.device_id), json.dumps(body).encode(), qos=1)
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await predicate()
-        if result:
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 async def get(url: str) -> httpx.Response:
     async with httpx.AsyncClient(timeout=5) as client:
         return await client.get(url)
@@ -103,44 +79,6 @@ async def remove_acl(port: int, role: str, acltype: str, topic: str) -> None:
 def broker() -> Iterator[int]:
     with shipped_broker() as port:
         yield port
-
-
-def start_platform(
-    broker: int, service: Start, database_url: str, redis_url: str, unique: str, *, wait_ingest: bool = True
-) -> Platform:
-    api_port, ingest_port = free_port(), free_port()
-    api = service(
-        "iot-api",
-        {
-            "IOT_DATABASE_URL": database_url,
-            "IOT_REDIS_URL": redis_url,
-            "IOT_API_PORT": str(api_port),
-            "IOT_BOOTSTRAP_API_KEY": BOOTSTRAP_KEY,
-            "IOT_API_CACHE_NAMESPACE": f"iot:acl:{unique}:",
-            "IOT_API_ROLLUP_INTERVAL_S": "0",
-            "IOT_MQTT_URL": f"mqtt://api:{PASSWORDS['MQTT_API_PASSWORD']}@127.0.0.1:{broker}",
-            "IOT_MQTT_ADMIN_URL": f"mqtt://admin:{PASSWORDS['MQTT_ADMIN_PASSWORD']}@127.0.0.1:{broker}",
-        },
-    )
-    ingest = service(
-        "iot-ingest",
-        {
-            "IOT_DATABASE_URL": database_url,
-            "IOT_REDIS_URL": redis_url,
-            "IOT_MQTT_URL": f"mqtt://ingest:{PASSWORDS['MQTT_INGEST_PASSWORD']}@127.0.0.1:{broker}",
-            "IOT_MQTT_SHARE_GROUP": f"acl-{unique}",
-            "IOT_MQTT_CLIENT_ID": f"ingest-acl-{unique}",
-            "IOT_INGEST_HTTP_PORT": str(ingest_port),
-            "IOT_INGEST_BATCH_DELAY_MS": "20",
-            "IOT_INGEST_RULES_REFRESH_S": "1",
-        },
-    )
-    api_base, ingest_base = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ingest_port}"
-    api.wait_http(f"{api_base}/readyz")
-    if wait_ingest:
-        ingest.wait_http(f"{ingest_base}/readyz")
-    http = httpx.AsyncClient(base_url=api_base, headers={"X-API-Key": BOOTSTRAP_KEY}, timeout=15)
-    return Platform(broker, api, api_base, ingest, ingest_base, http)
 
 
 async def add_device(platform: Platform, device_id: str) -> Device:
@@ -182,7 +120,7 @@ async def test_under_the_shipped_acls_commands_reach_the_device_and_answers_are_
     db: asyncpg.Connection[Any],
     unique: str,
 ) -> None:
-    platform = start_platform(broker, service, database_url, redis_url, unique)
+    platform = start_platform(broker, service, database_url, redis_url, f"acl-{unique}", BOOTSTRAP_KEY)
     readyz = (await get(f"{platform.ingest_base}/readyz")).json()
     assert readyz["checks"]["mqtt"] == "ok", readyz
     device = await add_device(platform, f"acl-{unique}")
@@ -216,9 +154,7 @@ async def test_under_the_shipped_acls_commands_reach_the_device_and_answers_are_
     )
 
     await device.client.disconnect()
-    await platform.http.aclose()
-    assert platform.api.stop() == 0
-    assert platform.ingest.stop() == 0
+    await platform.stop()
 
 
 async def test_a_command_the_broker_refuses_is_failed_with_the_reason_never_sent(
@@ -231,7 +167,7 @@ async def test_a_command_the_broker_refuses_is_failed_with_the_reason_never_sent
 ) -> None:
     for role in ("service-api", "service-ingest"):
         await remove_acl(broker, role, "publishClientSend", "devices/commands/+")
-    platform = start_platform(broker, service, database_url, redis_url, unique)
+    platform = start_platform(broker, service, database_url, redis_url, f"acl-{unique}", BOOTSTRAP_KEY)
     device = await add_device(platform, f"acl-{unique}")
 
     response = await platform.http.post(
@@ -254,9 +190,7 @@ async def test_a_command_the_broker_refuses_is_failed_with_the_reason_never_sent
     assert {r["state"] for r in states} == {"failed"}
 
     await device.client.disconnect()
-    await platform.http.aclose()
-    assert platform.api.stop() == 0
-    assert platform.ingest.stop() == 0
+    await platform.stop()
 
 
 async def test_a_refused_subscription_makes_ingest_not_ready(
@@ -267,7 +201,9 @@ async def test_a_refused_subscription_makes_ingest_not_ready(
     unique: str,
 ) -> None:
     await remove_acl(broker, "service-ingest", "subscribePattern", "$share/+/devices/commands/+/ack")
-    platform = start_platform(broker, service, database_url, redis_url, unique, wait_ingest=False)
+    platform = start_platform(
+        broker, service, database_url, redis_url, f"acl-{unique}", BOOTSTRAP_KEY, wait_ingest=False
+    )
     readyz = f"{platform.ingest_base}/readyz"
 
     async def refused() -> httpx.Response | None:
@@ -283,6 +219,4 @@ async def test_a_refused_subscription_makes_ingest_not_ready(
     assert f"$share/acl-{unique}/devices/commands/+/ack (not authorized (135))" in mqtt, mqtt
     assert "subscription refused" in platform.ingest.logs()
 
-    await platform.http.aclose()
-    assert platform.api.stop() == 0
-    assert platform.ingest.stop() == 0
+    await platform.stop()

@@ -6,84 +6,25 @@ connected as its own service user, and devices connecting with the credentials t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import gmqtt
-import httpx
 import pytest
 
 from iot_common.dynsec import DynsecAdmin
 from iot_common.topics import command_topic, telemetry_topic
-from tests.support.processes import BIN, ServiceProcess, free_port, mosquitto_process
+from tests.e2e.broker_support import PASSWORDS, Start, shipped_broker, start_platform, wait_for
+from tests.support.processes import BIN
 
-ROOT = Path(__file__).resolve().parents[2]
-PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
-PASSWORDS = {
-    "MQTT_ADMIN_PASSWORD": "admin-password-0123456789",
-    "MQTT_INGEST_PASSWORD": "ingest-password-0123456789",
-    "MQTT_API_PASSWORD": "api-password-0123456789",
-    "MQTT_SIM_PASSWORD": "sim-password-0123456789",
-}
 BOOTSTRAP_KEY = "iotk_identity0001_" + "i" * 24
 REFUSED = r"(?i)not authori[sz]ed|bad user|refused|code|unauthori"
-
-Start = Callable[[str, Mapping[str, str]], ServiceProcess]
-
-
-def shipped_config(port: int, data_dir: Path) -> str:
-    """The shipped deploy/mosquitto/mosquitto.conf with this machine's paths and a private port."""
-    text = (ROOT / "deploy/mosquitto/mosquitto.conf").read_text()
-    replaced = (
-        text.replace("listener 1883", f"listener {port} 127.0.0.1")
-        .replace("/usr/lib/mosquitto_dynamic_security.so", PLUGIN)
-        .replace("/mosquitto/data/", f"{data_dir}/")
-        .replace("/mosquitto/data", str(data_dir))
-    )
-    settings = [line for line in replaced.splitlines() if line and not line.startswith("#")]
-    assert not [line for line in settings if "/mosquitto/" in line], settings
-    return replaced
-
-
-@contextlib.contextmanager
-def shipped_broker() -> Iterator[int]:
-    """A private broker with the shipped configuration and users (dynsec-init.sh); yields its port."""
-    if not Path(PLUGIN).exists():
-        pytest.fail(f"{PLUGIN} missing: install Debian's mosquitto package")
-    folder = Path(tempfile.mkdtemp(prefix="iot-identity-"))
-    folder.chmod(0o755)
-    if os.geteuid() == 0:
-        # Started as root, mosquitto runs as `mosquitto`, which saves the dynsec file in this folder.
-        shutil.chown(folder, "mosquitto", "mosquitto")
-    env = {
-        **os.environ,
-        **PASSWORDS,
-        "DYNSEC_FILE": str(folder / "dynamic-security.json"),
-        "DYNSEC_PLUGIN": PLUGIN,
-        "DYNSEC_INIT_PORT": str(free_port()),
-    }
-    script = ROOT / "deploy/mosquitto/dynsec-init.sh"
-    subprocess.run(["sh", str(script)], env=env, check=True, capture_output=True, timeout=60)
-    # A second run leaves the existing file (and what was provisioned since) alone.
-    again = subprocess.run(["sh", str(script)], env=env, check=True, capture_output=True, text=True)
-    assert "nothing to do" in again.stdout
-    port = free_port()
-    config = folder / "mosquitto.conf"
-    config.write_text(shipped_config(port, folder))
-    try:
-        with mosquitto_process(config, port):
-            yield port
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -125,15 +66,6 @@ async def connect(port: int, username: str | None, password: str | None) -> Devi
     return device
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 async def test_devices_are_confined_to_their_own_topics_and_revocation_cuts_them(
     broker: int,
     service: Start,
@@ -142,39 +74,9 @@ async def test_devices_are_confined_to_their_own_topics_and_revocation_cuts_them
     db: asyncpg.Connection[Any],
     unique: str,
 ) -> None:
-    api_port, ingest_port = free_port(), free_port()
-    api = service(
-        "iot-api",
-        {
-            "IOT_DATABASE_URL": database_url,
-            "IOT_REDIS_URL": redis_url,
-            "IOT_API_PORT": str(api_port),
-            "IOT_BOOTSTRAP_API_KEY": BOOTSTRAP_KEY,
-            "IOT_API_CACHE_NAMESPACE": f"iot:id:{unique}:",
-            "IOT_API_ROLLUP_INTERVAL_S": "0",
-            "IOT_MQTT_URL": f"mqtt://api:{PASSWORDS['MQTT_API_PASSWORD']}@127.0.0.1:{broker}",
-            "IOT_MQTT_ADMIN_URL": f"mqtt://admin:{PASSWORDS['MQTT_ADMIN_PASSWORD']}@127.0.0.1:{broker}",
-        },
-    )
-    ingest = service(
-        "iot-ingest",
-        {
-            "IOT_DATABASE_URL": database_url,
-            "IOT_REDIS_URL": redis_url,
-            "IOT_MQTT_URL": f"mqtt://ingest:{PASSWORDS['MQTT_INGEST_PASSWORD']}@127.0.0.1:{broker}",
-            "IOT_MQTT_SHARE_GROUP": f"ingest-{unique}",
-            "IOT_MQTT_CLIENT_ID": f"ingest-{unique}",
-            "IOT_INGEST_HTTP_PORT": str(ingest_port),
-            "IOT_INGEST_BATCH_DELAY_MS": "20",
-        },
-    )
-    api.wait_http(f"http://127.0.0.1:{api_port}/readyz")
     # Ready means connected and subscribed: the ingest service user works with its role.
-    ingest.wait_http(f"http://127.0.0.1:{ingest_port}/readyz")
-
-    http = httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{api_port}", headers={"X-API-Key": BOOTSTRAP_KEY}, timeout=10
-    )
+    platform = start_platform(broker, service, database_url, redis_url, f"id-{unique}", BOOTSTRAP_KEY)
+    http = platform.http
     a, b = f"a-{unique}", f"b-{unique}"
     creds = {}
     for device_id in (a, b):
@@ -229,9 +131,7 @@ async def test_devices_are_confined_to_their_own_topics_and_revocation_cuts_them
         await connect(broker, b, creds[b])
 
     await commander.client.disconnect()
-    await http.aclose()
-    assert api.stop() == 0
-    assert ingest.stop() == 0
+    await platform.stop()
 
 
 async def test_the_simulator_publishes_with_each_device_s_own_credentials(

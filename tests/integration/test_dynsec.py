@@ -3,48 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import gmqtt
 import pytest
 
 from iot_common.dynsec import DynsecAdmin
 from iot_common.topics import command_topic, telemetry_topic
-from tests.support.processes import mosquitto
+from tests.support.processes import dynsec_mosquitto
 
-PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 ADMIN_PASSWORD = "admin-secret-for-tests"
 
 
 @pytest.fixture
 def dynsec_broker() -> Iterator[tuple[str, str]]:
     """A broker with the plugin and no anonymous access: (admin URL, host:port)."""
-    tmp_path = Path(tempfile.mkdtemp(prefix="iot-dynsec-"))
-    tmp_path.chmod(0o755)
-    if not Path(PLUGIN).exists():
-        pytest.fail(f"{PLUGIN} missing: install Debian's mosquitto package")
-    subprocess.run(
-        ["mosquitto_ctrl", "dynsec", "init", str(tmp_path / "dynsec.json"), "admin", ADMIN_PASSWORD],
-        check=True,
-        capture_output=True,
-    )
-    if os.geteuid() == 0:
-        # Started as root, mosquitto drops to the `mosquitto` user, which must read and save this file.
-        for path in (tmp_path, tmp_path / "dynsec.json"):
-            shutil.chown(path, "mosquitto", "mosquitto")
-    extra = f"plugin {PLUGIN}\nplugin_opt_config_file {{dir}}/dynsec.json\n"
-    try:
-        with mosquitto(extra, anonymous=False, directory=tmp_path) as url:
-            hostport = url.removeprefix("mqtt://")
-            yield f"mqtt://admin:{ADMIN_PASSWORD}@{hostport}", hostport
-    finally:
-        shutil.rmtree(tmp_path, ignore_errors=True)
+    with dynsec_mosquitto(ADMIN_PASSWORD) as hostport:
+        yield f"mqtt://admin:{ADMIN_PASSWORD}@{hostport}", hostport
 
 
 @pytest.fixture

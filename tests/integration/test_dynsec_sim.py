@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_dynsec import PLUGIN, connect
-from tests.support.processes import mosquitto
+from tests.integration.test_dynsec import connect
+from tests.support.processes import dynsec_mosquitto
 
 SCRIPT = Path(__file__).resolve().parents[2] / "deploy/mosquitto/dynsec-sim.sh"
 REFUSED = r"(?i)not authori[sz]ed|bad user|refused|code"
@@ -26,26 +24,8 @@ ADMIN_PASSWORD = secrets.token_urlsafe(24)
 @pytest.fixture
 def dynsec_broker() -> Iterator[tuple[str, str]]:
     """A private broker with the dynamic-security plugin, its admin only: (admin URL, host:port)."""
-    if not Path(PLUGIN).exists():
-        pytest.fail(f"{PLUGIN} missing: install Debian's mosquitto package")
-    folder = Path(tempfile.mkdtemp(prefix="iot-dynsec-sim-"))
-    folder.chmod(0o755)
-    subprocess.run(
-        ["mosquitto_ctrl", "dynsec", "init", str(folder / "dynsec.json"), "admin", ADMIN_PASSWORD],
-        check=True,
-        capture_output=True,
-    )
-    if os.geteuid() == 0:
-        # Started as root, mosquitto drops to the `mosquitto` user, which must read and save this file.
-        for path in (folder, folder / "dynsec.json"):
-            shutil.chown(path, "mosquitto", "mosquitto")
-    extra = f"plugin {PLUGIN}\nplugin_opt_config_file {{dir}}/dynsec.json\n"
-    try:
-        with mosquitto(extra, anonymous=False, directory=folder) as url:
-            hostport = url.removeprefix("mqtt://")
-            yield f"mqtt://admin:{ADMIN_PASSWORD}@{hostport}", hostport
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with dynsec_mosquitto(ADMIN_PASSWORD, prefix="iot-dynsec-sim-") as hostport:
+        yield f"mqtt://admin:{ADMIN_PASSWORD}@{hostport}", hostport
 
 
 def sim_user(hostport: str, action: str, **env: str) -> subprocess.CompletedProcess[str]:

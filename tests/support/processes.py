@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support.backends import MOSQUITTO_TEST_CONFIG, port_open
 
@@ -122,3 +124,32 @@ def mosquitto(
         config.write_text(base + extra_config.replace("{dir}", str(folder)))
         with mosquitto_process(config, port):
             yield f"mqtt://127.0.0.1:{port}"
+
+
+DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+"""Debian's build of Mosquitto's dynamic security plugin."""
+
+
+@contextlib.contextmanager
+def dynsec_mosquitto(admin_password: str, prefix: str = "iot-dynsec-") -> Iterator[str]:
+    """A private broker with the dynamic security plugin, no anonymous access and only the user ``admin``
+    (``mosquitto_ctrl dynsec init``); yields its ``host:port``."""
+    if not Path(DYNSEC_PLUGIN).exists():
+        pytest.fail(f"{DYNSEC_PLUGIN} missing: install Debian's mosquitto package")
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    try:
+        subprocess.run(
+            ["mosquitto_ctrl", "dynsec", "init", str(folder / "dynsec.json"), "admin", admin_password],
+            check=True,
+            capture_output=True,
+        )
+        if os.geteuid() == 0:
+            # Started as root, mosquitto drops to the `mosquitto` user, which must read and save this file.
+            for path in (folder, folder / "dynsec.json"):
+                shutil.chown(path, "mosquitto", "mosquitto")
+        extra = f"plugin {DYNSEC_PLUGIN}\nplugin_opt_config_file {{dir}}/dynsec.json\n"
+        with mosquitto(extra, anonymous=False, directory=folder) as url:
+            yield url.removeprefix("mqtt://")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
