@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from iot_common.db import create_pool
 from iot_common.messages import Reading
+from iot_common.topics import RedisNames
 from iot_ingest import store
 from iot_ingest.plan import DeadLetter, Delivery
 from iot_ingest.store import BatchWriter, KnownDevices
@@ -25,14 +26,22 @@ from iot_ingest.store import BatchWriter, KnownDevices
 
 @pytest.fixture
 async def writer(
-    database_url: str, redis: aioredis.Redis, db: asyncpg.Connection[Any]
+    database_url: str, redis: aioredis.Redis, db: asyncpg.Connection[Any], unique: str
 ) -> AsyncIterator[BatchWriter]:
     await db.execute("INSERT INTO devices (id) VALUES ('good'), ('odd')")
     pool = await create_pool(database_url, min_size=1, max_size=2)
     known = KnownDevices()
     async with pool.acquire() as conn:
         await known.load(conn)
-    writer = BatchWriter(pool, redis, known, auto_register=False, retry_initial_s=0.01, retry_max_s=0.05)
+    writer = BatchWriter(
+        pool,
+        redis,
+        known,
+        auto_register=False,
+        names=RedisNames(f"store{unique}"),
+        retry_initial_s=0.01,
+        retry_max_s=0.05,
+    )
     try:
         yield writer
     finally:
