@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_ingest import REDIS, drop_database, metric, prepare_database  # noqa: E402
 from bench.loadgen import PublishResult, publish_async, telemetry_payload  # noqa: E402
+from iot_common.topics import RedisNames  # noqa: E402
 from tests.support.processes import ServiceProcess, free_port, mosquitto  # noqa: E402
 
 
@@ -46,6 +47,7 @@ async def scenario(
     flood_messages: int,
 ) -> dict[str, Any]:
     port = free_port()
+    names = RedisNames(f"bench-quota-{uuid.uuid4().hex[:8]}")
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     proc = ServiceProcess(
@@ -54,6 +56,7 @@ async def scenario(
             "IOT_DATABASE_URL": db_url,
             "IOT_REDIS_URL": REDIS,
             "IOT_MQTT_URL": mqtt_url,
+            "IOT_REDIS_PREFIX": names.prefix,
             "IOT_MQTT_SHARE_GROUP": f"quota-{name}",
             "IOT_MQTT_CLIENT_ID": f"bench-quota-{uuid.uuid4().hex[:8]}",
             "IOT_INGEST_HTTP_PORT": str(port),
@@ -70,7 +73,7 @@ async def scenario(
         await asyncio.to_thread(proc.wait_http, f"{base}/readyz")
         await db.execute("TRUNCATE telemetry, ingest_rejects")
         pubsub = redis.pubsub()
-        await pubsub.subscribe(f"iot:device:{calm}")
+        await pubsub.subscribe(names.device_channel(calm))
         delays: list[float] = []
 
         async def listen() -> None:

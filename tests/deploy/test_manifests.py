@@ -7,6 +7,7 @@ schemas, offline.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 import subprocess
@@ -304,3 +305,20 @@ def test_the_k8s_secret_placeholders_stop_the_web_services(kustomization: Path) 
         with pytest.raises(SettingsError) as err:
             load_settings(settings, env)
         assert str(err.value).startswith("invalid configuration: IOT_JWT_SECRET ")
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_behind_the_ingress_each_client_keeps_its_own_address(kustomization: Path) -> None:
+    """The API trusts the X-Forwarded-For of the Ingress controller's pods (typical pod networks), and no
+    public address: otherwise every client shares one address and one attacker locks out everyone."""
+    docs = render(kustomization)
+    _, container = workload_containers(docs)["api"]
+    env = {
+        "IOT_JWT_SECRET": secrets.token_urlsafe(48),
+        "IOT_TRUSTED_PROXIES": container_env(docs, container)["IOT_TRUSTED_PROXIES"],
+    }
+    trusted = [ipaddress.ip_network(n) for n in load_settings(ApiSettings, env).trusted_proxies]
+    for pod in ("10.244.1.7", "10.42.0.12", "172.17.0.3", "100.96.2.4"):
+        assert any(ipaddress.ip_address(pod) in net for net in trusted), pod
+    for public in ("8.8.8.8", "203.0.113.9", "2001:db8::1"):
+        assert not any(ipaddress.ip_address(public) in net for net in trusted), public

@@ -109,3 +109,32 @@ async def test_abort_fails_what_was_never_flushed() -> None:
         await queued
     with pytest.raises(asyncio.CancelledError):
         await in_flush
+
+
+async def test_submitters_wait_for_the_release_step_while_the_next_batch_flushes() -> None:
+    """A flush that returns a future (ingest's Redis step) answers its batch when that is done; meanwhile
+    the next batch is already flushed."""
+    flushed: list[list[int]] = []
+    releases: list[asyncio.Future[None]] = []
+    both_flushed = asyncio.Event()
+
+    async def flush(items: list[int]) -> asyncio.Future[None]:
+        flushed.append(items)
+        releases.append(asyncio.get_running_loop().create_future())
+        if len(flushed) == 2:
+            both_flushed.set()
+        return releases[-1]
+
+    batcher: Batcher[int] = Batcher(flush, max_size=2, max_delay=3600)
+    batcher.start()
+    first = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
+    second = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 4)]
+    await asyncio.wait_for(both_flushed.wait(), 5)
+    assert flushed == [[0, 1], [2, 3]]
+    assert not any(f.done() for f in first + second)
+    releases[1].set_result(None)
+    await asyncio.wait_for(asyncio.gather(*second), 5)
+    assert not any(f.done() for f in first)
+    releases[0].set_exception(RuntimeError("redis down"))
+    await asyncio.wait_for(asyncio.gather(*first), 5)
+    await batcher.close()

@@ -177,3 +177,14 @@ def test_the_api_accepts_random_broker_secrets() -> None:
         },
     )
     assert settings.mqtt_service_users == [f"ingest:ingest:{password}"]
+
+
+def test_a_quota_burst_smaller_than_a_full_message_names_both_variables() -> None:
+    env = {"IOT_INGEST_MAX_READINGS": "1000", "IOT_INGEST_MAX_READINGS_PER_DEVICE_BURST": "999"}
+    with pytest.raises(SettingsError) as err:
+        load_settings(IngestSettings, env)
+    assert "IOT_INGEST_MAX_READINGS_PER_DEVICE_BURST" in str(err.value)
+    assert "IOT_INGEST_MAX_READINGS " in str(err.value)
+    # With the quota off the burst is not used, so it is not checked.
+    off = load_settings(IngestSettings, {**env, "IOT_INGEST_MAX_READINGS_PER_DEVICE_S": "0"})
+    assert off.ingest_max_readings_per_device_burst == 999

@@ -3,6 +3,10 @@
 At low rates an item waits at most ``max_delay`` seconds; at high rates batches fill up, so one database
 round trip carries many messages. Flushes run one at a time: the next batch fills while one is written,
 which makes batches grow with load by themselves, and keeps commits in arrival order.
+
+A flush may return a *release* future: the batch's submitters are then answered when it finishes, while
+the next batch is already being flushed (ingest acknowledges a message only once its event is published,
+without making the next commit wait for Redis).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-Flush = Callable[[list[T]], Awaitable[None]]
+Flush = Callable[[list[T]], Awaitable["asyncio.Future[None] | None"]]
 
 
 class BatcherClosed(RuntimeError):
@@ -25,7 +29,7 @@ class Batcher(Generic[T]):
     """Collects items and hands them to ``flush`` in batches; :meth:`submit` returns once flushed.
 
     ``flush`` must not return before the batch is durable (it retries by itself); when it raises, every
-    submitter of that batch gets the exception.
+    submitter of that batch gets the exception. When it returns a future, submitters wait for that too.
     """
 
     def __init__(self, flush: Flush[T], *, max_size: int, max_delay: float) -> None:
@@ -105,7 +109,7 @@ class Batcher(Generic[T]):
         # Items left over are already older than this flush: they go out next, without waiting again.
         self._first_at = 0.0
         try:
-            await self._flush(items)
+            release = await self._flush(items)
         except asyncio.CancelledError:
             for future in waiters:
                 future.cancel()
@@ -115,6 +119,14 @@ class Batcher(Generic[T]):
                 if not future.done():
                     future.set_exception(exc)
         else:
-            for future in waiters:
-                if not future.done():
-                    future.set_result(None)
+            if release is None or release.done():
+                _answer(waiters)
+            else:
+                release.add_done_callback(lambda _: _answer(waiters))
+
+
+def _answer(waiters: list[asyncio.Future[None]]) -> None:
+    """The batch is durable: its submitters return (whatever became of the release step)."""
+    for future in waiters:
+        if not future.done():
+            future.set_result(None)

@@ -41,3 +41,14 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     """Per-device quota (token bucket refill rate, readings/s); 0 turns the quota off."""
     ingest_max_readings_per_device_burst: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 10_000
     """Bucket size: readings a device may send at once above the rate (keep it >= max_readings)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ingest_max_readings_per_device_s and (
+            self.ingest_max_readings_per_device_burst < self.ingest_max_readings
+        ):
+            # A full batch message could never pass: every one would be dead-lettered as rate_limited.
+            raise ValueError(
+                "IOT_INGEST_MAX_READINGS_PER_DEVICE_BURST must be at least IOT_INGEST_MAX_READINGS "
+                "(a message of that many readings must fit in the bucket)"
+            )

@@ -220,13 +220,21 @@ class BatchWriter:
         self._redis_tail: asyncio.Task[None] | None = None
         self._on_commit = on_commit
 
-    async def __call__(self, batch: list[Delivery]) -> None:
+    async def __call__(self, batch: list[Delivery]) -> asyncio.Task[None]:
+        """Commit ``batch``, then start its Redis step; the returned task is that step.
+
+        The batcher answers the batch's messages (their PUBACKs) when the task is done, so that a crash
+        between the PUBACK and the publish cannot lose a WebSocket event; the next batch's commit does not
+        wait for it. The Redis step never takes longer than the client's socket timeout, and a failure
+        there is logged and counted, not retried: the readings are stored either way.
+        """
         plan = await self._commit_with_retry(batch)
         previous = self._redis_tail
-        self._redis_tail = asyncio.create_task(self._update_redis(plan, previous))
+        self._redis_tail = task = asyncio.create_task(self._update_redis(plan, previous))
         if self._on_commit is not None and plan.readings:
             # Alert rules: only queued here, so that the batch's PUBACKs do not wait for them.
             self._on_commit(plan.readings)
+        return task
 
     async def drain(self) -> None:
         """Wait for the Redis step of every committed batch."""

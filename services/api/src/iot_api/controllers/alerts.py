@@ -73,7 +73,7 @@ class AlertRuleController(Controller):
         data: JSONBody[AlertRuleCreate],
         request: Request[Any, Any, Any],
     ) -> AlertRule:
-        """Create a rule; ingest replicas reload their rules at once (``iot:rules-changed``). A webhook
+        """Create a rule; ingest replicas reload their rules at once (``{prefix}:rules-changed``). A webhook
         action needs the ``admin`` scope."""
         require_admin_for_webhooks(request, data.action)
         return await rules.create(data)

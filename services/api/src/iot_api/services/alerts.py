@@ -1,9 +1,9 @@
 """Alert rules and alerts.
 
 Rules are written here and evaluated by the ingest service from its own cache; every change is followed by
-a message on ``iot:rules-changed`` so that each ingest replica reloads them. Alerts are opened and resolved
-by ingest; the API lists them and records acknowledgements, which it publishes as an ``alert`` event on the
-device's channel so that dashboards update.
+a message on ``{prefix}:rules-changed`` so that each ingest replica reloads them. Alerts are opened and
+resolved by ingest; the API lists them and records acknowledgements, which it publishes as an ``alert``
+event on the device's channel so that dashboards update.
 """
 
 from __future__ import annotations
