@@ -134,12 +134,17 @@ def decode_client_frame(data: str | bytes, max_bytes: int) -> ClientFrame:
         raise FrameError(ERR_BAD_FRAME, str(exc), _frame_id(data)) from None
     except msgspec.DecodeError as exc:
         raise FrameError(ERR_BAD_JSON, str(exc)) from None
+    except RecursionError:
+        raise FrameError(ERR_BAD_JSON, "JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FrameError(ERR_BAD_JSON, f"not UTF-8 JSON: {exc}") from None
 
 
 def _frame_id(data: str | bytes) -> FrameId:
+    """The frame's ``id`` if it can be read, else None (never raises: called on frames already refused)."""
     try:
         return _id_decoder.decode(data).id
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError, ValueError):
         return None
 
 
