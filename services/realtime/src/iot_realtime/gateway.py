@@ -360,12 +360,14 @@ async def _serve(gateway: Gateway, request: web.Request) -> web.WebSocketRespons
         queue_size=settings.realtime_queue_size,
         close_timeout=settings.realtime_close_timeout_s,
     )
+    # Registered right after check_admission (no await between), and given back by the finally whatever
+    # happens from here on, so a failure while starting cannot leak the credential's connection count.
     gateway.register(conn)
-    log.debug("connection opened", subject=principal.subject, peer=request.remote)
-    conn.start()
-    if auth_frame is not None:
-        conn.send_now(encode(Ack(id=auth_frame.id)))
     try:
+        log.debug("connection opened", subject=principal.subject, peer=request.remote)
+        conn.start()
+        if auth_frame is not None:
+            conn.send_now(encode(Ack(id=auth_frame.id)))
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 await gateway.handle_text(conn, message.data)
