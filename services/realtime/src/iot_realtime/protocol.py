@@ -23,6 +23,8 @@ CLOSE_UNAUTHORIZED: Final = 4001
 CLOSE_FORBIDDEN: Final = 4003
 CLOSE_TOO_SLOW: Final = 4008
 CLOSE_TOO_MANY_CONNECTIONS: Final = 4029
+CLOSE_TOO_MANY_FAILURES: Final = 4029
+"""Same code as too many connections: "try again later" (failed API-key authentications of an address)."""
 
 # Error codes of ``error`` frames; the connection stays open after each.
 ERR_BAD_JSON: Final = "bad_json"
@@ -33,6 +35,7 @@ ERR_TOO_MANY: Final = "too_many_subscriptions"
 ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"
 ERR_UNKNOWN_DEVICE: Final = "unknown_device"
 ERR_UNAVAILABLE: Final = "unavailable"
+ERR_RATE_LIMITED: Final = "rate_limited"
 
 FrameId = int | str | None
 # msgspec checks patterns with ``re.search``; the shared patterns end in ``(?!\\n)$`` (``$`` alone would
