@@ -215,6 +215,22 @@ async def test_malformed_frames_get_an_error_and_the_connection_stays_usable(
         await assert_nothing_pending(ws)
 
 
+async def test_deeply_nested_frames_are_refused_like_other_bad_frames(
+    service: Start, database_url: str, redis_url: str
+) -> None:
+    realtime = start_realtime(service, database_url, redis_url)  # frames up to 64 KiB: room to nest
+    deep = "[" * 3000 + "]" * 3000
+    async with open_ws(realtime.url()) as ws:  # as the first frame: the handshake refuses it
+        await ws.send(f'{{"type":"auth","token":"x","extra":{deep}}}')
+        code, reason = await close_code(ws)
+        assert (code, (reason or "").startswith("expected an auth frame: ")) == (4001, True)
+    async with open_ws(realtime.url(token())) as ws:  # once authenticated: an error frame
+        await ws.send(f'{{"type":"ping","id":1,"extra":{deep}}}')
+        error = await recv_json(ws)
+        assert (error["type"], error["code"]) == ("error", "bad_frame")
+        await assert_nothing_pending(ws)
+
+
 async def test_a_client_that_never_reads_does_not_delay_a_hundred_others(
     service: Start, database_url: str, redis_url: str, redis: aioredis.Redis, unique: str
 ) -> None:

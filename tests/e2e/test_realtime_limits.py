@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import InvalidStatus
 
+from iot_common.auth import generate_api_key
 from tests.e2e.realtime_support import (
     Realtime,
     Start,
@@ -128,3 +129,48 @@ async def test_the_process_refuses_connections_beyond_its_cap_with_503(
     await realtime.wait_metric("iot_realtime_sockets", 0)
     async with open_ws(realtime.url(token(subject="b"))) as b:
         await assert_nothing_pending(b)
+
+
+async def test_failed_api_keys_of_an_address_are_refused_before_any_lookup(
+    service: Start, database_url: str, redis_url: str
+) -> None:
+    env = {"IOT_REALTIME_AUTH_FAILURES_PER_MINUTE": "3"}
+    realtime = start_realtime(service, database_url, redis_url, env)
+    lookups = "iot_realtime_api_key_lookups_total"
+    repeated = generate_api_key()[0]
+    for _ in range(2):  # the same unknown key twice: one lookup, then its prefix is remembered
+        async with open_ws(realtime.url(repeated)) as ws:
+            assert await close_code(ws) == (4001, "unknown API key")
+    assert realtime.metric(lookups) == 1
+    async with open_ws(realtime.url(generate_api_key()[0])) as ws:  # a third failure from this address
+        assert await close_code(ws) == (4001, "unknown API key")
+    assert realtime.metric(lookups) == 2
+    for credential in (generate_api_key()[0], repeated):
+        async with open_ws(realtime.url(credential)) as ws:
+            assert await close_code(ws) == (
+                4029,
+                "too many failed authentications from this address, try again later",
+            )
+    assert realtime.metric(lookups) == 2  # past the limit, nothing reaches the database
+    async with open_ws(realtime.url(token())) as ws:  # a token costs no lookup: still accepted
+        await assert_nothing_pending(ws)
+
+
+async def test_subscribe_frames_that_check_devices_are_limited_per_credential(
+    service: Start, database_url: str, redis_url: str, unique: str
+) -> None:
+    env = {"IOT_REALTIME_DEVICE_CHECKS_PER_MINUTE": "2"}
+    realtime = start_realtime(service, database_url, redis_url, env)
+    dev = f"dev-{unique}"
+    await register(database_url, dev)
+    async with open_ws(realtime.url(token(subject="alice"))) as ws:
+        assert (await subscribe(ws, 1, [dev]))[-1] == {"type": "ack", "id": 1}
+        assert (await subscribe(ws, 2, [f"ghost-{unique}"]))[-1]["code"] == "unknown_device"
+        limited = (await subscribe(ws, 3, [f"ghost2-{unique}"]))[-1]
+        assert (limited["code"], limited["id"]) == ("rate_limited", 3)
+        await ws.send(json.dumps({"type": "unsubscribe", "id": 4, "devices": [dev]}))
+        assert await recv_json(ws) == {"type": "ack", "id": 4}
+        # A device found lately needs no query, so no allowance.
+        assert (await subscribe(ws, 5, [dev]))[-1] == {"type": "ack", "id": 5}
+    async with open_ws(realtime.url(token(subject="bob"))) as ws:  # another credential: its own allowance
+        assert (await subscribe(ws, 1, [f"ghost2-{unique}"]))[-1]["code"] == "unknown_device"

@@ -63,6 +63,29 @@ def test_bad_frames_raise_the_error_the_client_gets(data: bytes, code: str, fram
     assert error["message"]
 
 
+DEEP = b"[" * 3000 + b"]" * 3000
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "frame_id"),
+    [
+        (b'{"type":"auth","token":"x","extra":' + DEEP + b"}", "bad_frame", None),
+        (b'{"type":"ping","id":1,"extra":' + DEEP + b"}", "bad_frame", None),
+        (b'{"type":"nope","id":2,"extra":' + DEEP + b"}", "bad_frame", None),
+        (DEEP, "bad_frame", None),
+        (b'{"type":"auth","token":"\xff"}', "bad_json", None),
+    ],
+)
+def test_deeply_nested_or_undecodable_frames_get_an_error_not_an_exception(
+    data: bytes, code: str, frame_id: object
+) -> None:
+    with pytest.raises(FrameError) as caught:
+        decode_client_frame(data, 65536)
+    error = msgspec.json.decode(caught.value.frame())
+    assert (error["type"], error["code"], error.get("id")) == ("error", code, frame_id)
+    assert error["message"]
+
+
 def test_server_frames_omit_an_absent_id() -> None:
     assert encode(Ack()) == b'{"type":"ack"}'
     assert encode(Pong(id=2)) == b'{"type":"pong","id":2}'

@@ -51,6 +51,11 @@ class InvalidCredential(Exception):
     """A token or key that is malformed, expired, revoked or unknown; the message says which."""
 
 
+class UnknownApiKey(InvalidCredential):
+    """An API key whose lookup prefix matches no key at all (a wrong secret for a known prefix is not this:
+    callers may remember unknown prefixes without letting anyone lock out a real key)."""
+
+
 def issue_token(
     secret: str,
     subject: str,
@@ -128,7 +133,9 @@ async def verify_api_key(conn: Conn, key: str) -> Principal:
     row = await conn.fetchrow(
         "SELECT id, key_hash, scopes, revoked_at FROM api_keys WHERE prefix = $1", prefix
     )
-    if row is None or not hmac.compare_digest(row["key_hash"], hash_api_key(key)):
+    if row is None:
+        raise UnknownApiKey("unknown API key")
+    if not hmac.compare_digest(row["key_hash"], hash_api_key(key)):
         raise InvalidCredential("unknown API key")
     if row["revoked_at"] is not None:
         raise InvalidCredential("API key revoked")

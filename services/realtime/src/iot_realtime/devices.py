@@ -2,8 +2,10 @@
 
 Found ids are remembered for ``IOT_REALTIME_DEVICE_CACHE_S`` (bounded, oldest evicted first), so a
 dashboard that reconnects and resubscribes costs no query. Unknown ids are not cached: a device registered a
-moment ago can be subscribed at once, and each refused subscribe costs one indexed query for at most 1,000
-ids (the frame's limit), which the per-credential limits bound.
+moment ago can be subscribed at once (and a cache would not help against a client naming new random ids
+each time). Each subscribe frame with ids not remembered costs one indexed query for at most 1,000 ids (the
+frame's limit); the gateway lets each credential send at most ``IOT_REALTIME_DEVICE_CHECKS_PER_MINUTE`` such
+frames (see :meth:`KnownDevices.uncached`), which bounds the queries one credential can cause.
 """
 
 from __future__ import annotations
@@ -34,11 +36,16 @@ class KnownDevices:
         self._clock = clock
         self._expiry: dict[str, float] = {}
 
+    def uncached(self, device_ids: Sequence[str]) -> list[str]:
+        """The ids of ``device_ids`` that :meth:`unknown` would ask PostgreSQL about."""
+        now = self._clock()
+        return [d for d in device_ids if self._expiry.get(d, 0.0) <= now]
+
     async def unknown(self, device_ids: Sequence[str]) -> list[str]:
         """The ids of ``device_ids`` that are not registered (raises asyncpg/OS errors when the database
         cannot be asked)."""
         now = self._clock()
-        missing = [d for d in device_ids if self._expiry.get(d, 0.0) <= now]
+        missing = self.uncached(device_ids)
         if not missing:
             return []
         rows = await self._pool.fetch("SELECT id FROM devices WHERE id = ANY($1::text[])", missing)

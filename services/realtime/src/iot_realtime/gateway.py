@@ -15,7 +15,15 @@ import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
-from iot_common.auth import InvalidCredential, Principal, decode_token, looks_like_api_key, verify_api_key
+from iot_common.auth import (
+    InvalidCredential,
+    Principal,
+    UnknownApiKey,
+    api_key_prefix,
+    decode_token,
+    looks_like_api_key,
+    verify_api_key,
+)
 from iot_common.logging import get_logger
 from iot_common.messages import LatestValue
 from iot_common.topics import RedisNames
@@ -23,14 +31,17 @@ from iot_realtime import metrics
 from iot_realtime.connection import Connection, MetricFilter
 from iot_realtime.devices import KnownDevices
 from iot_realtime.hub import Hub
+from iot_realtime.limits import ExpiringSet, RateLimiter, address_key
 from iot_realtime.protocol import (
     CLOSE_FORBIDDEN,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_TOO_MANY_CONNECTIONS,
+    CLOSE_TOO_MANY_FAILURES,
     CLOSE_UNAUTHORIZED,
     ERR_ALREADY_AUTHENTICATED,
     ERR_BINARY,
+    ERR_RATE_LIMITED,
     ERR_TOO_MANY,
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_DEVICE,
@@ -59,6 +70,11 @@ MAX_WIRE_FRAME_BYTES = 1024 * 1024
 
 RETRY_AFTER_S = 5
 """``Retry-After`` of the HTTP 503 a full process answers (``IOT_REALTIME_MAX_CONNECTIONS``)."""
+
+UNKNOWN_KEY_TTL_S = 10.0
+"""How long an API-key prefix that matched no key is answered "unknown" without asking PostgreSQL. Prefixes
+are 48 random bits, so a key created meanwhile is never one remembered; short all the same, as the
+bootstrap key may be tried before the API has stored it."""
 
 _latest_decoder = msgspec.json.Decoder(LatestValue)
 
@@ -90,6 +106,12 @@ class Gateway:
         self.pool = pool
         self.connections: set[Connection] = set()
         self.devices = KnownDevices(pool, settings.realtime_device_cache_s)
+        self.device_checks = RateLimiter(settings.realtime_device_checks_per_minute)
+        """Subscribe frames that query PostgreSQL, per credential."""
+        self.auth_failures = RateLimiter(settings.realtime_auth_failures_per_minute)
+        """Failed API-key authentications, per client address."""
+        self.unknown_keys = ExpiringSet(UNKNOWN_KEY_TTL_S)
+        """API-key prefixes that matched no key lately."""
         self.sockets = 0
         """Open WebSockets, authenticated or not (``IOT_REALTIME_MAX_CONNECTIONS``)."""
         self._connections_of: dict[str, int] = {}
@@ -105,11 +127,11 @@ class Gateway:
         if origin is not None and not self._allow_any_origin and origin not in self._origins:
             raise Refused(CLOSE_FORBIDDEN, f"origin not allowed: {origin}")
 
-    async def authenticate(self, credential: str) -> Principal:
+    async def authenticate(self, credential: str, peer: str | None = None) -> Principal:
         """A JWT (``access`` or ``realtime``) or an API key, with at least the ``read`` scope."""
         try:
             if looks_like_api_key(credential):
-                principal = await verify_api_key(self.pool, credential)
+                principal = await self._verify_api_key(credential, address_key(peer))
             else:
                 principal = decode_token(self.settings.jwt_secret, credential, accept=("access", "realtime"))
         except InvalidCredential as exc:
@@ -120,6 +142,25 @@ class Gateway:
         if not principal.allows("read"):
             raise Refused(CLOSE_FORBIDDEN, "credential lacks the read scope")
         return principal
+
+    async def _verify_api_key(self, key: str, address: str) -> Principal:
+        """Look the key up, unless its address failed too often lately or its prefix is known unknown."""
+        if self.auth_failures.exhausted(address):
+            raise Refused(
+                CLOSE_TOO_MANY_FAILURES, "too many failed authentications from this address, try again later"
+            )
+        prefix = api_key_prefix(key)
+        try:
+            if prefix is not None and prefix in self.unknown_keys:
+                raise InvalidCredential("unknown API key")
+            if prefix is not None:
+                metrics.API_KEY_LOOKUPS.inc()
+            return await verify_api_key(self.pool, key)
+        except InvalidCredential as exc:
+            if isinstance(exc, UnknownApiKey) and prefix is not None:
+                self.unknown_keys.add(prefix)
+            self.auth_failures.take(address)
+            raise
 
     def check_admission(self, principal: Principal) -> None:
         """Refuse a connection beyond ``IOT_REALTIME_MAX_CONNECTIONS_PER_PRINCIPAL`` for its credential."""
@@ -202,7 +243,7 @@ class Gateway:
         self._subscriptions_of[subject] = held + len(new)
         admitted = False
         try:
-            error = await self._check_devices([d for d in new if d != WILDCARD], frame)
+            error = await self._check_devices([d for d in new if d != WILDCARD], frame, subject)
             if error is not None:
                 self._refuse(conn, error)
                 return
@@ -230,8 +271,13 @@ class Gateway:
         await self.hub.remove(conn, removed)
         conn.send_now(encode(Ack(id=frame.id)))
 
-    async def _check_devices(self, device_ids: list[str], frame: Subscribe) -> Error | None:
-        """An ``error`` for a subscribe naming devices that are not registered (or that cannot be checked)."""
+    async def _check_devices(self, device_ids: list[str], frame: Subscribe, subject: str) -> Error | None:
+        """An ``error`` for a subscribe naming devices that are not registered (or that cannot be checked,
+        or that its credential may not ask about now: ``IOT_REALTIME_DEVICE_CHECKS_PER_MINUTE``)."""
+        if self.devices.uncached(device_ids) and not self.device_checks.take(subject):
+            per_minute = self.settings.realtime_device_checks_per_minute
+            message = f"at most {per_minute} subscribe frames per minute with devices not checked lately"
+            return Error(code=ERR_RATE_LIMITED, message=message + ", try again shortly", id=frame.id)
         try:
             unknown = await self.devices.unknown(device_ids)
         except (OSError, asyncpg.PostgresError) as exc:
@@ -346,7 +392,8 @@ async def _serve(gateway: Gateway, request: web.Request) -> web.WebSocketRespons
         gateway.check_origin(request.headers.get("Origin"))
         token = request.query.get("token")
         auth_frame = None if token else await gateway.await_auth_frame(ws)
-        principal = await gateway.authenticate(token or (auth_frame.token if auth_frame else ""))
+        credential = token or (auth_frame.token if auth_frame else "")
+        principal = await gateway.authenticate(credential, request.remote)
         gateway.check_admission(principal)
     except Refused as refused:
         metrics.REFUSED.labels(str(refused.code)).inc()
@@ -360,12 +407,14 @@ async def _serve(gateway: Gateway, request: web.Request) -> web.WebSocketRespons
         queue_size=settings.realtime_queue_size,
         close_timeout=settings.realtime_close_timeout_s,
     )
+    # Registered right after check_admission (no await between), and given back by the finally whatever
+    # happens from here on, so a failure while starting cannot leak the credential's connection count.
     gateway.register(conn)
-    log.debug("connection opened", subject=principal.subject, peer=request.remote)
-    conn.start()
-    if auth_frame is not None:
-        conn.send_now(encode(Ack(id=auth_frame.id)))
     try:
+        log.debug("connection opened", subject=principal.subject, peer=request.remote)
+        conn.start()
+        if auth_frame is not None:
+            conn.send_now(encode(Ack(id=auth_frame.id)))
         async for message in ws:
             if message.type is WSMsgType.TEXT:
                 await gateway.handle_text(conn, message.data)

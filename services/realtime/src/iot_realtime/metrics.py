@@ -31,4 +31,7 @@ REFUSED = Counter(
 REFUSED_SUBSCRIPTIONS = Counter(
     "iot_realtime_refused_subscriptions", "Subscribe frames refused, by error code", ["code"]
 )
+API_KEY_LOOKUPS = Counter(
+    "iot_realtime_api_key_lookups", "API keys looked up in PostgreSQL (unknown prefixes remembered are not)"
+)
 REDIS_RECONNECTS = Counter("iot_realtime_redis_reconnects", "Reconnections of the Redis pub/sub listener")

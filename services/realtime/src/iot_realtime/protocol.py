@@ -23,6 +23,8 @@ CLOSE_UNAUTHORIZED: Final = 4001
 CLOSE_FORBIDDEN: Final = 4003
 CLOSE_TOO_SLOW: Final = 4008
 CLOSE_TOO_MANY_CONNECTIONS: Final = 4029
+CLOSE_TOO_MANY_FAILURES: Final = 4029
+"""Same code as too many connections: "try again later" (failed API-key authentications of an address)."""
 
 # Error codes of ``error`` frames; the connection stays open after each.
 ERR_BAD_JSON: Final = "bad_json"
@@ -33,6 +35,7 @@ ERR_TOO_MANY: Final = "too_many_subscriptions"
 ERR_ALREADY_AUTHENTICATED: Final = "already_authenticated"
 ERR_UNKNOWN_DEVICE: Final = "unknown_device"
 ERR_UNAVAILABLE: Final = "unavailable"
+ERR_RATE_LIMITED: Final = "rate_limited"
 
 FrameId = int | str | None
 # msgspec checks patterns with ``re.search``; the shared patterns end in ``(?!\\n)$`` (``$`` alone would
@@ -134,12 +137,17 @@ def decode_client_frame(data: str | bytes, max_bytes: int) -> ClientFrame:
         raise FrameError(ERR_BAD_FRAME, str(exc), _frame_id(data)) from None
     except msgspec.DecodeError as exc:
         raise FrameError(ERR_BAD_JSON, str(exc)) from None
+    except RecursionError:
+        raise FrameError(ERR_BAD_JSON, "JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FrameError(ERR_BAD_JSON, f"not UTF-8 JSON: {exc}") from None
 
 
 def _frame_id(data: str | bytes) -> FrameId:
+    """The frame's ``id`` if it can be read, else None (never raises: called on frames already refused)."""
     try:
         return _id_decoder.decode(data).id
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, RecursionError, ValueError):
         return None
 
 

@@ -29,5 +29,11 @@ class RealtimeSettings(WebSettings, frozen=True, kw_only=True):
     """Open connections of one credential (user or API key) here; one more is closed with 4029."""
     realtime_device_cache_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 60.0
     """How long a device found in PostgreSQL is remembered as existing (0: ask every time)."""
+    realtime_auth_failures_per_minute: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 20
+    """Failed API-key authentications one client address (an IPv6 /64) may make per minute, in bursts of as
+    many; past that its API keys are refused with 4029 before any database lookup (0: no limit)."""
+    realtime_device_checks_per_minute: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 120
+    """Subscribe frames per credential and minute that ask PostgreSQL about device ids (ids found lately are
+    not asked again); past that they get an ``error`` frame ``rate_limited`` (0: no limit)."""
     realtime_close_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     """How long a closing handshake may take before the socket is cut."""
