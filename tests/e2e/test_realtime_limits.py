@@ -156,6 +156,23 @@ async def test_failed_api_keys_of_an_address_are_refused_before_any_lookup(
         await assert_nothing_pending(ws)
 
 
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_failure_budget(
+    service: Start, database_url: str, redis_url: str
+) -> None:
+    """Behind the Ingress every connection comes from its address: with IOT_TRUSTED_PROXIES the one it
+    forwards is counted, so one client's bad keys do not lock out the others."""
+    env = {"IOT_REALTIME_AUTH_FAILURES_PER_MINUTE": "2", "IOT_TRUSTED_PROXIES": "127.0.0.1"}
+    realtime = start_realtime(service, database_url, redis_url, env)
+
+    async def bad_key_from(client: str) -> tuple[int, str]:
+        forwarded = {"X-Forwarded-For": f"1.2.3.4, {client}"}  # the left entry is the client's own text
+        async with open_ws(realtime.url(generate_api_key()[0]), additional_headers=forwarded) as ws:
+            return await close_code(ws)
+
+    assert [await bad_key_from("198.51.100.7") for _ in range(3)][-1][0] == 4029
+    assert await bad_key_from("198.51.100.8") == (4001, "unknown API key")
+
+
 async def test_subscribe_frames_that_check_devices_are_limited_per_credential(
     service: Start, database_url: str, redis_url: str, unique: str
 ) -> None:

@@ -3,6 +3,7 @@ remembered, subscribe frames that query PostgreSQL per credential; and the bound
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from iot_common.auth import generate_api_key, issue_token
 from iot_realtime.gateway import Gateway, Refused
-from iot_realtime.limits import ExpiringSet, RateLimiter, address_key
+from iot_realtime.limits import ExpiringSet, RateLimiter, address_key, client_address
 from iot_realtime.protocol import ERR_RATE_LIMITED, ERR_UNKNOWN_DEVICE, Subscribe
 from iot_realtime.settings import RealtimeSettings
 
@@ -147,3 +148,37 @@ def test_expiring_set_forgets_after_the_ttl_and_is_bounded() -> None:
 )
 def test_address_keys_group_an_ipv6_64(peer: str | None, key: str) -> None:
     assert address_key(peer) == key
+
+
+TRUSTED = [ipaddress.ip_network("10.0.0.0/8")]
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "trusted", "client"),
+    [
+        # No trusted proxy: the header is the client's own text and changes nothing.
+        ("203.0.113.5", "198.51.100.7", [], "203.0.113.5"),
+        # A peer that is not a trusted proxy is the client, whatever it forwards.
+        ("203.0.113.5", "198.51.100.7", TRUSTED, "203.0.113.5"),
+        # Behind the Ingress: the address it appended.
+        ("10.1.2.3", "198.51.100.7", TRUSTED, "198.51.100.7"),
+        # Entries left of the proxy's were written by the client: ignored.
+        ("10.1.2.3", "1.1.1.1, 198.51.100.7", TRUSTED, "198.51.100.7"),
+        # Two trusted hops: the right-most untrusted entry.
+        ("10.1.2.3", "198.51.100.7, 10.9.9.9", TRUSTED, "198.51.100.7"),
+        ("10.1.2.3", None, TRUSTED, "10.1.2.3"),
+    ],
+)
+def test_the_client_address_believes_only_trusted_proxies(
+    peer: str, forwarded_for: str | None, trusted: list[Any], client: str
+) -> None:
+    assert client_address(peer, forwarded_for, trusted) == client
+
+
+def test_clients_behind_a_trusted_proxy_have_their_own_failure_budgets() -> None:
+    failures = RateLimiter(2)
+    for client in ("198.51.100.7", "198.51.100.8"):
+        address = address_key(client_address("10.1.2.3", client, TRUSTED))
+        assert failures.take(address)
+        assert failures.take(address)
+        assert not failures.take(address)

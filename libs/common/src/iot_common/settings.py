@@ -6,6 +6,7 @@ Each service declares one frozen Struct that extends :class:`BaseSettings`; fiel
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import typing
@@ -18,6 +19,7 @@ from iot_common.topics import DEFAULT_REDIS_PREFIX, REDIS_PREFIX_PATTERN, RedisN
 from iot_common.weak_secrets import MIN_SECRET_BYTES, weak_secret_problem
 
 ENV_PREFIX = "IOT_"
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 PostgresUrl = Annotated[
     str,
@@ -88,9 +90,27 @@ class WebSettings(BaseSettings, frozen=True, kw_only=True):
     cors_origins: list[str] = msgspec.field(
         default_factory=lambda: ["http://localhost:8000", "http://127.0.0.1:8000"]
     )
+    trusted_proxies: list[
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern=r"^[0-9A-Fa-f.:]+(/\d{1,3})?(?!\n)$",
+                description="IP address or CIDR network of a reverse proxy whose X-Forwarded-For is believed",
+            ),
+        ]
+    ] = msgspec.field(default_factory=list)
+    """Peers whose ``X-Forwarded-For`` names the client (the Ingress controller); none by default."""
+
+    def trusted_networks(self) -> list[IPNetwork]:
+        return [ipaddress.ip_network(proxy, strict=False) for proxy in self.trusted_proxies]
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"IOT_TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
         problem = weak_secret_problem(self.jwt_secret)
         if problem is not None:
             raise ValueError(

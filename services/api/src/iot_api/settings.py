@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Annotated
 from urllib.parse import unquote, urlsplit
 
@@ -37,15 +36,6 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_login_failures_per_address: Annotated[int, msgspec.Meta(ge=0)] = 30
     api_password_hash_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     api_password_hash_queue: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 8
-    trusted_proxies: list[
-        Annotated[
-            str,
-            msgspec.Meta(
-                pattern=r"^[0-9A-Fa-f.:]+(/\d{1,3})?(?!\n)$",
-                description="IP address or CIDR network of a reverse proxy whose X-Forwarded-For is believed",
-            ),
-        ]
-    ] = msgspec.field(default_factory=list)
     api_max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=100_000_000)] = 1_048_576
     api_cache_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 10
     api_cache_namespace: Annotated[str, msgspec.Meta(pattern=r"\A(?:[A-Za-z0-9:_.-]{1,64})?\Z")] = ""
@@ -93,11 +83,6 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
             raise ValueError("mqtt_service_users names a user twice")
         if bool(self.bootstrap_admin_email) != bool(self.bootstrap_admin_password):
             raise ValueError("bootstrap_admin_email and bootstrap_admin_password go together")
-        for proxy in self.trusted_proxies:
-            try:
-                ipaddress.ip_network(proxy, strict=False)
-            except ValueError:
-                raise ValueError(f"IOT_TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
         if self.bootstrap_admin_password and len(self.bootstrap_admin_password) < 8:
             raise ValueError("bootstrap_admin_password must have at least 8 characters")
         if self.bootstrap_admin_password and is_placeholder(self.bootstrap_admin_password):

@@ -31,7 +31,7 @@ from iot_realtime import metrics
 from iot_realtime.connection import Connection, MetricFilter
 from iot_realtime.devices import KnownDevices
 from iot_realtime.hub import Hub
-from iot_realtime.limits import ExpiringSet, RateLimiter, address_key
+from iot_realtime.limits import ExpiringSet, RateLimiter, address_key, client_address
 from iot_realtime.protocol import (
     CLOSE_FORBIDDEN,
     CLOSE_GOING_AWAY,
@@ -109,6 +109,7 @@ class Gateway:
         self.device_checks = RateLimiter(settings.realtime_device_checks_per_minute)
         """Subscribe frames that query PostgreSQL, per credential."""
         self.auth_failures = RateLimiter(settings.realtime_auth_failures_per_minute)
+        self.trusted_proxies = settings.trusted_networks()
         """Failed API-key authentications, per client address."""
         self.unknown_keys = ExpiringSet(UNKNOWN_KEY_TTL_S)
         """API-key prefixes that matched no key lately."""
@@ -393,7 +394,8 @@ async def _serve(gateway: Gateway, request: web.Request) -> web.WebSocketRespons
         token = request.query.get("token")
         auth_frame = None if token else await gateway.await_auth_frame(ws)
         credential = token or (auth_frame.token if auth_frame else "")
-        principal = await gateway.authenticate(credential, request.remote)
+        peer = client_address(request.remote, request.headers.get("X-Forwarded-For"), gateway.trusted_proxies)
+        principal = await gateway.authenticate(credential, peer)
         gateway.check_admission(principal)
     except Refused as refused:
         metrics.REFUSED.labels(str(refused.code)).inc()

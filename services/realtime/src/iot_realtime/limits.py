@@ -12,7 +12,9 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from iot_common.settings import IPNetwork
 
 MAX_TRACKED = 50_000
 """Keys tracked at most (about 200 bytes each); the least recently used is forgotten first."""
@@ -58,6 +60,27 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[IPNetwork]) -> str | None:
+    """The client's address: the peer's, unless the peer is a trusted proxy (``IOT_TRUSTED_PROXIES``);
+    then the right-most ``X-Forwarded-For`` entry that is not a trusted proxy itself, as uvicorn does for
+    the API. Entries left of it were written by the client and are ignored."""
+    if not trusted or not forwarded_for or not _within(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _within(hop, trusted):
+            return hop[:64]
+    return hops[0][:64] if hops else peer
+
+
+def _within(address: str | None, networks: Sequence[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def address_key(address: str | None) -> str:
