@@ -82,6 +82,18 @@ async def test_a_nul_in_a_dashboard_path_is_a_404(make_client: ClientFactory, tm
     assert_problem(await client.get("/dashboard/index.html%00.js"), 404)
 
 
+async def test_a_dashboard_path_the_os_cannot_resolve_is_a_404(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "index.html").write_text("<!doctype html><title>dashboard</title>")
+    client = await make_client(dashboard_dir=str(tmp_path))
+    assert (await client.get("/dashboard/index.html")).status_code == 200
+    # A file taken for a folder (ENOTDIR) and a name longer than the file system allows (ENAMETOOLONG).
+    assert_problem(await client.get("/dashboard/index.html/x"), 404)
+    assert_problem(await client.get("/dashboard/" + "a" * 300), 404)
+    assert_problem(await client.get("/dashboard/" + "/".join(["a" * 200] * 30)), 404)
+
+
 @pytest.mark.parametrize(
     ("exc", "status"),
     [
