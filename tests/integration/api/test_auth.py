@@ -14,6 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 from prometheus_client import REGISTRY
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from iot_api import limits
 from iot_api.services import auth as auth_service
@@ -259,6 +261,53 @@ async def test_password_checks_past_the_workers_and_queue_are_shed_with_503(
         for task in pending:
             assert (await task).status_code == 401
     assert running[1] == 1
+
+
+async def test_a_shed_login_logs_one_warning_line_and_no_stack_trace(
+    make_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A login flood sheds with 503 by design: each shed login is one warning line, not a stack trace,
+    while a real failure still logs its traceback."""
+    base = await make_server(
+        api_password_hash_workers=1,
+        api_password_hash_queue=0,
+        api_login_failures_per_account=0,
+        api_login_failures_per_address=0,
+    )
+    started, release = threading.Event(), threading.Event()
+
+    def held_verify(password_hash: str, password: str) -> bool:
+        started.set()
+        release.wait(60)
+        return False
+
+    monkeypatch.setattr(auth_service, "_verify_password", held_verify)
+    body = {"email": ADMIN_EMAIL, "password": "wrong password"}
+    async with httpx.AsyncClient(base_url=base, timeout=90) as http:
+        held = asyncio.create_task(http.post("/api/v1/auth/login", json=body))
+        try:
+            assert await asyncio.to_thread(started.wait, 30), "the first login never reached the worker"
+            with capture_logs(processors=[merge_contextvars]) as logs:
+                shed = await http.post("/api/v1/auth/login", json=body)
+        finally:
+            release.set()
+        assert_problem(await held, 401)
+        assert_problem(shed, 503)
+        assert [e for e in logs if "exc_info" in e or e["log_level"] in ("error", "critical")] == []
+        refused = [e for e in logs if e["log_level"] == "warning"]
+        assert len(refused) == 1, logs
+        assert refused[0]["status"] == 503
+        assert "password checks" in refused[0]["detail"]
+
+        # A bug is still a 500 with its stack trace in the log.
+        monkeypatch.setattr(auth_service, "_verify_password", _broken_verify)
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            assert_problem(await http.post("/api/v1/auth/login", json=body), 500)
+        assert [e["log_level"] for e in logs if "exc_info" in e] == ["error"]
+
+
+def _broken_verify(password_hash: str, password: str) -> bool:
+    raise RuntimeError("a bug in the password check")
 
 
 async def test_failed_logins_are_limited_per_account_and_per_address(

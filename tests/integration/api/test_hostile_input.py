@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,19 @@ from litestar import Request
 from litestar.testing import AsyncTestClient
 
 from iot_api.app import create_app
+from iot_api.pagination import encode_cursor
 from iot_api.problems import problem_response
+from iot_api.services.telemetry import _fingerprint
 from iot_api.settings import ApiSettings
 from iot_common.auth import generate_api_key
 from tests.integration.api.conftest import ClientFactory
 from tests.integration.api.test_devices import assert_problem
-from tests.integration.api.test_telemetry import make_device, seed
+from tests.integration.api.test_telemetry import HOUR0, make_device, seed
 from tests.support.processes import JWT_SECRET
 
 Client = AsyncTestClient[Any]
 DEEP = "[" * 3000 + "]" * 3000
+HISTORY = "/api/v1/telemetry/history"
 
 
 def forged(json_text: str) -> str:
@@ -53,6 +57,53 @@ async def test_forged_cursors_are_refused_naming_the_cursor(
         assert_problem(await client.get(path, params={"cursor": cursor}, headers=writer), 422, "cursor")
 
 
+async def test_a_history_cursor_with_a_crafted_range_is_a_422_naming_the_cursor(
+    client: Client, writer: dict[str, str], reader: dict[str, str], unique: str, database_url: str
+) -> None:
+    device_id = f"hc-{unique}"
+    await make_device(client, writer, device_id)
+    await seed(database_url, device_id, 60)
+
+    def crafted(bucket: str | None, start: datetime, end: datetime, after: datetime | None) -> str:
+        # Built as the API builds a history cursor: the query's fingerprint (devices, metric, bucket, limit),
+        # the device's index, the range, the last point and the count of points already sent.
+        return encode_cursor(_fingerprint([device_id], "temp", bucket, 1000), 0, start, end, after, 0)
+
+    async def history(bucket: str | None, cursor: str) -> Any:
+        params = [("device_id", device_id), ("metric", "temp"), ("cursor", cursor)]
+        return await client.get(
+            HISTORY, params=params + ([("bucket", bucket)] if bucket else []), headers=reader
+        )
+
+    # Such a cursor is taken when its content is sane, so those below are refused for their content.
+    sane = await history("1m", crafted("1m", HOUR0, HOUR0 + timedelta(hours=1), HOUR0 + timedelta(minutes=1)))
+    assert sane.status_code == 200, sane.text
+    assert [len(s["points"]) for s in sane.json()["series"]] == [0]  # the seed is within the first minute
+    # A time without zone at one end of the range (naive and aware times do not compare) is read as UTC,
+    # as in `from` and `to`.
+    day = datetime(2026, 1, 1, tzinfo=UTC)
+    for bucket, after in (("1h", None), (None, datetime(2026, 1, 1, 1))):
+        naive = await history(
+            bucket, crafted(bucket, day.replace(tzinfo=None), day + timedelta(days=1), after)
+        )
+        assert naive.status_code == 200, naive.text
+        assert (naive.json()["from"], naive.json()["to"]) == ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z")
+    far = datetime(9999, 1, 1, tzinfo=UTC)
+    year_end = datetime(9999, 12, 31, tzinfo=UTC)
+    cases = [
+        # The next bucket after the last one is past the largest date Python has.
+        ("7d", crafted("7d", far, year_end, datetime(9999, 12, 30, tzinfo=UTC))),
+        # A zone offset that moves the time past the largest date once in UTC.
+        (None, crafted(None, HOUR0, datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5))), None)),
+        # A range backwards, and a last point outside the range.
+        ("1h", crafted("1h", HOUR0 + timedelta(hours=1), HOUR0, None)),
+        (None, crafted(None, HOUR0, HOUR0 + timedelta(hours=1), HOUR0 + timedelta(hours=2))),
+        (None, crafted(None, HOUR0, HOUR0 + timedelta(hours=1), HOUR0 - timedelta(hours=2))),
+    ]
+    for bucket, cursor in cases:
+        assert_problem(await history(bucket, cursor), 422, "cursor")
+
+
 async def test_deep_json_is_a_400_also_on_the_login(client: Client, writer: dict[str, str]) -> None:
     json_headers = {"Content-Type": "application/json"}
     body = assert_problem(await client.post("/api/v1/auth/login", content=DEEP, headers=json_headers), 400)
@@ -80,6 +131,18 @@ async def test_a_nul_in_a_dashboard_path_is_a_404(make_client: ClientFactory, tm
     assert (await client.get("/dashboard/")).status_code == 200
     assert_problem(await client.get("/dashboard/%00"), 404)
     assert_problem(await client.get("/dashboard/index.html%00.js"), 404)
+
+
+async def test_a_dashboard_path_the_os_cannot_resolve_is_a_404(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "index.html").write_text("<!doctype html><title>dashboard</title>")
+    client = await make_client(dashboard_dir=str(tmp_path))
+    assert (await client.get("/dashboard/index.html")).status_code == 200
+    # A file taken for a folder (ENOTDIR) and a name longer than the file system allows (ENAMETOOLONG).
+    assert_problem(await client.get("/dashboard/index.html/x"), 404)
+    assert_problem(await client.get("/dashboard/" + "a" * 300), 404)
+    assert_problem(await client.get("/dashboard/" + "/".join(["a" * 200] * 30)), 404)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ Every response also gets ``X-Content-Type-Options: nosniff``, ``X-Frame-Options:
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -95,10 +96,21 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+# What the OS answers for a path that cannot name a file: a file taken for a folder, a name or path longer
+# than the file system allows, a loop of links, a byte it refuses. For a URL that is simply not there.
+_UNRESOLVABLE = frozenset({errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL, errno.EILSEQ})
+
+
 class StaticFileSystem(BaseLocalFileSystem):
-    """The local file system for static files; a path the OS cannot name (a NUL byte) is not there."""
+    """The local file system for static files; a path the OS cannot resolve (a NUL byte, a file taken for a
+    folder, a name too long, a loop of links) is not there: 404, not 500."""
 
     async def info(self, path: Any, **kwargs: Any) -> FileInfo:
         if "\x00" in str(path):
             raise FileNotFoundError(str(path))
-        return await super().info(path, **kwargs)
+        try:
+            return await super().info(path, **kwargs)
+        except OSError as exc:
+            if isinstance(exc, NotADirectoryError) or exc.errno in _UNRESOLVABLE:
+                raise FileNotFoundError(exc.errno, exc.strerror, str(path)) from None
+            raise

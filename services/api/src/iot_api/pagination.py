@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -31,9 +31,23 @@ def decode_cursor(cursor: str, types: tuple[Any, ...]) -> tuple[Any, ...]:
         values = msgspec.json.decode(raw, type=list[Any])
         if len(values) != len(types):
             raise ValueError("wrong length")
-        return tuple(msgspec.convert(v, _CONSTRAINED.get(t, t)) for v, t in zip(values, types, strict=True))
-    except (ValueError, RecursionError, binascii.Error, msgspec.DecodeError, msgspec.ValidationError):
+        converted = (msgspec.convert(v, _CONSTRAINED.get(t, t)) for v, t in zip(values, types, strict=True))
+        return tuple(_aware(v) if isinstance(v, datetime) else v for v in converted)
+    except (
+        ValueError,
+        OverflowError,
+        RecursionError,
+        binascii.Error,
+        msgspec.DecodeError,
+        msgspec.ValidationError,
+    ):
         raise invalid("cursor", "not a cursor returned by this endpoint") from None
+
+
+def _aware(ts: datetime) -> datetime:
+    """A cursor's time in UTC (one without zone is taken as UTC), so that it compares with any other;
+    OverflowError when the offset moves it past the dates Python has."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 def decode_time_position(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:

@@ -156,9 +156,13 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
         headers = dict(exc.headers or {})
         if isinstance(exc, NotAuthorizedException) and not isinstance(exc, ApiError):
             detail = detail or "credentials required"
-    if status >= 500:
+    if status == 500:
+        # A bug or an unexpected failure (any exception not mapped above): its stack trace is what to look at.
         log.exception("request failed", exc_info=exc)
-        detail = "internal error" if status == 500 else detail
+        detail = "internal error"
+    elif status > 500:
+        # Raised on purpose (shed load, a store down): one line, so that a flood does not flood the log.
+        log.warning("request refused", status=status, detail=detail, error=type(exc).__name__)
     if status == 401:
         headers.setdefault("WWW-Authenticate", 'Bearer realm="iot", ApiKey header="X-API-Key"')
     state = request.scope.get("state", {})

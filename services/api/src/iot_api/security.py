@@ -8,6 +8,7 @@ sets the default.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -23,9 +24,26 @@ from iot_common.auth import Principal
 
 
 def client_address(scope: Scope) -> str:
-    """The client's address: the peer's, or the one a trusted proxy (``IOT_TRUSTED_PROXIES``) forwarded."""
+    """The client as the per-address limits count it: the peer's address, or the one a trusted proxy
+    (``IOT_TRUSTED_PROXIES``) forwarded; an IPv6 client by its /64 network.
+
+    One IPv6 host (a home, a VM) is given a whole /64 and can pick a new address in it for every request,
+    so counting each address would give it an unlimited number of budgets. IPv4 addresses, also when
+    written as IPv4-mapped IPv6, count one by one; a peer that is no IP address keeps its name.
+    """
     client = scope.get("client")
-    return str(client[0]) if client else "unknown"
+    if not client:
+        return "unknown"
+    host = str(client[0])
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
 
 
 class AuthMiddleware(ASGIMiddleware):

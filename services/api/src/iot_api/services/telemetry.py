@@ -269,6 +269,10 @@ class TelemetryService:
             )
             if mark != fingerprint or not 0 <= index < len(ids) or not 0 <= emitted < limit:
                 raise invalid("cursor", "not a cursor of this query (same devices, metric, bucket, limit)")
+            # The fingerprint is no secret: a client can write any range into a cursor. Only a range this
+            # endpoint could have chosen (see aggregate_range) is taken, so arithmetic on it cannot fail.
+            if not (_MIN_TS <= start_ < end_ <= _MAX_TS and (after is None or start_ <= after <= end_)):
+                raise invalid("cursor", "not a cursor returned by this endpoint")
         else:
             start_, end_ = aggregate_range(start, end)
         if bucket is not None:
