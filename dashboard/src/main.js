@@ -171,12 +171,17 @@ function handleEvent(event) {
   }
 }
 
+// A command only moves forward; the answer to the POST can arrive after the device's answer was pushed.
+const COMMAND_STEP = { pending: 0, sent: 1, acked: 2, failed: 2, expired: 2 };
+
 function showCommand(command) {
   let item = $("commands").querySelector(`li[data-command="${CSS.escape(command.id)}"]`);
   if (!item) {
     item = document.createElement("li");
     item.dataset.command = command.id;
     $("commands").prepend(item);
+  } else if ((COMMAND_STEP[item.dataset.state] ?? -1) > (COMMAND_STEP[command.state] ?? -1)) {
+    return;
   }
   item.dataset.state = command.state;
   item.textContent = `${command.name}: ${command.state}`;
