@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from iot_common.auth import generate_api_key, issue_token
+from iot_common.net import address_key
 from iot_realtime.gateway import Gateway, Refused
-from iot_realtime.limits import ExpiringSet, RateLimiter, address_key, client_address
+from iot_realtime.limits import ExpiringSet, RateLimiter, client_address
 from iot_realtime.protocol import ERR_RATE_LIMITED, ERR_UNKNOWN_DEVICE, Subscribe
 from iot_realtime.settings import RealtimeSettings
 

@@ -8,7 +8,6 @@ sets the default.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -21,29 +20,14 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from iot_api.problems import Forbidden, Unauthorized
 from iot_api.services.auth import AuthService
 from iot_common.auth import Principal
+from iot_common.net import address_key
 
 
 def client_address(scope: Scope) -> str:
     """The client as the per-address limits count it: the peer's address, or the one a trusted proxy
-    (``IOT_TRUSTED_PROXIES``) forwarded; an IPv6 client by its /64 network.
-
-    One IPv6 host (a home, a VM) is given a whole /64 and can pick a new address in it for every request,
-    so counting each address would give it an unlimited number of budgets. IPv4 addresses, also when
-    written as IPv4-mapped IPv6, count one by one; a peer that is no IP address keeps its name.
-    """
+    (``IOT_TRUSTED_PROXIES``) forwarded (uvicorn resolves it); an IPv6 client by its /64 network."""
     client = scope.get("client")
-    if not client:
-        return "unknown"
-    host = str(client[0])
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
-    return str(address)
+    return address_key(str(client[0])) if client else "unknown"
 
 
 class AuthMiddleware(ASGIMiddleware):

@@ -26,12 +26,13 @@ from iot_common.auth import (
 )
 from iot_common.logging import get_logger
 from iot_common.messages import LatestValue
+from iot_common.net import address_key
 from iot_common.topics import RedisNames
 from iot_realtime import metrics
 from iot_realtime.connection import Connection, MetricFilter
 from iot_realtime.devices import KnownDevices
 from iot_realtime.hub import Hub
-from iot_realtime.limits import ExpiringSet, RateLimiter, address_key, client_address
+from iot_realtime.limits import ExpiringSet, RateLimiter, client_address
 from iot_realtime.protocol import (
     CLOSE_FORBIDDEN,
     CLOSE_GOING_AWAY,

@@ -83,22 +83,6 @@ def _within(address: str | None, networks: Sequence[IPNetwork]) -> bool:
     return any(ip in network for network in networks)
 
 
-def address_key(address: str | None) -> str:
-    """The key of a client address: the address itself, or its /64 for IPv6 (one host usually holds a
-    whole /64, so counting single IPv6 addresses would let it pick a new one for each attempt)."""
-    if not address:
-        return "unknown"
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
 class ExpiringSet:
     """Members remembered for ``ttl_s`` seconds, at most ``max_size`` of them (the oldest go first)."""
 
