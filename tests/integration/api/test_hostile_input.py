@@ -258,3 +258,29 @@ async def test_no_route_answers_a_hostile_body_with_a_5xx(make_client: ClientFac
             if response.status_code >= 500:
                 failures.append(f"{method} {path}: {response.status_code} {response.text[:120]}")
     assert not failures, failures
+
+
+async def test_the_dashboard_address_without_a_slash_redirects_so_its_assets_load(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    """``/dashboard`` (what a user types) would load ``app.js`` from ``/app.js``: it redirects instead."""
+    (tmp_path / "index.html").write_text('<!doctype html><script src="app.js"></script>')
+    client = await make_client(dashboard_dir=str(tmp_path))
+    for path, location in (
+        ("/dashboard", "/dashboard/"),
+        ("/dashboard?ws=ws://h/ws", "/dashboard/?ws=ws://h/ws"),
+    ):
+        response = await client.get(path, follow_redirects=False)
+        assert (response.status_code, response.headers["location"]) == (308, location)
+        assert "content-security-policy" in response.headers
+    assert (await client.get("/dashboard", follow_redirects=True)).status_code == 200
+
+
+def test_no_dashboard_form_can_put_a_password_in_a_url() -> None:
+    """Without its script (blocked, or still loading) a form submits natively: a GET would put the
+    password into the URL and the browser history, so every form posts."""
+    page = (Path(__file__).resolve().parents[3] / "dashboard" / "src" / "index.html").read_text()
+    forms = re.findall(r"<form\b[^>]*>", page)
+    assert forms
+    for form in forms:
+        assert re.search(r'\bmethod="post"', form), form

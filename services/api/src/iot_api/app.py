@@ -28,7 +28,7 @@ from iot_api.cache import Cache, make_redis
 from iot_api.context import RequestContext
 from iot_api.controllers import CONTROLLERS
 from iot_api.controllers.deps import Services
-from iot_api.edge import SecurityHeaders, StaticFileSystem
+from iot_api.edge import DashboardSlash, SecurityHeaders, StaticFileSystem
 from iot_api.events import EventPublisher
 from iot_api.mqtt import CommandPublisher
 from iot_api.problems import EXCEPTION_HANDLERS
@@ -218,6 +218,10 @@ def create_app(settings: ApiSettings) -> Litestar:
     )
     # Outermost layer, so that 404s, CORS preflights and errors also get a request id and an access line.
     app.asgi_handler = RequestContext(
-        SecurityHeaders(app.asgi_handler, docs_path=OPENAPI_PATH, connect_src=settings.dashboard_connect_src)
+        SecurityHeaders(
+            DashboardSlash(app.asgi_handler),
+            docs_path=OPENAPI_PATH,
+            connect_src=settings.dashboard_connect_src,
+        )
     )
     return app

@@ -23,7 +23,15 @@ from typing import Any
 
 from litestar.enums import ScopeType
 from litestar.file_system import BaseLocalFileSystem
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 from litestar.types.file_types import FileInfo
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -94,6 +102,29 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class DashboardSlash:
+    """``/dashboard`` redirects to ``/dashboard/``: the page loads its assets relatively (``app.js``),
+    which from ``/dashboard`` would resolve to ``/app.js``, a 404 that leaves the page without its script."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or scope.get("path") != "/dashboard":
+            await self.app(scope, receive, send)
+            return
+        query = bytes(scope.get("query_string", b""))
+        location = b"/dashboard/" + (b"?" + query if query else b"")
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": 308,
+            "headers": [(b"location", location), (b"content-length", b"0")],
+        }
+        body: HTTPResponseBodyEvent = {"type": "http.response.body", "body": b"", "more_body": False}
+        await send(start)
+        await send(body)
 
 
 # What the OS answers for a path that cannot name a file: a file taken for a folder, a name or path longer
