@@ -155,13 +155,15 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
         }
         assert httpx.post(f"{base}/api/v1/alert-rules", json=rule, headers=headers).status_code == 201
 
-        def restart_realtime() -> None:
+        def stop_realtime() -> None:
             assert realtime.stop() == 0
+
+        def start_realtime() -> None:
             again = service("iot-realtime", {**common, "IOT_REALTIME_PORT": str(rt_port)})
             again.wait_http(f"http://127.0.0.1:{rt_port}/readyz")
 
         run_browser(
-            restart_realtime,
+            (stop_realtime, start_realtime),
             # Served by the API: the address make run prints, without the trailing slash.
             f"{static_origin}/index.html" if served_by == "static" else f"{base}/dashboard",
             base,
@@ -174,7 +176,7 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
 
 
 def run_browser(
-    restart_realtime: Callable[[], None],
+    realtime_stop_start: tuple[Callable[[], None], Callable[[], None]],
     page_url: str,
     api: str,
     ws: str,
@@ -244,8 +246,11 @@ def run_browser(
             # While the realtime service is down, Chromium logs each refused reconnect attempt itself;
             # those (and only those) are expected.
             restarting.set()
-            restart_realtime()
+            stop_realtime, start_realtime = realtime_stop_start
+            stop_realtime()
+            # Checked while it is down: once it is back the page may already be live again.
             expect(page.locator("#connection")).to_contain_text("reconnecting", timeout=10_000)
+            start_realtime()
             expect(page.locator("#connection")).to_have_text("Live", timeout=20_000)
             after = int(chart.get_attribute("data-points") or "0")
             page.wait_for_function(
