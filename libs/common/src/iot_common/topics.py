@@ -33,8 +33,8 @@ _REDIS_PREFIX_RE = re.compile(REDIS_PREFIX_PATTERN)
 
 
 def is_valid_device_id(device_id: str) -> bool:
-    """Whether ``device_id`` matches :data:`DEVICE_ID_PATTERN`."""
-    return _DEVICE_ID_RE.match(device_id) is not None
+    """Whether ``device_id`` matches :data:`DEVICE_ID_PATTERN` in full (a trailing newline included)."""
+    return _DEVICE_ID_RE.fullmatch(device_id) is not None
 
 
 def telemetry_topic(device_id: str) -> str:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
-import re
 import socket
 import time
 from collections import OrderedDict
@@ -35,7 +34,6 @@ from iot_common.topics import (
     COMMAND_ACK_FILTER,
     COMMAND_ACK_SUFFIX,
     COMMAND_PREFIX,
-    DEVICE_ID_PATTERN,
     STATUS_FILTER,
     STATUS_PREFIX,
     TELEMETRY_FILTER,
@@ -58,8 +56,6 @@ _RECEIVED_ACK: Final = metrics.MESSAGES_RECEIVED.labels("command_ack")
 RECONNECT_MAX_S: Final = 30.0
 SUBSCRIBE_RETRY_S: Final = 30.0
 CLIENT_ID_MAX: Final = 64
-# fullmatch: the pattern's ``$`` alone accepts a trailing newline, a device id "x\n" the database refuses.
-_DEVICE_ID_RE: Final = re.compile(DEVICE_ID_PATTERN)
 
 
 class NotAcknowledged(Exception):
@@ -156,18 +152,11 @@ class DeviceQuota:
         return True
 
 
-def _device_id(topic: str, prefix: str, suffix: str = "") -> str | None:
-    device_id = device_id_from_topic(topic, prefix, suffix)
-    if device_id is None or _DEVICE_ID_RE.fullmatch(device_id) is None:
-        return None
-    return device_id
-
-
 def _any_device_id(topic: str) -> str | None:
     return (
-        _device_id(topic, TELEMETRY_PREFIX)
-        or _device_id(topic, STATUS_PREFIX)
-        or _device_id(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
+        device_id_from_topic(topic, TELEMETRY_PREFIX)
+        or device_id_from_topic(topic, STATUS_PREFIX)
+        or device_id_from_topic(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
     )
 
 
@@ -216,7 +205,7 @@ def _translate(
         metrics.MESSAGES_RECEIVED.labels("retained").inc()
         reject = Reject("retained", "retained message, delivered on subscribe; not a new reading")
         return Delivery(topic, _any_device_id(topic), received_at, payload, rejects=[reject])
-    device_id = _device_id(topic, TELEMETRY_PREFIX)
+    device_id = device_id_from_topic(topic, TELEMETRY_PREFIX)
     if device_id is not None:
         _RECEIVED_TELEMETRY.inc()
         if quota is not None and quota.exhausted(device_id):
@@ -225,7 +214,7 @@ def _translate(
         if quota is not None and not quota.take(device_id, max(1, len(parsed.readings))):
             return _rate_limited(topic, device_id, received_at, payload, quota, len(parsed.readings))
         return Delivery(topic, device_id, received_at, payload, parsed.readings, parsed.rejects)
-    device_id = _device_id(topic, STATUS_PREFIX)
+    device_id = device_id_from_topic(topic, STATUS_PREFIX)
     if device_id is not None:
         _RECEIVED_STATUS.inc()
         if quota is not None and not quota.take(device_id, 1):
@@ -234,7 +223,7 @@ def _translate(
         if isinstance(status, Reject):
             return Delivery(topic, device_id, received_at, payload, rejects=[status])
         return Delivery(topic, device_id, received_at, payload, status=status)
-    device_id = _device_id(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
+    device_id = device_id_from_topic(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
     if device_id is not None:
         _RECEIVED_ACK.inc()
         if quota is not None and not quota.take(device_id, 1):

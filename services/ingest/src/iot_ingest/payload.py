@@ -181,7 +181,7 @@ def _reading(
 
 
 def _name(name: str) -> str:
-    # fullmatch: the pattern's ``$`` alone would accept a trailing newline ("tnl\n").
+    # fullmatch: a metric name is the whole string, a trailing newline ("tnl\n") included.
     if _METRIC_RE.fullmatch(name) is None:
         raise _Invalid("invalid_metric_name", f"{name[:80]!r} does not match {METRIC_NAME_PATTERN}")
     return name
