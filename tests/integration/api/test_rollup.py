@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from structlog.testing import capture_logs
 
-from iot_api.rollup import ROLLUP_LOCK_KEY, roll_up, rolled_until
+from iot_api.rollup import ROLLUP_LOCK_KEY, floor_to, roll_up, rolled_until
 from iot_common.db import connect
 from iot_common.db.telemetry import insert_telemetry
 from iot_common.messages import Reading
@@ -58,4 +60,26 @@ async def test_rollup_watermark_lock_and_late_data(database_url: str, unique: st
         assert (await hourly(conn, device_id))[0] == (HOUR, 6, 6.0)
     finally:
         await other.close()
+        await conn.close()
+
+
+async def test_a_first_run_catching_up_the_whole_retention_logs_one_line(
+    database_url: str, unique: str
+) -> None:
+    conn = await connect(database_url)
+    try:
+        await insert_telemetry(conn, [Reading(f"r-{unique}", HOUR, {"v": 2.0})])
+        with capture_logs() as logs:
+            until = await roll_up(conn, now=NOW, lag=timedelta(minutes=2), retention_days=30)
+            assert await roll_up(conn, now=NOW, lag=timedelta(minutes=2), retention_days=30) == until
+        rolled = [entry for entry in logs if entry["event"] == "telemetry rolled up"]
+        assert len(rolled) == 1, logs
+        assert rolled[0]["log_level"] == "info"
+        assert rolled[0]["until"] == NOW.replace(minute=0).isoformat()
+        # A day per transaction, from the oldest retained day to the last closed hour.
+        first_day = floor_to(NOW - timedelta(days=30), timedelta(days=1))
+        assert rolled[0]["batches"] == math.ceil((NOW.replace(minute=0) - first_day) / timedelta(days=1))
+        assert rolled[0]["start"] == first_day.isoformat()
+        assert await hourly(conn, f"r-{unique}") == [(HOUR, 1, 2.0)]
+    finally:
         await conn.close()

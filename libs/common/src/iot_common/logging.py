@@ -1,5 +1,9 @@
 """structlog set-up: JSON lines in production, a readable console on a terminal.
 
+The console format has colours only on a terminal: piped into a file or another program (``make run``
+prefixes each line with its process), it is plain text. ``NO_COLOR`` (https://no-color.org) turns
+colours off everywhere, ``FORCE_COLOR`` on even without a terminal.
+
 Context such as a request or message id is bound with :func:`bind_context` and appears on every line logged
 in that task. Standard-library loggers (uvicorn, aiohttp, gmqtt) go through the same renderer.
 """
@@ -7,8 +11,10 @@ in that task. Standard-library loggers (uvicorn, aiohttp, gmqtt) go through the 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 import msgspec
 import structlog
@@ -18,6 +24,20 @@ from iot_common.settings import LogFormat, LogLevel
 
 def _json_dumps(obj: Any, **_: Any) -> str:
     return msgspec.json.encode(obj, enc_hook=str).decode()
+
+
+def use_colours(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether console lines written to ``stream`` get ANSI colours: on a terminal, unless ``NO_COLOR``
+    is set (not empty); ``FORCE_COLOR`` (not empty) forces them."""
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR"):
+        return False
+    if env.get("FORCE_COLOR"):
+        return True
+    try:
+        return stream.isatty()
+    except ValueError:  # a closed stream
+        return False
 
 
 def configure_logging(level: LogLevel = "info", fmt: LogFormat = "auto", service: str = "") -> None:
@@ -33,7 +53,7 @@ def configure_logging(level: LogLevel = "info", fmt: LogFormat = "auto", service
     if service:
         shared.insert(0, _add_service(service))
     renderer: Any = (
-        structlog.dev.ConsoleRenderer()
+        structlog.dev.ConsoleRenderer(colors=use_colours(sys.stderr))
         if use_console
         else structlog.processors.JSONRenderer(serializer=_json_dumps)
     )

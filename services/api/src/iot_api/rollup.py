@@ -58,9 +58,32 @@ async def roll_up(
 ) -> datetime | None:
     """Roll closed hours into ``telemetry_hourly``; return the new watermark, None if another holds the lock.
 
-    Starts from the oldest retained day on the first run. Drops hourly rows past retention.
+    Starts from the oldest retained day on the first run. Drops hourly rows past retention. Logs one
+    ``telemetry rolled up`` line (info) per call that advanced the watermark, however many day-long
+    batches that took (a first run catches up the whole retention); each batch is logged at debug.
     """
-    now = now or datetime.now(UTC)
+    rolled: list[tuple[datetime, datetime]] = []
+    try:
+        return await _roll_batches(conn, now or datetime.now(UTC), lag, refresh, retention_days, rolled)
+    finally:
+        if rolled:
+            log.info(
+                "telemetry rolled up",
+                start=rolled[0][0].isoformat(),
+                until=rolled[-1][1].isoformat(),
+                batches=len(rolled),
+            )
+
+
+async def _roll_batches(
+    conn: Conn,
+    now: datetime,
+    lag: timedelta,
+    refresh: timedelta,
+    retention_days: int,
+    rolled: list[tuple[datetime, datetime]],
+) -> datetime | None:
+    """The loop of :func:`roll_up`, a transaction per batch; each batch's (start, end) goes to ``rolled``."""
     target = floor_to(now - lag, HOUR)
     while True:
         async with conn.transaction():
@@ -99,8 +122,9 @@ async def roll_up(
                 """,
                 end,
             )
-            log.info("telemetry rolled up", start=start.isoformat(), until=end.isoformat())
-            refresh = timedelta(0)
+        log.debug("telemetry rollup batch", start=start.isoformat(), until=end.isoformat())
+        rolled.append((start, end))
+        refresh = timedelta(0)
 
 
 async def run_rollup_forever(
