@@ -9,6 +9,10 @@ they are set, which is how the test points it at private processes.
 Every ``curl`` of the examples is checked, whatever its options: it must answer 2xx, unless the line
 before it says ``# expect <status>``, and then exactly that status. A block that fails fails the test
 with the block's text, its output and the services' logs.
+
+The page is run twice: against a broker that lets anyone in, as ``make run`` uses, and against the shipped
+broker set-up (dynamic security, each service its own user, the API provisioning each device), as Compose
+runs it, where the device's ``mosquitto_pub`` calls work only with the credentials the page obtained.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
+from tests.e2e.broker_support import PASSWORDS, shipped_broker
 from tests.support.backends import unavailable
 from tests.support.processes import ServiceProcess, free_port, mosquitto
 
@@ -97,17 +103,37 @@ def test_expect_markers_apply_to_the_next_curl_only() -> None:
     )
 
 
-@pytest.fixture
-def broker() -> Iterator[str]:
-    with mosquitto() as url:
-        yield url
+@dataclass(frozen=True)
+class Broker:
+    port: int
+    api_env: dict[str, str]
+    ingest_url: str
+
+
+@pytest.fixture(params=["make_run_broker", "compose_broker"])
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """A private broker: anonymous (``make run``), or the shipped set-up with its users (Compose)."""
+    if request.param == "make_run_broker":
+        with mosquitto() as url:
+            yield Broker(urlsplit(url).port or 1883, {"IOT_MQTT_URL": url}, url)
+        return
+    with shipped_broker() as port:
+        local = f"127.0.0.1:{port}"
+        yield Broker(
+            port,
+            {
+                "IOT_MQTT_URL": f"mqtt://api:{PASSWORDS['MQTT_API_PASSWORD']}@{local}",
+                "IOT_MQTT_ADMIN_URL": f"mqtt://admin:{PASSWORDS['MQTT_ADMIN_PASSWORD']}@{local}",
+            },
+            f"mqtt://ingest:{PASSWORDS['MQTT_INGEST_PASSWORD']}@{local}",
+        )
 
 
 def test_every_shell_example_of_the_api_page_runs_against_the_live_services(
     service: Start,
     database_url: str,
     redis_url: str,
-    broker: str,
+    broker: Broker,
     unique: str,
     tmp_path: Path,
 ) -> None:
@@ -120,13 +146,13 @@ def test_every_shell_example_of_the_api_page_runs_against_the_live_services(
         "IOT_DATABASE_URL": database_url,
         "IOT_REDIS_URL": redis_url,
         "IOT_REDIS_PREFIX": f"docs{unique}",
-        "IOT_MQTT_URL": broker,
     }
     api_port, ingest_port = free_port(), free_port()
     api = service(
         "iot-api",
         {
             **common,
+            **broker.api_env,
             "IOT_API_PORT": str(api_port),
             "IOT_BOOTSTRAP_ADMIN_EMAIL": "admin@example.com",
             "IOT_BOOTSTRAP_ADMIN_PASSWORD": password,
@@ -137,6 +163,7 @@ def test_every_shell_example_of_the_api_page_runs_against_the_live_services(
         "iot-ingest",
         {
             **common,
+            "IOT_MQTT_URL": broker.ingest_url,
             "IOT_INGEST_HTTP_PORT": str(ingest_port),
             "IOT_MQTT_SHARE_GROUP": f"docs-{unique}",
             "IOT_MQTT_CLIENT_ID": f"docs-{unique}",
@@ -146,14 +173,13 @@ def test_every_shell_example_of_the_api_page_runs_against_the_live_services(
     api.wait_http(f"{base}/readyz")
     ingest.wait_http(f"http://127.0.0.1:{ingest_port}/readyz")
 
-    mqtt = urlsplit(broker)
     env = {
         "PATH": os.environ["PATH"],
         "HOME": str(tmp_path),
         "LC_ALL": "C.UTF-8",
         "API": base,
-        "MQTT_HOST": mqtt.hostname or "127.0.0.1",
-        "MQTT_PORT": str(mqtt.port),
+        "MQTT_HOST": "127.0.0.1",
+        "MQTT_PORT": str(broker.port),
         "ADMIN_PASSWORD": password,
         "IOT_MQTT_HOOK_SECRET": hook_secret,
         "DOC_STATE": str(tmp_path / "state.sh"),
