@@ -37,8 +37,9 @@ def _checks(app: web.Application) -> dict[str, Check]:
         if not gateway.hub.connected.is_set():
             raise ConnectionError("redis pub/sub listener not connected")
 
-    # PostgreSQL is left out on purpose: without it only API-key logins fail (close 1011, retry), while
-    # token logins and every open connection keep working, so the replica should stay in the Service.
+    # PostgreSQL is left out on purpose: the pool is opened at start-up, and once running, losing it only
+    # makes API-key logins fail (close 1011, retry) while token logins and every open connection keep
+    # working, so the replica should stay in the Service.
     return {"redis": redis_check(app[REDIS]), "redis_pubsub": pubsub}
 
 
