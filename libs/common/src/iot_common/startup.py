@@ -211,7 +211,7 @@ async def wait_for_backend(backend: Backend, url: str, wait_s: float, log: Logge
             error=str(error),
             attempt=state.attempt_number,
             waited_s=round(time.monotonic() - started, 1),
-            wait_s=wait_s,
+            wait_s=round(wait_s, 1),
         )
 
     retrying = AsyncRetrying(
@@ -246,10 +246,13 @@ async def check_backends(
     needs: Sequence[Backend] = (),
     uses: Sequence[Backend] = (),
 ) -> None:
-    """Wait for each backend in ``needs`` (:func:`wait_for_backend`, ``IOT_STARTUP_WAIT_S``); try each in
-    ``uses`` once and log a warning naming it when it does not answer (the service starts without it)."""
+    """Wait for each backend in ``needs`` (:func:`wait_for_backend`), all within one ``IOT_STARTUP_WAIT_S``;
+    try each in ``uses`` once and log a warning naming it when it does not answer (the service starts
+    without it)."""
+    deadline = time.monotonic() + settings.startup_wait_s
     for backend in needs:
-        await wait_for_backend(backend, getattr(settings, backend.setting), settings.startup_wait_s, log)
+        remaining = max(0.0, deadline - time.monotonic())
+        await wait_for_backend(backend, getattr(settings, backend.setting), remaining, log)
     for backend in uses:
         try:
             await wait_for_backend(backend, getattr(settings, backend.setting), 0, log)
