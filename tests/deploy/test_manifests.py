@@ -20,6 +20,7 @@ import pytest
 
 from iot_api.settings import ApiSettings
 from iot_common.settings import SettingsError, load_settings
+from iot_common.startup import PROBE_TIMEOUT_S
 from iot_realtime.settings import RealtimeSettings
 from tests.deploy.manifests import (
     BIN,
@@ -104,6 +105,22 @@ def test_workloads_run_as_non_root_with_probes_on_their_port(kustomization: Path
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert pod["terminationGracePeriodSeconds"] >= 30
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_liveness_is_held_back_while_a_service_waits_for_its_backends(kustomization: Path) -> None:
+    docs = render(kustomization)
+    for service, (doc, container) in workload_containers(docs).items():
+        wait = float(container_env(docs, container)["IOT_STARTUP_WAIT_S"])
+        assert wait > 0, f"{service}: a pod that starts before its backends would crash-loop at once"
+        if doc["kind"] == "Job":
+            continue
+        probe = container["startupProbe"]
+        assert probe["httpGet"]["path"] == "/healthz"
+        # The wait, one more attempt per backend, and the time to start listening.
+        needed = wait + 3 * PROBE_TIMEOUT_S + 20
+        budget = probe["periodSeconds"] * probe["failureThreshold"]
+        assert budget >= needed, f"{service}: the startupProbe gives {budget} s, start-up may take {needed} s"
 
 
 def test_autoscalers_target_existing_workloads() -> None:

@@ -64,6 +64,31 @@ class ServiceProcess:
             time.sleep(0.1)
         raise AssertionError(f"{url} did not answer {status} within {timeout}s:\n{self.logs()}")
 
+    def wait_log(self, text: str, timeout: float = 30.0) -> None:
+        """Wait until the log holds ``text``; fail with the log if the process exits first or time is up."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            exited = self.proc.poll() is not None
+            if text in self.log_path.read_text(errors="replace"):
+                return
+            if exited:
+                raise AssertionError(f"{self.script} exited with {self.proc.returncode}:\n{self.logs()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.script} did not log {text!r} within {timeout}s:\n{self.logs()}")
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        """Wait for the process to exit by itself; returns the exit code."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.script} still runs after {timeout}s:\n{self.logs()}") from None
+
+    def log_lines(self) -> list[str]:
+        """Every line the process wrote (stdout and stderr), in order."""
+        return self.log_path.read_text(errors="replace").splitlines()
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Send ``sig`` and wait for the exit; returns the exit code."""
         assert self.proc is not None

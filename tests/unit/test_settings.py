@@ -19,6 +19,7 @@ def test_defaults_match_the_documented_values() -> None:
     assert settings.database_url == "postgresql://postgres@127.0.0.1:5432/postgres"
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
     assert settings.mqtt_url == "mqtt://127.0.0.1:1883"
+    assert settings.startup_wait_s == 0
     assert load_settings(ApiSettings, SECRET).api_port == 8000
     assert load_settings(RealtimeSettings, SECRET).realtime_port == 8001
     assert load_settings(IngestSettings, {}).ingest_http_port == 8002
@@ -74,6 +75,8 @@ def test_a_malformed_url_stops_start_up_naming_the_variable(variable: str, value
         ("IOT_LOG_LEVEL", "loud"),
         ("IOT_LOG_FORMAT", "xml"),
         ("IOT_JWT_SECRET", "short"),
+        ("IOT_STARTUP_WAIT_S", "-1"),
+        ("IOT_STARTUP_WAIT_S", "a minute"),
     ],
 )
 def test_a_wrong_value_names_its_variable(variable: str, value: str) -> None:

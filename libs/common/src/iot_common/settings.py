@@ -72,6 +72,8 @@ class BaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     database_pool_max: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
     telemetry_retention_days: Annotated[int, msgspec.Meta(ge=1, le=36500)] = 30
     telemetry_partitions_ahead_days: Annotated[int, msgspec.Meta(ge=1, le=365)] = 7
+    startup_wait_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+    """How long start-up waits for PostgreSQL, Redis and the broker to answer (0: fail at once)."""
 
     def __post_init__(self) -> None:
         if self.database_pool_min > self.database_pool_max:

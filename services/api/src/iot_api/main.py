@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Iterator
 
+import structlog
 import uvicorn
 
 from iot_api.app import create_app
 from iot_api.settings import ApiSettings
 from iot_common.service import run_service
+from iot_common.startup import MQTT, POSTGRES, REDIS, log_listening
+
+log = structlog.stdlib.get_logger("iot-api")
 
 
 class _Server(uvicorn.Server):
@@ -19,6 +24,11 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            log_listening(log, self.config.host, self.config.port)
 
 
 async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
@@ -46,4 +56,5 @@ async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
 
 
 def main() -> None:
-    run_service("iot-api", ApiSettings, serve)
+    # Without Redis the API reads the database, without the broker only commands fail: it starts anyway.
+    run_service("iot-api", ApiSettings, serve, needs=(POSTGRES,), uses=(REDIS, MQTT))

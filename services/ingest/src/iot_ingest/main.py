@@ -25,6 +25,7 @@ from iot_common.db import create_pool
 from iot_common.db.partitions import run_maintenance_forever
 from iot_common.health import postgres_check, redis_check
 from iot_common.service import run_service
+from iot_common.startup import MQTT, POSTGRES, REDIS, log_listening
 from iot_common.topics import RedisNames
 from iot_common.web import health_routes
 from iot_ingest import metrics
@@ -144,6 +145,7 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", settings.ingest_http_port).start()
+    log_listening(log, "0.0.0.0", settings.ingest_http_port)
     background = [
         asyncio.create_task(
             run_maintenance_forever(
@@ -223,4 +225,4 @@ async def _drain(batcher: Batcher[Delivery], writer: BatchWriter, consumer: Cons
 def main() -> None:
     # uvloop: the per-message work is mostly event-loop work (a task and a PUBACK write per message).
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    run_service("iot-ingest", IngestSettings, serve)
+    run_service("iot-ingest", IngestSettings, serve, needs=(POSTGRES, REDIS, MQTT))

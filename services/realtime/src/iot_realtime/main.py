@@ -6,11 +6,15 @@ import asyncio
 import gc
 import resource
 
+import structlog
 from aiohttp import web
 
 from iot_common.service import run_service
+from iot_common.startup import POSTGRES, REDIS, log_listening
 from iot_realtime.app import create_app
 from iot_realtime.settings import RealtimeSettings
+
+log = structlog.stdlib.get_logger("iot-realtime")
 
 
 async def serve(settings: RealtimeSettings, stop: asyncio.Event) -> None:
@@ -19,6 +23,7 @@ async def serve(settings: RealtimeSettings, stop: asyncio.Event) -> None:
     await runner.setup()
     # A large accept backlog: when a replica stops, its clients all reconnect to the others at once.
     await web.TCPSite(runner, "0.0.0.0", settings.realtime_port, backlog=4096).start()
+    log_listening(log, "0.0.0.0", settings.realtime_port)
     try:
         await stop.wait()
     finally:
@@ -46,4 +51,4 @@ def tune_gc() -> None:
 def main() -> None:
     raise_open_file_limit()
     tune_gc()
-    run_service("iot-realtime", RealtimeSettings, serve)
+    run_service("iot-realtime", RealtimeSettings, serve, needs=(POSTGRES, REDIS))

@@ -22,6 +22,14 @@ from iot_common.db import connect
 from iot_common.db.partitions import maintain_partitions
 from iot_common.logging import configure_logging
 from iot_common.settings import BaseSettings, SettingsError, load_settings
+from iot_common.startup import (
+    EXIT_FAILURE,
+    EXIT_SETTINGS,
+    POSTGRES,
+    BackendUnavailable,
+    exit_unavailable,
+    wait_for_backend,
+)
 
 MIGRATION_LOCK_KEY = 0x10770001
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -119,16 +127,24 @@ async def migrate(settings: BaseSettings) -> list[int]:
 
 
 def main() -> None:
-    """Console script ``iot-migrate``."""
+    """Console script ``iot-migrate``: exit status 2 for bad settings, 10 when PostgreSQL does not answer
+    (within ``IOT_STARTUP_WAIT_S``), 1 when a migration fails; see :mod:`iot_common.startup`."""
     try:
         settings = load_settings(BaseSettings)
     except SettingsError as exc:
         print(f"iot-migrate: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_SETTINGS) from None
     configure_logging(settings.log_level, settings.log_format, service="migrate")
+
+    async def run() -> list[int]:
+        await wait_for_backend(POSTGRES, settings.database_url, settings.startup_wait_s, log)
+        return await migrate(settings)
+
     try:
-        applied = asyncio.run(migrate(settings))
+        applied = asyncio.run(run())
+    except BackendUnavailable as exc:
+        exit_unavailable(exc, log)
     except (OSError, asyncpg.PostgresError, MigrationError) as exc:
         log.error("migration failed", error=str(exc))
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_FAILURE) from None
     log.info("schema up to date", applied=applied)
