@@ -120,11 +120,6 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
             return url + REALTIME_PATH
         return url
 
-    def realtime_origin(self) -> str | None:
-        """The origin (``ws(s)://host[:port]``) of an absolute ``IOT_PUBLIC_REALTIME_URL``, else ``None``."""
-        match = _PUBLIC_REALTIME_URL_RE.fullmatch(self.public_realtime_url)
-        return match.group("origin") if match is not None else None
-
     def cache_namespace(self) -> str:
         """Start of the API's Redis keys: ``IOT_API_CACHE_NAMESPACE``, else ``{IOT_REDIS_PREFIX}:api:``."""
         return self.api_cache_namespace or self.redis_names().api_cache_namespace
