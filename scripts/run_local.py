@@ -173,6 +173,7 @@ def main() -> int:
         "realtime": env.get("IOT_REALTIME_PORT", "8001"),
         "ingest": env.get("IOT_INGEST_HTTP_PORT", "8002"),
     }
+    env.setdefault("IOT_PUBLIC_REALTIME_URL", f"ws://127.0.0.1:{ports['realtime']}/ws")  # for the dashboard
     sup = Supervisor()
     signal.signal(signal.SIGINT, sup.stop)
     signal.signal(signal.SIGTERM, sup.stop)

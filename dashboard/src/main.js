@@ -1,22 +1,39 @@
 // The dashboard: signs in, lists devices, charts a device live, shows alerts, sends commands.
-// It talks to the API and the realtime endpoint on their own origins, as any external frontend would:
-// ?api=http://host:8000&ws=ws://host:8001/ws overrides the defaults (the page's origin, port 8001).
+// It talks to the API and the realtime endpoint on their own origins, as any external frontend would.
+// The API is the page's origin unless ?api=https://api.example.com says otherwise. The realtime endpoint
+// is ?ws=wss://rt.example.com/ws if given, else `realtime_url` of config.json next to the page (the API
+// serves it from IOT_PUBLIC_REALTIME_URL), else ws(s)://<the page's host>:8001/ws.
 import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
 import { Api } from "./api.js";
 import { Realtime } from "./realtime.js";
 
 const params = new URLSearchParams(location.search);
-const wsScheme = location.protocol === "https:" ? "wss" : "ws";
-const config = {
-  api: params.get("api") || location.origin,
-  ws: params.get("ws") || `${wsScheme}://${location.hostname}:8001/ws`,
-};
+const wsScheme = location.protocol === "https:" ? "wss:" : "ws:";
+const realtimeUrl = findRealtimeUrl();
+
+async function findRealtimeUrl() {
+  if (params.get("ws")) return params.get("ws");
+  let configured = null;
+  try {
+    const response = await fetch("config.json", { cache: "no-store", credentials: "omit" });
+    if (response.ok) configured = (await response.json()).realtime_url ?? null;
+    else console.warn(`config.json: ${response.status}; the realtime endpoint is guessed`);
+  } catch (err) {
+    console.warn(`config.json: ${err.message}; the realtime endpoint is guessed`);
+  }
+  if (!configured) return `${wsScheme}//${location.hostname}:8001/ws`;
+  // A path (/ws behind an Ingress) is on the page's own host, over ws or wss as the page is http or https.
+  const url = new URL(configured, location.href);
+  if (url.protocol === "http:" || url.protocol === "https:") url.protocol = wsScheme;
+  return url.href;
+}
+
 const HISTORY_MS = 60 * 60 * 1000;
 const MAX_POINTS = 3600;
 
 const $ = (id) => document.getElementById(id);
-const api = new Api(config.api);
+const api = new Api(params.get("api") || location.origin);
 let realtime = null;
 let selected = null;
 const charts = new Map(); // metric -> {plot, xs, ys}
@@ -37,7 +54,7 @@ async function signedIn() {
   $("logout").hidden = false;
   await refreshDevices();
   await refreshAlerts();
-  realtime = new Realtime(config.ws, () => api.realtimeToken(), {
+  realtime = new Realtime(await realtimeUrl, () => api.realtimeToken(), {
     onState: setStatus,
     onEvent: handleEvent,
     onOpen: () => {

@@ -339,3 +339,39 @@ def test_behind_the_ingress_each_client_keeps_its_own_address(kustomization: Pat
         assert any(ipaddress.ip_address(pod) in net for net in trusted), pod
     for public in ("8.8.8.8", "203.0.113.9", "2001:db8::1"):
         assert not any(ipaddress.ip_address(public) in net for net in trusted), public
+
+
+def test_under_compose_the_dashboard_connects_to_the_published_realtime_port() -> None:
+    services = interpolated_compose(random_secrets())[0]["services"]
+    api = load_settings(ApiSettings, services["api"]["environment"])
+    url = urlsplit(api.realtime_url() or "")
+    host_ip, host_port, container_port = str(services["realtime"]["ports"][0]).split(":")
+    assert (url.scheme, url.hostname, url.port, url.path) == ("ws", host_ip, int(host_port), "/ws")
+    assert container_port == services["realtime"]["environment"]["IOT_REALTIME_PORT"]
+    # The deployment's own address wins (behind a TLS proxy).
+    given = {**random_secrets(), "IOT_PUBLIC_REALTIME_URL": "wss://iot.example.com/ws"}
+    api = load_settings(ApiSettings, interpolated_compose(given)[0]["services"]["api"]["environment"])
+    assert api.realtime_url() == "wss://iot.example.com/ws"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_the_dashboard_finds_the_realtime_service_where_it_is_served(kustomization: Path) -> None:
+    """Base: behind the Ingress, ``/ws`` on the dashboard's own host, routed to the realtime Service, which
+    accepts the WebSockets of that host's pages. Otherwise (dev, by port-forward) the realtime port."""
+    docs = render(kustomization)
+    workloads = workload_containers(docs)
+    secret = {"IOT_JWT_SECRET": secrets.token_urlsafe(48)}  # the Secret holds placeholders
+    public_url = container_env(docs, workloads["api"][1])["IOT_PUBLIC_REALTIME_URL"]
+    url = load_settings(ApiSettings, {**secret, "IOT_PUBLIC_REALTIME_URL": public_url}).realtime_url()
+    assert url is not None, "the dashboard would guess <host>:8001"
+    cors = container_env(docs, workloads["realtime"][1])["IOT_CORS_ORIGINS"]
+    origins = load_settings(RealtimeSettings, {**secret, "IOT_CORS_ORIGINS": cors}).cors_origins
+    if url.startswith("/"):
+        ingress = next(doc for doc in docs if doc["kind"] == "Ingress")
+        assert _route(ingress, url) == "iot-realtime"
+        assert _route(ingress, "/dashboard/") == "iot-api"
+        for rule in ingress["spec"]["rules"]:
+            assert f"https://{rule['host']}" in origins, "the realtime service would refuse the dashboard"
+    else:
+        assert urlsplit(url).port == int(workloads["realtime"][1]["ports"][0]["containerPort"])
+        assert "http://127.0.0.1:8000" in origins

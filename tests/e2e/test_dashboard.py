@@ -1,7 +1,10 @@
 """The dashboard in headless Chromium against the running platform and the device simulator.
 
-The page is served from its own origin (a static server), so it calls the API and the realtime endpoint
-cross-origin, exactly as an external frontend would. Screenshots are kept under artifacts/.
+Served three ways: from its own origin (a static server), calling the API and the realtime endpoint
+cross-origin as an external frontend would, told where both are by ``?api=&ws=``; by the API at the address
+``make run`` prints, finding the realtime service from ``config.json`` (``IOT_PUBLIC_REALTIME_URL``); and
+behind one origin routed like the Kubernetes Ingress, where ``config.json`` says ``/ws``. Screenshots are
+kept under artifacts/.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import msgspec
 import pytest
 from playwright.sync_api import ConsoleMessage, expect, sync_playwright
 
+from iot_api.edge import DEFAULT_REALTIME_PORT
 from iot_common.auth import generate_api_key
 from iot_common.topics import command_ack_topic, command_topic
+from tests.e2e.ingress_proxy import IngressProxy
 from tests.support.processes import ServiceProcess, free_port, mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +98,7 @@ class AckingDevice:
         self._thread.join(5)
 
 
-@pytest.mark.parametrize("served_by", ["static", "api"])
+@pytest.mark.parametrize("served_by", ["static", "api", "ingress"])
 def test_dashboard_shows_live_data_alerts_and_sends_commands(
     served_by: str,
     service: Start,
@@ -103,18 +108,28 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
     unique: str,
     artifacts_dir: Path,
 ) -> None:
-    """``static``: the page on its own origin calls the API cross-origin. ``api``: the API serves the page
-    under its Content-Security-Policy (a blocked script, style or connection is a console error)."""
+    """``static``: the page on its own origin calls the API cross-origin. ``api`` and ``ingress``: the API
+    serves the page under its Content-Security-Policy (a blocked script, style or connection is a console
+    error) and the page connects where ``config.json`` says."""
     api_key = generate_api_key()[0]
     api_port, rt_port, ingest_port = free_port(), free_port(), free_port()
+    # Not the port the page guesses without config.json: found only through it.
+    assert rt_port != DEFAULT_REALTIME_PORT
+    proxy = IngressProxy(api_port, rt_port)
+    public_realtime_url = {
+        "static": "",
+        "api": f"ws://127.0.0.1:{rt_port}/ws",
+        "ingress": "/ws",
+    }[served_by]
     prefix = f"dash{unique}"
-    with mosquitto() as mqtt_url:
+    with mosquitto() as mqtt_url, proxy as proxy_origin:
         common = {
             "IOT_DATABASE_URL": database_url,
             "IOT_REDIS_URL": redis_url,
             "IOT_MQTT_URL": mqtt_url,
-            # The page's origin: the static server, or the API serving it (the realtime service checks it).
-            "IOT_CORS_ORIGINS": f"{static_origin},http://127.0.0.1:{api_port}",
+            # The page's origin: the static server, the API serving it, or the Ingress (the realtime
+            # service checks it).
+            "IOT_CORS_ORIGINS": f"{static_origin},http://127.0.0.1:{api_port},{proxy_origin}",
             "IOT_API_CACHE_NAMESPACE": f"dash{unique}:",
         }
         api = service(
@@ -126,7 +141,7 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
                 "IOT_BOOTSTRAP_ADMIN_EMAIL": ADMIN[0],
                 "IOT_BOOTSTRAP_ADMIN_PASSWORD": ADMIN[1],
                 "IOT_DASHBOARD_DIR": str(DIST),
-                "IOT_DASHBOARD_CONNECT_SRC": f"ws://127.0.0.1:{rt_port}",
+                "IOT_PUBLIC_REALTIME_URL": public_realtime_url,
             },
         )
         realtime = service("iot-realtime", {**common, "IOT_REALTIME_PORT": str(rt_port)})
@@ -162,12 +177,18 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
             again = service("iot-realtime", {**common, "IOT_REALTIME_PORT": str(rt_port)})
             again.wait_http(f"http://127.0.0.1:{rt_port}/readyz")
 
+        ws = f"ws://127.0.0.1:{rt_port}/ws"
+        # Served by the API: the address make run prints (without the trailing slash), nothing in the query.
+        page_url, expected_ws = {
+            "static": (f"{static_origin}/index.html?api={base}&ws={ws}", ws),
+            "api": (f"{base}/dashboard", ws),
+            "ingress": (f"{proxy_origin}/dashboard", f"ws://127.0.0.1:{proxy.port}/ws"),
+        }[served_by]
         run_browser(
             (stop_realtime, start_realtime),
-            # Served by the API: the address make run prints, without the trailing slash.
-            f"{static_origin}/index.html" if served_by == "static" else f"{base}/dashboard",
+            page_url,
+            expected_ws,
             base,
-            f"ws://127.0.0.1:{rt_port}/ws",
             mqtt_url,
             prefix,
             api_key,
@@ -178,8 +199,8 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
 def run_browser(
     realtime_stop_start: tuple[Callable[[], None], Callable[[], None]],
     page_url: str,
+    expected_ws: str,
     api: str,
-    ws: str,
     mqtt_url: str,
     prefix: str,
     api_key: str,
@@ -220,7 +241,9 @@ def run_browser(
             page.on("pageerror", lambda e: errors.append(str(e)))
             requested: list[str] = []
             page.on("request", lambda r: requested.append(r.url))
-            page.goto(f"{page_url}?api={api}&ws={ws}")
+            sockets: list[str] = []
+            page.on("websocket", lambda w: sockets.append(w.url))
+            page.goto(page_url)
             page.get_by_label("Email").fill(ADMIN[0])
             page.get_by_label("Password").fill(ADMIN[1])
             page.get_by_role("button", name="Sign in").click()
@@ -266,6 +289,8 @@ def run_browser(
             page.screenshot(path=str(artifacts / "4-command.png"), full_page=True)
             browser.close()
             assert not [url for url in requested if ADMIN[1] in url or "password" in url.lower()]
+            assert sockets
+            assert all(url.startswith(f"{expected_ws}?token=") for url in sockets), sockets
             assert acker.received
             assert acker.received[0]["name"] == "reboot"
     finally:
@@ -275,7 +300,10 @@ def run_browser(
 
 
 def _keep_error(message: ConsoleMessage, errors: list[str], restarting: bool) -> None:
-    refused = "WebSocket connection to" in message.text and "ERR_CONNECTION_REFUSED" in message.text
+    # Refused by the stopped service, or answered 502 by the Ingress in front of it.
+    refused = "WebSocket connection to" in message.text and (
+        "ERR_CONNECTION_REFUSED" in message.text or "Unexpected response code: 502" in message.text
+    )
     if message.type == "error" and not (restarting and refused):
         errors.append(message.text)
 

@@ -92,6 +92,8 @@ def test_make_run_starts_everything_shows_data_and_stops_cleanly(
             assert login.status_code == 200, login.text
             assert f"admin@example.com / {saved['IOT_BOOTSTRAP_ADMIN_PASSWORD']}" in log_path.read_text()
             ws_url = f"ws://127.0.0.1:{ports['IOT_REALTIME_PORT']}/ws"
+            # The dashboard finds the realtime service it started, whatever its port.
+            assert httpx.get(f"{api}/dashboard/config.json").json() == {"realtime_url": ws_url}
             frame = asyncio.run(first_telemetry(ws_url, api_key, device))
             assert set(frame["metrics"]) >= {"temperature", "humidity", "pressure"}  # type: ignore[call-overload]
             children = psutil.Process(proc.pid).children(recursive=True)

@@ -191,3 +191,53 @@ def test_a_quota_burst_smaller_than_a_full_message_names_both_variables() -> Non
     # With the quota off the burst is not used, so it is not checked.
     off = load_settings(IngestSettings, {**env, "IOT_INGEST_MAX_READINGS_PER_DEVICE_S": "0"})
     assert off.ingest_max_readings_per_device_burst == 999
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        ("", None),
+        ("ws://localhost:8001/ws", "ws://localhost:8001/ws"),
+        ("wss://rt.example.com/live/ws", "wss://rt.example.com/live/ws"),
+        ("ws://[::1]:9001/ws", "ws://[::1]:9001/ws"),
+        # Without a path: the realtime service's own /ws.
+        ("ws://localhost:8001", "ws://localhost:8001/ws"),
+        # A path on the dashboard's own host (behind an Ingress), resolved by the page.
+        ("/ws", "/ws"),
+        ("/realtime/ws", "/realtime/ws"),
+    ],
+)
+def test_the_public_realtime_url_is_a_websocket_url_or_a_path(value: str, url: str | None) -> None:
+    settings = load_settings(ApiSettings, {**SECRET, "IOT_PUBLIC_REALTIME_URL": value})
+    assert settings.realtime_url() == url
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("http://localhost:8001/ws", "http:// is not a WebSocket scheme"),
+        ("https://rt.example.com/ws", "https:// is not a WebSocket scheme"),
+        ("localhost:8001/ws", "localhost:8001/ws"),
+        ("ws", "'ws' is not valid"),
+        ("//evil.example.com/ws", "is not valid"),  # another host, not a path
+        ("ws://user:pass@rt.example.com/ws", "must not hold a user or password"),
+        ("ws://rt.example.com/ws?x=1", "has a query or fragment"),
+        ("ws://rt.example.com/ws#top", "has a query or fragment"),
+        ("ws://rt.example.com:0/ws", "port 0 is not between 1 and 65535"),
+        ("ws://rt.example.com:70000/ws", "port 70000 is not between 1 and 65535"),
+        ("ws://rt example.com/ws", "is not valid"),
+        ("ws://rt.example.com;script-src *", "is not valid"),
+        ("ws://[::1/ws", "is not a URL"),
+        ("/ws\n", "is not valid"),
+    ],
+)
+def test_a_malformed_public_realtime_url_stops_start_up_naming_the_variable(value: str, problem: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(ApiSettings, {**SECRET, "IOT_PUBLIC_REALTIME_URL": value})
+    message = str(err.value)
+    assert message.startswith("invalid configuration: IOT_PUBLIC_REALTIME_URL")
+    assert problem in message
+    if "port" not in problem:  # says what it expects
+        assert "expected a ws:// or wss:// URL" in message
+        assert "a path on the dashboard's own host such as /ws" in message
+    assert "user:pass" not in message

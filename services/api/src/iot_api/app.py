@@ -222,6 +222,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             DashboardSlash(app.asgi_handler),
             docs_path=OPENAPI_PATH,
             connect_src=settings.dashboard_connect_src,
+            realtime_url=settings.realtime_url(),
         )
     )
     return app

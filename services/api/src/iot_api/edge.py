@@ -3,9 +3,10 @@
 Three policies, by path:
 
 - ``/dashboard``: scripts, styles and images from the page's own origin only; the page may connect to its
-  own origin (the API) and to the realtime endpoint: by default ``ws(s)://<host of the request>:8001``, the
-  URL the dashboard derives itself (see ``dashboard/src/main.js``), or the sources in
-  ``IOT_DASHBOARD_CONNECT_SRC`` when the realtime endpoint (or the API) lives elsewhere.
+  own origin (the API), to the realtime endpoint of ``IOT_PUBLIC_REALTIME_URL`` (its origin; for a path,
+  ``ws(s)://<host of the request>``) and to the sources in ``IOT_DASHBOARD_CONNECT_SRC``. Without either
+  setting, to ``ws(s)://<host of the request>:8001``, the URL the dashboard then derives itself (see
+  ``dashboard/src/main.js``).
 - ``/api/docs``: the documentation viewers load their scripts and styles from cdn.jsdelivr.net and run an
   inline script, so that page allows exactly that, and nothing else.
 - everything else (JSON, problem details, metrics): ``default-src 'none'; frame-ancestors 'none'``.
@@ -20,6 +21,7 @@ import errno
 import re
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from litestar.enums import ScopeType
 from litestar.file_system import BaseLocalFileSystem
@@ -58,29 +60,47 @@ _COMMON = [
 ]
 
 
-def dashboard_csp(host: str | None, connect_src: Sequence[str]) -> str:
-    """The dashboard's policy for a request to ``host`` (the Host header)."""
+def dashboard_csp(host: str | None, connect_src: Sequence[str], realtime_url: str | None = None) -> str:
+    """The dashboard's policy for a request to ``host`` (the Host header), the page connecting to
+    ``realtime_url`` (a validated ``IOT_PUBLIC_REALTIME_URL``: a ws(s) URL or a path on its own host)."""
     sources = list(connect_src)
     match = _HOST_RE.fullmatch(host or "")
-    if not sources and match is not None:
-        name = match.group("name")
-        sources = [f"ws://{name}:{DEFAULT_REALTIME_PORT}", f"wss://{name}:{DEFAULT_REALTIME_PORT}"]
-    return _DASHBOARD_CSP.format(connect=" ".join(sources)).replace("'self' ;", "'self';")
+    if realtime_url is None:
+        if not sources and match is not None:  # the URL the page then guesses: ws(s)://<host>:8001
+            name = match.group("name")
+            sources = [f"ws://{name}:{DEFAULT_REALTIME_PORT}", f"wss://{name}:{DEFAULT_REALTIME_PORT}"]
+    elif realtime_url.startswith("/"):
+        # 'self' covers ws(s) to the page's own host in CSP level 3 browsers only: named for the others.
+        if match is not None:
+            sources += [f"ws://{match.group(0)}", f"wss://{match.group(0)}"]
+    else:
+        parts = urlsplit(realtime_url)
+        sources.append(f"{parts.scheme}://{parts.netloc}")
+    unique = list(dict.fromkeys(sources))
+    return _DASHBOARD_CSP.format(connect=" ".join(unique)).replace("'self' ;", "'self';")
 
 
 class SecurityHeaders:
     """ASGI layer adding the headers above to every HTTP response."""
 
-    def __init__(self, app: ASGIApp, *, docs_path: str, connect_src: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        docs_path: str,
+        connect_src: Sequence[str] = (),
+        realtime_url: str | None = None,
+    ) -> None:
         self.app = app
         self.docs_path = docs_path
         self.connect_src = tuple(connect_src)
+        self.realtime_url = realtime_url
 
     def _csp(self, scope: Scope) -> str:
         path = str(scope.get("path", ""))
         if path == "/dashboard" or path.startswith("/dashboard/"):
             host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), None)
-            return dashboard_csp(host, self.connect_src)
+            return dashboard_csp(host, self.connect_src, self.realtime_url)
         if path == self.docs_path or path.startswith(self.docs_path + "/"):
             return DOCS_CSP
         return API_CSP

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 from urllib.parse import unquote, urlsplit
 
@@ -14,6 +15,14 @@ BOOTSTRAP_KEY_PATTERN = r"^iotk_[A-Za-z0-9-]{12}_[A-Za-z0-9_-]{16,}(?!\n)$"
 # One CSP source expression: scheme, host (an optional leading *.), optional port and path.
 CONNECT_SOURCE_PATTERN = r"^(wss?|https?)://(\*\.)?[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/-]*)?(?!\n)$"
 SERVICE_USER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}:(ingest|api|sim):[^,\s]{16,}(?!\n)$"
+REALTIME_PATH = "/ws"
+"""Where the realtime service serves its WebSocket (``iot_realtime.app``)."""
+# IOT_PUBLIC_REALTIME_URL: ws(s)://host[:port][/path], or /path on the dashboard's own host (not //: that
+# names another host). The origin goes into the dashboard's CSP header: a host name or an IP literal only.
+_PUBLIC_REALTIME_URL_RE = re.compile(
+    r"(?:(?P<origin>wss?://(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::(?P<port>\d{1,5}))?)"
+    r"(?P<url_path>/[A-Za-z0-9._~/-]*)?|(?P<path>/(?!/)[A-Za-z0-9._~/-]*))"
+)
 
 
 class ApiSettings(WebSettings, frozen=True, kw_only=True):
@@ -45,6 +54,9 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
     api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
     dashboard_dir: str = ""
+    public_realtime_url: str = ""
+    """Where browsers reach the realtime service (the dashboard's ``config.json``): a ws:// or wss:// URL,
+    or a path on the dashboard's own host such as ``/ws`` behind an Ingress; empty: the page guesses."""
     dashboard_connect_src: list[
         Annotated[
             str,
@@ -94,7 +106,46 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
             raise ValueError("IOT_MQTT_SERVICE_USERS has a published placeholder or example password")
         if self.mqtt_admin_url and is_placeholder(unquote(urlsplit(self.mqtt_admin_url).password or "")):
             raise ValueError("IOT_MQTT_ADMIN_URL has a published placeholder or example password")
+        if self.public_realtime_url:
+            _check_public_realtime_url(self.public_realtime_url)
+
+    def realtime_url(self) -> str | None:
+        """The realtime endpoint the dashboard connects to: ``IOT_PUBLIC_REALTIME_URL``, given the service's
+        ``/ws`` path when it has none; ``None`` when unset."""
+        url = self.public_realtime_url
+        if not url:
+            return None
+        match = _PUBLIC_REALTIME_URL_RE.fullmatch(url)
+        if match is not None and match.group("origin") and not match.group("url_path"):
+            return url + REALTIME_PATH
+        return url
 
     def cache_namespace(self) -> str:
         """Start of the API's Redis keys: ``IOT_API_CACHE_NAMESPACE``, else ``{IOT_REDIS_PREFIX}:api:``."""
         return self.api_cache_namespace or self.redis_names().api_cache_namespace
+
+
+def _check_public_realtime_url(url: str) -> None:
+    """Raise a ``ValueError`` naming ``IOT_PUBLIC_REALTIME_URL`` when ``url`` is neither a WebSocket URL nor
+    a path."""
+    name = "IOT_PUBLIC_REALTIME_URL"
+    expected = (
+        "expected a ws:// or wss:// URL such as ws://localhost:8001/ws,"
+        " or a path on the dashboard's own host such as /ws"
+    )
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError(f"{name}: {url!r} is not a URL: {expected}") from None
+    if "@" in parts.netloc:
+        raise ValueError(f"{name} must not hold a user or password: {expected}")
+    if parts.scheme and parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"{name}: {parts.scheme}:// is not a WebSocket scheme: {expected}")
+    if "?" in url or "#" in url:
+        raise ValueError(f"{name}: {url!r} has a query or fragment (the dashboard adds ?token=): {expected}")
+    match = _PUBLIC_REALTIME_URL_RE.fullmatch(url)
+    if match is None:
+        raise ValueError(f"{name}: {url!r} is not valid: {expected}")
+    port = match.group("port")
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ValueError(f"{name}: port {port} is not between 1 and 65535")

@@ -11,6 +11,7 @@ from litestar.types import ControllerRouterHandler
 from iot_api.controllers.accounts import ApiKeyController, AuthController
 from iot_api.controllers.alerts import AlertController, AlertRuleController
 from iot_api.controllers.commands import CommandController
+from iot_api.controllers.dashboard import dashboard_config
 from iot_api.controllers.devices import DeviceController
 from iot_api.controllers.identity import CredentialController, MqttHookController
 from iot_api.controllers.operations import healthz, metrics, readyz
@@ -30,4 +31,5 @@ CONTROLLERS: list[ControllerRouterHandler] = [
     CommandController,
     CredentialController,
     MqttHookController,
+    dashboard_config,
 ]
