@@ -38,6 +38,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -285,8 +286,11 @@ def banner(
     lines += [
         "Turned on for convenience by make run (never do this in production):",
         "  - IOT_INGEST_AUTO_REGISTER=true: a message on an unknown device id creates that device",
-        "  - an open broker: the services and the simulator's registration need no MQTT user of their own"
-        + (" (the embedded broker accepts anyone on 127.0.0.1)" if _embedded(choices, "mqtt") else ""),
+        *(
+            ["  - an open broker: the services connect without an MQTT user, as can any client reaching it"]
+            if not urlsplit(env.get("IOT_MQTT_URL") or "mqtt://").username
+            else []
+        ),
         "  - demo credentials: the admin login and an admin API key above, kept in "
         + env.get("IOT_RUN_SECRETS_FILE", ".run-local.env"),
         f"  - a demo alert rule ({rule}): '{DEMO_RULE_NAME}'",
@@ -420,7 +424,7 @@ def main() -> int:
             revoked = revoke_earlier_bootstrap_keys(api, api_key)
             if revoked:
                 print(f"make run: revoked {revoked} API key(s) named 'bootstrap' of earlier runs", flush=True)
-            # The demo data: the alert rule the simulator's spikes open alerts with.
+            # >>> Demo data: the one place it is seeded, once the API is ready (idempotent on every run).
             rule = seed_demo_rule(api, api_key)
         except (OSError, KeyError, ValueError) as exc:
             print(f"make run: could not set up the demo data through the API: {exc}", file=sys.stderr)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -336,3 +338,36 @@ def test_make_run_refuses_an_unknown_backend_mode(tmp_path: Path) -> None:
     result = run_local_until_exit({"IOT_LOCAL_BACKENDS": "docker", "IOT_LOCAL_DIR": str(tmp_path)})
     assert result.returncode == 2
     assert "IOT_LOCAL_BACKENDS must be one of auto, system, embedded, not 'docker'" in result.stderr
+
+
+def test_make_run_stops_what_a_killed_run_left_and_refuses_to_share_its_directory_with_a_live_one(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = subprocess.Popen(["sleep", "120"])  # stands for a server a killed make run left running
+    try:
+
+        def children_file(owner: int, started: float) -> None:
+            entry = {"name": "redis", "pid": left.pid, "started": psutil.Process(left.pid).create_time()}
+            (run_dir / "children.json").write_text(
+                json.dumps({"owner": {"pid": owner, "started": started}, "children": [entry]})
+            )
+
+        children_file(os.getpid(), psutil.Process().create_time())
+        closed = {"IOT_LOCAL_BACKENDS": "system", "IOT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+        live_owner = run_local_until_exit({**closed, "IOT_LOCAL_DIR": str(tmp_path)})
+        assert live_owner.returncode == 2
+        assert f"another make run (pid {os.getpid()}) is using {tmp_path}" in live_owner.stderr
+        assert left.poll() is None
+
+        children_file(dead.pid, 0.0)
+        killed_owner = run_local_until_exit({**closed, "IOT_LOCAL_DIR": str(tmp_path)})
+        stopped = f"stopped redis (pid {left.pid}: sleep 120), left running by an earlier run"
+        assert stopped in killed_owner.stdout
+        assert left.wait(10) == -signal.SIGTERM
+    finally:
+        left.kill()
+        left.wait()
