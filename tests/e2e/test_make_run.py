@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def make_run(env: dict[str, str], ports: dict[str, int], artifacts_dir: Path, pr
     """``make run``'s entry point with ``env`` (and a private secrets file), stopped with SIGINT after."""
     secrets_file = artifacts_dir / "run-local.env"
     secrets_file.unlink(missing_ok=True)
+    shutil.rmtree(artifacts_dir / "local", ignore_errors=True)  # an earlier run's data, with its admin
     log_path = artifacts_dir / "make-run.log"
     full_env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
@@ -347,11 +349,15 @@ def test_make_run_stops_what_a_killed_run_left_and_refuses_to_share_its_director
     run_dir.mkdir()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    left = subprocess.Popen(["sleep", "120"])  # stands for a server a killed make run left running
+    # Stands for a server a killed make run left running: an orphan, as its parent is gone.
+    spawn = subprocess.run(
+        ["sh", "-c", "sleep 120 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True, check=True
+    )
+    left = psutil.Process(int(spawn.stdout))
     try:
 
         def children_file(owner: int, started: float) -> None:
-            entry = {"name": "redis", "pid": left.pid, "started": psutil.Process(left.pid).create_time()}
+            entry = {"name": "redis", "pid": left.pid, "started": left.create_time()}
             (run_dir / "children.json").write_text(
                 json.dumps({"owner": {"pid": owner, "started": started}, "children": [entry]})
             )
@@ -361,13 +367,13 @@ def test_make_run_stops_what_a_killed_run_left_and_refuses_to_share_its_director
         live_owner = run_local_until_exit({**closed, "IOT_LOCAL_DIR": str(tmp_path)})
         assert live_owner.returncode == 2
         assert f"another make run (pid {os.getpid()}) is using {tmp_path}" in live_owner.stderr
-        assert left.poll() is None
+        assert left.is_running()
 
         children_file(dead.pid, 0.0)
         killed_owner = run_local_until_exit({**closed, "IOT_LOCAL_DIR": str(tmp_path)})
         stopped = f"stopped redis (pid {left.pid}: sleep 120), left running by an earlier run"
         assert stopped in killed_owner.stdout
-        assert left.wait(10) == -signal.SIGTERM
+        assert not left.is_running()
     finally:
-        left.kill()
-        left.wait()
+        with contextlib.suppress(psutil.Error):
+            left.kill()
