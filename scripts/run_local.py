@@ -174,7 +174,7 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             start_new_session=backend,
             preexec_fn=lb.die_with_parent(stop_signal),  # run_local has no other thread
-            user=user,
+            **lb.as_user(user),
         )
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
