@@ -4,7 +4,7 @@ UV ?= uv
 PYTEST := $(UV) run --frozen pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help install run compose-env up down test test-unit test-integration test-e2e lint fmt migrate bench bench-e2e chaos clean
+.PHONY: help install run clean-local compose-env up down test test-unit test-integration test-e2e lint fmt migrate bench bench-e2e chaos clean
 # Compose reads its secrets from the environment or deploy/.env (git-ignored; `make compose-env`).
 COMPOSE := docker compose -f deploy/compose.yml $(if $(wildcard deploy/.env),--env-file deploy/.env)
 
@@ -16,8 +16,11 @@ install: ## Install every package, console script and dev tool into .venv (uv.lo
 	$(UV) sync --frozen
 	cd dashboard && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent
 
-run: ## Run the whole platform locally (migrate, 3 services, simulated devices) until Ctrl-C
+run: ## Run the whole platform locally until Ctrl-C (embedded PostgreSQL/Redis/MQTT for any not running)
 	$(UV) run --frozen python scripts/run_local.py
+
+clean-local: ## Delete the data of make run's embedded servers (.local/, or IOT_LOCAL_DIR)
+	$(UV) run --frozen python scripts/local_backends.py clean "$${IOT_LOCAL_DIR:-.local}"
 
 compose-env: ## Write random secrets for Docker Compose into deploy/.env (keeps those already set)
 	@python3 scripts/compose_env.py

@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
+from iot_common.settings import load_settings
 from iot_ingest import consumer as consumer_module
 from iot_ingest import metrics
 from iot_ingest.batcher import Batcher
 from iot_ingest.consumer import Consumer, DeviceQuota, default_client_id, translate
 from iot_ingest.payload import Limits, parse_telemetry
 from iot_ingest.plan import Delivery
+from iot_ingest.settings import IngestSettings
 
 NOW = datetime(2026, 3, 10, 12, 0, 0, tzinfo=UTC)
 LIMITS = Limits()
@@ -166,6 +168,32 @@ def test_default_client_id_differs_by_share_group_and_database_and_is_stable() -
     long_id = default_client_id("g" * 64, "postgresql://h/" + "d" * 200)
     assert len(long_id) <= 64
     assert all(c.isalnum() or c in "_.:-" for c in long_id)
+
+
+def test_an_empty_share_group_subscribes_without_share_for_a_broker_lacking_shared_subscriptions() -> None:
+    def consumer(group: str) -> Consumer:
+        return Consumer(
+            mqtt_url="mqtt://127.0.0.1:1",
+            client_id="test-share",
+            share_group=group,
+            session_expiry_s=0,
+            max_in_flight=10,
+            batcher=Batcher(lambda items: None, max_size=10, max_delay=0.0),  # type: ignore[arg-type,return-value]
+            limits=LIMITS,
+        )
+
+    assert [s.topic for s in consumer("g").subscriptions] == [
+        "$share/g/devices/telemetry/+",
+        "$share/g/devices/status/+",
+        "$share/g/devices/commands/+/ack",
+    ]
+    assert [s.topic for s in consumer("").subscriptions] == [
+        "devices/telemetry/+",
+        "devices/status/+",
+        "devices/commands/+/ack",
+    ]
+    assert load_settings(IngestSettings, {"IOT_MQTT_SHARE_GROUP": ""}).mqtt_share_group == ""
+    assert default_client_id("", "postgresql://h/db") != default_client_id("unshared", "postgresql://h/db")
 
 
 def make_consumer(flush: Any, quota: DeviceQuota | None = None) -> tuple[Consumer, Batcher[Delivery]]:

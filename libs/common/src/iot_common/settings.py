@@ -50,6 +50,13 @@ RedisPrefix = Annotated[
     ),
 ]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+BindHost = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z0-9.:-]{1,253}(?!\n)$",
+        description="address a service's HTTP listener binds: 0.0.0.0 (every interface), 127.0.0.1, ::",
+    ),
+]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["json", "console", "auto"]
 
@@ -86,6 +93,9 @@ class BaseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 class WebSettings(BaseSettings, frozen=True, kw_only=True):
     """Settings shared by the services browsers talk to (API and realtime)."""
+
+    bind_host: BindHost = "0.0.0.0"
+    """Address the HTTP listener binds (``IOT_BIND_HOST``); ``make run`` sets 127.0.0.1."""
 
     jwt_secret: str = ""
     """Signs and verifies access tokens: required, no default (see :mod:`iot_common.weak_secrets`)."""

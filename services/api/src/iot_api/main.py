@@ -35,7 +35,7 @@ async def serve(settings: ApiSettings, stop: asyncio.Event) -> None:
     """Serve the API until ``stop`` is set; in-flight requests finish before the pool closes."""
     config = uvicorn.Config(
         create_app(settings),
-        host="0.0.0.0",
+        host=settings.bind_host,
         port=settings.api_port,
         log_config=None,
         access_log=False,

@@ -82,7 +82,8 @@ def default_client_id(share_group: str = "ingest", database_url: str = "") -> st
         db_port = None
     identity = "\n".join((host, share_group, db.hostname or "", str(db_port or ""), db.path, db.query))
     digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
-    head = f"iot-ingest-{_client_id_part(host)[:24]}-{_client_id_part(share_group)[:19]}"
+    group = _client_id_part(share_group or "unshared")[:19]
+    head = f"iot-ingest-{_client_id_part(host)[:24]}-{group}"
     return f"{head}-{digest}"  # 11 + 24 + 1 + 19 + 1 + 8 = 64 characters at most
 
 
@@ -287,10 +288,11 @@ class Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self.connected = asyncio.Event()
+        # No share group: plain subscriptions, for a broker without MQTT 5 shared subscriptions (one
+        # ingest process only, as every subscriber gets every message).
         self.subscriptions = [
-            Subscription(shared_subscription(share_group, TELEMETRY_FILTER), qos=1),
-            Subscription(shared_subscription(share_group, STATUS_FILTER), qos=1),
-            Subscription(shared_subscription(share_group, COMMAND_ACK_FILTER), qos=1),
+            Subscription(shared_subscription(share_group, f) if share_group else f, qos=1)
+            for f in (TELEMETRY_FILTER, STATUS_FILTER, COMMAND_ACK_FILTER)
         ]
         self.client = Client(
             client_id,

@@ -102,6 +102,11 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
         quota = DeviceQuota(
             settings.ingest_max_readings_per_device_s, settings.ingest_max_readings_per_device_burst
         )
+    if not settings.mqtt_share_group:
+        log.warning(
+            "IOT_MQTT_SHARE_GROUP is empty: subscribing without $share (no shared subscriptions); "
+            "run a single ingest process, each one would get every message"
+        )
     consumer = Consumer(
         mqtt_url=settings.mqtt_url,
         client_id=settings.mqtt_client_id
@@ -144,8 +149,8 @@ async def serve(settings: IngestSettings, stop: asyncio.Event) -> None:
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", settings.ingest_http_port).start()
-    log_listening(log, "0.0.0.0", settings.ingest_http_port)
+    await web.TCPSite(runner, settings.bind_host, settings.ingest_http_port).start()
+    log_listening(log, settings.bind_host, settings.ingest_http_port)
     background = [
         asyncio.create_task(
             run_maintenance_forever(

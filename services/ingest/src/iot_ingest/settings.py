@@ -6,12 +6,16 @@ from typing import Annotated
 
 import msgspec
 
-from iot_common.settings import BaseSettings, Port
+from iot_common.settings import BaseSettings, BindHost, Port
 
 
 class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     ingest_http_port: Port = 8002
-    mqtt_share_group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$")] = "ingest"
+    bind_host: BindHost = "0.0.0.0"
+    """Address of the health and metrics listener (``IOT_BIND_HOST``); ``make run`` sets 127.0.0.1."""
+    mqtt_share_group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}(?!\n)$")] = "ingest"
+    """MQTT 5 shared-subscription group (``$share/{group}/...``); empty: plain subscriptions, for a broker
+    without shared subscriptions (then run a single ingest process: each one would get every message)."""
     mqtt_client_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{0,64}(?!\n)$")] = ""
     mqtt_session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86400
     ingest_auto_register: bool = False

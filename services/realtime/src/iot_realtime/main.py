@@ -22,8 +22,8 @@ async def serve(settings: RealtimeSettings, stop: asyncio.Event) -> None:
     runner = web.AppRunner(create_app(settings), access_log=None)
     await runner.setup()
     # A large accept backlog: when a replica stops, its clients all reconnect to the others at once.
-    await web.TCPSite(runner, "0.0.0.0", settings.realtime_port, backlog=4096).start()
-    log_listening(log, "0.0.0.0", settings.realtime_port)
+    await web.TCPSite(runner, settings.bind_host, settings.realtime_port, backlog=4096).start()
+    log_listening(log, settings.bind_host, settings.realtime_port)
     try:
         await stop.wait()
     finally:

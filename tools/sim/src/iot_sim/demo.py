@@ -14,7 +14,7 @@ import httpx
 
 DEVICE_TYPE: Final = "simulated"
 """The type the simulator registers its devices with (``POST /api/v1/devices``)."""
-DEMO_RULE_NAME: Final = "Simulated temperature spike"
+DEMO_RULE_NAME: Final = "demo: simulated temperature spike"
 
 
 class ApiRefused(RuntimeError):
