@@ -8,6 +8,7 @@ import importlib.metadata
 import re
 import sys
 import tomllib
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,8 @@ def runtime_imports(path: Path) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            for child in node.orelse:
-                visit(child)
+            for statement in node.orelse:
+                visit(statement)
             return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
@@ -84,7 +85,7 @@ def runtime_imports(path: Path) -> set[str]:
 
 
 @cache
-def distribution_of() -> dict[str, list[str]]:
+def distribution_of() -> Mapping[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
