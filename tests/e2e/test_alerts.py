@@ -1,6 +1,6 @@
 """Alerts, actions and command answers: the ingest service as a process, a private Mosquitto, real
-PostgreSQL and Redis. Rules are inserted into the test database directly (the API half comes later) and
-announced on ``iot:rules-changed`` as the API will do.
+PostgreSQL and Redis. Rules are inserted into the test database directly and announced on
+``iot:rules-changed`` with the API's own publisher.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from gmqtt import Client as MqttClient
 from gmqtt.mqtt.constants import MQTTv50
 
 from bench.loadgen import device_ids, publish_async
-from iot_common.alerts import notify_rules_changed
+from iot_api.cache import Cache
+from iot_api.events import EventPublisher
 from iot_common.topics import RedisNames
 from tests.e2e.test_ingest import Ingest, Start, scrape, wait_for
 from tests.support.processes import free_port, mosquitto
@@ -51,6 +52,12 @@ async def add_rule(db: asyncpg.Connection[Any], **fields: Any) -> str:
     placeholders = ", ".join(f"${i + 1}{c}" for i, c in enumerate(casts))
     sql = f"INSERT INTO alert_rules ({', '.join(names)}) VALUES ({placeholders}) RETURNING id::text"
     return str(await db.fetchval(sql, *fields.values()))
+
+
+async def announce_rule(redis: aioredis.Redis, rule_id: str) -> None:
+    """Announce a new rule on ``iot:rules-changed`` as the API does after writing it."""
+    events = EventPublisher(Cache(redis, NAMES.api_cache_namespace), NAMES)
+    assert await events.rules_changed(rule_id, "created")
 
 
 class Channel:
@@ -118,7 +125,7 @@ async def test_reading_over_threshold_opens_one_alert_and_a_reading_back_under_r
     rule_id = await add_rule(
         db, device_id=device, metric="temperature", op=">", threshold=30.0, severity="critical", message="hot"
     )
-    await notify_rules_changed(redis, NAMES)
+    await announce_rule(redis, rule_id)
     await wait_for(lambda: _true(scrape(base)["iot_ingest_rules_loaded"] == 1), 30, "the rule loaded")
     async with Channel(redis, device) as channel:
         await send(broker, device, reading(20))

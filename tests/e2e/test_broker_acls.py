@@ -22,7 +22,7 @@ import gmqtt
 import httpx
 import pytest
 
-from iot_common.dynsec import DynsecAdmin
+from iot_api.dynsec import DynsecAdmin
 from iot_common.topics import command_ack_topic, command_topic, telemetry_topic
 from tests.e2e.broker_support import PASSWORDS, Platform, Start, shipped_broker, start_platform, wait_for
 

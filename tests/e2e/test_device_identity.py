@@ -18,7 +18,7 @@ import asyncpg
 import gmqtt
 import pytest
 
-from iot_common.dynsec import DynsecAdmin
+from iot_api.dynsec import DynsecAdmin
 from iot_common.topics import command_topic, telemetry_topic
 from tests.e2e.broker_support import PASSWORDS, Start, shipped_broker, start_platform, wait_for
 from tests.support.processes import BIN

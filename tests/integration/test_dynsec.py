@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import gmqtt
 import pytest
 
-from iot_common.dynsec import DynsecAdmin
+from iot_api.dynsec import DynsecAdmin
 from iot_common.topics import command_topic, telemetry_topic
 from tests.support.processes import dynsec_mosquitto
 

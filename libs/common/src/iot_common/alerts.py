@@ -1,8 +1,9 @@
-"""Alert rules' actions, alert rows as events, and the rules-changed signal: shared by the API and ingest.
+"""Alert rules' actions and alert rows as events: shared by the API and ingest.
 
-The API validates a rule's ``action`` with :func:`parse_action` before storing it, and calls
-:func:`notify_rules_changed` after any change to ``alert_rules``; the ingest service reloads its rule
-cache then. See docs/alerts.md for the semantics.
+Ingest reads a rule's stored ``action`` with :func:`parse_action` (the API validates it with its own
+request types before storing it); both services build the event of an alert row with
+:func:`alert_event`. The API announces each rule change on ``RedisNames.rules_changed``; ingest then
+reloads its rule cache. See docs/alerts.md for the semantics.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-import redis.asyncio as aioredis
 
 from iot_common.messages import AlertEvent
-from iot_common.topics import RedisNames
 
 Trigger = Literal["open", "resolve"]
 HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}(?!\n)$")]
@@ -67,8 +66,3 @@ def parse_action(document: Mapping[str, Any] | None) -> Action | None:
 def alert_event(record: Mapping[str, Any]) -> AlertEvent:
     """The Redis/WebSocket event for a row with :data:`ALERT_COLUMNS`."""
     return AlertEvent(**{name: record[name] for name in AlertEvent.__struct_fields__})
-
-
-async def notify_rules_changed(redis: aioredis.Redis, names: RedisNames) -> None:
-    """Tell every ingest replica to reload its rule cache (call after committing a rule change)."""
-    await redis.publish(names.rules_changed, b"1")

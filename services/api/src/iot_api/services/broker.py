@@ -1,6 +1,6 @@
 """The API's admin connection to Mosquitto's dynamic security plugin (``IOT_MQTT_ADMIN_URL``).
 
-One :class:`~iot_common.dynsec.DynsecAdmin` is held for the life of the app. When it is not connected
+One :class:`~iot_api.dynsec.DynsecAdmin` is held for the life of the app. When it is not connected
 (broker restarted, network cut) the next call opens a fresh one; when that fails the call raises
 :class:`BrokerUnavailable`, which the identity service turns into a 503 after rolling back its change.
 """
@@ -13,8 +13,8 @@ import contextlib
 import structlog
 from prometheus_client import Counter
 
+from iot_api.dynsec import DynsecAdmin, DynsecError, device_role
 from iot_api.problems import Conflict, Unavailable
-from iot_common.dynsec import DynsecAdmin, DynsecError, device_role
 
 log = structlog.stdlib.get_logger("iot_api.broker")
 BROKER_CALLS = Counter("iot_api_broker_calls_total", "Dynamic-security commands by result", ["result"])

@@ -1,7 +1,7 @@
 """Who may publish or subscribe to what, for the EMQX authorisation hook.
 
 The same rules Mosquitto enforces through its dynamic-security roles: a device's role comes from
-``iot_common.dynsec.device_acls``, the service roles mirror ``deploy/mosquitto/dynsec-init.sh``.
+``iot_api.dynsec.device_acls``, the service roles mirror ``deploy/mosquitto/dynsec-init.sh``.
 """
 
 from __future__ import annotations
