@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,10 +41,10 @@ def closed_url(variable: str, port: int) -> str:
 
 
 @pytest.fixture
-def backends(postgres_server_url: str, redis_url: str, mqtt_url: str, unique: str) -> dict[str, str]:
-    """Settings under which every backend answers (PostgreSQL's maintenance database: enough to start)."""
+def backends(database_url: str, redis_url: str, mqtt_url: str, unique: str) -> dict[str, str]:
+    """Settings under which every backend answers (a private, migrated database)."""
     return {
-        "IOT_DATABASE_URL": postgres_server_url,
+        "IOT_DATABASE_URL": database_url,
         "IOT_REDIS_URL": redis_url,
         "IOT_MQTT_URL": mqtt_url,
         "IOT_MQTT_SHARE_GROUP": f"startup-{unique}",
@@ -208,3 +209,44 @@ def test_the_api_starts_without_redis_and_broker_naming_each_once(
     assert body["checks"]["redis"] != "ok"
     assert proc.stop() == 0, proc.logs()
     assert PASSWORD not in proc.logs()
+
+
+@pytest.mark.parametrize("script", ["iot-api", "iot-realtime", "iot-ingest"])
+def test_a_database_without_the_schema_stops_start_up_saying_to_run_migrate(
+    service: Start, backends: dict[str, str], empty_database_url: str, script: str
+) -> None:
+    proc = service(script, {**backends, "IOT_DATABASE_URL": empty_database_url})
+    assert proc.wait_exit() == 13, proc.logs()
+    error = assert_one_clean_error(proc)
+    assert error["event"].startswith("PostgreSQL at 127.0.0.1:"), error
+    assert "(IOT_DATABASE_URL) is not ready for this release: the database has no schema" in error["event"]
+    assert error["event"].endswith("run iot-migrate")
+    assert len(proc.log_lines()) <= 2, proc.logs()
+
+
+def test_a_schema_applied_while_the_service_waits_is_used(
+    service: Start, backends: dict[str, str], empty_database_url: str
+) -> None:
+    port = int(backends["IOT_REALTIME_PORT"])
+    env = {**backends, "IOT_DATABASE_URL": empty_database_url, "IOT_STARTUP_WAIT_S": "120"}
+    proc = service("iot-realtime", env)
+    proc.wait_log("PostgreSQL is not ready at")
+    assert service("iot-migrate", env).wait_exit() == 0
+    proc.wait_http(f"http://127.0.0.1:{port}/readyz")
+    assert proc.stop() == 0, proc.logs()
+    assert "Traceback" not in proc.logs()
+
+
+@pytest.mark.parametrize("script", ["iot-realtime", "iot-ingest"])
+def test_a_port_in_use_stops_start_up_with_one_line(
+    service: Start, backends: dict[str, str], script: str
+) -> None:
+    port = int(backends[PORT_VARS[script]])
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", port))
+        taken.listen()
+        proc = service(script, backends)
+        assert proc.wait_exit() == 14, proc.logs()
+    error = assert_one_clean_error(proc)
+    assert error["event"].startswith("cannot listen: "), error
+    assert str(port) in error["event"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -12,7 +13,14 @@ import structlog
 
 from iot_common.logging import configure_logging
 from iot_common.settings import BaseSettings, SettingsError, load_settings
-from iot_common.startup import EXIT_SETTINGS, Backend, BackendUnavailable, check_backends, exit_unavailable
+from iot_common.startup import (
+    EXIT_PORT_IN_USE,
+    EXIT_SETTINGS,
+    Backend,
+    BackendUnavailable,
+    check_backends,
+    exit_unavailable,
+)
 
 S = TypeVar("S", bound=BaseSettings)
 Serve = Callable[[S, asyncio.Event], Awaitable[None]]
@@ -56,6 +64,11 @@ def run_service(
         asyncio.run(main())
     except BackendUnavailable as exc:
         exit_unavailable(exc, log)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.error(f"cannot listen: {exc.strerror or exc}", exit_code=EXIT_PORT_IN_USE)
+        raise SystemExit(EXIT_PORT_IN_USE) from None
 
 
 async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:

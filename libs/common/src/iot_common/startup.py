@@ -12,6 +12,8 @@ and the backend's exit status, the same in every service and in ``iot-migrate``:
 10    PostgreSQL (``IOT_DATABASE_URL``)
 11    Redis (``IOT_REDIS_URL``)
 12    MQTT broker (``IOT_MQTT_URL``)
+13    PostgreSQL answers, but its schema is missing or older than this release (run ``iot-migrate``)
+14    a port to listen on is taken
 ====  ==========================================================
 
 A backend a service can run without (the API's Redis and broker) is tried once, and a warning names it.
@@ -45,6 +47,8 @@ EXIT_SETTINGS: Final = 2
 EXIT_POSTGRES: Final = 10
 EXIT_REDIS: Final = 11
 EXIT_MQTT: Final = 12
+EXIT_SCHEMA: Final = 13
+EXIT_PORT_IN_USE: Final = 14
 
 PROBE_TIMEOUT_S: Final = 5.0
 """How long one attempt may take: a host that drops packets costs this much per attempt."""
@@ -63,6 +67,10 @@ Logger = structlog.stdlib.BoundLogger
 
 class NoAnswer(Exception):
     """The backend did not answer this attempt (refused connection, timeout, still starting): retried."""
+
+
+class NotMigrated(NoAnswer):
+    """PostgreSQL answers, but without this release's schema: waited for (a migration job may be running)."""
 
 
 class Refused(Exception):
@@ -90,14 +98,25 @@ class BackendUnavailable(Exception):
     """A required backend did not answer in time, or refused; ``str()`` is the one line to log."""
 
     def __init__(
-        self, backend: Backend, url: str, error: str, *, refused: bool, attempts: int, waited_s: float
+        self,
+        backend: Backend,
+        url: str,
+        error: str,
+        *,
+        refused: bool,
+        attempts: int,
+        waited_s: float,
+        not_migrated: bool = False,
     ) -> None:
         self.backend = backend
         self.address = address(url)
         self.error = error
         self.attempts = attempts
+        self.not_migrated = not_migrated
         where = f"at {self.address} ({backend.variable})"
-        if refused:
+        if not_migrated:
+            message = f"{backend.name} {where} is not ready for this release: {error}"
+        elif refused:
             message = f"{backend.name} {where} refused the connection: {error}"
         else:
             message = f"{backend.name} does not answer {where}: {error}"
@@ -107,7 +126,7 @@ class BackendUnavailable(Exception):
 
     @property
     def exit_code(self) -> int:
-        return self.backend.exit_code
+        return EXIT_SCHEMA if self.not_migrated else self.backend.exit_code
 
 
 def address(url: str) -> str:
@@ -137,6 +156,15 @@ def _describe(exc: BaseException, url: str) -> str:
 
 
 async def _probe_postgres(url: str, timeout: float) -> None:
+    """A login, then this release's schema: every migration it ships is applied."""
+    await _probe_postgres_server(url, timeout, schema=True)
+
+
+async def _probe_postgres_login(url: str, timeout: float) -> None:
+    await _probe_postgres_server(url, timeout, schema=False)
+
+
+async def _probe_postgres_server(url: str, timeout: float, *, schema: bool) -> None:
     try:
         conn = await asyncpg.connect(url, timeout=timeout)
     except (
@@ -148,7 +176,24 @@ async def _probe_postgres(url: str, timeout: float) -> None:
         raise NoAnswer(_describe(exc, url)) from None
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise Refused(_describe(exc, url)) from None
-    await conn.close(timeout=timeout)
+    try:
+        if schema:
+            await _check_schema(conn)
+    finally:
+        await conn.close(timeout=timeout)
+
+
+async def _check_schema(conn: asyncpg.Connection) -> None:
+    from iot_common.db.migrate import load_migrations  # here: migrate imports this module
+
+    needed = max(m.version for m in load_migrations())
+    try:
+        current = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        current = None
+    if current is None or current < needed:
+        found = "no schema" if current is None else f"schema version {current}"
+        raise NotMigrated(f"the database has {found}, this release needs version {needed}: run iot-migrate")
 
 
 async def _probe_redis(url: str, timeout: float) -> None:
@@ -187,6 +232,9 @@ async def _probe_mqtt(url: str, timeout: float) -> None:
 
 
 POSTGRES: Final = Backend("PostgreSQL", "database_url", EXIT_POSTGRES, _probe_postgres)
+"""PostgreSQL with this release's schema, as the services need it."""
+POSTGRES_LOGIN: Final = Backend("PostgreSQL", "database_url", EXIT_POSTGRES, _probe_postgres_login)
+"""PostgreSQL that accepts the login, schema or not (``iot-migrate``)."""
 REDIS: Final = Backend("Redis", "redis_url", EXIT_REDIS, _probe_redis)
 MQTT: Final = Backend("MQTT broker", "mqtt_url", EXIT_MQTT, _probe_mqtt)
 
@@ -206,8 +254,9 @@ async def wait_for_backend(backend: Backend, url: str, wait_s: float, log: Logge
     def log_retry(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
+        state_of = "is not ready" if isinstance(error, NotMigrated) else "does not answer"
         log.warning(
-            f"{backend.name} does not answer {where}, retrying in {delay:.1f} s",
+            f"{backend.name} {state_of} {where}, retrying in {delay:.1f} s",
             error=str(error),
             attempt=state.attempt_number,
             waited_s=round(time.monotonic() - started, 1),
@@ -235,6 +284,7 @@ async def wait_for_backend(backend: Backend, url: str, wait_s: float, log: Logge
             refused=isinstance(exc, Refused),
             attempts=attempts,
             waited_s=time.monotonic() - started,
+            not_migrated=isinstance(exc, NotMigrated),
         ) from None
     if attempts > 1:
         log.info(f"{backend.name} answers {where}", attempts=attempts)

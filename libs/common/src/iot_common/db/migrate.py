@@ -25,7 +25,7 @@ from iot_common.settings import BaseSettings, SettingsError, load_settings
 from iot_common.startup import (
     EXIT_FAILURE,
     EXIT_SETTINGS,
-    POSTGRES,
+    POSTGRES_LOGIN,
     BackendUnavailable,
     exit_unavailable,
     wait_for_backend,
@@ -137,7 +137,7 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_format, service="migrate")
 
     async def run() -> list[int]:
-        await wait_for_backend(POSTGRES, settings.database_url, settings.startup_wait_s, log)
+        await wait_for_backend(POSTGRES_LOGIN, settings.database_url, settings.startup_wait_s, log)
         return await migrate(settings)
 
     try:
