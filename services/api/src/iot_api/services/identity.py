@@ -21,16 +21,16 @@ import msgspec
 import structlog
 
 from iot_api.cache import Cache
-from iot_api.identity_schemas import (
+from iot_api.errors import Conflict, NotFound, Unauthenticated
+from iot_api.repositories.credentials import CredentialRepository
+from iot_api.schemas.devices import DeviceCreate
+from iot_api.schemas.identity import (
     AuthnAnswer,
     AuthzAnswer,
     CredentialStatus,
     DeviceCreated,
     MqttCredentials,
 )
-from iot_api.problems import Conflict, NotFound
-from iot_api.repositories.credentials import CredentialRepository
-from iot_api.schemas import DeviceCreate
 from iot_api.services.broker import DynsecProvisioner
 from iot_api.services.devices import DeviceService
 from iot_api.services.mqtt_acl import RESERVED_USERNAMES, SERVICE_ROLES, Rule, allowed, device_rules
@@ -38,6 +38,7 @@ from iot_common.topics import is_valid_device_id
 
 log = structlog.stdlib.get_logger("iot_api.identity")
 SECRET_PREFIX = "iotd_"
+HOOK_SECRET_HEADER = "X-Hook-Secret"
 
 
 class _Cached(msgspec.Struct, frozen=True):
@@ -78,6 +79,7 @@ class IdentityService:
         ttl_s: int,
         broker: DynsecProvisioner | None,
         service_users: dict[str, ServiceUser],
+        hook_secret: str = "",
     ) -> None:
         self.repo = repo
         self.devices = devices
@@ -86,6 +88,14 @@ class IdentityService:
         self.broker = broker
         self.service_users = service_users
         self.reserved = RESERVED_USERNAMES | set(service_users)
+        self.hook_secret = hook_secret
+
+    def check_hook_secret(self, given: str | None) -> None:
+        """The broker's hooks are on only with ``IOT_MQTT_HOOK_SECRET``, and answer only to it."""
+        if not self.hook_secret:
+            raise NotFound("the MQTT hooks are disabled (IOT_MQTT_HOOK_SECRET is not set)")
+        if given is None or not hmac.compare_digest(given.encode(), self.hook_secret.encode()):
+            raise Unauthenticated(f"wrong or missing {HOOK_SECRET_HEADER}")
 
     def _cache_key(self, device_id: str) -> str:
         return self.cache.key("mqtt", "cred", device_id)

@@ -12,14 +12,15 @@ from typing import Literal
 import msgspec
 
 from iot_api.cache import Cache
-from iot_api.pagination import decode_cursor, encode_cursor
-from iot_api.problems import TooManyRequests, invalid
+from iot_api.errors import Invalid, RateLimited
+from iot_api.pagination import decode_cursor, decode_position, encode_cursor, paginate
 from iot_api.repositories.telemetry import Bucket, TelemetryRepository
-from iot_api.schemas import (
+from iot_api.schemas.telemetry import (
     Aggregate,
     AggregatePoint,
     DeviceLatest,
     History,
+    LatestList,
     LatestValue,
     Series,
     SeriesPoint,
@@ -72,7 +73,7 @@ def aggregate_range(start: datetime | None, end: datetime | None) -> tuple[datet
     end = utc(end) or datetime.now(UTC)
     start = utc(start) or max(end - DEFAULT_AGGREGATE_RANGE, _MIN_TS)
     if start >= end:
-        raise invalid("from", "must be before `to`")
+        raise Invalid("from", "must be before `to`")
     return start, end
 
 
@@ -116,9 +117,9 @@ class HeavyReads:
     @asynccontextmanager
     async def hold(self, principal: str) -> AsyncIterator[None]:
         if self.active[principal] >= self.per_principal:
-            raise TooManyRequests(
+            raise RateLimited(
                 f"at most {self.per_principal} telemetry reads at once per credential; retry shortly",
-                headers={"Retry-After": str(self.RETRY_AFTER_S)},
+                retry_after_s=self.RETRY_AFTER_S,
             )
         self.active[principal] += 1
         try:
@@ -152,6 +153,29 @@ class TelemetryService:
         self.max_points = max_points
         self.heavy = HeavyReads(heavy_reads_per_principal)
 
+    async def device_telemetry(
+        self,
+        principal: str,
+        device_id: str,
+        metrics: list[str] | None,
+        start: datetime | None,
+        end: datetime | None,
+        *,
+        order: Literal["asc", "desc"],
+        limit: int,
+        cursor: str | None,
+        bucket: str | None,
+        agg: str,
+    ) -> TelemetryPage | TelemetryAggregate:
+        """Raw points of a device (a page), or with ``bucket`` the buckets of exactly one metric; one of
+        the ``principal``'s heavy reads."""
+        if bucket is not None and (not metrics or len(set(metrics)) != 1):
+            raise Invalid("metric", "exactly one metric is needed with `bucket`")
+        async with self.heavy.hold(principal):
+            if bucket is None or not metrics:
+                return await self.raw(device_id, metrics, start, end, order, limit, cursor)
+            return await self.aggregate(device_id, metrics[0], start, end, bucket, agg)
+
     async def raw(
         self,
         device_id: str,
@@ -164,31 +188,24 @@ class TelemetryService:
     ) -> TelemetryPage:
         await self.devices.require(device_id)
         limit = min(limit, self.max_points)
-        after: tuple[datetime, str] | None = None
-        if cursor:
-            ts, metric = decode_cursor(cursor, (datetime, str))
-            after = (ts, metric)
+        after = decode_position(cursor, (datetime, str))
         names = sorted(set(metrics)) if metrics else await self.repo.metrics(device_id)
-        rows = []
-        if names:
+
+        async def fetch(n: int) -> list[TelemetryPoint]:
+            if not names:
+                return []
             rows = await self.repo.raw(
-                device_id,
-                names,
-                utc(start),
-                utc(end),
-                descending=order == "desc",
-                after=after,
-                limit=limit + 1,
+                device_id, names, utc(start), utc(end), descending=order == "desc", after=after, limit=n
             )
-        has_more = len(rows) > limit
-        items = [TelemetryPoint(ts=r.ts, metric=r.metric, value=r.value) for r in rows[:limit]]
-        last = items[-1] if items else None
-        return TelemetryPage(
+            return [TelemetryPoint(ts=r.ts, metric=r.metric, value=r.value) for r in rows]
+
+        return await paginate(
+            TelemetryPage,
+            fetch,
+            limit,
+            lambda point: (point.ts, point.metric),
             device_id=device_id,
             order=order,
-            items=items,
-            has_more=has_more,
-            next_cursor=encode_cursor(last.ts, last.metric) if has_more and last else None,
         )
 
     async def aggregate(
@@ -219,16 +236,16 @@ class TelemetryService:
     def _check_buckets(start: datetime, end: datetime, bucket: str, most: int = MAX_BUCKETS) -> timedelta:
         step = BUCKETS[bucket]
         if (end - start) / step > most:
-            raise invalid("bucket", f"more than {most} buckets in the range; use a larger bucket")
+            raise Invalid("bucket", f"more than {most} buckets in the range; use a larger bucket")
         return step
 
     async def latest(self, device_id: str) -> DeviceLatest:
         await self.devices.require(device_id)
         return (await self._latest([device_id]))[0]
 
-    async def latest_many(self, device_ids: list[str]) -> list[DeviceLatest]:
+    async def latest_many(self, device_ids: list[str]) -> LatestList:
         """Latest values of each device asked for (unknown devices answer with no metrics)."""
-        return await self._latest(list(dict.fromkeys(device_ids)))
+        return LatestList(items=await self._latest(list(dict.fromkeys(device_ids))))
 
     async def _latest(self, device_ids: list[str]) -> list[DeviceLatest]:
         cached = await self.cache.hgetall_many([self.names.latest_key(d) for d in device_ids])
@@ -244,6 +261,7 @@ class TelemetryService:
 
     async def history(
         self,
+        principal: str,
         device_ids: list[str],
         metric: str,
         start: datetime | None,
@@ -257,8 +275,23 @@ class TelemetryService:
 
         A response holds at most ``max_points`` points in all. When the series do not fit, the page stops
         after ``max_points`` points (``truncated``) and ``next_cursor`` continues exactly after the last
-        point returned: the same device, the next point, on the same time range as the first page.
+        point returned: the same device, the next point, on the same time range as the first page. One of
+        the ``principal``'s heavy reads.
         """
+        async with self.heavy.hold(principal):
+            return await self._history(device_ids, metric, start, end, bucket, agg, limit, cursor)
+
+    async def _history(
+        self,
+        device_ids: list[str],
+        metric: str,
+        start: datetime | None,
+        end: datetime | None,
+        bucket: str | None,
+        agg: str,
+        limit: int,
+        cursor: str | None,
+    ) -> History:
         ids = list(dict.fromkeys(device_ids))
         step = None
         fingerprint = _fingerprint(ids, metric, bucket, limit)
@@ -268,11 +301,11 @@ class TelemetryService:
                 cursor, (str, int, datetime, datetime, datetime | None, int)
             )
             if mark != fingerprint or not 0 <= index < len(ids) or not 0 <= emitted < limit:
-                raise invalid("cursor", "not a cursor of this query (same devices, metric, bucket, limit)")
+                raise Invalid("cursor", "not a cursor of this query (same devices, metric, bucket, limit)")
             # The fingerprint is no secret: a client can write any range into a cursor. Only a range this
             # endpoint could have chosen (see aggregate_range) is taken, so arithmetic on it cannot fail.
             if not (_MIN_TS <= start_ < end_ <= _MAX_TS and (after is None or start_ <= after <= end_)):
-                raise invalid("cursor", "not a cursor returned by this endpoint")
+                raise Invalid("cursor", "not a cursor returned by this endpoint")
         else:
             start_, end_ = aggregate_range(start, end)
         if bucket is not None:
