@@ -117,11 +117,12 @@ class InvalidAction(ValueError):
 
 
 def parse_action(document: Mapping[str, Any] | None) -> Action | None:
-    """Validate an ``action`` jsonb document (None: the rule has no action) as the API validates it."""
+    """Validate an ``action`` jsonb document (None: the rule has no action) as the API validates a request
+    body (Litestar converts JSON with ``strict=False``: a number in a string is taken)."""
     if document is None:
         return None
     try:
-        action: Action = msgspec.convert(document, Action)
+        action: Action = msgspec.convert(document, Action, strict=False)
     except msgspec.ValidationError as exc:
         raise InvalidAction(str(exc)) from None
     if isinstance(action, CommandAction) and (problem := unstorable_json(action.params, "params")):

@@ -51,6 +51,14 @@ def rule_columns(values: dict[str, Any], device_id: str | None, device_type: str
     return values
 
 
+def new_rule_columns(data: AlertRuleCreate) -> dict[str, Any]:
+    """The columns of a new rule (a webhook left without ``headers`` gets none), as ingest will load them."""
+    values = msgspec.structs.asdict(data)
+    if isinstance(data.action, WebhookAction) and data.action.given_headers is msgspec.UNSET:
+        values["action"] = msgspec.structs.replace(data.action, given_headers={})
+    return rule_columns(values, data.device_id, data.device_type)
+
+
 class AlertRuleService:
     def __init__(self, repo: AlertRuleRepository, events: EventPublisher) -> None:
         self.repo = repo
@@ -85,12 +93,8 @@ class AlertRuleService:
         """Store a new rule; a webhook action takes the admin scope (it makes ingest POST anywhere)."""
         if isinstance(data.action, WebhookAction) and not principal.allows("admin"):
             raise Forbidden(WEBHOOK_NEEDS_ADMIN)
-        values = msgspec.structs.asdict(data)
-        if isinstance(data.action, WebhookAction) and data.action.given_headers is msgspec.UNSET:
-            values["action"] = msgspec.structs.replace(data.action, given_headers={})
-        columns = rule_columns(values, data.device_id, data.device_type)
         try:
-            rule = await self.repo.create(columns)
+            rule = await self.repo.create(new_rule_columns(data))
         except asyncpg.ForeignKeyViolationError:
             raise Invalid("device_id", "no device with this id", "body") from None
         await self.events.rules_changed(rule.id, "created")
