@@ -105,8 +105,6 @@ def build_services(
         identity=IdentityService(
             CredentialRepository(pool),
             devices,
-            cache,
-            settings.api_cache_ttl_s,
             broker,
             parse_service_users(settings.mqtt_service_users),
             settings.mqtt_hook_secret,

@@ -1,7 +1,8 @@
 """Keyset pagination: opaque cursors and the one way every list endpoint pages.
 
 A cursor is the position after the last item of a page (the values of the sort key), as URL-safe base64
-of a JSON array. :func:`paginate` fetches one row more than the page holds, to know whether more follow.
+of a JSON array. :func:`paginate` decodes it and fetches one row more than the page holds, to know whether
+more follow.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Final, TypeVar
 import msgspec
 
 from iot_api.errors import Invalid
+from iot_api.queries import PageRequest
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -69,15 +71,20 @@ def _aware(ts: datetime) -> datetime:
 
 async def paginate(
     page: Callable[..., P],
-    fetch: Callable[[int], Awaitable[Sequence[T]]],
-    limit: int,
+    request: PageRequest,
+    key: tuple[Any, ...],
+    fetch: Callable[[tuple[Any, ...] | None, int], Awaitable[Sequence[T]]],
     position: Callable[[T], tuple[Any, ...]],
     **fields: Any,
 ) -> P:
-    """The page of at most ``limit`` items: ``fetch(n)`` returns the first ``n`` rows after the cursor's
-    position, ``position(item)`` the sort key of an item; ``fields`` are the page's other fields."""
-    rows = await fetch(limit + 1)
-    items = list(rows[:limit])
-    has_more = len(rows) > limit and bool(items)
+    """The page ``request`` asks for, built by ``page`` (with the other ``fields`` of the page).
+
+    ``key``: the types of the sort key (the cursor holds a position of them); ``fetch(after, n)``: the
+    first ``n`` rows after the position ``after`` (None: from the start); ``position(item)``: an item's key.
+    """
+    after = decode_position(request.cursor, key)
+    rows = await fetch(after, request.limit + 1)
+    items = list(rows[: request.limit])
+    has_more = len(rows) > request.limit and bool(items)
     next_cursor = encode_cursor(*position(items[-1])) if has_more else None
     return page(items=items, has_more=has_more, next_cursor=next_cursor, **fields)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 
 from iot_api.services.alerts import AlertRuleService, AlertService
 from iot_api.services.auth import AuthService
@@ -43,3 +43,5 @@ def services_of(state: State) -> Services:
 
 SERVICES = Provide(services_of, sync_to_thread=False)
 """The ``services`` dependency of every handler."""
+AppServices = NamedDependency[Services]
+"""How a handler declares it: ``services: AppServices``."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, delete, get, post
-from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
 from iot_api.controllers.params import ApiKeyId
@@ -21,7 +20,7 @@ from iot_api.schemas.accounts import (
     Tokens,
 )
 from iot_api.security import client_address, principal_of
-from iot_api.state import Services
+from iot_api.state import AppServices
 
 _PUBLIC = {"public": True}
 Caller = Request[Any, Any, Any]
@@ -40,9 +39,7 @@ class AuthController(Controller):
         security=[{}],
         responses=problem_responses(401, 413, 503, public=True),
     )
-    async def login(
-        self, services: NamedDependency[Services], data: JSONBody[Login], request: Caller
-    ) -> Tokens:
+    async def login(self, services: AppServices, data: JSONBody[Login], request: Caller) -> Tokens:
         """Trade an e-mail and password for an access token and a refresh token.
 
         Too many failures this minute for the account (``IOT_API_LOGIN_FAILURES_PER_ACCOUNT``) or the client
@@ -58,7 +55,7 @@ class AuthController(Controller):
         security=[{}],
         responses=problem_responses(401, 503, public=True),
     )
-    async def refresh(self, services: NamedDependency[Services], data: JSONBody[RefreshRequest]) -> Tokens:
+    async def refresh(self, services: AppServices, data: JSONBody[RefreshRequest]) -> Tokens:
         """A new token pair; the refresh token used is spent."""
         return await services.auth.refresh(data.refresh_token)
 
@@ -70,19 +67,19 @@ class AuthController(Controller):
         security=[{}],
         responses=problem_responses(public=True),
     )
-    async def logout(self, services: NamedDependency[Services], data: JSONBody[RefreshRequest]) -> None:
+    async def logout(self, services: AppServices, data: JSONBody[RefreshRequest]) -> None:
         """Revoke the refresh session (the access token lives until it expires, minutes at most)."""
         await services.auth.logout(data.refresh_token)
 
     @get("/auth/me", operation_id="whoAmI", responses=problem_responses())
-    async def me(self, services: NamedDependency[Services], request: Caller) -> Me:
+    async def me(self, services: AppServices, request: Caller) -> Me:
         """The principal of the credential sent."""
         return services.auth.me(principal_of(request))
 
     @post(
         "/realtime/token", operation_id="createRealtimeToken", status_code=200, responses=problem_responses()
     )
-    async def realtime_token(self, services: NamedDependency[Services], request: Caller) -> RealtimeToken:
+    async def realtime_token(self, services: AppServices, request: Caller) -> RealtimeToken:
         """A short-lived token (``IOT_API_REALTIME_TOKEN_TTL_S``) for the realtime WebSocket."""
         return services.auth.realtime_token(principal_of(request))
 
@@ -94,17 +91,17 @@ class ApiKeyController(Controller):
 
     @post("/", operation_id="createApiKey", responses=problem_responses(413))
     async def create_key(
-        self, services: NamedDependency[Services], data: JSONBody[ApiKeyCreate], request: Caller
+        self, services: AppServices, data: JSONBody[ApiKeyCreate], request: Caller
     ) -> ApiKeyCreated:
         """A new key with the given scopes; ``key`` is in this response only."""
         return await services.auth.create_key(data, principal_of(request))
 
     @get("/", operation_id="listApiKeys", responses=problem_responses())
-    async def list_keys(self, services: NamedDependency[Services]) -> ApiKeyPage:
+    async def list_keys(self, services: AppServices) -> ApiKeyPage:
         """Every key, revoked ones included, without the secrets."""
         return await services.auth.list_keys()
 
     @delete("/{key_id:str}", operation_id="revokeApiKey", responses=problem_responses(404))
-    async def revoke_key(self, services: NamedDependency[Services], key_id: ApiKeyId) -> None:
+    async def revoke_key(self, services: AppServices, key_id: ApiKeyId) -> None:
         """Revoke a key: it stops working at once."""
         await services.auth.revoke_key(key_id)

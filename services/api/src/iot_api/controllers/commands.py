@@ -6,25 +6,22 @@ from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
-from iot_api.controllers.params import CommandId, Cursor, DeviceIdPath, Limit
+from iot_api.controllers.params import PAGE, CommandId, DeviceIdPath
 from iot_api.problems import problem_responses
+from iot_api.queries import PageRequest
 from iot_api.schemas.commands import Command, CommandCreate, CommandPage
-from iot_api.state import Services
+from iot_api.state import AppServices
 
 
 class CommandController(Controller):
     path = "/api/v1/devices/{device_id:str}/commands"
     tags = ["commands"]
     opt = {"scope": "read"}
+    dependencies = {"page": PAGE}
 
-    @post(
-        "/",
-        operation_id="sendCommand",
-        opt={"scope": "write"},
-        responses=problem_responses(404, 413, 503),
-    )
+    @post("/", operation_id="sendCommand", scope="write", responses=problem_responses(404, 413, 503))
     async def send_command(
-        self, services: NamedDependency[Services], device_id: DeviceIdPath, data: JSONBody[CommandCreate]
+        self, services: AppServices, device_id: DeviceIdPath, data: JSONBody[CommandCreate]
     ) -> Response[Command]:
         """Publish a command on ``devices/commands/{device_id}`` (QoS 1); 201 once the broker acknowledged
         it (state ``sent``), 503 when the broker could not be reached (the command is kept as ``failed``)."""
@@ -35,16 +32,15 @@ class CommandController(Controller):
     @get("/", operation_id="listCommands", responses=problem_responses(404))
     async def list_commands(
         self,
-        services: NamedDependency[Services],
+        services: AppServices,
         device_id: DeviceIdPath,
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        page: NamedDependency[PageRequest],
     ) -> CommandPage:
         """A device's commands, newest first."""
-        return await services.commands.list(device_id, limit=limit, cursor=cursor)
+        return await services.commands.list(device_id, page)
 
     @get("/{command_id:str}", operation_id="getCommand", responses=problem_responses(404))
     async def get_command(
-        self, services: NamedDependency[Services], device_id: DeviceIdPath, command_id: CommandId
+        self, services: AppServices, device_id: DeviceIdPath, command_id: CommandId
     ) -> Command:
         return await services.commands.get(device_id, command_id)

@@ -8,11 +8,12 @@ from litestar import Controller, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, JSONBody, QueryParameter
 
-from iot_api.controllers.params import Cursor, DeviceIdPath, Limit
+from iot_api.controllers.params import PAGE, DeviceIdPath
 from iot_api.problems import problem_responses
+from iot_api.queries import PageRequest
 from iot_api.schemas.devices import Device, DeviceCreate, DevicePage, DeviceUpdate
 from iot_api.schemas.identity import DeviceCreated
-from iot_api.state import Services
+from iot_api.state import AppServices
 from iot_common.messages import DeviceStatus
 from iot_common.topics import DEVICE_TYPE_PATTERN
 
@@ -32,17 +33,18 @@ class DeviceController(Controller):
     path = "/api/v1"
     tags = ["devices"]
     opt = {"scope": "read"}
+    dependencies = {"page": PAGE}
 
     async def _list_devices(
         self,
-        services: NamedDependency[Services],
+        services: AppServices,
+        *,
         type_: TypeFilter = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        page: NamedDependency[PageRequest],
         status: FromQuery[DeviceStatus | None] = None,
         q: Search = None,
     ) -> DevicePage:
-        return await services.devices.list(limit=limit, cursor=cursor, type_=type_, status=status, search=q)
+        return await services.devices.list(page, type_=type_, status=status, search=q)
 
     # One handler on two paths: the alias is the path the platform's data-flow document names.
     list_devices = get(
@@ -59,39 +61,32 @@ class DeviceController(Controller):
         responses=problem_responses(),
     )(_list_devices)
 
-    @post(
-        "/devices",
-        operation_id="createDevice",
-        opt={"scope": "write"},
-        responses=problem_responses(409, 413, 503),
-    )
-    async def create_device(
-        self, services: NamedDependency[Services], data: JSONBody[DeviceCreate]
-    ) -> DeviceCreated:
+    @post("/devices", operation_id="createDevice", scope="write", responses=problem_responses(409, 413, 503))
+    async def create_device(self, services: AppServices, data: JSONBody[DeviceCreate]) -> DeviceCreated:
         """Register a device; 409 when the id is taken. ``mqtt`` holds its MQTT credentials, shown once."""
         return await services.identity.register(data)
 
     @get("/devices/{device_id:str}", operation_id="getDevice", responses=problem_responses(404))
-    async def get_device(self, services: NamedDependency[Services], device_id: DeviceIdPath) -> Device:
+    async def get_device(self, services: AppServices, device_id: DeviceIdPath) -> Device:
         return await services.devices.get(device_id)
 
     @patch(
         "/devices/{device_id:str}",
         operation_id="updateDevice",
-        opt={"scope": "write"},
+        scope="write",
         responses=problem_responses(404, 413),
     )
     async def update_device(
-        self, services: NamedDependency[Services], device_id: DeviceIdPath, data: JSONBody[DeviceUpdate]
+        self, services: AppServices, device_id: DeviceIdPath, data: JSONBody[DeviceUpdate]
     ) -> Device:
         return await services.devices.update(device_id, data)
 
     @delete(
         "/devices/{device_id:str}",
         operation_id="deleteDevice",
-        opt={"scope": "write"},
+        scope="write",
         responses=problem_responses(404, 503),
     )
-    async def delete_device(self, services: NamedDependency[Services], device_id: DeviceIdPath) -> None:
+    async def delete_device(self, services: AppServices, device_id: DeviceIdPath) -> None:
         """Delete the device and its MQTT credentials (its telemetry stays until retention drops it)."""
         await services.identity.delete_device(device_id)

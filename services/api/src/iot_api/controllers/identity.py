@@ -23,7 +23,7 @@ from iot_api.schemas.identity import (
     MqttCredentials,
 )
 from iot_api.services.identity import HOOK_SECRET_HEADER, IdentityService
-from iot_api.state import Services
+from iot_api.state import AppServices
 
 HookSecret = Annotated[
     str | None,
@@ -37,25 +37,29 @@ class CredentialController(Controller):
     opt = {"scope": "write"}
 
     @post(operation_id="rotateDeviceCredentials", status_code=201, responses=problem_responses(404, 409, 503))
-    async def rotate(self, services: NamedDependency[Services], device_id: DeviceIdPath) -> MqttCredentials:
+    async def rotate(self, services: AppServices, device_id: DeviceIdPath) -> MqttCredentials:
         """Issue a new MQTT secret (shown this once); the previous one stops working."""
         return await services.identity.rotate(device_id)
 
     @delete(operation_id="revokeDeviceCredentials", responses=problem_responses(404, 503))
-    async def revoke(self, services: NamedDependency[Services], device_id: DeviceIdPath) -> None:
+    async def revoke(self, services: AppServices, device_id: DeviceIdPath) -> None:
         """Revoke the MQTT credential: connections are refused and an open one is cut."""
         await services.identity.revoke(device_id)
 
-    @get(operation_id="getDeviceCredentials", opt={"scope": "read"}, responses=problem_responses(404))
-    async def status(self, services: NamedDependency[Services], device_id: DeviceIdPath) -> CredentialStatus:
+    @get(operation_id="getDeviceCredentials", scope="read", responses=problem_responses(404))
+    async def status(self, services: AppServices, device_id: DeviceIdPath) -> CredentialStatus:
         """Whether the device has an active MQTT credential (never the secret)."""
         return await services.identity.status(device_id)
 
 
-def hook_caller(services: NamedDependency[Services], hook_secret: HookSecret = None) -> IdentityService:
+def hook_caller(services: AppServices, hook_secret: HookSecret = None) -> IdentityService:
     """The identity service, for a caller that sent the right ``X-Hook-Secret`` (404 while disabled)."""
     services.identity.check_hook_secret(hook_secret)
     return services.identity
+
+
+Hooks = NamedDependency[IdentityService]
+_HOOK_PROBLEMS = problem_responses(401, 404, public=True)
 
 
 class MqttHookController(Controller):
@@ -65,26 +69,12 @@ class MqttHookController(Controller):
     dependencies = {"hooks": Provide(hook_caller, sync_to_thread=False)}
     security = [{}]
 
-    @post(
-        "/authn",
-        operation_id="mqttAuthenticate",
-        status_code=200,
-        responses=problem_responses(401, 404, public=True),
-    )
-    async def authenticate(
-        self, hooks: NamedDependency[IdentityService], data: JSONBody[AuthnRequest]
-    ) -> AuthnAnswer:
+    @post("/authn", operation_id="mqttAuthenticate", status_code=200, responses=_HOOK_PROBLEMS)
+    async def authenticate(self, hooks: Hooks, data: JSONBody[AuthnRequest]) -> AuthnAnswer:
         """EMQX HTTP authentication: may this user name and password connect?"""
         return await hooks.authenticate(data.username, data.password)
 
-    @post(
-        "/authz",
-        operation_id="mqttAuthorize",
-        status_code=200,
-        responses=problem_responses(401, 404, public=True),
-    )
-    async def authorize(
-        self, hooks: NamedDependency[IdentityService], data: JSONBody[AuthzRequest]
-    ) -> AuthzAnswer:
+    @post("/authz", operation_id="mqttAuthorize", status_code=200, responses=_HOOK_PROBLEMS)
+    async def authorize(self, hooks: Hooks, data: JSONBody[AuthzRequest]) -> AuthzAnswer:
         """EMQX HTTP authorisation: may this user publish to or subscribe to this topic?"""
         return await hooks.authorize(data.username, data.action, data.topic)

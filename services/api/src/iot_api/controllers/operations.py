@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from litestar import Response, get
-from litestar.di import NamedDependency
 
-from iot_api.state import Services
+from iot_api.state import AppServices
 from iot_common.health import HealthReport
 from iot_common.metrics import render_metrics
 
@@ -19,7 +18,7 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", operation_id="readyz", tags=["operations"], opt=_OPEN, security=[{}])
-async def readyz(services: NamedDependency[Services]) -> Response[HealthReport]:
+async def readyz(services: AppServices) -> Response[HealthReport]:
     """Readiness: PostgreSQL answers. Redis and MQTT are reported but not required: without Redis the API
     reads the database, without MQTT only sending commands fails (503)."""
     report, ready = await services.health.readiness()

@@ -6,15 +6,14 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, get
-from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 
 from iot_api.controllers.params import Cursor, DeviceIdPath, From, To
 from iot_api.problems import problem_responses
 from iot_api.schemas.telemetry import DeviceLatest, History, LatestList, TelemetryAggregate, TelemetryPage
 from iot_api.security import principal_of
-from iot_api.services.telemetry import AGG_PATTERN, BUCKET_PATTERN
-from iot_api.state import Services
+from iot_api.services.telemetry import AGG_PATTERN, BUCKET_PATTERN, DeviceQuery
+from iot_api.state import AppServices
 from iot_common.messages import METRIC_NAME_PATTERN
 from iot_common.topics import DEVICE_ID_PATTERN
 
@@ -53,7 +52,7 @@ class TelemetryController(Controller):
     async def device_telemetry(
         self,
         request: Request[Any, Any, Any],
-        services: NamedDependency[Services],
+        services: AppServices,
         device_id: DeviceIdPath,
         from_: From = None,
         to: To = None,
@@ -67,32 +66,16 @@ class TelemetryController(Controller):
         agg: Agg = "avg",
     ) -> TelemetryPage | TelemetryAggregate:
         """Raw points (cursor-paginated), or with ``bucket`` one point per bucket with the ``agg`` fields."""
-        return await services.telemetry.device_telemetry(
-            principal_of(request).subject,
-            device_id,
-            metric,
-            from_,
-            to,
-            order=order,
-            limit=limit,
-            cursor=cursor,
-            bucket=bucket,
-            agg=agg,
-        )
+        query = DeviceQuery(device_id, metric, from_, to, order, limit, cursor, bucket, agg)
+        return await services.telemetry.device_telemetry(principal_of(request).subject, query)
 
-    @get(
-        "/devices/{device_id:str}/latest",
-        operation_id="getDeviceLatest",
-        responses=problem_responses(404),
-    )
-    async def device_latest(
-        self, services: NamedDependency[Services], device_id: DeviceIdPath
-    ) -> DeviceLatest:
+    @get("/devices/{device_id:str}/latest", operation_id="getDeviceLatest", responses=problem_responses(404))
+    async def device_latest(self, services: AppServices, device_id: DeviceIdPath) -> DeviceLatest:
         """Latest value of every metric: from the Redis hash the ingest service keeps, else PostgreSQL."""
         return await services.telemetry.latest(device_id)
 
     @get("/telemetry/latest", operation_id="getLatestMany", responses=problem_responses())
-    async def latest_many(self, services: NamedDependency[Services], device_id: DeviceIds) -> LatestList:
+    async def latest_many(self, services: AppServices, device_id: DeviceIds) -> LatestList:
         """Latest values of several devices in one call (a device without data has no metrics)."""
         return await services.telemetry.latest_many(device_id)
 
@@ -100,7 +83,7 @@ class TelemetryController(Controller):
     async def history(
         self,
         request: Request[Any, Any, Any],
-        services: NamedDependency[Services],
+        services: AppServices,
         device_id: DeviceIds,
         metric: Annotated[str, QueryParameter(pattern=METRIC_NAME_PATTERN, description="The metric to draw")],
         from_: From = None,

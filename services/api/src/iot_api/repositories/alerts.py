@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
+from iot_api.queries import TimeRange
 from iot_api.repositories.sql import Query
 from iot_api.schemas.alerts import ActionView, Alert, AlertRule, WebhookActionView
 from iot_common.alerts import CommandAction
@@ -147,8 +147,7 @@ class AlertRepository:
         device_id: str | None,
         state: str | None,
         severity: str | None,
-        start: datetime | None,
-        end: datetime | None,
+        opened: TimeRange,
         after: tuple[Any, ...] | None,
         limit: int,
     ) -> list[Alert]:
@@ -157,7 +156,7 @@ class AlertRepository:
         query.equals("device_id", device_id)
         query.equals("state", state)
         query.equals("severity", severity)
-        query.between("opened_at", start, end)
+        query.between("opened_at", opened.start, opened.end)
         query.after(("opened_at", "id"), after, descending=True)
         rows = await self.pool.fetch(
             f"SELECT {_ALERT_COLUMNS} FROM alerts {query.sql()}"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from iot_api.queries import TimeRange
 from iot_api.repositories.sql import Query
 from iot_api.schemas.rejects import Reject
 
@@ -20,8 +20,7 @@ class RejectRepository:
         *,
         device_id: str | None,
         reason: str | None,
-        start: datetime | None,
-        end: datetime | None,
+        received: TimeRange,
         after: tuple[Any, ...] | None,
         limit: int,
     ) -> list[Reject]:
@@ -29,7 +28,7 @@ class RejectRepository:
         query = Query()
         query.equals("device_id", device_id)
         query.equals("reason", reason)
-        query.between("received_at", start, end)
+        query.between("received_at", received.start, received.end)
         query.after(("received_at", "id"), after, descending=True)
         rows = await self.pool.fetch(
             f"""

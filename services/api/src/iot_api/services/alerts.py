@@ -9,7 +9,6 @@ event on the device's channel so that dashboards update.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -17,7 +16,8 @@ import msgspec
 
 from iot_api.errors import Forbidden, Invalid, NotFound
 from iot_api.events import EventPublisher
-from iot_api.pagination import TIME_AND_UUID, decode_position, paginate
+from iot_api.pagination import TIME_AND_UUID, paginate
+from iot_api.queries import PageRequest, TimeRange
 from iot_api.repositories.alerts import AlertRepository, AlertRuleRepository
 from iot_api.schemas.alerts import (
     Alert,
@@ -29,7 +29,6 @@ from iot_api.schemas.alerts import (
     WebhookActionView,
 )
 from iot_api.services.devices import check_json
-from iot_api.services.telemetry import utc
 from iot_common.alerts import ONE_TARGET, CommandAction, WebhookAction, alert_event, has_one_target
 from iot_common.auth import Principal
 
@@ -71,21 +70,15 @@ class AlertRuleService:
         return rule
 
     async def list(
-        self,
-        *,
-        limit: int,
-        cursor: str | None,
-        device_id: str | None,
-        device_type: str | None,
-        enabled: bool | None,
+        self, page: PageRequest, *, device_id: str | None, device_type: str | None, enabled: bool | None
     ) -> AlertRulePage:
-        after = decode_position(cursor, TIME_AND_UUID)
         return await paginate(
             AlertRulePage,
-            lambda n: self.repo.list(
+            page,
+            TIME_AND_UUID,
+            lambda after, n: self.repo.list(
                 device_id=device_id, device_type=device_type, enabled=enabled, after=after, limit=n
             ),
-            limit,
             lambda rule: (rule.created_at, rule.id),
         )
 
@@ -153,28 +146,22 @@ class AlertService:
 
     async def list(
         self,
+        page: PageRequest,
+        span: TimeRange,
         *,
-        limit: int,
-        cursor: str | None,
         device_id: str | None,
         state: str | None,
         severity: str | None,
-        start: datetime | None,
-        end: datetime | None,
     ) -> AlertPage:
-        after = decode_position(cursor, TIME_AND_UUID)
+        """Alerts newest first by ``opened_at``, opened in ``span``."""
+        opened = span.in_utc()
         return await paginate(
             AlertPage,
-            lambda n: self.repo.list(
-                device_id=device_id,
-                state=state,
-                severity=severity,
-                start=utc(start),
-                end=utc(end),
-                after=after,
-                limit=n,
+            page,
+            TIME_AND_UUID,
+            lambda after, n: self.repo.list(
+                device_id=device_id, state=state, severity=severity, opened=opened, after=after, limit=n
             ),
-            limit,
             lambda alert: (alert.opened_at, alert.id),
         )
 

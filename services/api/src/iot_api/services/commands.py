@@ -11,13 +11,15 @@ is the client's decision). The device's answer (``acked``/``failed``) and expiry
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import msgspec
 
 from iot_api.errors import NotFound, Unavailable
 from iot_api.events import EventPublisher
 from iot_api.mqtt import CommandPublisher, PublishError
-from iot_api.pagination import TIME_AND_UUID, decode_position, paginate
+from iot_api.pagination import TIME_AND_UUID, paginate
+from iot_api.queries import PageRequest
 from iot_api.repositories.commands import CommandRepository
 from iot_api.schemas.commands import Command, CommandCreate, CommandPage
 from iot_api.services.devices import DeviceService, check_json
@@ -75,13 +77,13 @@ class CommandService:
             raise NotFound(f"command '{command_id}' of device {device_id!r} not found")
         return command
 
-    async def list(self, device_id: str, *, limit: int, cursor: str | None) -> CommandPage:
+    async def list(self, device_id: str, page: PageRequest) -> CommandPage:
         """A device's commands, newest first; :class:`NotFound` when the device does not exist."""
-        after = decode_position(cursor, TIME_AND_UUID)
-        await self.devices.require(device_id)
+
+        async def fetch(after: tuple[Any, ...] | None, n: int) -> list[Command]:
+            await self.devices.require(device_id)
+            return await self.repo.list(device_id, after=after, limit=n)
+
         return await paginate(
-            CommandPage,
-            lambda n: self.repo.list(device_id, after=after, limit=n),
-            limit,
-            lambda command: (command.created_at, command.id),
+            CommandPage, page, TIME_AND_UUID, fetch, lambda command: (command.created_at, command.id)
         )

@@ -14,7 +14,8 @@ import msgspec
 
 from iot_api.cache import Cache
 from iot_api.errors import Conflict, Invalid, NotFound
-from iot_api.pagination import decode_position, paginate
+from iot_api.pagination import paginate
+from iot_api.queries import PageRequest
 from iot_api.repositories.devices import DeviceRepository
 from iot_api.schemas.devices import Device, DeviceCreate, DevicePage, DeviceUpdate
 from iot_common.db.jsonb import unstorable_json
@@ -53,10 +54,9 @@ class DeviceService:
         await self.get(device_id)
 
     async def list(
-        self, *, limit: int, cursor: str | None, type_: str | None, status: str | None, search: str | None
+        self, page: PageRequest, *, type_: str | None, status: str | None, search: str | None
     ) -> DevicePage:
-        after = decode_position(cursor, (str,))
-        params = msgspec.json.encode([limit, after and after[0], type_, status, search]).hex()
+        params = msgspec.json.encode([page.limit, page.cursor, type_, status, search]).hex()
         # False: Redis is down (no caching); None: no write yet (generation 0).
         generation: bytes | bool | None = await self.cache.call(
             lambda r: r.get(self.cache.key("devices", "generation")), False
@@ -71,15 +71,16 @@ class DeviceService:
                     return _page_decoder.decode(cached)
                 except msgspec.DecodeError:
                     pass
-        page = await paginate(
+        found = await paginate(
             DevicePage,
-            lambda n: self.repo.list(limit=n, after=after, type_=type_, status=status, search=search),
-            limit,
+            page,
+            (str,),
+            lambda after, n: self.repo.list(limit=n, after=after, type_=type_, status=status, search=search),
             lambda device: (device.id,),
         )
         if key is not None:
-            await self.cache.set(key, msgspec.json.encode(page), self.ttl_s)
-        return page
+            await self.cache.set(key, msgspec.json.encode(found), self.ttl_s)
+        return found
 
     async def create(self, data: DeviceCreate) -> Device:
         check_json(data.attributes, "attributes")

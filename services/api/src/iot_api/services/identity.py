@@ -20,7 +20,6 @@ import secrets
 import msgspec
 import structlog
 
-from iot_api.cache import Cache
 from iot_api.errors import Conflict, NotFound, Unauthenticated
 from iot_api.repositories.credentials import CredentialRepository
 from iot_api.schemas.devices import DeviceCreate
@@ -75,19 +74,17 @@ class IdentityService:
         self,
         repo: CredentialRepository,
         devices: DeviceService,
-        cache: Cache,
-        ttl_s: int,
         broker: DynsecProvisioner | None,
         service_users: dict[str, ServiceUser],
         hook_secret: str = "",
     ) -> None:
+        """Credentials are cached like devices: in the devices' cache, for as long."""
         self.repo = repo
         self.devices = devices
-        self.cache = cache
-        self.ttl_s = ttl_s
+        self.cache = devices.cache
+        self.reserved = RESERVED_USERNAMES | set(service_users)
         self.broker = broker
         self.service_users = service_users
-        self.reserved = RESERVED_USERNAMES | set(service_users)
         self.hook_secret = hook_secret
 
     def check_hook_secret(self, given: str | None) -> None:
@@ -177,7 +174,7 @@ class IdentityService:
                 pass
         row = await self.repo.get(device_id)
         entry = _Cached("", False) if row is None else _Cached(row.secret_hash, row.revoked_at is None)
-        await self.cache.set(key, msgspec.json.encode(entry), self.ttl_s)
+        await self.cache.set(key, msgspec.json.encode(entry), self.devices.ttl_s)
         return entry
 
     async def authenticate(self, username: str | None, password: str | None) -> AuthnAnswer:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from iot_api.pagination import decode_position, paginate
+from iot_api.pagination import paginate
+from iot_api.queries import PageRequest, TimeRange
 from iot_api.repositories.rejects import RejectRepository
 from iot_api.schemas.rejects import RejectPage
-from iot_api.services.telemetry import utc
 
 
 class RejectService:
@@ -15,21 +15,16 @@ class RejectService:
         self.repo = repo
 
     async def list(
-        self,
-        *,
-        limit: int,
-        cursor: str | None,
-        device_id: str | None,
-        reason: str | None,
-        start: datetime | None,
-        end: datetime | None,
+        self, page: PageRequest, span: TimeRange, *, device_id: str | None, reason: str | None
     ) -> RejectPage:
-        after = decode_position(cursor, (datetime, int))
+        """Dead letters newest first, received in ``span``."""
+        received = span.in_utc()
         return await paginate(
             RejectPage,
-            lambda n: self.repo.list(
-                device_id=device_id, reason=reason, start=utc(start), end=utc(end), after=after, limit=n
+            page,
+            (datetime, int),
+            lambda after, n: self.repo.list(
+                device_id=device_id, reason=reason, received=received, after=after, limit=n
             ),
-            limit,
             lambda reject: (reject.received_at, reject.id),
         )
