@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, delete, get, post
-from litestar.di import NamedDependency, Provide
 from litestar.params import HeaderParameter, JSONBody
 
 from iot_api.controllers.params import DeviceIdPath
@@ -22,7 +21,7 @@ from iot_api.schemas.identity import (
     CredentialStatus,
     MqttCredentials,
 )
-from iot_api.services.identity import HOOK_SECRET_HEADER, IdentityService
+from iot_api.services.identity import HOOK_SECRET_HEADER
 from iot_api.state import AppServices
 
 HookSecret = Annotated[
@@ -52,13 +51,6 @@ class CredentialController(Controller):
         return await services.identity.status(device_id)
 
 
-def hook_caller(services: AppServices, hook_secret: HookSecret = None) -> IdentityService:
-    """The identity service, for a caller that sent the right ``X-Hook-Secret`` (404 while disabled)."""
-    services.identity.check_hook_secret(hook_secret)
-    return services.identity
-
-
-Hooks = NamedDependency[IdentityService]
 _HOOK_PROBLEMS = problem_responses(401, 404, public=True)
 
 
@@ -66,15 +58,18 @@ class MqttHookController(Controller):
     path = "/api/v1/mqtt"
     tags = ["mqtt hooks"]
     opt = {"skip_auth": True}
-    dependencies = {"hooks": Provide(hook_caller, sync_to_thread=False)}
     security = [{}]
 
     @post("/authn", operation_id="mqttAuthenticate", status_code=200, responses=_HOOK_PROBLEMS)
-    async def authenticate(self, hooks: Hooks, data: JSONBody[AuthnRequest]) -> AuthnAnswer:
+    async def authenticate(
+        self, services: AppServices, data: JSONBody[AuthnRequest], hook_secret: HookSecret = None
+    ) -> AuthnAnswer:
         """EMQX HTTP authentication: may this user name and password connect?"""
-        return await hooks.authenticate(data.username, data.password)
+        return await services.identity.authn_hook(hook_secret, data)
 
     @post("/authz", operation_id="mqttAuthorize", status_code=200, responses=_HOOK_PROBLEMS)
-    async def authorize(self, hooks: Hooks, data: JSONBody[AuthzRequest]) -> AuthzAnswer:
+    async def authorize(
+        self, services: AppServices, data: JSONBody[AuthzRequest], hook_secret: HookSecret = None
+    ) -> AuthzAnswer:
         """EMQX HTTP authorisation: may this user publish to or subscribe to this topic?"""
-        return await hooks.authorize(data.username, data.action, data.topic)
+        return await services.identity.authz_hook(hook_secret, data)

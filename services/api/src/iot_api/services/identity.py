@@ -25,7 +25,9 @@ from iot_api.repositories.credentials import CredentialRepository
 from iot_api.schemas.devices import DeviceCreate
 from iot_api.schemas.identity import (
     AuthnAnswer,
+    AuthnRequest,
     AuthzAnswer,
+    AuthzRequest,
     CredentialStatus,
     DeviceCreated,
     MqttCredentials,
@@ -176,6 +178,16 @@ class IdentityService:
         entry = _Cached("", False) if row is None else _Cached(row.secret_hash, row.revoked_at is None)
         await self.cache.set(key, msgspec.json.encode(entry), self.devices.ttl_s)
         return entry
+
+    async def authn_hook(self, hook_secret: str | None, request: AuthnRequest) -> AuthnAnswer:
+        """The EMQX authentication hook, for a caller with the hook secret: :meth:`authenticate`."""
+        self.check_hook_secret(hook_secret)
+        return await self.authenticate(request.username, request.password)
+
+    async def authz_hook(self, hook_secret: str | None, request: AuthzRequest) -> AuthzAnswer:
+        """The EMQX authorisation hook, for a caller with the hook secret: :meth:`authorize`."""
+        self.check_hook_secret(hook_secret)
+        return await self.authorize(request.username, request.action, request.topic)
 
     async def authenticate(self, username: str | None, password: str | None) -> AuthnAnswer:
         """EMQX authentication: service users by their configured password, devices by their secret.
