@@ -3,8 +3,9 @@ them): the rule's fields and their limits, the action shapes, alert rows as even
 
 Declared once here, so that what the API accepts is exactly what ingest loads: the API decodes request
 bodies into :class:`AlertRuleDefinition` and its actions, ingest checks each stored ``action`` with
-:func:`parse_action`. The API calls :func:`notify_rules_changed` (through its own publisher) after any
-change to ``alert_rules``; the ingest service reloads its rule cache then. See docs/alerts.md.
+:func:`parse_action`. Any change to ``alert_rules`` is followed by a message on ``{prefix}:rules-changed``
+(:func:`notify_rules_changed`, or the API's own publisher); ingest reloads its rule cache then. See
+docs/alerts.md.
 """
 
 from __future__ import annotations

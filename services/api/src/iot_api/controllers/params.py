@@ -18,6 +18,11 @@ from iot_api.queries import PageRequest, TimeRange
 from iot_common.topics import DEVICE_ID_PATTERN
 
 DeviceIdPath = Annotated[str, PathParameter(pattern=DEVICE_ID_PATTERN)]
+RuleId = Annotated[uuid.UUID, PathParameter(description="Rule id (UUID)")]
+AlertId = Annotated[uuid.UUID, PathParameter(description="Alert id (UUID)")]
+CommandId = Annotated[uuid.UUID, PathParameter(description="Command id (UUID)")]
+ApiKeyId = Annotated[uuid.UUID, PathParameter()]
+
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="Page size (1-500)")]
 Cursor = Annotated[
     str | None, QueryParameter(max_length=512, description="`next_cursor` of the previous page")
@@ -49,7 +54,3 @@ REJECT_PAGE = Provide(_reject_page, sync_to_thread=False)
 """``page`` of the dead letters: ``limit`` 1-1000, default 100."""
 TIME_RANGE = Provide(_time_range, sync_to_thread=False)
 """``span``: the ``from`` and ``to`` query parameters."""
-RuleId = Annotated[uuid.UUID, PathParameter(description="Rule id (UUID)")]
-AlertId = Annotated[uuid.UUID, PathParameter(description="Alert id (UUID)")]
-CommandId = Annotated[uuid.UUID, PathParameter(description="Command id (UUID)")]
-ApiKeyId = Annotated[uuid.UUID, PathParameter()]
