@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
+from iot_api.state import services_of
 from iot_common.messages import CommandEvent, CommandMessage, decode_event
 from iot_common.topics import RedisNames, command_topic
 from tests.integration.api.conftest import ClientFactory
@@ -216,7 +217,7 @@ async def test_commands_fail_while_the_broker_is_away_and_work_after_it_returns(
     device_id = f"dev-{unique}"
     with mosquitto(port=port) as url:
         client = await make_client(mqtt_url=url)
-        publisher = client.app.state.mqtt
+        publisher = services_of(client.app.state).commands.publisher
         assert publisher.is_connected
         await make_device(client, admin, device_id)
         path = f"/api/v1/devices/{device_id}/commands"

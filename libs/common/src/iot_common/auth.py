@@ -4,6 +4,7 @@
   ``typ`` is ``access`` for API calls and ``realtime`` for the short-lived WebSocket token.
 - API keys look like ``iotk_<prefix>_<secret>``. Only the prefix (for lookup) and a SHA-256 of the whole
   key are stored: the key has 192 bits of entropy, so a fast hash is safe, unlike a password.
+  :func:`verify_api_key` checks one for both services; the API passes its Redis cache (:class:`KeyCache`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import hashlib
 import hmac
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import jwt
 import msgspec
@@ -125,18 +127,61 @@ def api_key_prefix(key: str) -> str | None:
     return prefix
 
 
-async def verify_api_key(conn: Conn, key: str) -> Principal:
-    """The principal of an active API key; raise :class:`InvalidCredential` if unknown or revoked."""
+class StoredKey(msgspec.Struct, frozen=True):
+    """An API key's row as verification needs it: its hash, never the key (what a cache may keep)."""
+
+    id: str
+    key_hash: str
+    scopes: list[str]
+    revoked: bool
+
+
+class KeyCache(Protocol):
+    """Where a verifier remembers look-ups, so that a hot key (or a repeated unknown one) costs no query."""
+
+    async def cached(self, prefix: str) -> StoredKey | Literal["unknown"] | None:
+        """The key remembered for ``prefix``; ``"unknown"`` for a prefix that named no key; None: ask."""
+
+    async def looked_up(self, prefix: str, stored: StoredKey | None) -> None:
+        """Called after each database look-up with what it found (None: no key has this prefix)."""
+
+
+async def find_api_key(conn: Conn, prefix: str) -> StoredKey | None:
+    """The key with this lookup prefix, revoked or not; None when there is none."""
+    row = await conn.fetchrow(
+        "SELECT id::text AS id, key_hash, scopes, revoked_at FROM api_keys WHERE prefix = $1", prefix
+    )
+    if row is None:
+        return None
+    return StoredKey(row["id"], row["key_hash"], list(row["scopes"]), row["revoked_at"] is not None)
+
+
+async def verify_api_key(
+    conn: Conn,
+    key: str,
+    *,
+    cache: KeyCache | None = None,
+    before_lookup: Callable[[], Awaitable[None]] | None = None,
+) -> Principal:
+    """The principal of an active API key; raise :class:`InvalidCredential` if unknown or revoked.
+
+    With ``cache``, a key it remembers is checked without a query; ``before_lookup`` runs before each
+    database look-up (a rate limit may raise there).
+    """
     prefix = api_key_prefix(key)
     if prefix is None:
         raise InvalidCredential("malformed API key")
-    row = await conn.fetchrow(
-        "SELECT id, key_hash, scopes, revoked_at FROM api_keys WHERE prefix = $1", prefix
-    )
-    if row is None:
+    stored = await cache.cached(prefix) if cache is not None else None
+    if stored is None:
+        if before_lookup is not None:
+            await before_lookup()
+        stored = await find_api_key(conn, prefix)
+        if cache is not None:
+            await cache.looked_up(prefix, stored)
+    if stored is None or stored == "unknown":
         raise UnknownApiKey("unknown API key")
-    if not hmac.compare_digest(row["key_hash"], hash_api_key(key)):
+    if not hmac.compare_digest(stored.key_hash, hash_api_key(key)):
         raise InvalidCredential("unknown API key")
-    if row["revoked_at"] is not None:
+    if stored.revoked:
         raise InvalidCredential("API key revoked")
-    return Principal(subject=f"key:{row['id']}", kind="api_key", scopes=frozenset(row["scopes"]))
+    return Principal(subject=f"key:{stored.id}", kind="api_key", scopes=frozenset(stored.scopes))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, Literal
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import msgspec
 import redis.asyncio as aioredis
@@ -25,15 +25,24 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
     Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+    Executor = Conn | asyncpg.Pool[Any]
+
+CommandName = Annotated[
+    str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}(?!\n)$", examples=["reboot", "set_interval"])
+]
+"""A command's name: what the API sends and what an alert rule's command action names."""
+CommandTtl = Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)]
+"""How long a command waits for its answer before it expires, in seconds (at most 7 days)."""
 
 COMMAND_COLUMNS: Final = (
-    "id::text AS id, device_id, name, params, state, result, error, updated_at, expires_at"
+    "id::text AS id, device_id, name, params, state, result, error, created_at, updated_at, expires_at"
 )
-"""Columns of ``commands`` that :func:`command_event` reads (``id`` as text)."""
+"""Columns of ``commands`` as every service reads them (``id`` as text): the API's responses and
+:func:`command_event`."""
 
 INSERT_COMMAND: Final = f"""
 INSERT INTO commands (device_id, name, params, expires_at)
-VALUES ($1, $2, $3::jsonb, $4)
+VALUES ($1, $2, $3::jsonb, coalesce($4::timestamptz, now() + $5::interval))
 RETURNING {COMMAND_COLUMNS}
 """
 MARK_SENT: Final = f"""
@@ -111,18 +120,28 @@ def command_event(record: Mapping[str, Any]) -> CommandEvent:
 
 
 async def create_command(
-    conn: Conn, device_id: str, name: str, params: Mapping[str, Any], expires_at: datetime | None
+    conn: Executor,
+    device_id: str,
+    name: str,
+    params: Mapping[str, Any],
+    expires_at: datetime | timedelta | None,
 ) -> Any:
-    """Insert a ``pending`` command and return its row (:data:`COMMAND_COLUMNS`)."""
-    return await conn.fetchrow(INSERT_COMMAND, device_id, name, dict(params), expires_at)
+    """Insert a ``pending`` command and return its row (:data:`COMMAND_COLUMNS`).
+
+    ``expires_at``: an instant, or a time to live counted from the database's clock (the clock that
+    :func:`expire_commands` compares with). asyncpg's ForeignKeyViolationError: no such device.
+    """
+    ttl = expires_at if isinstance(expires_at, timedelta) else None
+    at = None if isinstance(expires_at, timedelta) else expires_at
+    return await conn.fetchrow(INSERT_COMMAND, device_id, name, dict(params), at, ttl)
 
 
-async def mark_sent(conn: Conn, command_id: str) -> Any:
+async def mark_sent(conn: Executor, command_id: str) -> Any:
     """``pending`` -> ``sent`` once published; the row, or None when it was no longer pending."""
     return await conn.fetchrow(MARK_SENT, command_id)
 
 
-async def mark_failed(conn: Conn, command_id: str, error: str) -> Any:
+async def mark_failed(conn: Executor, command_id: str, error: str) -> Any:
     """``pending`` -> ``failed`` when it could not be published; the row, or None."""
     return await conn.fetchrow(MARK_FAILED, command_id, error)
 

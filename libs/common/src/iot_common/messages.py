@@ -15,7 +15,7 @@ import msgspec
 METRIC_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}(?!\n)$"
 """Metric names: 1-64 characters, letters, digits and ``_ . -``, not starting with a digit."""
 
-MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN)]
+MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN, examples=["temperature"])]
 MetricValue = float | str
 """A numeric value (booleans become 1.0/0.0) or a short text such as a status ``"ok"``."""
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Annotated
+
+import msgspec
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}(?!\n)$"
 """Device ids: 1-64 characters, letters, digits and ``_ . : -``, starting with a letter or digit.
@@ -15,6 +18,18 @@ Every validation pattern ends with ``(?!\\n)$``: Python's ``$`` (msgspec ``Meta(
 used because the patterns are shown in the OpenAPI document, where ECMA-262 reads ``\\Z`` as a literal ``Z``.
 """
 _DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
+DEVICE_TYPE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
+"""Device types: 1-64 letters, digits and ``_ . : -``."""
+
+DeviceId = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=DEVICE_ID_PATTERN,
+        description="1-64 characters: letters, digits and `_ . : -`, starting with a letter or digit",
+        examples=["sensor-001"],
+    ),
+]
+DeviceType = Annotated[str, msgspec.Meta(pattern=DEVICE_TYPE_PATTERN, examples=["thermometer"])]
 
 TELEMETRY_PREFIX = "devices/telemetry/"
 STATUS_PREFIX = "devices/status/"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
@@ -27,7 +28,6 @@ from litestar.types import ControllerRouterHandler, Scope
 from iot_api.cache import Cache, make_redis
 from iot_api.context import RequestContext
 from iot_api.controllers import CONTROLLERS
-from iot_api.controllers.deps import Services
 from iot_api.edge import DashboardSlash, SecurityHeaders, StaticFileSystem
 from iot_api.events import EventPublisher
 from iot_api.mqtt import CommandPublisher
@@ -47,8 +47,11 @@ from iot_api.services.broker import DynsecProvisioner
 from iot_api.services.commands import CommandService
 from iot_api.services.devices import DeviceService
 from iot_api.services.identity import IdentityService, parse_service_users
+from iot_api.services.operations import HealthService
+from iot_api.services.rejects import RejectService
 from iot_api.services.telemetry import TelemetryService
 from iot_api.settings import ApiSettings
+from iot_api.state import SERVICES, Services
 from iot_common.db import create_pool
 
 OPENAPI_PATH = "/api/docs"
@@ -87,13 +90,25 @@ def _openapi() -> OpenAPIConfig:
 
 
 def build_services(
-    pool: asyncpg.Pool[Any], cache: Cache, mqtt: CommandPublisher, settings: ApiSettings
+    pool: asyncpg.Pool[Any],
+    redis: aioredis.Redis,
+    mqtt: CommandPublisher,
+    broker: DynsecProvisioner | None,
+    settings: ApiSettings,
 ) -> Services:
     names = settings.redis_names()
+    cache = Cache(redis, settings.cache_namespace())
     devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s)
     events = EventPublisher(cache, names)
     return Services(
         devices=devices,
+        identity=IdentityService(
+            CredentialRepository(pool),
+            devices,
+            broker,
+            parse_service_users(settings.mqtt_service_users),
+            settings.mqtt_hook_secret,
+        ),
         telemetry=TelemetryService(
             TelemetryRepository(pool),
             devices,
@@ -102,11 +117,12 @@ def build_services(
             max_points=settings.api_max_points_per_response,
             heavy_reads_per_principal=settings.api_max_heavy_reads_per_principal,
         ),
-        auth=AuthService(AccountRepository(pool), cache, settings),
-        rejects=RejectRepository(pool),
+        rejects=RejectService(RejectRepository(pool)),
         alert_rules=AlertRuleService(AlertRuleRepository(pool), events),
         alerts=AlertService(AlertRepository(pool), events),
         commands=CommandService(CommandRepository(pool), devices, mqtt, events, settings.api_command_ttl_s),
+        auth=AuthService(AccountRepository(pool), cache, settings),
+        health=HealthService(pool, redis, mqtt),
     )
 
 
@@ -153,21 +169,9 @@ def create_app(settings: ApiSettings) -> Litestar:
         redis = make_redis(settings.redis_url)
         mqtt = CommandPublisher(settings.mqtt_url, settings.api_command_puback_timeout_s)
         mqtt.start()
-        services = build_services(pool, Cache(redis, settings.cache_namespace()), mqtt, settings)
-        app.state.pool = pool
-        app.state.redis = redis
-        app.state.mqtt = mqtt
-        app.state.services = services
-        app.state.auth = services.auth
         broker = DynsecProvisioner(settings.mqtt_admin_url) if settings.mqtt_admin_url else None
-        app.state.identity = IdentityService(
-            CredentialRepository(pool),
-            services.devices,
-            services.devices.cache,
-            settings.api_cache_ttl_s,
-            broker,
-            parse_service_users(settings.mqtt_service_users),
-        )
+        services = build_services(pool, redis, mqtt, broker, settings)
+        app.state.services = services
         rollup: asyncio.Task[None] | None = None
         try:
             # A short head start, so that commands sent right after start-up find the broker connected.
@@ -202,6 +206,7 @@ def create_app(settings: ApiSettings) -> Litestar:
         route_handlers=[*CONTROLLERS, *_dashboard_routes(settings)],
         lifespan=[lifespan],
         state=State({"settings": settings}),
+        dependencies={"services": SERVICES},
         logging_config=None,
         openapi_config=_openapi(),
         cors_config=CORSConfig(

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from prometheus_client import Counter
 
 from iot_api.cache import Cache
-from iot_api.problems import TooManyRequests, Unavailable
+from iot_api.errors import RateLimited, Unavailable
 
 T = TypeVar("T")
 PASSWORD_JOBS = Counter(
@@ -60,9 +60,7 @@ class PasswordWorkers:
         """
         if self.admitted >= self.capacity:
             PASSWORD_JOBS.labels("shed").inc()
-            raise Unavailable(
-                "too many password checks in progress; try again shortly", headers={"Retry-After": "1"}
-            )
+            raise Unavailable("too many password checks in progress; try again shortly", retry_after_s=1)
         loop = asyncio.get_running_loop()
         self.admitted += 1
         job: Future[T] = self._executor.submit(fn, *args)
@@ -90,12 +88,8 @@ class FailureLimiter:
     def _key(self, kind: str, subject: str, window: int) -> str:
         return self.cache.key("fail", kind, subject, window)
 
-    @staticmethod
-    def _retry_after(now: float) -> str:
-        return str(max(1, WINDOW_S - int(now % WINDOW_S)))
-
     async def check(self, checks: Sequence[tuple[str, str, int]]) -> None:
-        """429 when a ``(kind, subject, limit)`` already has ``limit`` failures this minute (0: no limit)."""
+        """Refuse a ``(kind, subject, limit)`` that has ``limit`` failures this minute (0: no limit)."""
         active = [c for c in checks if c[2] > 0]
         if not active:
             return
@@ -107,11 +101,7 @@ class FailureLimiter:
             return
         for (kind, _, limit), count in zip(active, counts, strict=True):
             if count is not None and int(count) >= limit:
-                AUTH_LIMITED.labels(kind).inc()
-                raise TooManyRequests(
-                    f"too many failed attempts ({kind}); try again later",
-                    headers={"Retry-After": self._retry_after(now)},
-                )
+                raise self.limited(kind, now)
 
     async def record(self, checks: Sequence[tuple[str, str, int]]) -> list[int]:
         """Count one failure for each subject; the counts this minute (empty while Redis is down)."""
@@ -129,10 +119,12 @@ class FailureLimiter:
         result = await self.cache.pipeline(build)
         return [] if result is None else [int(v) for v in result[::2]]
 
-    def limited(self, kind: str) -> TooManyRequests:
-        """The 429 of a subject that just went past its limit of ``kind``."""
+    @staticmethod
+    def limited(kind: str, now: float | None = None) -> RateLimited:
+        """The refusal of a subject at its limit of ``kind``, until the window turns."""
         AUTH_LIMITED.labels(kind).inc()
-        return TooManyRequests(
+        now = time.time() if now is None else now
+        return RateLimited(
             f"too many failed attempts ({kind}); try again later",
-            headers={"Retry-After": self._retry_after(time.time())},
+            retry_after_s=max(1, WINDOW_S - int(now % WINDOW_S)),
         )

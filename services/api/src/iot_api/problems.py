@@ -1,7 +1,8 @@
 """Errors as RFC 9457 problem details (``application/problem+json``), naming the field that is wrong.
 
-Every 4xx the API sends has this shape, whether a handler raised it, Litestar refused the input or the
-route does not exist; OpenAPI documents the same struct through :func:`problem_responses`.
+Every 4xx the API sends has this shape, whether a service refused (a domain exception of
+:mod:`iot_api.errors`), Litestar refused the input or the route does not exist; OpenAPI documents the same
+struct through :func:`problem_responses`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+
+from iot_api.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 log = structlog.stdlib.get_logger("iot_api")
@@ -41,51 +53,17 @@ class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
     errors: list[FieldError] = msgspec.field(default_factory=list)
 
 
-class ApiError(HTTPException):
-    """An HTTP error with an optional list of wrong fields; subclasses fix the status."""
-
-    status_code = 400
-
-    def __init__(self, detail: str = "", *, errors: list[FieldError] | None = None, **kwargs: Any) -> None:
-        super().__init__(detail=detail, **kwargs)
-        self.errors = errors or []
-
-
-class BadRequest(ApiError):
-    status_code = 400
-
-
-class Unauthorized(ApiError):
-    status_code = 401
-
-
-class Forbidden(ApiError):
-    status_code = 403
-
-
-class NotFound(ApiError):
-    status_code = 404
-
-
-class Conflict(ApiError):
-    status_code = 409
-
-
-class Unprocessable(ApiError):
-    status_code = 422
-
-
-class TooManyRequests(ApiError):
-    status_code = 429
-
-
-class Unavailable(ApiError):
-    status_code = 503
-
-
-def invalid(field: str, message: str, source: str = "query") -> Unprocessable:
-    """A 422 naming one wrong field."""
-    return Unprocessable(f"{field}: {message}", errors=[FieldError(field, message, source)])
+_STATUS: dict[type[DomainError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    Invalid: 422,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    RateLimited: 429,
+    Unavailable: 503,
+    DomainError: 400,
+}
+"""The status of each domain refusal (:mod:`iot_api.errors`)."""
 
 
 _DATA_ERRORS = (
@@ -132,6 +110,9 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
                         else None,
                     )
                 )
+        if errors and all(e.source == "path" for e in errors):
+            # A path that does not parse (an id that is no UUID, no device id) names nothing.
+            status = 404
         missing_param = _MISSING_PARAM_RE.search(str(exc.detail))
         if missing_param is not None:
             name = missing_param.group(2)
@@ -139,6 +120,13 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
         detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or str(exc.detail)
         if "JSON" in str(exc.detail) or "decode" in str(exc.detail).lower():
             status, detail = 400, "request body is not valid JSON"
+    elif isinstance(exc, DomainError):
+        status = next(code for kind, code in _STATUS.items() if isinstance(exc, kind))
+        detail = exc.detail
+        if isinstance(exc, Invalid):
+            errors = [FieldError(exc.field, exc.message, exc.source)]
+        if exc.retry_after_s is not None:
+            headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, RecursionError):
         # msgspec (and anything recursive) gives up on input nested thousands deep: the input is at fault.
         status, detail = 400, "the input is nested too deeply"
@@ -152,9 +140,8 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
     elif isinstance(exc, HTTPException):
         status = exc.status_code
         detail = exc.detail if exc.detail != HTTPStatus(status).phrase else ""
-        errors = list(getattr(exc, "errors", []))
         headers = dict(exc.headers or {})
-        if isinstance(exc, NotAuthorizedException) and not isinstance(exc, ApiError):
+        if isinstance(exc, NotAuthorizedException):
             detail = detail or "credentials required"
     if status == 500:
         # A bug or an unexpected failure (any exception not mapped above): its stack trace is what to look at.

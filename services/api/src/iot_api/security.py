@@ -17,8 +17,8 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from iot_api.problems import Forbidden, Unauthorized
-from iot_api.services.auth import AuthService
+from iot_api.errors import Forbidden, Unauthenticated
+from iot_api.state import services_of
 from iot_common.auth import Principal
 from iot_common.net import address_key
 
@@ -37,7 +37,7 @@ class AuthMiddleware(ASGIMiddleware):
     exclude_opt_key = "skip_auth"
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        auth: AuthService = scope["app"].state.auth
+        auth = services_of(scope["app"].state).auth
         handler = scope.get("route_handler")
         opt: dict[str, Any] = handler.opt if handler is not None else {}
         state = scope.setdefault("state", {})
@@ -61,7 +61,7 @@ def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
         return
     principal = connection.scope.get("user")
     if not isinstance(principal, Principal):
-        raise Unauthorized("credentials required")
+        raise Unauthenticated("credentials required")
     if not principal.allows(needed):
         raise Forbidden(f"this operation needs the {needed!r} scope")
 
@@ -69,5 +69,5 @@ def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRou
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     principal = connection.scope.get("user")
     if not isinstance(principal, Principal):
-        raise Unauthorized("credentials required")
+        raise Unauthenticated("credentials required")
     return principal

@@ -1,7 +1,8 @@
 """HTTP edge: one Litestar Controller per resource; each handler turns the request into a service call.
 
 A resource is added as a Controller in this package with ``opt={"scope": ...}`` and
-:func:`iot_api.problems.problem_responses`, listed in :data:`CONTROLLERS`.
+:func:`iot_api.problems.problem_responses`, listed in :data:`CONTROLLERS`; its handlers take the
+``services`` dependency (:class:`iot_api.state.Services`) and call one method of its service.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from iot_api.controllers.dashboard import dashboard_config
 from iot_api.controllers.devices import DeviceController
 from iot_api.controllers.identity import CredentialController, MqttHookController
 from iot_api.controllers.operations import healthz, metrics, readyz
-from iot_api.controllers.telemetry import RejectController, TelemetryController
+from iot_api.controllers.rejects import RejectController
+from iot_api.controllers.telemetry import TelemetryController
 
 CONTROLLERS: list[ControllerRouterHandler] = [
     healthz,

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from litestar import Controller, Request, delete, get, post
-from litestar.di import NamedDependency
-from litestar.params import JSONBody, PathParameter
+from litestar.params import JSONBody
 
-from iot_api.controllers.deps import AUTH
+from iot_api.controllers.params import ApiKeyId
 from iot_api.problems import problem_responses
-from iot_api.schemas import (
+from iot_api.schemas.accounts import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPage,
@@ -21,16 +20,16 @@ from iot_api.schemas import (
     Tokens,
 )
 from iot_api.security import client_address, principal_of
-from iot_api.services.auth import AuthService
+from iot_api.state import AppServices
 
 _PUBLIC = {"public": True}
+Caller = Request[Any, Any, Any]
 
 
 class AuthController(Controller):
     path = "/api/v1"
     tags = ["auth"]
     opt = {"scope": "read"}
-    dependencies = {"auth": AUTH}
 
     @post(
         "/auth/login",
@@ -40,15 +39,13 @@ class AuthController(Controller):
         security=[{}],
         responses=problem_responses(401, 413, 503, public=True),
     )
-    async def login(
-        self, auth: NamedDependency[AuthService], data: JSONBody[Login], request: Request[Any, Any, Any]
-    ) -> Tokens:
+    async def login(self, services: AppServices, data: JSONBody[Login], request: Caller) -> Tokens:
         """Trade an e-mail and password for an access token and a refresh token.
 
         Too many failures this minute for the account (``IOT_API_LOGIN_FAILURES_PER_ACCOUNT``) or the client
         address (``IOT_API_LOGIN_FAILURES_PER_ADDRESS``) give 429 with ``Retry-After``; while the password
         workers are saturated the answer is 503 with ``Retry-After``."""
-        return await auth.login(data.email, data.password, client_address(request.scope))
+        return await services.auth.login(data.email, data.password, client_address(request.scope))
 
     @post(
         "/auth/refresh",
@@ -58,9 +55,9 @@ class AuthController(Controller):
         security=[{}],
         responses=problem_responses(401, 503, public=True),
     )
-    async def refresh(self, auth: NamedDependency[AuthService], data: JSONBody[RefreshRequest]) -> Tokens:
+    async def refresh(self, services: AppServices, data: JSONBody[RefreshRequest]) -> Tokens:
         """A new token pair; the refresh token used is spent."""
-        return await auth.refresh(data.refresh_token)
+        return await services.auth.refresh(data.refresh_token)
 
     @post(
         "/auth/logout",
@@ -70,53 +67,41 @@ class AuthController(Controller):
         security=[{}],
         responses=problem_responses(public=True),
     )
-    async def logout(self, auth: NamedDependency[AuthService], data: JSONBody[RefreshRequest]) -> None:
+    async def logout(self, services: AppServices, data: JSONBody[RefreshRequest]) -> None:
         """Revoke the refresh session (the access token lives until it expires, minutes at most)."""
-        await auth.logout(data.refresh_token)
+        await services.auth.logout(data.refresh_token)
 
     @get("/auth/me", operation_id="whoAmI", responses=problem_responses())
-    async def me(self, request: Request[Any, Any, Any]) -> Me:
+    async def me(self, services: AppServices, request: Caller) -> Me:
         """The principal of the credential sent."""
-        principal = principal_of(request)
-        return Me(subject=principal.subject, kind=principal.kind, scopes=sorted(principal.scopes))  # type: ignore[arg-type]
+        return services.auth.me(principal_of(request))
 
     @post(
-        "/realtime/token",
-        operation_id="createRealtimeToken",
-        status_code=200,
-        responses=problem_responses(),
+        "/realtime/token", operation_id="createRealtimeToken", status_code=200, responses=problem_responses()
     )
-    async def realtime_token(
-        self, auth: NamedDependency[AuthService], request: Request[Any, Any, Any]
-    ) -> RealtimeToken:
+    async def realtime_token(self, services: AppServices, request: Caller) -> RealtimeToken:
         """A short-lived token (``IOT_API_REALTIME_TOKEN_TTL_S``) for the realtime WebSocket."""
-        return auth.realtime_token(principal_of(request))
+        return services.auth.realtime_token(principal_of(request))
 
 
 class ApiKeyController(Controller):
     path = "/api/v1/api-keys"
     tags = ["auth"]
     opt = {"scope": "admin"}
-    dependencies = {"auth": AUTH}
 
     @post("/", operation_id="createApiKey", responses=problem_responses(413))
     async def create_key(
-        self,
-        auth: NamedDependency[AuthService],
-        data: JSONBody[ApiKeyCreate],
-        request: Request[Any, Any, Any],
+        self, services: AppServices, data: JSONBody[ApiKeyCreate], request: Caller
     ) -> ApiKeyCreated:
         """A new key with the given scopes; ``key`` is in this response only."""
-        return await auth.create_key(data, principal_of(request))
+        return await services.auth.create_key(data, principal_of(request))
 
     @get("/", operation_id="listApiKeys", responses=problem_responses())
-    async def list_keys(self, auth: NamedDependency[AuthService]) -> ApiKeyPage:
+    async def list_keys(self, services: AppServices) -> ApiKeyPage:
         """Every key, revoked ones included, without the secrets."""
-        return ApiKeyPage(items=await auth.list_keys())
+        return await services.auth.list_keys()
 
     @delete("/{key_id:str}", operation_id="revokeApiKey", responses=problem_responses(404))
-    async def revoke_key(
-        self, auth: NamedDependency[AuthService], key_id: Annotated[str, PathParameter()]
-    ) -> None:
+    async def revoke_key(self, services: AppServices, key_id: ApiKeyId) -> None:
         """Revoke a key: it stops working at once."""
-        await auth.revoke_key(key_id)
+        await services.auth.revoke_key(key_id)

@@ -6,156 +6,123 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
+from litestar.params import FromQuery, JSONBody, QueryParameter
 
-from iot_api.controllers.deps import ALERT_RULES, ALERTS
-from iot_api.controllers.telemetry import Cursor, From, To
-from iot_api.problems import Forbidden, problem_responses
-from iot_api.schemas import (
+from iot_api.controllers.params import PAGE, TIME_RANGE, AlertId, RuleId
+from iot_api.problems import problem_responses
+from iot_api.queries import PageRequest, TimeRange
+from iot_api.schemas.alerts import (
     Alert,
     AlertPage,
     AlertRule,
     AlertRuleCreate,
     AlertRulePage,
     AlertRuleUpdate,
-    WebhookAction,
 )
 from iot_api.security import principal_of
-from iot_api.services.alerts import AlertRuleService, AlertService
-from iot_api.services.telemetry import utc
+from iot_api.state import AppServices
 from iot_common.messages import AlertState, Severity
-from iot_common.topics import DEVICE_ID_PATTERN
+from iot_common.topics import DEVICE_ID_PATTERN, DEVICE_TYPE_PATTERN
 
-Limit = Annotated[int, QueryParameter(ge=1, le=500, description="Page size (1-500)")]
 DeviceFilter = Annotated[
     str | None, QueryParameter(pattern=DEVICE_ID_PATTERN, description="Only those of this device")
 ]
 TypeFilter = Annotated[
-    str | None,
-    QueryParameter(pattern=r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$", description="Only rules on this device type"),
+    str | None, QueryParameter(pattern=DEVICE_TYPE_PATTERN, description="Only rules on this device type")
 ]
 StateFilter = Annotated[AlertState | None, QueryParameter(name="state", description="open or resolved")]
-RuleId = Annotated[str, PathParameter(description="Rule id (UUID)")]
-AlertId = Annotated[str, PathParameter(description="Alert id (UUID)")]
-
-
-def require_admin_for_webhooks(request: Request[Any, Any, Any], action: object) -> None:
-    """A webhook makes the ingest service POST to any URL from inside the platform: admins only."""
-    if isinstance(action, WebhookAction) and not principal_of(request).allows("admin"):
-        raise Forbidden("a webhook action needs the 'admin' scope")
+Caller = Request[Any, Any, Any]
 
 
 class AlertRuleController(Controller):
     path = "/api/v1/alert-rules"
     tags = ["alerts"]
     opt = {"scope": "read"}
-    dependencies = {"rules": ALERT_RULES}
+    dependencies = {"page": PAGE}
 
     @get("/", operation_id="listAlertRules", responses=problem_responses())
     async def list_rules(
         self,
-        rules: NamedDependency[AlertRuleService],
+        services: AppServices,
         device_id: DeviceFilter = None,
         device_type: TypeFilter = None,
         enabled: FromQuery[bool | None] = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        *,
+        page: NamedDependency[PageRequest],
     ) -> AlertRulePage:
         """Rules, newest first; a rule on a device type is not listed under ``device_id``."""
-        return await rules.list(
-            limit=limit, cursor=cursor, device_id=device_id, device_type=device_type, enabled=enabled
+        return await services.alert_rules.list(
+            page, device_id=device_id, device_type=device_type, enabled=enabled
         )
 
-    @post("/", operation_id="createAlertRule", opt={"scope": "write"}, responses=problem_responses(413))
+    @post("/", operation_id="createAlertRule", scope="write", responses=problem_responses(413))
     async def create_rule(
-        self,
-        rules: NamedDependency[AlertRuleService],
-        data: JSONBody[AlertRuleCreate],
-        request: Request[Any, Any, Any],
+        self, services: AppServices, data: JSONBody[AlertRuleCreate], request: Caller
     ) -> AlertRule:
         """Create a rule; ingest replicas reload their rules at once (``{prefix}:rules-changed``). A webhook
         action needs the ``admin`` scope."""
-        require_admin_for_webhooks(request, data.action)
-        return await rules.create(data)
+        return await services.alert_rules.create(data, principal_of(request))
 
     @get("/{rule_id:str}", operation_id="getAlertRule", responses=problem_responses(404))
-    async def get_rule(self, rules: NamedDependency[AlertRuleService], rule_id: RuleId) -> AlertRule:
+    async def get_rule(self, services: AppServices, rule_id: RuleId) -> AlertRule:
         """A rule; a webhook action shows the names of its headers (``header_names``), never their values."""
-        return await rules.get(rule_id)
+        return await services.alert_rules.get(rule_id)
 
     @patch(
         "/{rule_id:str}",
         operation_id="updateAlertRule",
-        opt={"scope": "write"},
+        scope="write",
         responses=problem_responses(404, 413),
     )
     async def update_rule(
         self,
-        rules: NamedDependency[AlertRuleService],
+        services: AppServices,
         rule_id: RuleId,
         data: JSONBody[AlertRuleUpdate],
-        request: Request[Any, Any, Any],
+        request: Caller,
     ) -> AlertRule:
         """Change some fields of a rule; ingest replicas reload their rules at once. A rule with a webhook
         action, before or after the change, needs the ``admin`` scope; a webhook action sent without
         ``headers`` keeps the headers the rule has."""
-        return await rules.update(rule_id, data, principal_of(request))
+        return await services.alert_rules.update(rule_id, data, principal_of(request))
 
-    @delete(
-        "/{rule_id:str}",
-        operation_id="deleteAlertRule",
-        opt={"scope": "write"},
-        responses=problem_responses(404),
-    )
-    async def delete_rule(
-        self, rules: NamedDependency[AlertRuleService], rule_id: RuleId, request: Request[Any, Any, Any]
-    ) -> None:
+    @delete("/{rule_id:str}", operation_id="deleteAlertRule", scope="write", responses=problem_responses(404))
+    async def delete_rule(self, services: AppServices, rule_id: RuleId, request: Caller) -> None:
         """Delete a rule and, with it, its alerts; a rule with a webhook action needs the ``admin`` scope."""
-        await rules.delete(rule_id, principal_of(request))
+        await services.alert_rules.delete(rule_id, principal_of(request))
 
 
 class AlertController(Controller):
     path = "/api/v1/alerts"
     tags = ["alerts"]
     opt = {"scope": "read"}
-    dependencies = {"alerts": ALERTS}
+    dependencies = {"page": PAGE, "span": TIME_RANGE}
 
     @get("/", operation_id="listAlerts", responses=problem_responses())
     async def list_alerts(
         self,
-        alerts: NamedDependency[AlertService],
+        services: AppServices,
         device_id: DeviceFilter = None,
         state_: StateFilter = None,
         severity: FromQuery[Severity | None] = None,
-        from_: From = None,
-        to: To = None,
-        limit: Limit = 50,
-        cursor: Cursor = None,
+        *,
+        span: NamedDependency[TimeRange],
+        page: NamedDependency[PageRequest],
     ) -> AlertPage:
         """Alerts newest first by ``opened_at``, filtered by device, state, severity and opening time."""
-        return await alerts.list(
-            limit=limit,
-            cursor=cursor,
-            device_id=device_id,
-            state=state_,
-            severity=severity,
-            start=utc(from_),
-            end=utc(to),
-        )
+        return await services.alerts.list(page, span, device_id=device_id, state=state_, severity=severity)
 
     @get("/{alert_id:str}", operation_id="getAlert", responses=problem_responses(404))
-    async def get_alert(self, alerts: NamedDependency[AlertService], alert_id: AlertId) -> Alert:
-        return await alerts.get(alert_id)
+    async def get_alert(self, services: AppServices, alert_id: AlertId) -> Alert:
+        return await services.alerts.get(alert_id)
 
     @post(
         "/{alert_id:str}/ack",
         operation_id="ackAlert",
-        opt={"scope": "write"},
+        scope="write",
         status_code=200,
         responses=problem_responses(404),
     )
-    async def ack_alert(
-        self, alerts: NamedDependency[AlertService], alert_id: AlertId, request: Request[Any, Any, Any]
-    ) -> Alert:
+    async def ack_alert(self, services: AppServices, alert_id: AlertId, request: Caller) -> Alert:
         """Acknowledge an alert (open or resolved); again is a no-op that keeps the first ``acked_by``."""
-        return await alerts.ack(alert_id, principal_of(request).subject)
+        return await services.alerts.ack(alert_id, principal_of(request))

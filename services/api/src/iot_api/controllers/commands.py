@@ -2,61 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import JSONBody, PathParameter, QueryParameter
+from litestar.params import JSONBody
 
-from iot_api.controllers.deps import COMMANDS
-from iot_api.controllers.telemetry import Cursor
+from iot_api.controllers.params import PAGE, CommandId, DeviceIdPath
 from iot_api.problems import problem_responses
-from iot_api.schemas import Command, CommandCreate, CommandPage
-from iot_api.services.commands import CommandService
-
-DeviceIdPath = Annotated[str, PathParameter()]
+from iot_api.queries import PageRequest
+from iot_api.schemas.commands import Command, CommandCreate, CommandPage
+from iot_api.state import AppServices
 
 
 class CommandController(Controller):
     path = "/api/v1/devices/{device_id:str}/commands"
     tags = ["commands"]
     opt = {"scope": "read"}
-    dependencies = {"commands": COMMANDS}
+    dependencies = {"page": PAGE}
 
-    @post(
-        "/",
-        operation_id="sendCommand",
-        opt={"scope": "write"},
-        responses=problem_responses(404, 413, 503),
-    )
+    @post("/", operation_id="sendCommand", scope="write", responses=problem_responses(404, 413, 503))
     async def send_command(
-        self,
-        commands: NamedDependency[CommandService],
-        device_id: DeviceIdPath,
-        data: JSONBody[CommandCreate],
+        self, services: AppServices, device_id: DeviceIdPath, data: JSONBody[CommandCreate]
     ) -> Response[Command]:
         """Publish a command on ``devices/commands/{device_id}`` (QoS 1); 201 once the broker acknowledged
         it (state ``sent``), 503 when the broker could not be reached (the command is kept as ``failed``)."""
-        command = await commands.send(device_id, data)
+        command = await services.commands.send(device_id, data)
         location = f"/api/v1/devices/{device_id}/commands/{command.id}"
         return Response(command, status_code=201, headers={"Location": location})
 
     @get("/", operation_id="listCommands", responses=problem_responses(404))
     async def list_commands(
         self,
-        commands: NamedDependency[CommandService],
+        services: AppServices,
         device_id: DeviceIdPath,
-        limit: Annotated[int, QueryParameter(ge=1, le=500, description="Page size (1-500)")] = 50,
-        cursor: Cursor = None,
+        page: NamedDependency[PageRequest],
     ) -> CommandPage:
         """A device's commands, newest first."""
-        return await commands.list(device_id, limit=limit, cursor=cursor)
+        return await services.commands.list(device_id, page)
 
     @get("/{command_id:str}", operation_id="getCommand", responses=problem_responses(404))
     async def get_command(
-        self,
-        commands: NamedDependency[CommandService],
-        device_id: DeviceIdPath,
-        command_id: Annotated[str, PathParameter(description="Command id (UUID)")],
+        self, services: AppServices, device_id: DeviceIdPath, command_id: CommandId
     ) -> Command:
-        return await commands.get(device_id, command_id)
+        return await services.commands.get(device_id, command_id)

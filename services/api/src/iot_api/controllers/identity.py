@@ -6,15 +6,14 @@ and check the shared secret ``IOT_MQTT_HOOK_SECRET`` sent in the ``X-Hook-Secret
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from litestar import Controller, delete, get, post
-from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
-from litestar.params import HeaderParameter, JSONBody, PathParameter
+from litestar.params import HeaderParameter, JSONBody
 
-from iot_api.identity_schemas import (
+from iot_api.controllers.params import DeviceIdPath
+from iot_api.problems import problem_responses
+from iot_api.schemas.identity import (
     AuthnAnswer,
     AuthnRequest,
     AuthzAnswer,
@@ -22,19 +21,9 @@ from iot_api.identity_schemas import (
     CredentialStatus,
     MqttCredentials,
 )
-from iot_api.problems import NotFound, Unauthorized, problem_responses
-from iot_api.services.identity import IdentityService
-from iot_api.settings import ApiSettings
+from iot_api.services.identity import HOOK_SECRET_HEADER
+from iot_api.state import AppServices
 
-HOOK_SECRET_HEADER = "X-Hook-Secret"
-
-
-def provide_identity(state: State) -> IdentityService:
-    identity: IdentityService = state.identity
-    return identity
-
-
-IDENTITY = Provide(provide_identity, sync_to_thread=False)
 HookSecret = Annotated[
     str | None,
     HeaderParameter(name=HOOK_SECRET_HEADER, required=False, description="The shared IOT_MQTT_HOOK_SECRET"),
@@ -45,75 +34,42 @@ class CredentialController(Controller):
     path = "/api/v1/devices/{device_id:str}/credentials"
     tags = ["devices"]
     opt = {"scope": "write"}
-    dependencies = {"identity": IDENTITY}
 
     @post(operation_id="rotateDeviceCredentials", status_code=201, responses=problem_responses(404, 409, 503))
-    async def rotate(
-        self, identity: NamedDependency[IdentityService], device_id: Annotated[str, PathParameter()]
-    ) -> MqttCredentials:
+    async def rotate(self, services: AppServices, device_id: DeviceIdPath) -> MqttCredentials:
         """Issue a new MQTT secret (shown this once); the previous one stops working."""
-        return await identity.rotate(device_id)
+        return await services.identity.rotate(device_id)
 
     @delete(operation_id="revokeDeviceCredentials", responses=problem_responses(404, 503))
-    async def revoke(
-        self, identity: NamedDependency[IdentityService], device_id: Annotated[str, PathParameter()]
-    ) -> None:
+    async def revoke(self, services: AppServices, device_id: DeviceIdPath) -> None:
         """Revoke the MQTT credential: connections are refused and an open one is cut."""
-        await identity.revoke(device_id)
+        await services.identity.revoke(device_id)
 
-    @get(operation_id="getDeviceCredentials", opt={"scope": "read"}, responses=problem_responses(404))
-    async def status(
-        self, identity: NamedDependency[IdentityService], device_id: Annotated[str, PathParameter()]
-    ) -> CredentialStatus:
+    @get(operation_id="getDeviceCredentials", scope="read", responses=problem_responses(404))
+    async def status(self, services: AppServices, device_id: DeviceIdPath) -> CredentialStatus:
         """Whether the device has an active MQTT credential (never the secret)."""
-        return await identity.status(device_id)
+        return await services.identity.status(device_id)
 
 
-def _check_hook_secret(state: State, given: str | None) -> None:
-    settings: ApiSettings = state.settings
-    if not settings.mqtt_hook_secret:
-        raise NotFound("the MQTT hooks are disabled (IOT_MQTT_HOOK_SECRET is not set)")
-    if given is None or not hmac.compare_digest(given.encode(), settings.mqtt_hook_secret.encode()):
-        raise Unauthorized(f"wrong or missing {HOOK_SECRET_HEADER}")
+_HOOK_PROBLEMS = problem_responses(401, 404, public=True)
 
 
 class MqttHookController(Controller):
     path = "/api/v1/mqtt"
     tags = ["mqtt hooks"]
     opt = {"skip_auth": True}
-    dependencies = {"identity": IDENTITY}
     security = [{}]
 
-    @post(
-        "/authn",
-        operation_id="mqttAuthenticate",
-        status_code=200,
-        responses=problem_responses(401, 404, public=True),
-    )
+    @post("/authn", operation_id="mqttAuthenticate", status_code=200, responses=_HOOK_PROBLEMS)
     async def authenticate(
-        self,
-        state: State,
-        identity: NamedDependency[IdentityService],
-        data: JSONBody[AuthnRequest],
-        hook_secret: HookSecret = None,
+        self, services: AppServices, data: JSONBody[AuthnRequest], hook_secret: HookSecret = None
     ) -> AuthnAnswer:
         """EMQX HTTP authentication: may this user name and password connect?"""
-        _check_hook_secret(state, hook_secret)
-        return await identity.authenticate(data.username, data.password)
+        return await services.identity.authn_hook(hook_secret, data)
 
-    @post(
-        "/authz",
-        operation_id="mqttAuthorize",
-        status_code=200,
-        responses=problem_responses(401, 404, public=True),
-    )
+    @post("/authz", operation_id="mqttAuthorize", status_code=200, responses=_HOOK_PROBLEMS)
     async def authorize(
-        self,
-        state: State,
-        identity: NamedDependency[IdentityService],
-        data: JSONBody[AuthzRequest],
-        hook_secret: HookSecret = None,
+        self, services: AppServices, data: JSONBody[AuthzRequest], hook_secret: HookSecret = None
     ) -> AuthzAnswer:
         """EMQX HTTP authorisation: may this user publish to or subscribe to this topic?"""
-        _check_hook_secret(state, hook_secret)
-        return await identity.authorize(data.username, data.action, data.topic)
+        return await services.identity.authz_hook(hook_secret, data)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from litestar import Response, get
-from litestar.datastructures import State
 
-from iot_common.health import HealthReport, postgres_check, redis_check, run_checks
+from iot_api.state import AppServices
+from iot_common.health import HealthReport
 from iot_common.metrics import render_metrics
 
 _OPEN = {"skip_auth": True}
@@ -18,17 +18,10 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", operation_id="readyz", tags=["operations"], opt=_OPEN, security=[{}])
-async def readyz(state: State) -> Response[HealthReport]:
+async def readyz(services: AppServices) -> Response[HealthReport]:
     """Readiness: PostgreSQL answers. Redis and MQTT are reported but not required: without Redis the API
     reads the database, without MQTT only sending commands fails (503)."""
-    report = await run_checks(
-        {
-            "postgres": postgres_check(state.pool),
-            "redis": redis_check(state.redis),
-            "mqtt": state.mqtt.check,
-        }
-    )
-    ready = report.checks.get("postgres") == "ok"
+    report, ready = await services.health.readiness()
     return Response(report, status_code=200 if ready else 503)
 
 

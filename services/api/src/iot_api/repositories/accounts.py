@@ -8,7 +8,7 @@ from uuid import UUID
 
 import asyncpg
 
-from iot_api.schemas import ApiKey
+from iot_api.schemas.accounts import ApiKey
 
 _KEY_COLUMNS = "id, name, prefix, scopes, created_at, last_used_at, revoked_at"
 
@@ -22,24 +22,8 @@ class UserRow:
     disabled: bool
 
 
-@dataclass(frozen=True)
-class KeyRow:
-    id: UUID
-    key_hash: str
-    scopes: list[str]
-    revoked: bool
-
-
 def _api_key(row: asyncpg.Record) -> ApiKey:
-    return ApiKey(
-        id=str(row["id"]),
-        name=row["name"],
-        prefix=row["prefix"],
-        scopes=list(row["scopes"]),
-        created_at=row["created_at"],
-        last_used_at=row["last_used_at"],
-        revoked_at=row["revoked_at"],
-    )
+    return ApiKey(**{**row, "id": str(row["id"])})
 
 
 class AccountRepository:
@@ -47,25 +31,18 @@ class AccountRepository:
         self.pool = pool
 
     async def user_by_email(self, email: str) -> UserRow | None:
-        row = await self.pool.fetchrow(
-            "SELECT id, email, password_hash, role, disabled_at FROM users WHERE lower(email) = lower($1)",
-            email,
-        )
-        if row is None:
-            return None
-        return UserRow(
-            row["id"], row["email"], row["password_hash"], row["role"], row["disabled_at"] is not None
-        )
+        return await self._user("lower(email) = lower($1)", email)
 
     async def user_by_id(self, user_id: UUID) -> UserRow | None:
+        return await self._user("id = $1", user_id)
+
+    async def _user(self, condition: str, value: object) -> UserRow | None:
         row = await self.pool.fetchrow(
-            "SELECT id, email, password_hash, role, disabled_at FROM users WHERE id = $1", user_id
+            "SELECT id, email, password_hash, role, disabled_at IS NOT NULL AS disabled"
+            f" FROM users WHERE {condition}",
+            value,
         )
-        if row is None:
-            return None
-        return UserRow(
-            row["id"], row["email"], row["password_hash"], row["role"], row["disabled_at"] is not None
-        )
+        return None if row is None else UserRow(**row)
 
     async def set_password_hash(self, user_id: UUID, password_hash: str) -> None:
         await self.pool.execute("UPDATE users SET password_hash = $2 WHERE id = $1", user_id, password_hash)
@@ -82,14 +59,6 @@ class AccountRepository:
             role,
         )
         return status.endswith(" 1")
-
-    async def key_by_prefix(self, prefix: str) -> KeyRow | None:
-        row = await self.pool.fetchrow(
-            "SELECT id, key_hash, scopes, revoked_at FROM api_keys WHERE prefix = $1", prefix
-        )
-        if row is None:
-            return None
-        return KeyRow(row["id"], row["key_hash"], list(row["scopes"]), row["revoked_at"] is not None)
 
     async def create_key(
         self, name: str, prefix: str, key_hash: str, scopes: list[str], created_by: UUID | None

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from iot_api.schemas import ActionView, Alert, AlertRule, CommandAction, WebhookActionView
+from iot_api.queries import TimeRange
+from iot_api.repositories.sql import Query
+from iot_api.schemas.alerts import ActionView, Alert, AlertRule, WebhookActionView
+from iot_common.alerts import CommandAction
 
 _RULE_COLUMNS = (
     "id, name, device_id, device_type, metric, op, threshold, for_seconds, hysteresis, severity, message,"
@@ -35,63 +37,15 @@ def _action_view(document: dict[str, Any] | None) -> ActionView | None:
 
 
 def _rule(row: asyncpg.Record) -> AlertRule:
-    return AlertRule(
-        id=str(row["id"]),
-        name=row["name"],
-        device_id=row["device_id"],
-        device_type=row["device_type"],
-        metric=row["metric"],
-        op=row["op"],
-        threshold=row["threshold"],
-        for_seconds=row["for_seconds"],
-        hysteresis=row["hysteresis"],
-        severity=row["severity"],
-        message=row["message"],
-        action=_action_view(row["action"]),
-        enabled=row["enabled"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
+    return AlertRule(**{**row, "id": str(row["id"]), "action": _action_view(row["action"])})
 
 
 def _alert(row: asyncpg.Record) -> Alert:
-    return Alert(
-        id=str(row["id"]),
-        rule_id=str(row["rule_id"]),
-        device_id=row["device_id"],
-        metric=row["metric"],
-        severity=row["severity"],
-        state=row["state"],
-        message=row["message"],
-        value=row["value"],
-        threshold=row["threshold"],
-        opened_at=row["opened_at"],
-        resolved_at=row["resolved_at"],
-        acked_at=row["acked_at"],
-        acked_by=row["acked_by"],
-    )
+    return Alert(**{**row, "id": str(row["id"]), "rule_id": str(row["rule_id"])})
 
 
 # Checked in the same statement as the change, so that a webhook set meanwhile is not changed by a non-admin.
 _NO_WEBHOOK_UNLESS_2 = "$2 OR action IS NULL OR action->>'type' IS DISTINCT FROM 'webhook'"
-
-
-class _Where:
-    """WHERE clauses with numbered arguments, built from values the service checked."""
-
-    def __init__(self) -> None:
-        self.clauses: list[str] = []
-        self.args: list[Any] = []
-
-    def arg(self, value: Any) -> str:
-        self.args.append(value)
-        return f"${len(self.args)}"
-
-    def add(self, clause: str) -> None:
-        self.clauses.append(clause)
-
-    def sql(self) -> str:
-        return f"WHERE {' AND '.join(self.clauses)}" if self.clauses else ""
 
 
 class AlertRuleRepository:
@@ -111,12 +65,12 @@ class AlertRuleRepository:
 
     async def create(self, values: dict[str, Any]) -> AlertRule:
         """Insert a rule; raises asyncpg's ForeignKeyViolationError when ``device_id`` is unknown."""
-        columns = list(values)
-        placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        query = Query()
+        placeholders = ", ".join(query.arg(value) for value in values.values())
         row = await self.pool.fetchrow(
-            f"INSERT INTO alert_rules ({', '.join(columns)}) VALUES ({placeholders})"
+            f"INSERT INTO alert_rules ({', '.join(values)}) VALUES ({placeholders})"
             f" RETURNING {_RULE_COLUMNS}",
-            *values.values(),
+            *query.args,
         )
         assert row is not None
         return _rule(row)
@@ -126,14 +80,11 @@ class AlertRuleRepository:
     ) -> AlertRule | None:
         """Set the given columns (names come from the service, never from the client); None when the rule
         is gone, or has a webhook action and ``webhook_allowed`` is false."""
-        sets = [f"{column} = ${i}" for i, column in enumerate(changes, start=3)]
-        sets.append("updated_at = now()")
+        query = Query(rule_id, webhook_allowed)
         row = await self.pool.fetchrow(
-            f"UPDATE alert_rules SET {', '.join(sets)} WHERE id = $1 AND ({_NO_WEBHOOK_UNLESS_2})"
-            f" RETURNING {_RULE_COLUMNS}",
-            rule_id,
-            webhook_allowed,
-            *changes.values(),
+            f"UPDATE alert_rules SET {query.assignments(changes)}, updated_at = now()"
+            f" WHERE id = $1 AND ({_NO_WEBHOOK_UNLESS_2}) RETURNING {_RULE_COLUMNS}",
+            *query.args,
         )
         return None if row is None else _rule(row)
 
@@ -150,23 +101,19 @@ class AlertRuleRepository:
         device_id: str | None,
         device_type: str | None,
         enabled: bool | None,
-        after: tuple[datetime, uuid.UUID] | None,
+        after: tuple[Any, ...] | None,
         limit: int,
     ) -> list[AlertRule]:
         """Newest first, after the position ``after`` (created_at, id)."""
-        where = _Where()
-        if device_id is not None:
-            where.add(f"device_id = {where.arg(device_id)}")
-        if device_type is not None:
-            where.add(f"device_type = {where.arg(device_type)}")
-        if enabled is not None:
-            where.add(f"enabled = {where.arg(enabled)}")
-        if after is not None:
-            where.add(f"(created_at, id) < ({where.arg(after[0])}, {where.arg(after[1])})")
+        query = Query()
+        query.equals("device_id", device_id)
+        query.equals("device_type", device_type)
+        query.equals("enabled", enabled)
+        query.after(("created_at", "id"), after, descending=True)
         rows = await self.pool.fetch(
-            f"SELECT {_RULE_COLUMNS} FROM alert_rules {where.sql()}"
-            f" ORDER BY created_at DESC, id DESC LIMIT {where.arg(limit)}",
-            *where.args,
+            f"SELECT {_RULE_COLUMNS} FROM alert_rules {query.sql()}"
+            f" ORDER BY created_at DESC, id DESC LIMIT {query.arg(limit)}",
+            *query.args,
         )
         return [_rule(r) for r in rows]
 
@@ -200,28 +147,20 @@ class AlertRepository:
         device_id: str | None,
         state: str | None,
         severity: str | None,
-        start: datetime | None,
-        end: datetime | None,
-        after: tuple[datetime, uuid.UUID] | None,
+        opened: TimeRange,
+        after: tuple[Any, ...] | None,
         limit: int,
     ) -> list[Alert]:
         """Newest first by ``opened_at``, after the position ``after`` (opened_at, id)."""
-        where = _Where()
-        if device_id is not None:
-            where.add(f"device_id = {where.arg(device_id)}")
-        if state is not None:
-            where.add(f"state = {where.arg(state)}")
-        if severity is not None:
-            where.add(f"severity = {where.arg(severity)}")
-        if start is not None:
-            where.add(f"opened_at >= {where.arg(start)}")
-        if end is not None:
-            where.add(f"opened_at < {where.arg(end)}")
-        if after is not None:
-            where.add(f"(opened_at, id) < ({where.arg(after[0])}, {where.arg(after[1])})")
+        query = Query()
+        query.equals("device_id", device_id)
+        query.equals("state", state)
+        query.equals("severity", severity)
+        query.between("opened_at", opened.start, opened.end)
+        query.after(("opened_at", "id"), after, descending=True)
         rows = await self.pool.fetch(
-            f"SELECT {_ALERT_COLUMNS} FROM alerts {where.sql()}"
-            f" ORDER BY opened_at DESC, id DESC LIMIT {where.arg(limit)}",
-            *where.args,
+            f"SELECT {_ALERT_COLUMNS} FROM alerts {query.sql()}"
+            f" ORDER BY opened_at DESC, id DESC LIMIT {query.arg(limit)}",
+            *query.args,
         )
         return [_alert(r) for r in rows]

@@ -6,22 +6,10 @@ from typing import Any
 
 import asyncpg
 
-from iot_api.schemas import Device
+from iot_api.repositories.sql import Query
+from iot_api.schemas.devices import Device
 
 _COLUMNS = "id, name, type, status, attributes, last_seen, created_at, updated_at"
-
-
-def _device(row: asyncpg.Record) -> Device:
-    return Device(
-        id=row["id"],
-        name=row["name"],
-        type=row["type"],
-        status=row["status"],
-        attributes=row["attributes"],
-        last_seen=row["last_seen"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
 
 
 def _like(text: str) -> str:
@@ -35,7 +23,7 @@ class DeviceRepository:
 
     async def get(self, device_id: str) -> Device | None:
         row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM devices WHERE id = $1", device_id)
-        return None if row is None else _device(row)
+        return None if row is None else Device(**row)
 
     async def create(
         self, device_id: str, name: str, type_: str, attributes: dict[str, Any]
@@ -51,18 +39,17 @@ class DeviceRepository:
             type_,
             attributes,
         )
-        return None if row is None else _device(row)
+        return None if row is None else Device(**row)
 
     async def update(self, device_id: str, changes: dict[str, Any]) -> Device | None:
         """Set the given columns (names come from the service, never from the client)."""
-        sets = [f"{column} = ${i}" for i, column in enumerate(changes, start=2)]
-        sets.append("updated_at = now()")
+        query = Query(device_id)
         row = await self.pool.fetchrow(
-            f"UPDATE devices SET {', '.join(sets)} WHERE id = $1 RETURNING {_COLUMNS}",
-            device_id,
-            *changes.values(),
+            f"UPDATE devices SET {query.assignments(changes)}, updated_at = now() WHERE id = $1"
+            f" RETURNING {_COLUMNS}",
+            *query.args,
         )
-        return None if row is None else _device(row)
+        return None if row is None else Device(**row)
 
     async def delete(self, device_id: str) -> bool:
         status = await self.pool.execute("DELETE FROM devices WHERE id = $1", device_id)
@@ -72,30 +59,20 @@ class DeviceRepository:
         self,
         *,
         limit: int,
-        after: str | None,
+        after: tuple[Any, ...] | None,
         type_: str | None,
         status: str | None,
         search: str | None,
     ) -> list[Device]:
-        """Devices ordered by id, after the id ``after``; ``limit`` rows at most."""
-        clauses: list[str] = []
-        args: list[Any] = []
-
-        def arg(value: Any) -> str:
-            args.append(value)
-            return f"${len(args)}"
-
-        if after is not None:
-            clauses.append(f"id > {arg(after)}")
-        if type_ is not None:
-            clauses.append(f"type = {arg(type_)}")
-        if status is not None:
-            clauses.append(f"status = {arg(status)}")
+        """Devices ordered by id, after the position ``after`` (an id); ``limit`` rows at most."""
+        query = Query()
+        query.after(("id",), after, descending=False)
+        query.equals("type", type_)
+        query.equals("status", status)
         if search:
-            pattern = arg(_like(search))
-            clauses.append(f"(name ILIKE {pattern} OR id ILIKE {pattern})")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            pattern = query.arg(_like(search))
+            query.where(f"(name ILIKE {pattern} OR id ILIKE {pattern})")
         rows = await self.pool.fetch(
-            f"SELECT {_COLUMNS} FROM devices {where} ORDER BY id LIMIT {arg(limit)}", *args
+            f"SELECT {_COLUMNS} FROM devices {query.sql()} ORDER BY id LIMIT {query.arg(limit)}", *query.args
         )
-        return [_device(r) for r in rows]
+        return [Device(**r) for r in rows]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from iot_api.schemas import Reject
+from iot_api.queries import TimeRange
+from iot_api.repositories.sql import Query
+from iot_api.schemas.rejects import Reject
 
 
 class RejectRepository:
@@ -19,47 +20,21 @@ class RejectRepository:
         *,
         device_id: str | None,
         reason: str | None,
-        start: datetime | None,
-        end: datetime | None,
-        after: tuple[datetime, int] | None,
+        received: TimeRange,
+        after: tuple[Any, ...] | None,
         limit: int,
     ) -> list[Reject]:
         """Newest first, after the position ``after`` (received_at, id)."""
-        clauses: list[str] = []
-        args: list[Any] = []
-
-        def arg(value: Any) -> str:
-            args.append(value)
-            return f"${len(args)}"
-
-        if device_id is not None:
-            clauses.append(f"device_id = {arg(device_id)}")
-        if reason is not None:
-            clauses.append(f"reason = {arg(reason)}")
-        if start is not None:
-            clauses.append(f"received_at >= {arg(start)}")
-        if end is not None:
-            clauses.append(f"received_at < {arg(end)}")
-        if after is not None:
-            clauses.append(f"(received_at, id) < ({arg(after[0])}, {arg(after[1])})")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        query = Query()
+        query.equals("device_id", device_id)
+        query.equals("reason", reason)
+        query.between("received_at", received.start, received.end)
+        query.after(("received_at", "id"), after, descending=True)
         rows = await self.pool.fetch(
             f"""
             SELECT id, received_at, topic, device_id, reason, detail, payload, payload_size
-            FROM ingest_rejects {where} ORDER BY received_at DESC, id DESC LIMIT {arg(limit)}
+            FROM ingest_rejects {query.sql()} ORDER BY received_at DESC, id DESC LIMIT {query.arg(limit)}
             """,
-            *args,
+            *query.args,
         )
-        return [
-            Reject(
-                id=r["id"],
-                received_at=r["received_at"],
-                topic=r["topic"],
-                device_id=r["device_id"],
-                reason=r["reason"],
-                detail=r["detail"],
-                payload=r["payload"],
-                payload_size=r["payload_size"],
-            )
-            for r in rows
-        ]
+        return [Reject(**r) for r in rows]

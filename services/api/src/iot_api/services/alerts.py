@@ -9,51 +9,53 @@ event on the device's channel so that dashboards update.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
+from iot_api.errors import Forbidden, Invalid, NotFound
 from iot_api.events import EventPublisher
-from iot_api.pagination import decode_time_position, encode_cursor
-from iot_api.problems import Forbidden, NotFound, invalid
+from iot_api.pagination import TIME_AND_UUID, paginate
+from iot_api.queries import PageRequest, TimeRange
 from iot_api.repositories.alerts import AlertRepository, AlertRuleRepository
-from iot_api.schemas import (
+from iot_api.schemas.alerts import (
     Alert,
     AlertPage,
     AlertRule,
     AlertRuleCreate,
     AlertRulePage,
     AlertRuleUpdate,
-    CommandAction,
-    WebhookAction,
     WebhookActionView,
 )
 from iot_api.services.devices import check_json
-from iot_common.alerts import alert_event
+from iot_common.alerts import ONE_TARGET, CommandAction, WebhookAction, alert_event, has_one_target
 from iot_common.auth import Principal
 
+WEBHOOK_NEEDS_ADMIN = "a webhook action needs the 'admin' scope"
 WEBHOOK_RULE_NEEDS_ADMIN = "changing or deleting a rule with a webhook action needs the 'admin' scope"
 
 
-def parse_id(value: str, what: str) -> uuid.UUID:
-    """The UUID in a path; an id that is not one names nothing, hence 404."""
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise NotFound(f"{what} {value!r} not found") from None
-
-
-def _check_action(values: dict[str, Any]) -> None:
+def rule_columns(values: dict[str, Any], device_id: str | None, device_type: str | None) -> dict[str, Any]:
+    """The columns to store for a new or changed rule (``values``: its given fields; ``device_id`` and
+    ``device_type``: the rule's target after the change); :class:`Invalid` for what validation of the
+    body alone cannot see. The action is stored in its JSON form, with its ``type`` tag."""
+    if not has_one_target(device_id, device_type):
+        raise Invalid("device_id", ONE_TARGET, "body")
     action = values.get("action")
     if isinstance(action, CommandAction):
         check_json(action.params, "action.params")
+    if action is not None:
+        values = {**values, "action": msgspec.to_builtins(action)}
+    return values
 
 
-def _check_target(device_id: str | None, device_type: str | None) -> None:
-    if (device_id is None) == (device_type is None):
-        raise invalid("device_id", "give exactly one of device_id and device_type", "body")
+def new_rule_columns(data: AlertRuleCreate) -> dict[str, Any]:
+    """The columns of a new rule (a webhook left without ``headers`` gets none), as ingest will load them."""
+    values = msgspec.structs.asdict(data)
+    if isinstance(data.action, WebhookAction) and data.action.given_headers is msgspec.UNSET:
+        values["action"] = msgspec.structs.replace(data.action, given_headers={})
+    return rule_columns(values, data.device_id, data.device_type)
 
 
 class AlertRuleService:
@@ -61,51 +63,37 @@ class AlertRuleService:
         self.repo = repo
         self.events = events
 
-    async def get(self, rule_id: str) -> AlertRule:
-        rule = await self.repo.get(parse_id(rule_id, "alert rule"))
+    async def get(self, rule_id: uuid.UUID) -> AlertRule:
+        rule = await self.repo.get(rule_id)
         if rule is None:
-            raise NotFound(f"alert rule {rule_id!r} not found")
+            raise NotFound(f"alert rule '{rule_id}' not found")
         return rule
 
     async def list(
-        self,
-        *,
-        limit: int,
-        cursor: str | None,
-        device_id: str | None,
-        device_type: str | None,
-        enabled: bool | None,
+        self, page: PageRequest, *, device_id: str | None, device_type: str | None, enabled: bool | None
     ) -> AlertRulePage:
-        rows = await self.repo.list(
-            device_id=device_id,
-            device_type=device_type,
-            enabled=enabled,
-            after=decode_time_position(cursor),
-            limit=limit + 1,
-        )
-        items = rows[:limit]
-        has_more = len(rows) > limit
-        last = items[-1] if items else None
-        return AlertRulePage(
-            items=items,
-            has_more=has_more,
-            next_cursor=encode_cursor(last.created_at, last.id) if has_more and last else None,
+        return await paginate(
+            AlertRulePage,
+            page,
+            TIME_AND_UUID,
+            lambda after, n: self.repo.list(
+                device_id=device_id, device_type=device_type, enabled=enabled, after=after, limit=n
+            ),
+            lambda rule: (rule.created_at, rule.id),
         )
 
-    async def create(self, data: AlertRuleCreate) -> AlertRule:
-        _check_target(data.device_id, data.device_type)
-        values = msgspec.structs.asdict(data)
-        _check_action(values)
-        if isinstance(data.action, WebhookAction) and data.action.headers is msgspec.UNSET:
-            values["action"] = msgspec.structs.replace(data.action, headers={})
+    async def create(self, data: AlertRuleCreate, principal: Principal) -> AlertRule:
+        """Store a new rule; a webhook action takes the admin scope (it makes ingest POST anywhere)."""
+        if isinstance(data.action, WebhookAction) and not principal.allows("admin"):
+            raise Forbidden(WEBHOOK_NEEDS_ADMIN)
         try:
-            rule = await self.repo.create(_columns(values))
+            rule = await self.repo.create(new_rule_columns(data))
         except asyncpg.ForeignKeyViolationError:
-            raise invalid("device_id", "no device with this id", "body") from None
+            raise Invalid("device_id", "no device with this id", "body") from None
         await self.events.rules_changed(rule.id, "created")
         return rule
 
-    async def update(self, rule_id: str, data: AlertRuleUpdate, principal: Principal) -> AlertRule:
+    async def update(self, rule_id: uuid.UUID, data: AlertRuleUpdate, principal: Principal) -> AlertRule:
         """Change the given fields. A rule with a webhook action, before or after, takes the admin scope
         (the webhook carries its owner's secret headers); a webhook without ``headers`` keeps the stored ones.
         """
@@ -121,39 +109,28 @@ class AlertRuleService:
             raise Forbidden(WEBHOOK_RULE_NEEDS_ADMIN)
         if not changes:
             return current
-        _check_target(
-            changes.get("device_id", current.device_id), changes.get("device_type", current.device_type)
-        )
-        _check_action(changes)
-        if isinstance(action, WebhookAction) and action.headers is msgspec.UNSET:
-            stored = await self.repo.stored_action(uuid.UUID(current.id))
+        target = changes.get("device_id", current.device_id), changes.get("device_type", current.device_type)
+        columns = rule_columns(changes, *target)
+        if isinstance(action, WebhookAction) and action.given_headers is msgspec.UNSET:
+            stored = await self.repo.stored_action(rule_id)
             kept = stored.get("headers") if stored and stored.get("type") == "webhook" else None
-            changes["action"] = msgspec.structs.replace(action, headers=kept or {})
+            columns["action"] = {**columns["action"], "headers": kept or {}}
         try:
-            rule = await self.repo.update(uuid.UUID(current.id), _columns(changes), webhook_allowed=is_admin)
+            rule = await self.repo.update(rule_id, columns, webhook_allowed=is_admin)
         except asyncpg.ForeignKeyViolationError:
-            raise invalid("device_id", "no device with this id", "body") from None
+            raise Invalid("device_id", "no device with this id", "body") from None
         if rule is None:
             await self.get(rule_id)  # 404 when it is gone; else a webhook was set meanwhile
             raise Forbidden(WEBHOOK_RULE_NEEDS_ADMIN)
         await self.events.rules_changed(rule.id, "updated")
         return rule
 
-    async def delete(self, rule_id: str, principal: Principal) -> None:
+    async def delete(self, rule_id: uuid.UUID, principal: Principal) -> None:
         """Delete the rule; one with a webhook action takes the admin scope."""
-        if not await self.repo.delete(
-            parse_id(rule_id, "alert rule"), webhook_allowed=principal.allows("admin")
-        ):
+        if not await self.repo.delete(rule_id, webhook_allowed=principal.allows("admin")):
             await self.get(rule_id)  # 404 when there is no such rule
             raise Forbidden(WEBHOOK_RULE_NEEDS_ADMIN)
-        await self.events.rules_changed(rule_id, "deleted")
-
-
-def _columns(values: dict[str, Any]) -> dict[str, Any]:
-    """Column values: the action as its JSON form (with its ``type`` tag) for the jsonb column."""
-    if "action" in values and values["action"] is not None:
-        values = {**values, "action": msgspec.to_builtins(values["action"])}
-    return values
+        await self.events.rules_changed(str(rule_id), "deleted")
 
 
 class AlertService:
@@ -161,46 +138,38 @@ class AlertService:
         self.repo = repo
         self.events = events
 
-    async def get(self, alert_id: str) -> Alert:
-        alert = await self.repo.get(parse_id(alert_id, "alert"))
+    async def get(self, alert_id: uuid.UUID) -> Alert:
+        alert = await self.repo.get(alert_id)
         if alert is None:
-            raise NotFound(f"alert {alert_id!r} not found")
+            raise NotFound(f"alert '{alert_id}' not found")
         return alert
 
     async def list(
         self,
+        page: PageRequest,
+        span: TimeRange,
         *,
-        limit: int,
-        cursor: str | None,
         device_id: str | None,
         state: str | None,
         severity: str | None,
-        start: datetime | None,
-        end: datetime | None,
     ) -> AlertPage:
-        rows = await self.repo.list(
-            device_id=device_id,
-            state=state,
-            severity=severity,
-            start=start,
-            end=end,
-            after=decode_time_position(cursor),
-            limit=limit + 1,
-        )
-        items = rows[:limit]
-        has_more = len(rows) > limit
-        last = items[-1] if items else None
-        return AlertPage(
-            items=items,
-            has_more=has_more,
-            next_cursor=encode_cursor(last.opened_at, last.id) if has_more and last else None,
+        """Alerts newest first by ``opened_at``, opened in ``span``."""
+        opened = span.in_utc()
+        return await paginate(
+            AlertPage,
+            page,
+            TIME_AND_UUID,
+            lambda after, n: self.repo.list(
+                device_id=device_id, state=state, severity=severity, opened=opened, after=after, limit=n
+            ),
+            lambda alert: (alert.opened_at, alert.id),
         )
 
-    async def ack(self, alert_id: str, principal: str) -> Alert:
+    async def ack(self, alert_id: uuid.UUID, principal: Principal) -> Alert:
         """Acknowledge the alert; acknowledging it again changes nothing and publishes nothing."""
-        result = await self.repo.ack(parse_id(alert_id, "alert"), principal)
+        result = await self.repo.ack(alert_id, principal.subject)
         if result is None:
-            raise NotFound(f"alert {alert_id!r} not found")
+            raise NotFound(f"alert '{alert_id}' not found")
         alert, changed = result
         if changed:
             await self.events.device_event(alert.device_id, alert_event(msgspec.structs.asdict(alert)))

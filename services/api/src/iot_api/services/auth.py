@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
+from typing import Literal
 from uuid import UUID
 
 import argon2
@@ -24,19 +24,21 @@ import structlog
 from prometheus_client import Counter
 
 from iot_api.cache import Cache
+from iot_api.errors import NotFound, RateLimited, Unauthenticated, Unavailable
 from iot_api.limits import FailureLimiter, PasswordWorkers
-from iot_api.problems import NotFound, TooManyRequests, Unauthorized, Unavailable
-from iot_api.repositories.accounts import AccountRepository, KeyRow
-from iot_api.schemas import ApiKey, ApiKeyCreate, ApiKeyCreated, RealtimeToken, Tokens
+from iot_api.repositories.accounts import AccountRepository
+from iot_api.schemas.accounts import ApiKeyCreate, ApiKeyCreated, ApiKeyPage, Me, RealtimeToken, Tokens
 from iot_api.settings import ApiSettings
 from iot_common.auth import (
     InvalidCredential,
     Principal,
+    StoredKey,
     api_key_prefix,
     decode_token,
     generate_api_key,
     hash_api_key,
     issue_token,
+    verify_api_key,
 )
 
 log = structlog.stdlib.get_logger("iot_api.auth")
@@ -56,15 +58,8 @@ class _Session(msgspec.Struct, frozen=True):
     user_id: str
 
 
-class _CachedKey(msgspec.Struct, frozen=True):
-    id: str
-    key_hash: str
-    scopes: list[str]
-    revoked: bool
-
-
 _session_decoder = msgspec.json.Decoder(_Session)
-_key_decoder = msgspec.json.Decoder(_CachedKey)
+_key_decoder = msgspec.json.Decoder(StoredKey)
 
 
 def hash_password(password: str) -> str:
@@ -82,6 +77,42 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class RedisKeyCache:
+    """API keys remembered in Redis (:class:`~iot_common.auth.KeyCache`): a key's row for
+    ``IOT_API_CACHE_TTL_S``, a prefix that named no key for :data:`UNKNOWN_KEY_TTL_S`. Each database
+    look-up is counted, and an active key's use recorded."""
+
+    def __init__(self, cache: Cache, accounts: AccountRepository, ttl_s: int) -> None:
+        self.cache = cache
+        self.accounts = accounts
+        self.ttl_s = ttl_s
+
+    def key(self, prefix: str) -> str:
+        return self.cache.key("apikey", prefix)
+
+    async def cached(self, prefix: str) -> StoredKey | Literal["unknown"] | None:
+        raw = await self.cache.get(self.key(prefix))
+        if raw == _UNKNOWN_KEY:
+            return "unknown"
+        try:
+            return None if raw is None else _key_decoder.decode(raw)
+        except msgspec.DecodeError:
+            return None
+
+    async def looked_up(self, prefix: str, stored: StoredKey | None) -> None:
+        KEY_LOOKUPS.labels("unknown" if stored is None else "found").inc()
+        if stored is None:
+            await self.cache.set(self.key(prefix), _UNKNOWN_KEY, UNKNOWN_KEY_TTL_S)
+            return
+        await self.cache.set(self.key(prefix), msgspec.json.encode(stored), self.ttl_s)
+        if not stored.revoked:
+            await self.accounts.touch_key(UUID(stored.id))
+
+    async def forget(self, prefix: str) -> bool:
+        """Delete the entry of ``prefix`` (a revoked key, or a remembered "unknown" for a new one)."""
+        return await self.cache.delete(self.key(prefix))
+
+
 class AuthService:
     def __init__(self, accounts: AccountRepository, cache: Cache, settings: ApiSettings) -> None:
         self.accounts = accounts
@@ -89,6 +120,7 @@ class AuthService:
         self.settings = settings
         self.passwords = PasswordWorkers(settings.api_password_hash_workers, settings.api_password_hash_queue)
         self.failures = FailureLimiter(cache)
+        self.keys = RedisKeyCache(cache, accounts, settings.api_cache_ttl_s)
 
     def close(self) -> None:
         self.passwords.close()
@@ -108,7 +140,7 @@ class AuthService:
         ok = await self.passwords.run(_verify_password, user.password_hash if user else _DUMMY_HASH, password)
         if user is None or not ok or user.disabled:
             await self.failures.record(checks)
-            raise Unauthorized("wrong e-mail or password")
+            raise Unauthenticated("wrong e-mail or password")
         if _hasher.check_needs_rehash(user.password_hash):
             await self.accounts.set_password_hash(user.id, await self.passwords.run(hash_password, password))
         return await self._tokens(str(user.id), ROLE_SCOPES.get(user.role, frozenset()))
@@ -139,11 +171,11 @@ class AuthService:
         if raw is False:
             raise Unavailable("session store unavailable; log in again later")
         if raw is None or isinstance(raw, bool):
-            raise Unauthorized("refresh token unknown, expired or revoked")
+            raise Unauthenticated("refresh token unknown, expired or revoked")
         session = _session_decoder.decode(raw)
         user = await self.accounts.user_by_id(UUID(session.user_id))
         if user is None or user.disabled:
-            raise Unauthorized("user no longer exists or is disabled")
+            raise Unauthenticated("user no longer exists or is disabled")
         return await self._tokens(str(user.id), ROLE_SCOPES.get(user.role, frozenset()))
 
     async def logout(self, refresh_token: str) -> None:
@@ -170,11 +202,11 @@ class AuthService:
         token, or an API key already in the cache, is still accepted from such an address.
         """
         if not api_key and not authorization:
-            raise Unauthorized("credentials required: `Authorization: Bearer <token>` or `X-API-Key`")
+            raise Unauthenticated("credentials required: `Authorization: Bearer <token>` or `X-API-Key`")
         limit = self.settings.api_auth_failures_per_minute
         try:
             return await self._authenticate(api_key, authorization, client)
-        except Unauthorized:
+        except Unauthenticated:
             counts = await self.failures.record([("auth-address", client, limit)])
             if counts and counts[0] > limit:
                 raise self.failures.limited("auth-address") from None
@@ -186,43 +218,21 @@ class AuthService:
         if authorization:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthorized("Authorization must be `Bearer <token>`")
+                raise Unauthenticated("Authorization must be `Bearer <token>`")
             try:
                 return decode_token(self.settings.jwt_secret, token.strip(), accept=("access",))
             except InvalidCredential as exc:
-                raise Unauthorized(str(exc)) from None
-        raise Unauthorized("credentials required: `Authorization: Bearer <token>` or `X-API-Key`")
+                raise Unauthenticated(str(exc)) from None
+        raise Unauthenticated("credentials required: `Authorization: Bearer <token>` or `X-API-Key`")
 
     async def _verify_key(self, key: str, client: str) -> Principal:
-        prefix = api_key_prefix(key)
-        if prefix is None:
-            raise Unauthorized("malformed API key")
-        cache_key = self.cache.key("apikey", prefix)
-        row: _CachedKey | None = None
-        cached = await self.cache.get(cache_key)
-        if cached == _UNKNOWN_KEY:
-            raise Unauthorized("unknown API key")
-        if cached is not None:
-            try:
-                row = _key_decoder.decode(cached)
-            except msgspec.DecodeError:
-                row = None
-        if row is None:
+        async def before_lookup() -> None:
             await self.failures.check([("auth-address", client, self.settings.api_auth_failures_per_minute)])
-            found: KeyRow | None = await self.accounts.key_by_prefix(prefix)
-            KEY_LOOKUPS.labels("unknown" if found is None else "found").inc()
-            if found is None:
-                await self.cache.set(cache_key, _UNKNOWN_KEY, UNKNOWN_KEY_TTL_S)
-                raise Unauthorized("unknown API key")
-            row = _CachedKey(str(found.id), found.key_hash, found.scopes, found.revoked)
-            await self.cache.set(cache_key, msgspec.json.encode(row), self.settings.api_cache_ttl_s)
-            if not found.revoked:
-                await self.accounts.touch_key(found.id)
-        if not hmac.compare_digest(row.key_hash, hash_api_key(key)):
-            raise Unauthorized("unknown API key")
-        if row.revoked:
-            raise Unauthorized("API key revoked")
-        return Principal(subject=f"key:{row.id}", kind="api_key", scopes=frozenset(row.scopes))
+
+        try:
+            return await verify_api_key(self.accounts.pool, key, cache=self.keys, before_lookup=before_lookup)
+        except InvalidCredential as exc:
+            raise Unauthenticated(str(exc)) from None
 
     async def rate_limit(self, subject: str) -> None:
         """Count a request of ``subject`` in this minute's window; 429 past the limit.
@@ -238,9 +248,7 @@ class AuthService:
         result = await self.cache.pipeline(lambda p: (p.incr(key), p.expire(key, 61)))
         if result is not None and int(result[0]) > limit:
             retry = max(1, 60 - int(now % 60))
-            raise TooManyRequests(
-                f"more than {limit} requests per minute", headers={"Retry-After": str(retry)}
-            )
+            raise RateLimited(f"more than {limit} requests per minute", retry_after_s=retry)
 
     async def create_key(self, data: ApiKeyCreate, principal: Principal) -> ApiKeyCreated:
         key, prefix, key_hash = generate_api_key()
@@ -251,22 +259,23 @@ class AuthService:
             key, prefix, key_hash = generate_api_key()
             row = await self.accounts.create_key(data.name, prefix, key_hash, scopes, created_by)
         assert row is not None
-        await self.cache.delete(self.cache.key("apikey", prefix))  # a remembered "unknown" for this prefix
+        await self.keys.forget(prefix)  # a remembered "unknown" for this prefix
         return ApiKeyCreated(**msgspec.structs.asdict(row), key=key)
 
-    async def list_keys(self) -> list[ApiKey]:
-        return await self.accounts.list_keys()
+    async def list_keys(self) -> ApiKeyPage:
+        return ApiKeyPage(items=await self.accounts.list_keys())
 
-    async def revoke_key(self, key_id: str) -> None:
-        try:
-            uuid = UUID(key_id)
-        except ValueError:
-            raise NotFound(f"API key {key_id!r} not found") from None
-        row = await self.accounts.revoke_key(uuid)
+    @staticmethod
+    def me(principal: Principal) -> Me:
+        """Who the credential sent is."""
+        return Me(subject=principal.subject, kind=principal.kind, scopes=sorted(principal.scopes))  # type: ignore[arg-type]
+
+    async def revoke_key(self, key_id: UUID) -> None:
+        row = await self.accounts.revoke_key(key_id)
         if row is None:
-            raise NotFound(f"API key {key_id!r} not found")
-        if not await self.cache.delete(self.cache.key("apikey", row.prefix)):
-            log.warning("API key revoked but its cache entry could not be deleted", key_id=key_id)
+            raise NotFound(f"API key '{key_id}' not found")
+        if not await self.keys.forget(row.prefix):
+            log.warning("API key revoked but its cache entry could not be deleted", key_id=str(key_id))
 
     async def bootstrap(self) -> None:
         """Create the admin user and the API key named by the settings, unless they exist (idempotent)."""
@@ -284,5 +293,5 @@ class AuthService:
             row = await self.accounts.create_key(
                 "bootstrap", prefix, hash_api_key(s.bootstrap_api_key), ["admin"], None
             )
-            await self.cache.delete(self.cache.key("apikey", prefix))
+            await self.keys.forget(prefix)
             log.info("bootstrap API key", prefix=prefix, created=row is not None)

@@ -14,7 +14,7 @@ import structlog
 from prometheus_client import Counter
 
 from iot_api.dynsec import DynsecAdmin, DynsecError, device_role
-from iot_api.problems import Conflict, Unavailable
+from iot_api.errors import Conflict, Unavailable
 
 log = structlog.stdlib.get_logger("iot_api.broker")
 BROKER_CALLS = Counter("iot_api_broker_calls_total", "Dynamic-security commands by result", ["result"])
@@ -57,7 +57,7 @@ class DynsecProvisioner:
                 log.warning("dynsec admin cannot connect", error=f"{type(exc).__name__}: {exc}")
                 raise BrokerUnavailable(
                     "the MQTT broker is unavailable; nothing was changed, retry later",
-                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                    retry_after_s=RETRY_AFTER_S,
                 ) from None
             self._admin = admin
             log.info("dynsec admin connected")
@@ -83,7 +83,7 @@ class DynsecProvisioner:
             await self.close()
             raise BrokerUnavailable(
                 "the MQTT broker did not answer; the change was rolled back, retry later",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
+                retry_after_s=RETRY_AFTER_S,
             ) from None
         BROKER_CALLS.labels("ok").inc()
 

@@ -10,19 +10,22 @@ is the client's decision). The device's answer (``acked``/``failed``) and expiry
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 import msgspec
 
+from iot_api.errors import NotFound, Unavailable
 from iot_api.events import EventPublisher
 from iot_api.mqtt import CommandPublisher, PublishError
-from iot_api.pagination import decode_time_position, encode_cursor
-from iot_api.problems import NotFound, Unavailable
+from iot_api.pagination import TIME_AND_UUID, paginate
+from iot_api.queries import PageRequest
 from iot_api.repositories.commands import CommandRepository
-from iot_api.schemas import Command, CommandCreate, CommandPage
-from iot_api.services.alerts import parse_id
+from iot_api.schemas.commands import Command, CommandCreate, CommandPage
 from iot_api.services.devices import DeviceService, check_json
 from iot_common.commands import command_event, command_message
 from iot_common.messages import CommandEvent
-from iot_common.topics import command_topic, is_valid_device_id
+from iot_common.topics import command_topic
 
 RETRY_AFTER_S = 5
 
@@ -47,8 +50,6 @@ class CommandService:
         self.default_ttl_s = default_ttl_s
 
     async def send(self, device_id: str, data: CommandCreate) -> Command:
-        if not is_valid_device_id(device_id):
-            raise NotFound(f"device {device_id!r} not found")
         check_json(data.params, "params")
         ttl_s = data.ttl_s or self.default_ttl_s
         command = await self.repo.create(device_id, data.name, data.params, ttl_s)
@@ -58,38 +59,31 @@ class CommandService:
         try:
             await self.publisher.publish(command_topic(device_id), message, ttl_s)
         except PublishError as exc:
-            failed = await self.repo.mark(command.id, "failed", str(exc))
+            failed = await self.repo.mark_failed(command.id, str(exc))
             if failed is not None:
                 await self.events.device_event(device_id, _event(failed))
-            raise Unavailable(
-                f"command {command.id} failed: {exc}", headers={"Retry-After": str(RETRY_AFTER_S)}
-            ) from None
-        sent = await self.repo.mark(command.id, "sent")
+            raise Unavailable(f"command {command.id} failed: {exc}", retry_after_s=RETRY_AFTER_S) from None
+        sent = await self.repo.mark_sent(command.id)
         if sent is None:
             # The device answered (and ingest recorded it) before this update: keep its state.
-            current = await self.repo.get(device_id, parse_id(command.id, "command"))
+            current = await self.repo.get(device_id, uuid.UUID(command.id))
             return current or command
         await self.events.device_event(device_id, _event(sent))
         return sent
 
-    async def get(self, device_id: str, command_id: str) -> Command:
-        command = None
-        if is_valid_device_id(device_id):
-            command = await self.repo.get(device_id, parse_id(command_id, "command"))
+    async def get(self, device_id: str, command_id: uuid.UUID) -> Command:
+        command = await self.repo.get(device_id, command_id)
         if command is None:
-            raise NotFound(f"command {command_id!r} of device {device_id!r} not found")
+            raise NotFound(f"command '{command_id}' of device {device_id!r} not found")
         return command
 
-    async def list(self, device_id: str, *, limit: int, cursor: str | None) -> CommandPage:
-        """A device's commands, newest first; 404 when the device does not exist."""
-        after = decode_time_position(cursor)
-        await self.devices.require(device_id)
-        rows = await self.repo.list(device_id, after=after, limit=limit + 1)
-        items = rows[:limit]
-        has_more = len(rows) > limit
-        last = items[-1] if items else None
-        return CommandPage(
-            items=items,
-            has_more=has_more,
-            next_cursor=encode_cursor(last.created_at, last.id) if has_more and last else None,
+    async def list(self, device_id: str, page: PageRequest) -> CommandPage:
+        """A device's commands, newest first; :class:`NotFound` when the device does not exist."""
+
+        async def fetch(after: tuple[Any, ...] | None, n: int) -> list[Command]:
+            await self.devices.require(device_id)
+            return await self.repo.list(device_id, after=after, limit=n)
+
+        return await paginate(
+            CommandPage, page, TIME_AND_UUID, fetch, lambda command: (command.created_at, command.id)
         )

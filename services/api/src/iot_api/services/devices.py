@@ -13,11 +13,12 @@ from typing import Any
 import msgspec
 
 from iot_api.cache import Cache
-from iot_api.pagination import decode_cursor, encode_cursor
-from iot_api.problems import Conflict, NotFound, invalid
+from iot_api.errors import Conflict, Invalid, NotFound
+from iot_api.pagination import paginate
+from iot_api.queries import PageRequest
 from iot_api.repositories.devices import DeviceRepository
-from iot_api.schemas import Device, DeviceCreate, DevicePage, DeviceUpdate
-from iot_common.topics import is_valid_device_id
+from iot_api.schemas.devices import Device, DeviceCreate, DevicePage, DeviceUpdate
+from iot_common.db.jsonb import unstorable_json
 
 _device_decoder = msgspec.json.Decoder(Device)
 _page_decoder = msgspec.json.Decoder(DevicePage)
@@ -25,17 +26,8 @@ _page_decoder = msgspec.json.Decoder(DevicePage)
 
 def check_json(value: Any, path: str) -> None:
     """Refuse what PostgreSQL's jsonb cannot store (NUL characters), naming the place."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise invalid(path, "must not contain NUL characters", "body")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if "\x00" in key:
-                raise invalid(path, "keys must not contain NUL characters", "body")
-            check_json(item, f"{path}.{key}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            check_json(item, f"{path}[{index}]")
+    if problem := unstorable_json(value, path):
+        raise Invalid(*problem, "body")
 
 
 class DeviceService:
@@ -45,8 +37,6 @@ class DeviceService:
         self.ttl_s = ttl_s
 
     async def get(self, device_id: str) -> Device:
-        if not is_valid_device_id(device_id):
-            raise NotFound(f"device {device_id!r} not found")
         cached = await self.cache.get(self.cache.key("device", device_id))
         if cached is not None:
             try:
@@ -60,14 +50,13 @@ class DeviceService:
         return device
 
     async def require(self, device_id: str) -> None:
-        """Raise 404 unless the device exists (served from the cache when it can be)."""
+        """Raise :class:`NotFound` unless the device exists (served from the cache when it can be)."""
         await self.get(device_id)
 
     async def list(
-        self, *, limit: int, cursor: str | None, type_: str | None, status: str | None, search: str | None
+        self, page: PageRequest, *, type_: str | None, status: str | None, search: str | None
     ) -> DevicePage:
-        after = decode_cursor(cursor, (str,))[0] if cursor else None
-        params = msgspec.json.encode([limit, after, type_, status, search]).hex()
+        params = msgspec.json.encode([page.limit, page.cursor, type_, status, search]).hex()
         # False: Redis is down (no caching); None: no write yet (generation 0).
         generation: bytes | bool | None = await self.cache.call(
             lambda r: r.get(self.cache.key("devices", "generation")), False
@@ -82,17 +71,16 @@ class DeviceService:
                     return _page_decoder.decode(cached)
                 except msgspec.DecodeError:
                     pass
-        rows = await self.repo.list(limit=limit + 1, after=after, type_=type_, status=status, search=search)
-        has_more = len(rows) > limit
-        items = rows[:limit]
-        page = DevicePage(
-            items=items,
-            has_more=has_more,
-            next_cursor=encode_cursor(items[-1].id) if has_more else None,
+        found = await paginate(
+            DevicePage,
+            page,
+            (str,),
+            lambda after, n: self.repo.list(limit=n, after=after, type_=type_, status=status, search=search),
+            lambda device: (device.id,),
         )
         if key is not None:
-            await self.cache.set(key, msgspec.json.encode(page), self.ttl_s)
-        return page
+            await self.cache.set(key, msgspec.json.encode(found), self.ttl_s)
+        return found
 
     async def create(self, data: DeviceCreate) -> Device:
         check_json(data.attributes, "attributes")
@@ -104,8 +92,6 @@ class DeviceService:
         return device
 
     async def update(self, device_id: str, data: DeviceUpdate) -> Device:
-        if not is_valid_device_id(device_id):
-            raise NotFound(f"device {device_id!r} not found")
         changes = {f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not None}
         if data.attributes is not None:
             check_json(data.attributes, "attributes")
@@ -118,7 +104,7 @@ class DeviceService:
         return device
 
     async def delete(self, device_id: str) -> None:
-        if not is_valid_device_id(device_id) or not await self.repo.delete(device_id):
+        if not await self.repo.delete(device_id):
             raise NotFound(f"device {device_id!r} not found")
         await self._invalidate(device_id)
 

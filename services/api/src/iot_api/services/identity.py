@@ -20,17 +20,18 @@ import secrets
 import msgspec
 import structlog
 
-from iot_api.cache import Cache
-from iot_api.identity_schemas import (
+from iot_api.errors import Conflict, NotFound, Unauthenticated
+from iot_api.repositories.credentials import CredentialRepository
+from iot_api.schemas.devices import DeviceCreate
+from iot_api.schemas.identity import (
     AuthnAnswer,
+    AuthnRequest,
     AuthzAnswer,
+    AuthzRequest,
     CredentialStatus,
     DeviceCreated,
     MqttCredentials,
 )
-from iot_api.problems import Conflict, NotFound
-from iot_api.repositories.credentials import CredentialRepository
-from iot_api.schemas import DeviceCreate
 from iot_api.services.broker import DynsecProvisioner
 from iot_api.services.devices import DeviceService
 from iot_api.services.mqtt_acl import RESERVED_USERNAMES, SERVICE_ROLES, Rule, allowed, device_rules
@@ -38,6 +39,7 @@ from iot_common.topics import is_valid_device_id
 
 log = structlog.stdlib.get_logger("iot_api.identity")
 SECRET_PREFIX = "iotd_"
+HOOK_SECRET_HEADER = "X-Hook-Secret"
 
 
 class _Cached(msgspec.Struct, frozen=True):
@@ -74,18 +76,25 @@ class IdentityService:
         self,
         repo: CredentialRepository,
         devices: DeviceService,
-        cache: Cache,
-        ttl_s: int,
         broker: DynsecProvisioner | None,
         service_users: dict[str, ServiceUser],
+        hook_secret: str = "",
     ) -> None:
+        """Credentials are cached like devices: in the devices' cache, for as long."""
         self.repo = repo
         self.devices = devices
-        self.cache = cache
-        self.ttl_s = ttl_s
+        self.cache = devices.cache
+        self.reserved = RESERVED_USERNAMES | set(service_users)
         self.broker = broker
         self.service_users = service_users
-        self.reserved = RESERVED_USERNAMES | set(service_users)
+        self.hook_secret = hook_secret
+
+    def check_hook_secret(self, given: str | None) -> None:
+        """The broker's hooks are on only with ``IOT_MQTT_HOOK_SECRET``, and answer only to it."""
+        if not self.hook_secret:
+            raise NotFound("the MQTT hooks are disabled (IOT_MQTT_HOOK_SECRET is not set)")
+        if given is None or not hmac.compare_digest(given.encode(), self.hook_secret.encode()):
+            raise Unauthenticated(f"wrong or missing {HOOK_SECRET_HEADER}")
 
     def _cache_key(self, device_id: str) -> str:
         return self.cache.key("mqtt", "cred", device_id)
@@ -167,8 +176,18 @@ class IdentityService:
                 pass
         row = await self.repo.get(device_id)
         entry = _Cached("", False) if row is None else _Cached(row.secret_hash, row.revoked_at is None)
-        await self.cache.set(key, msgspec.json.encode(entry), self.ttl_s)
+        await self.cache.set(key, msgspec.json.encode(entry), self.devices.ttl_s)
         return entry
+
+    async def authn_hook(self, hook_secret: str | None, request: AuthnRequest) -> AuthnAnswer:
+        """The EMQX authentication hook, for a caller with the hook secret: :meth:`authenticate`."""
+        self.check_hook_secret(hook_secret)
+        return await self.authenticate(request.username, request.password)
+
+    async def authz_hook(self, hook_secret: str | None, request: AuthzRequest) -> AuthzAnswer:
+        """The EMQX authorisation hook, for a caller with the hook secret: :meth:`authorize`."""
+        self.check_hook_secret(hook_secret)
+        return await self.authorize(request.username, request.action, request.topic)
 
     async def authenticate(self, username: str | None, password: str | None) -> AuthnAnswer:
         """EMQX authentication: service users by their configured password, devices by their secret.

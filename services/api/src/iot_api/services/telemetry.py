@@ -6,20 +6,23 @@ import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from iot_api.cache import Cache
-from iot_api.pagination import decode_cursor, encode_cursor
-from iot_api.problems import TooManyRequests, invalid
+from iot_api.errors import Invalid, RateLimited
+from iot_api.pagination import decode_cursor, encode_cursor, paginate
+from iot_api.queries import MAX_TS, MIN_TS, PageRequest, utc
 from iot_api.repositories.telemetry import Bucket, TelemetryRepository
-from iot_api.schemas import (
+from iot_api.schemas.telemetry import (
     Aggregate,
     AggregatePoint,
     DeviceLatest,
     History,
+    LatestList,
     LatestValue,
     Series,
     SeriesPoint,
@@ -49,18 +52,8 @@ AGGREGATES: tuple[Aggregate, ...] = ("avg", "min", "max", "sum", "count")
 AGG_PATTERN = r"^(avg|min|max|sum|count)(,(avg|min|max|sum|count))*(?!\n)$"
 MAX_BUCKETS = 10_000
 DEFAULT_AGGREGATE_RANGE = timedelta(hours=24)
-_MIN_TS = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_TS = datetime(9000, 1, 1, tzinfo=UTC)
 
 _latest_decoder = msgspec.json.Decoder(messages.LatestValue)
-
-
-def utc(ts: datetime | None) -> datetime | None:
-    """A timestamp without zone is taken as UTC; the range is clamped to what makes sense to query."""
-    if ts is None:
-        return None
-    ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-    return min(max(ts, _MIN_TS), _MAX_TS)
 
 
 def parse_agg(agg: str) -> list[Aggregate]:
@@ -70,9 +63,9 @@ def parse_agg(agg: str) -> list[Aggregate]:
 
 def aggregate_range(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
     end = utc(end) or datetime.now(UTC)
-    start = utc(start) or max(end - DEFAULT_AGGREGATE_RANGE, _MIN_TS)
+    start = utc(start) or max(end - DEFAULT_AGGREGATE_RANGE, MIN_TS)
     if start >= end:
-        raise invalid("from", "must be before `to`")
+        raise Invalid("from", "must be before `to`")
     return start, end
 
 
@@ -116,9 +109,9 @@ class HeavyReads:
     @asynccontextmanager
     async def hold(self, principal: str) -> AsyncIterator[None]:
         if self.active[principal] >= self.per_principal:
-            raise TooManyRequests(
+            raise RateLimited(
                 f"at most {self.per_principal} telemetry reads at once per credential; retry shortly",
-                headers={"Retry-After": str(self.RETRY_AFTER_S)},
+                retry_after_s=self.RETRY_AFTER_S,
             )
         self.active[principal] += 1
         try:
@@ -132,6 +125,22 @@ class HeavyReads:
 def _fingerprint(*parts: object) -> str:
     """Ties a history cursor to the query it continues (devices, metric, bucket, limit)."""
     return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class DeviceQuery:
+    """A read of one device's telemetry: raw points of ``metrics`` (all without), a page of ``limit`` in
+    ``order``; or with ``bucket``, the ``agg`` aggregates of exactly one metric per bucket."""
+
+    device_id: str
+    metrics: list[str] | None
+    start: datetime | None
+    end: datetime | None
+    order: Literal["asc", "desc"]
+    limit: int
+    cursor: str | None
+    bucket: str | None
+    agg: str
 
 
 class TelemetryService:
@@ -152,61 +161,51 @@ class TelemetryService:
         self.max_points = max_points
         self.heavy = HeavyReads(heavy_reads_per_principal)
 
-    async def raw(
-        self,
-        device_id: str,
-        metrics: list[str] | None,
-        start: datetime | None,
-        end: datetime | None,
-        order: Literal["asc", "desc"],
-        limit: int,
-        cursor: str | None,
-    ) -> TelemetryPage:
+    async def device_telemetry(
+        self, principal: str, query: DeviceQuery
+    ) -> TelemetryPage | TelemetryAggregate:
+        """Raw points of a device (a page), or with ``bucket`` the buckets of exactly one metric; one of
+        the ``principal``'s heavy reads."""
+        metrics = query.metrics
+        if query.bucket is not None and (not metrics or len(set(metrics)) != 1):
+            raise Invalid("metric", "exactly one metric is needed with `bucket`")
+        async with self.heavy.hold(principal):
+            if query.bucket is None or not metrics:
+                return await self.raw(query)
+            return await self.aggregate(query, metrics[0], query.bucket)
+
+    async def raw(self, query: DeviceQuery) -> TelemetryPage:
+        device_id = query.device_id
         await self.devices.require(device_id)
-        limit = min(limit, self.max_points)
-        after: tuple[datetime, str] | None = None
-        if cursor:
-            ts, metric = decode_cursor(cursor, (datetime, str))
-            after = (ts, metric)
-        names = sorted(set(metrics)) if metrics else await self.repo.metrics(device_id)
-        rows = []
-        if names:
+        start, end, descending = utc(query.start), utc(query.end), query.order == "desc"
+
+        async def fetch(after: tuple[Any, ...] | None, n: int) -> list[TelemetryPoint]:
+            names = sorted(set(query.metrics)) if query.metrics else await self.repo.metrics(device_id)
+            if not names:
+                return []
             rows = await self.repo.raw(
-                device_id,
-                names,
-                utc(start),
-                utc(end),
-                descending=order == "desc",
-                after=after,
-                limit=limit + 1,
+                device_id, names, start, end, descending=descending, after=after, limit=n
             )
-        has_more = len(rows) > limit
-        items = [TelemetryPoint(ts=r.ts, metric=r.metric, value=r.value) for r in rows[:limit]]
-        last = items[-1] if items else None
-        return TelemetryPage(
+            return [TelemetryPoint(ts=r.ts, metric=r.metric, value=r.value) for r in rows]
+
+        return await paginate(
+            TelemetryPage,
+            PageRequest(min(query.limit, self.max_points), query.cursor),
+            (datetime, str),
+            fetch,
+            lambda point: (point.ts, point.metric),
             device_id=device_id,
-            order=order,
-            items=items,
-            has_more=has_more,
-            next_cursor=encode_cursor(last.ts, last.metric) if has_more and last else None,
+            order=query.order,
         )
 
-    async def aggregate(
-        self,
-        device_id: str,
-        metric: str,
-        start: datetime | None,
-        end: datetime | None,
-        bucket: str,
-        agg: str,
-    ) -> TelemetryAggregate:
-        await self.devices.require(device_id)
-        start_, end_ = aggregate_range(start, end)
+    async def aggregate(self, query: DeviceQuery, metric: str, bucket: str) -> TelemetryAggregate:
+        await self.devices.require(query.device_id)
+        start_, end_ = aggregate_range(query.start, query.end)
         step = self._check_buckets(start_, end_, bucket, min(MAX_BUCKETS, self.max_points))
-        aggs = parse_agg(agg)
-        buckets = await self.repo.aggregate(device_id, metric, start_, end_, step)
+        aggs = parse_agg(query.agg)
+        buckets = await self.repo.aggregate(query.device_id, metric, start_, end_, step)
         return TelemetryAggregate(
-            device_id=device_id,
+            device_id=query.device_id,
             metric=metric,
             bucket=bucket,
             agg=aggs,
@@ -219,16 +218,16 @@ class TelemetryService:
     def _check_buckets(start: datetime, end: datetime, bucket: str, most: int = MAX_BUCKETS) -> timedelta:
         step = BUCKETS[bucket]
         if (end - start) / step > most:
-            raise invalid("bucket", f"more than {most} buckets in the range; use a larger bucket")
+            raise Invalid("bucket", f"more than {most} buckets in the range; use a larger bucket")
         return step
 
     async def latest(self, device_id: str) -> DeviceLatest:
         await self.devices.require(device_id)
         return (await self._latest([device_id]))[0]
 
-    async def latest_many(self, device_ids: list[str]) -> list[DeviceLatest]:
+    async def latest_many(self, device_ids: list[str]) -> LatestList:
         """Latest values of each device asked for (unknown devices answer with no metrics)."""
-        return await self._latest(list(dict.fromkeys(device_ids)))
+        return LatestList(items=await self._latest(list(dict.fromkeys(device_ids))))
 
     async def _latest(self, device_ids: list[str]) -> list[DeviceLatest]:
         cached = await self.cache.hgetall_many([self.names.latest_key(d) for d in device_ids])
@@ -244,6 +243,7 @@ class TelemetryService:
 
     async def history(
         self,
+        principal: str,
         device_ids: list[str],
         metric: str,
         start: datetime | None,
@@ -257,66 +257,72 @@ class TelemetryService:
 
         A response holds at most ``max_points`` points in all. When the series do not fit, the page stops
         after ``max_points`` points (``truncated``) and ``next_cursor`` continues exactly after the last
-        point returned: the same device, the next point, on the same time range as the first page.
+        point returned: the same device, the next point, on the same time range as the first page. One of
+        the ``principal``'s heavy reads.
         """
-        ids = list(dict.fromkeys(device_ids))
-        step = None
-        fingerprint = _fingerprint(ids, metric, bucket, limit)
-        index, emitted, after = 0, 0, None
-        if cursor:
-            mark, index, start_, end_, after, emitted = decode_cursor(
-                cursor, (str, int, datetime, datetime, datetime | None, int)
-            )
-            if mark != fingerprint or not 0 <= index < len(ids) or not 0 <= emitted < limit:
-                raise invalid("cursor", "not a cursor of this query (same devices, metric, bucket, limit)")
-            # The fingerprint is no secret: a client can write any range into a cursor. Only a range this
-            # endpoint could have chosen (see aggregate_range) is taken, so arithmetic on it cannot fail.
-            if not (_MIN_TS <= start_ < end_ <= _MAX_TS and (after is None or start_ <= after <= end_)):
-                raise invalid("cursor", "not a cursor returned by this endpoint")
-        else:
-            start_, end_ = aggregate_range(start, end)
-        if bucket is not None:
-            step = self._check_buckets(start_, end_, bucket)
-        aggs = parse_agg(agg)
-        budget = self.max_points
-        series: list[Series] = []
-        next_cursor = None
-        for i in range(index, len(ids)):
-            device_id = ids[i]
-            after_ts, done = (after, emitted) if i == index else (None, 0)
-            if budget == 0:
-                next_cursor = encode_cursor(fingerprint, i, start_, end_, None, 0)
-                break
-            if step is not None:
-                first = start_ if after_ts is None else after_ts + step
-                buckets = await self.repo.aggregate(device_id, metric, first, end_, step, limit=budget + 1)
-                points = [SeriesPoint(ts=b.ts, **_point(b, aggs)) for b in buckets[:budget]]  # type: ignore[arg-type]
-                cut = len(buckets) > budget
-                series.append(Series(device_id=device_id, metric=metric, has_more=cut, points=points))
-                if cut:
-                    next_cursor = encode_cursor(fingerprint, i, start_, end_, points[-1].ts, 0)
-                    break
-            else:
-                want = min(limit - done, budget)
-                position = (after_ts, metric) if after_ts is not None else None
-                rows = await self.repo.raw(
-                    device_id, [metric], start_, end_, descending=False, after=position, limit=want + 1
+        async with self.heavy.hold(principal):
+            ids = list(dict.fromkeys(device_ids))
+            step = None
+            fingerprint = _fingerprint(ids, metric, bucket, limit)
+            index, emitted, after = 0, 0, None
+            if cursor:
+                mark, index, start_, end_, after, emitted = decode_cursor(
+                    cursor, (str, int, datetime, datetime, datetime | None, int)
                 )
-                points = [SeriesPoint(ts=r.ts, value=r.value) for r in rows[:want]]
-                more = len(rows) > want
-                series.append(Series(device_id=device_id, metric=metric, has_more=more, points=points))
-                if more and budget < limit - done:  # cut by the response's budget, not by `limit`
-                    next_cursor = encode_cursor(
-                        fingerprint, i, start_, end_, points[-1].ts, done + len(points)
+                if mark != fingerprint or not 0 <= index < len(ids) or not 0 <= emitted < limit:
+                    raise Invalid(
+                        "cursor", "not a cursor of this query (same devices, metric, bucket, limit)"
                     )
+                # The fingerprint is no secret: a client can write any range into a cursor. Only a range this
+                # endpoint could have chosen (see aggregate_range) is taken, so arithmetic on it cannot fail.
+                if not (MIN_TS <= start_ < end_ <= MAX_TS and (after is None or start_ <= after <= end_)):
+                    raise Invalid("cursor", "not a cursor returned by this endpoint")
+            else:
+                start_, end_ = aggregate_range(start, end)
+            if bucket is not None:
+                step = self._check_buckets(start_, end_, bucket)
+            aggs = parse_agg(agg)
+            budget = self.max_points
+            series: list[Series] = []
+            next_cursor = None
+            for i in range(index, len(ids)):
+                device_id = ids[i]
+                after_ts, done = (after, emitted) if i == index else (None, 0)
+                if budget == 0:
+                    next_cursor = encode_cursor(fingerprint, i, start_, end_, None, 0)
                     break
-            budget -= len(points)
-        return History(
-            metric=metric,
-            bucket=bucket,
-            from_=start_,
-            to=end_,
-            series=series,
-            truncated=next_cursor is not None,
-            next_cursor=next_cursor,
-        )
+                if step is not None:
+                    first = start_ if after_ts is None else after_ts + step
+                    buckets = await self.repo.aggregate(
+                        device_id, metric, first, end_, step, limit=budget + 1
+                    )
+                    points = [SeriesPoint(ts=b.ts, **_point(b, aggs)) for b in buckets[:budget]]  # type: ignore[arg-type]
+                    cut = len(buckets) > budget
+                    series.append(Series(device_id=device_id, metric=metric, has_more=cut, points=points))
+                    if cut:
+                        next_cursor = encode_cursor(fingerprint, i, start_, end_, points[-1].ts, 0)
+                        break
+                else:
+                    want = min(limit - done, budget)
+                    position = (after_ts, metric) if after_ts is not None else None
+                    rows = await self.repo.raw(
+                        device_id, [metric], start_, end_, descending=False, after=position, limit=want + 1
+                    )
+                    points = [SeriesPoint(ts=r.ts, value=r.value) for r in rows[:want]]
+                    more = len(rows) > want
+                    series.append(Series(device_id=device_id, metric=metric, has_more=more, points=points))
+                    if more and budget < limit - done:  # cut by the response's budget, not by `limit`
+                        next_cursor = encode_cursor(
+                            fingerprint, i, start_, end_, points[-1].ts, done + len(points)
+                        )
+                        break
+                budget -= len(points)
+            return History(
+                metric=metric,
+                bucket=bucket,
+                from_=start_,
+                to=end_,
+                series=series,
+                truncated=next_cursor is not None,
+                next_cursor=next_cursor,
+            )

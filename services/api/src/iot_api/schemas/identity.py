@@ -1,7 +1,4 @@
-"""Bodies of the device-identity endpoints: MQTT credentials and the EMQX authentication hooks.
-
-Kept beside ``schemas.py`` (same conventions) so that the identity feature stays in its own modules.
-"""
+"""Bodies of the device-identity endpoints: MQTT credentials and the EMQX authentication hooks."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ from typing import Literal
 
 import msgspec
 
-from iot_api.schemas import Device
+from iot_api.schemas.devices import Device
 
 HookResult = Literal["allow", "deny", "ignore"]
 

@@ -1,0 +1,47 @@
+"""The API's state: its services, built once per process by the lifespan (``iot_api.app``) and handed to
+handlers, typed, as the ``services`` dependency. Nothing else is kept on ``app.state`` but the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
+
+from iot_api.services.alerts import AlertRuleService, AlertService
+from iot_api.services.auth import AuthService
+from iot_api.services.commands import CommandService
+from iot_api.services.devices import DeviceService
+from iot_api.services.identity import IdentityService
+from iot_api.services.operations import HealthService
+from iot_api.services.rejects import RejectService
+from iot_api.services.telemetry import TelemetryService
+
+
+@dataclass(frozen=True)
+class Services:
+    """One service per resource; controllers call these and nothing below them."""
+
+    devices: DeviceService
+    identity: IdentityService
+    telemetry: TelemetryService
+    rejects: RejectService
+    alert_rules: AlertRuleService
+    alerts: AlertService
+    commands: CommandService
+    auth: AuthService
+    health: HealthService
+
+
+def services_of(state: State) -> Services:
+    """The services of a started application (its lifespan has run)."""
+    services = state.get("services")
+    if not isinstance(services, Services):
+        raise RuntimeError("the API's services are built by its lifespan, which has not run")
+    return services
+
+
+SERVICES = Provide(services_of, sync_to_thread=False)
+"""The ``services`` dependency of every handler."""
+AppServices = NamedDependency[Services]
+"""How a handler declares it: ``services: AppServices``."""
