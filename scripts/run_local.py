@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from iot_common.logging import use_colours
 from iot_sim.demo import DEMO_RULE_NAME, ApiRefused, seed_demo_rule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,6 +62,8 @@ COLOURS = {
     "mqtt": "\033[94m",
 }
 RESET = "\033[0m"
+COLOURED = use_colours(sys.stdout)
+"""Process-name prefixes in colour only on a terminal (``NO_COLOR``, ``FORCE_COLOR`` as for the services)."""
 SERVICES = ("api", "realtime", "ingest")
 
 
@@ -165,9 +168,9 @@ class Supervisor:
             if not data:
                 self.selector.unregister(stream)
                 continue
-            colour = COLOURS.get(key.data, "")
+            colour, reset = (COLOURS.get(key.data, ""), RESET) if COLOURED else ("", "")
             for line in data.decode(errors="replace").splitlines():
-                sys.stdout.write(f"{colour}{key.data:<8}{RESET} | {line}\n")
+                sys.stdout.write(f"{colour}{key.data:<8}{reset} | {line}\n")
             sys.stdout.flush()
 
     def stop(self, *_: object) -> None:

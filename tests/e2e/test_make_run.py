@@ -241,6 +241,12 @@ def check_services_listen_on_loopback_only(run: Run) -> None:
     assert {a.ip for a in listening} == {"127.0.0.1"}, listening
 
 
+def check_the_log_has_no_colour_codes_and_one_rollup_line(run: Run) -> None:
+    log = run.log()
+    assert "\x1b[" not in log, "colour codes in a log that is not a terminal"
+    assert log.count("telemetry rolled up") <= 1, "one rollup line per run, not one per batch"
+
+
 LIVE_CHECKS: list[Callable[[Run], None]] = [
     check_readings_in_the_api,
     check_readings_over_the_websocket,
@@ -249,6 +255,7 @@ LIVE_CHECKS: list[Callable[[Run], None]] = [
     check_services_listen_on_loopback_only,
     check_a_command_is_acked_by_a_simulated_device,
     check_the_demo_rule_opens_an_alert_on_a_spike,
+    check_the_log_has_no_colour_codes_and_one_rollup_line,
 ]
 
 
