@@ -103,6 +103,10 @@ async def retry(
             assert isinstance(error, Exception)
             on_retry(error, state.next_action.sleep)
 
+    async def attempt() -> T:
+        # tenacity awaits only coroutine functions; ``operation`` may be a lambda returning an awaitable.
+        return await operation()
+
     retrying = AsyncRetrying(
         sleep=pause,
         wait=backoff,
@@ -111,7 +115,7 @@ async def retry(
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retrying(operation)
+    return await retrying(attempt)
 
 
 async def run_periodic(
