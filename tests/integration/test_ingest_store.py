@@ -19,9 +19,11 @@ import redis.asyncio as aioredis
 from iot_common.db import create_pool
 from iot_common.messages import Reading
 from iot_common.topics import RedisNames
-from iot_ingest import store
+from iot_ingest import writer as writer_module
+from iot_ingest.devices import KnownDevices
 from iot_ingest.plan import DeadLetter, Delivery
-from iot_ingest.store import BatchWriter, KnownDevices
+from iot_ingest.redis_output import RedisOutput
+from iot_ingest.writer import BatchWriter
 
 
 @pytest.fixture
@@ -35,10 +37,9 @@ async def writer(
         await known.load(conn)
     writer = BatchWriter(
         pool,
-        redis,
         known,
+        RedisOutput(redis, RedisNames(f"store{unique}")),
         auto_register=False,
-        names=RedisNames(f"store{unique}"),
         retry_initial_s=0.01,
         retry_max_s=0.05,
     )
@@ -78,7 +79,7 @@ async def test_a_dead_letter_postgresql_refuses_is_replaced_by_a_bare_one(
     def unstorable(d: Delivery, reason: Any, detail: str) -> DeadLetter:
         return DeadLetter(d.topic, d.device_id, reason, "NUL \x00 in text", "x", 1, d.received_at)
 
-    monkeypatch.setattr(store, "dead_letter", unstorable)
+    monkeypatch.setattr(writer_module, "dead_letter", unstorable)
     now = datetime.now(UTC).replace(microsecond=0)
     await asyncio.wait_for(writer([delivery("odd", object(), now), delivery("good", 3.0, now)]), 60)
     assert await db.fetchval("SELECT value FROM telemetry") == 3.0

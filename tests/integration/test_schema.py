@@ -18,8 +18,8 @@ from iot_common.db.partitions import (
     maintain_partitions,
     today_utc,
 )
-from iot_common.db.telemetry import insert_telemetry
 from iot_common.messages import Reading
+from iot_ingest.telemetry import insert_telemetry
 
 EXPECTED_TABLES = {
     "devices",

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 from iot_common.messages import CommandAck, Reading
 from iot_ingest.consumer import translate
 from iot_ingest.payload import Limits, Reject
-from iot_ingest.plan import PAYLOAD_EXCERPT_CHARS, Delivery, latest_values, plan_batch, ts_sort_key
+from iot_ingest.plan import PAYLOAD_EXCERPT_CHARS, Delivery, Plan, latest_values, plan_batch, ts_sort_key
+from iot_ingest.telemetry import telemetry_columns
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -87,3 +88,36 @@ def test_command_acks_are_planned_and_malformed_ones_dead_lettered() -> None:
     assert plan.acks == [("d1", CommandAck("0b0e4f8e-7e53-4d6e-8a43-6f3c1c6d2a10"))]
     assert [d.reason for d in plan.dead_letters] == ["invalid_command_ack"]
     assert plan.readings == []
+
+
+def test_telemetry_columns_make_one_row_per_metric() -> None:
+    readings = [
+        Reading("a", T0, {"t": 1.0, "ok": "yes"}),
+        Reading("b", T0, {"t": 2}),
+    ]
+    devices, metrics, stamps, values, texts = telemetry_columns(readings)
+    assert devices == ["a", "a", "b"]
+    assert metrics == ["t", "ok", "t"]
+    assert stamps == [T0, T0, T0]
+    assert values == [1.0, None, 2.0]
+    assert texts == [None, "yes", None]
+
+
+def test_plans_of_single_messages_merge_into_the_plan_of_the_batch() -> None:
+    later = T0 + timedelta(seconds=5)
+    ack = CommandAck("0b7e4c57-5f43-4b7e-9a2c-3c1f1d2f0e11", "ok")
+    batch = [
+        Delivery("devices/telemetry/a", "a", T0, b'{"t": 1}', [reading("a", 0, t=1)]),
+        Delivery("devices/status/a", "a", later, b"offline", status="offline"),
+        Delivery("devices/telemetry/b", "b", T0, b"{", rejects=[Reject("malformed_json", "x")]),
+        Delivery("devices/commands/b/ack", "b", later, b"{}", ack=ack),
+        Delivery("devices/telemetry/c", "c", later, b'{"t": 3}', [reading("c", 5, t=3)]),
+    ]
+    merged = Plan()
+    for delivery in batch:
+        one = plan_batch([delivery], unknown={"c"})
+        one.new_rows = len(one.readings)
+        merged.merge(one)
+    whole = plan_batch(batch, unknown={"c"})
+    whole.new_rows = 1
+    assert merged == whole

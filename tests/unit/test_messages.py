@@ -5,10 +5,8 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from iot_common.db.telemetry import telemetry_columns
 from iot_common.messages import (
     AlertEvent,
-    Reading,
     StatusEvent,
     TelemetryEvent,
     decode_event,
@@ -51,16 +49,3 @@ def test_decoding_picks_the_struct_by_tag() -> None:
 def test_an_unknown_event_type_is_refused() -> None:
     with pytest.raises(msgspec.ValidationError):
         decode_event(b'{"type": "bogus", "device_id": "x"}')
-
-
-def test_telemetry_columns_make_one_row_per_metric() -> None:
-    readings = [
-        Reading("a", TS, {"t": 1.0, "ok": "yes"}),
-        Reading("b", TS, {"t": 2}),
-    ]
-    devices, metrics, stamps, values, texts = telemetry_columns(readings)
-    assert devices == ["a", "a", "b"]
-    assert metrics == ["t", "ok", "t"]
-    assert stamps == [TS, TS, TS]
-    assert values == [1.0, None, 2.0]
-    assert texts == [None, "yes", None]

@@ -11,8 +11,8 @@ from structlog.testing import capture_logs
 
 from iot_api.rollup import ROLLUP_LOCK_KEY, floor_to, roll_up, rolled_until
 from iot_common.db import connect
-from iot_common.db.telemetry import insert_telemetry
 from iot_common.messages import Reading
+from iot_ingest.telemetry import insert_telemetry
 
 NOW = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
 HOUR = NOW.replace(minute=0) - timedelta(hours=3)

@@ -12,9 +12,9 @@ from litestar.testing import AsyncTestClient
 
 from iot_api.rollup import roll_up
 from iot_common.db import connect
-from iot_common.db.telemetry import insert_telemetry
 from iot_common.messages import LatestValue, Reading
 from iot_common.topics import RedisNames
+from iot_ingest.telemetry import insert_telemetry
 from tests.integration.api.test_devices import assert_problem
 
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here

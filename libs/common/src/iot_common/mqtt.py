@@ -1,17 +1,27 @@
-"""Where and how the services reach the MQTT broker, from an ``IOT_MQTT_URL``-style URL."""
+"""The services' MQTT plumbing: where the broker is (an ``IOT_MQTT_URL``-style URL), a connection that
+stays up (:class:`MqttConnection`), and QoS 1 publications that wait for the broker's PUBACK."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import gmqtt
+import structlog
 from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.storage import PersistentStorage
+from prometheus_client import Gauge
+
+from iot_common.resilience import Backoff, Stopped, retry
+
+RECONNECT_MIN_S: Final = 0.5
+RECONNECT_MAX_S: Final = 30.0
 
 
 @dataclass(frozen=True)
@@ -178,3 +188,109 @@ async def publish_acked(
     if reason >= 0x80:
         raise PublishRefused(reason)
     return reason
+
+
+class MqttConnection:
+    """One gmqtt client that stays connected to the broker of ``url``.
+
+    :meth:`connect` (or :meth:`start`, in the background) retries the first connection with backoff
+    (0.5 s doubling to 30 s); after that gmqtt reconnects by itself after every loss, waiting the same
+    backoff, which starts again from 0.5 s once connected. :attr:`connected` is set while the connection
+    is up; ``on_connect(client, session_present)`` runs on each new connection (to subscribe), and the
+    ``gauge`` (if any) is 1 while connected. ``client_options`` go to :class:`gmqtt.Client`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        log: structlog.stdlib.BoundLogger,
+        gauge: Gauge | None = None,
+        on_connect: Callable[[gmqtt.Client, bool], None] | None = None,
+        connected_fields: Mapping[str, Any] | None = None,
+        **client_options: Any,
+    ) -> None:
+        self.endpoint = MqttEndpoint.parse(url)
+        self.tracker = PubackTracker()
+        self.connected = asyncio.Event()
+        self.quiet = False
+        """Set when stopping: a lost connection is then not logged as a warning."""
+        self._log = log
+        self._gauge = gauge
+        self._on_connect_hook = on_connect
+        self._connected_fields = dict(connected_fields or {})
+        self._reconnect = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        self._task: asyncio.Task[bool] | None = None
+        self.client = gmqtt.Client(client_id, persistent_storage=self.tracker, **client_options)
+        self.tracker.attach(self.client)
+        self.endpoint.authenticate(self.client)
+        self.client.set_config({"reconnect_retries": -1, "reconnect_delay": RECONNECT_MIN_S})
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+
+    @property
+    def is_connected(self) -> bool:
+        return self.connected.is_set() and bool(self.client.is_connected)
+
+    async def connect(self, stop: asyncio.Event | None = None) -> bool:
+        """Connect, retrying with backoff until it works (True) or ``stop`` is set (False)."""
+
+        def failed(exc: Exception, delay: float) -> None:
+            self._log.warning("mqtt connect failed, retrying", error=str(exc), retry_in_s=delay)
+
+        try:
+            await retry(
+                lambda: self.endpoint.connect(self.client),
+                Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S),
+                on_retry=failed,
+                stop=stop,
+            )
+        except Stopped:
+            return False
+        return True
+
+    def start(self) -> None:
+        """Connect in the background (:meth:`connect` until it works); start-up does not wait for it."""
+        self._task = asyncio.create_task(self.connect())
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the connection; whether it is up."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connected.wait(), timeout_s)
+        return self.is_connected
+
+    async def publish(self, topic: str, payload: bytes, timeout_s: float, **properties: Any) -> int:
+        """:func:`publish_acked` on this connection."""
+        return await publish_acked(self.client, self.tracker, topic, payload, timeout_s, **properties)
+
+    async def close(self) -> None:
+        """Stop connecting and disconnect (a persistent session stays with the broker)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
+        self.connected.clear()
+        if self._gauge is not None:
+            self._gauge.set(0)
+
+    def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: Any) -> None:
+        self._reconnect.reset()
+        client.reconnect_delay = RECONNECT_MIN_S
+        if self._on_connect_hook is not None:
+            self._on_connect_hook(client, bool(flags))
+        self.connected.set()
+        if self._gauge is not None:
+            self._gauge.set(1)
+        self._log.info("mqtt connected", session_present=bool(flags), **self._connected_fields)
+
+    def _on_disconnect(self, client: gmqtt.Client, packet: Any, exc: Any = None) -> None:
+        self.connected.clear()
+        if self._gauge is not None:
+            self._gauge.set(0)
+        # gmqtt reconnects by itself after reconnect_delay; taking it from the backoff gives the backoff.
+        client.reconnect_delay = self._reconnect.next()
+        if not self.quiet:
+            self._log.warning("mqtt disconnected, reconnecting", retry_in_s=client.reconnect_delay)

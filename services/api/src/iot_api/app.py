@@ -25,6 +25,7 @@ from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler, Scope
 
+from iot_api import rollup as rollup_job
 from iot_api.cache import Cache, make_redis
 from iot_api.context import RequestContext
 from iot_api.controllers import CONTROLLERS
@@ -39,7 +40,6 @@ from iot_api.repositories.credentials import CredentialRepository
 from iot_api.repositories.devices import DeviceRepository
 from iot_api.repositories.rejects import RejectRepository
 from iot_api.repositories.telemetry import TelemetryRepository
-from iot_api.rollup import run_rollup_forever
 from iot_api.security import AuthMiddleware, scope_guard
 from iot_api.services.alerts import AlertRuleService, AlertService
 from iot_api.services.auth import AuthService
@@ -53,6 +53,7 @@ from iot_api.services.telemetry import TelemetryService
 from iot_api.settings import ApiSettings
 from iot_api.state import SERVICES, Services
 from iot_common.db import create_pool
+from iot_common.resilience import run_periodic
 
 OPENAPI_PATH = "/api/docs"
 
@@ -181,12 +182,17 @@ def create_app(settings: ApiSettings) -> Litestar:
             await services.auth.bootstrap()
             if settings.api_rollup_interval_s > 0:
                 rollup = asyncio.create_task(
-                    run_rollup_forever(
-                        pool,
-                        interval_s=settings.api_rollup_interval_s,
-                        lag=timedelta(seconds=settings.api_rollup_lag_s),
-                        refresh=timedelta(hours=settings.api_rollup_refresh_hours),
-                        retention_days=settings.telemetry_retention_days,
+                    run_periodic(
+                        "telemetry rollup",
+                        settings.api_rollup_interval_s,
+                        lambda: rollup_job.run_rollup(
+                            pool,
+                            lag=timedelta(seconds=settings.api_rollup_lag_s),
+                            refresh=timedelta(hours=settings.api_rollup_refresh_hours),
+                            retention_days=settings.telemetry_retention_days,
+                        ),
+                        log=rollup_job.log,
+                        run_first=True,
                     )
                 )
             yield

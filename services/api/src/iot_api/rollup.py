@@ -14,7 +14,6 @@ always complete. Guarantees (docs/api.md, "Aggregates and staleness"):
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -127,19 +126,9 @@ async def _roll_batches(
         refresh = timedelta(0)
 
 
-async def run_rollup_forever(
-    pool: asyncpg.Pool[Any],
-    *,
-    interval_s: float,
-    lag: timedelta,
-    refresh: timedelta,
-    retention_days: int,
+async def run_rollup(
+    pool: asyncpg.Pool[Any], *, lag: timedelta, refresh: timedelta, retention_days: int
 ) -> None:
-    """The periodic job of the API service; errors are logged and retried at the next tick."""
-    while True:
-        try:
-            async with pool.acquire() as conn:
-                await roll_up(conn, lag=lag, refresh=refresh, retention_days=retention_days)
-        except (asyncpg.PostgresError, OSError) as exc:
-            log.warning("telemetry rollup failed", error=str(exc))
-        await asyncio.sleep(interval_s)
+    """One run of the API service's periodic job (:func:`roll_up` on a connection of ``pool``)."""
+    async with pool.acquire() as conn:
+        await roll_up(conn, lag=lag, refresh=refresh, retention_days=retention_days)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +32,7 @@ from iot_common.commands import (
 )
 from iot_common.messages import AlertEvent
 from iot_common.mqtt import PublishError
+from iot_common.resilience import Backoff, retry
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
 
@@ -52,6 +52,10 @@ WHERE id = $1
 """
 RETRYABLE_STATUS: Final = frozenset({408, 425, 429})
 ERROR_CHARS: Final = 500
+RECORD_ATTEMPTS: Final = 3
+RECORD_BACKOFF: Final = Backoff(0.5, 2.0, factor=4)
+"""Recording an outcome: three attempts, 0.5 s then 2 s apart."""
+_DB_ERRORS: Final = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class WebhookBody(msgspec.Struct, frozen=True):
@@ -104,7 +108,8 @@ class ActionRunner:
         self._queue: asyncio.Queue[ActionJob] = asyncio.Queue(queue_size)
         self._timeout = webhook_timeout_s
         self._attempts = webhook_attempts
-        self._backoff = webhook_backoff_s
+        # Exponential backoff with jitter, so that many alerts do not retry in step.
+        self._backoff = Backoff(webhook_backoff_s, jitter=0.2)
         self._command_ttl = timedelta(seconds=command_ttl_s)
 
     def submit(self, job: ActionJob) -> bool:
@@ -181,14 +186,24 @@ class ActionRunner:
     async def _record_end(self, run_id: Any, outcome: Outcome) -> None:
         state = "succeeded" if outcome.ok else "failed"
         error = None if outcome.error is None else outcome.error[:ERROR_CHARS]
-        for delay in (0.0, 0.5, 2.0):
-            await asyncio.sleep(delay)
-            try:
-                async with self._pool.acquire() as conn:
-                    await conn.execute(FINISH_RUN, run_id, state, outcome.attempts, error, outcome.command_id)
-                return
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("could not record an action outcome", run_id=str(run_id), error=str(exc))
+
+        async def record() -> None:
+            async with self._pool.acquire() as conn:
+                await conn.execute(FINISH_RUN, run_id, state, outcome.attempts, error, outcome.command_id)
+
+        def failed(exc: Exception, _delay: float = 0.0) -> None:
+            log.warning("could not record an action outcome", run_id=str(run_id), error=str(exc))
+
+        try:
+            await retry(
+                record,
+                RECORD_BACKOFF,
+                retry_on=lambda exc: isinstance(exc, _DB_ERRORS),
+                on_retry=failed,
+                attempts=RECORD_ATTEMPTS,
+            )
+        except _DB_ERRORS as exc:
+            failed(exc)
 
     async def _webhook(
         self, session: aiohttp.ClientSession, job: ActionJob, action: WebhookAction
@@ -212,8 +227,7 @@ class ActionRunner:
             except aiohttp.ClientError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             if attempt < self._attempts:
-                # Exponential backoff with jitter, so that many alerts do not retry in step.
-                await asyncio.sleep(self._backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2))
+                await asyncio.sleep(self._backoff.delay(attempt))
         return Outcome(False, self._attempts, error)
 
     async def _command(self, job: ActionJob, action: CommandAction) -> Outcome:

@@ -31,11 +31,13 @@ import structlog
 
 from iot_common.alerts import ALERT_COLUMNS, InvalidAction, alert_event, parse_action
 from iot_common.messages import Reading, encode_event
+from iot_common.resilience import Backoff, retry
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.actions import ActionJob, ActionRunner
+from iot_ingest.devices import KnownDevices
+from iot_ingest.errors import DATA_ERRORS
 from iot_ingest.rules import Kind, Rule, RuleEngine, Transition
-from iot_ingest.store import DATA_ERRORS, KnownDevices
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -59,6 +61,8 @@ RETURNING {ALERT_COLUMNS}
 """
 RETRY_INITIAL_S: Final = 0.1
 RETRY_MAX_S: Final = 5.0
+RESUBSCRIBE_MIN_S: Final = 0.5
+RESUBSCRIBE_MAX_S: Final = 30.0
 
 
 class SyncNote(msgspec.Struct, frozen=True, array_like=True):
@@ -197,15 +201,13 @@ class AlertService:
             finally:
                 self._queue.task_done()
 
-    async def refresh_forever(self, refresh_s: float) -> None:
-        """Safety net beside ``{prefix}:rules-changed``: reload every ``refresh_s``."""
-        while True:
-            await asyncio.sleep(refresh_s)
-            self.request_reload()
+    async def refresh(self) -> None:
+        """The periodic safety net beside ``{prefix}:rules-changed``: ask the worker for a reload."""
+        self.request_reload()
 
     async def listen(self) -> None:
         """Follow ``{prefix}:rules-changed`` and the other replicas' notes; reconnect with backoff."""
-        delay = 0.5
+        backoff = Backoff(RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S)
         while True:
             client = aioredis.from_url(self._redis_url, socket_connect_timeout=2, health_check_interval=30)
             pubsub = client.pubsub()
@@ -213,19 +215,19 @@ class AlertService:
                 await pubsub.subscribe(self._names.rules_changed, self._names.alert_sync)
                 # Whatever changed while we were not subscribed is read now.
                 self.request_reload()
-                delay = 0.5
+                backoff.reset()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                     if message is not None:
                         self._on_message(message["channel"], message["data"])
             except (redis.exceptions.RedisError, OSError) as exc:
+                delay = backoff.next()
                 log.warning("alert channels lost, resubscribing", error=str(exc), retry_in_s=delay)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                     await client.aclose()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         if channel == self._names.rules_changed.encode():
@@ -239,20 +241,21 @@ class AlertService:
             self.engine.apply_remote(note.kind, note.rule_id, note.device_id, note.ts)
 
     async def _store_with_retry(self, transitions: list[Transition]) -> None:
-        delay = RETRY_INITIAL_S
-        while True:
-            try:
-                changes = await self._store(transitions)
-                break
-            except DATA_ERRORS as exc:
-                metrics.ALERT_ERRORS.labels("refused").inc()
-                log.error("alert transitions refused by PostgreSQL, dropped", error=str(exc))
-                return
-            except Exception as exc:
-                metrics.ALERT_STORE_RETRIES.inc()
-                log.warning("storing alert transitions failed, retrying", error=str(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+        def failed(exc: Exception, delay: float) -> None:
+            metrics.ALERT_STORE_RETRIES.inc()
+            log.warning("storing alert transitions failed, retrying", error=str(exc), retry_in_s=delay)
+
+        try:
+            changes = await retry(
+                lambda: self._store(transitions),
+                Backoff(RETRY_INITIAL_S, RETRY_MAX_S),
+                retry_on=lambda exc: not isinstance(exc, DATA_ERRORS),
+                on_retry=failed,
+            )
+        except DATA_ERRORS as exc:
+            metrics.ALERT_ERRORS.labels("refused").inc()
+            log.error("alert transitions refused by PostgreSQL, dropped", error=str(exc))
+            return
         await self._publish(changes, transitions)
         for transition, record in changes:
             trigger: Literal["open", "resolve"] = "open" if transition.kind == "open" else "resolve"

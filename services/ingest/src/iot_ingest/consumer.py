@@ -29,7 +29,7 @@ import structlog
 from gmqtt import Client, Subscription
 
 from iot_common.commands import InvalidAck, decode_ack
-from iot_common.mqtt import MqttEndpoint, PubackTracker, PublishError, publish_acked, reason_text
+from iot_common.mqtt import MqttConnection, PublishError, reason_text
 from iot_common.topics import (
     COMMAND_ACK_FILTER,
     COMMAND_ACK_SUFFIX,
@@ -48,12 +48,10 @@ from iot_ingest.plan import Delivery, payload_excerpt
 
 log = structlog.stdlib.get_logger(__name__)
 
-RECONNECT_MIN_S: Final = 0.5
 # Label children bound once: .labels() costs more than the increment on the per-message path.
 _RECEIVED_TELEMETRY: Final = metrics.MESSAGES_RECEIVED.labels("telemetry")
 _RECEIVED_STATUS: Final = metrics.MESSAGES_RECEIVED.labels("status")
 _RECEIVED_ACK: Final = metrics.MESSAGES_RECEIVED.labels("command_ack")
-RECONNECT_MAX_S: Final = 30.0
 SUBSCRIBE_RETRY_S: Final = 30.0
 CLIENT_ID_MAX: Final = 64
 
@@ -253,7 +251,8 @@ def _rate_limited(
 
 
 class Consumer:
-    """Owns the gmqtt client: connects with backoff, subscribes, and feeds the batcher."""
+    """Owns the broker connection (:class:`~iot_common.mqtt.MqttConnection`): subscribes on every new
+    connection, and feeds the batcher."""
 
     def __init__(
         self,
@@ -268,9 +267,7 @@ class Consumer:
         publish_timeout_s: float = 5.0,
         quota: DeviceQuota | None = None,
     ) -> None:
-        self._endpoint = MqttEndpoint.parse(mqtt_url)
         self._publish_timeout_s = publish_timeout_s
-        self._tracker = PubackTracker()
         # Topic filter -> reason code of its last SUBACK (< 0x80 granted); absent until the first SUBACK.
         self.subacks: dict[str, int] = {}
         self._retry: asyncio.TimerHandle | None = None
@@ -280,53 +277,43 @@ class Consumer:
         self._max_unawaited = max_in_flight
         self._accepting = True
         self._generation = 0
-        self._reconnect_delay = RECONNECT_MIN_S
         self._subscribed = False
         self._tokens = itertools.count()
         # When each message in flight was taken (monotonic), in arrival order: the first is the oldest.
         self._in_flight: dict[int, float] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self.connected = asyncio.Event()
         # No share group: plain subscriptions, for a broker without MQTT 5 shared subscriptions (one
         # ingest process only, as every subscriber gets every message).
         self.subscriptions = [
             Subscription(shared_subscription(share_group, f) if share_group else f, qos=1)
             for f in (TELEMETRY_FILTER, STATUS_FILTER, COMMAND_ACK_FILTER)
         ]
-        self.client = Client(
+        self.mqtt = MqttConnection(
+            mqtt_url,
             client_id,
+            log=log,
+            gauge=metrics.MQTT_CONNECTED,
+            on_connect=self._on_connect,
+            connected_fields={"subscriptions": [s.topic for s in self.subscriptions]},
             clean_session=False,
             optimistic_acknowledgement=False,
             session_expiry_interval=session_expiry_s,
             receive_maximum=max_in_flight,
-            persistent_storage=self._tracker,
         )
-        self._tracker.attach(self.client)
-        self._endpoint.authenticate(self.client)
-        self.client.set_config({"reconnect_retries": -1, "reconnect_delay": RECONNECT_MIN_S})
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
+        self.client = self.mqtt.client
+        self.connected = self.mqtt.connected
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
 
     async def connect(self, stop: asyncio.Event) -> bool:
         """Connect, retrying with backoff until it works or ``stop`` is set; False when stopped."""
-        delay = RECONNECT_MIN_S
-        while not stop.is_set():
-            try:
-                await self._endpoint.connect(self.client)
-                return True
-            except Exception as exc:
-                log.warning("mqtt connect failed, retrying", error=str(exc), retry_in_s=delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
-        return False
+        return await self.mqtt.connect(stop)
 
     def stop_accepting(self) -> None:
         """New messages are left unacknowledged (the broker keeps them for this session or redelivers)."""
         self._accepting = False
+        self.mqtt.quiet = True
 
     async def wait_idle(self) -> None:
         """Wait until every handler has returned and gmqtt's done-callbacks have written the PUBACKs."""
@@ -362,7 +349,7 @@ class Consumer:
             await asyncio.wait_for(self.connected.wait(), self._publish_timeout_s)
         except TimeoutError:
             raise PublishError("not connected to the MQTT broker", "not_connected") from None
-        await publish_acked(self.client, self._tracker, topic, payload, self._publish_timeout_s)
+        await self.mqtt.publish(topic, payload, self._publish_timeout_s)
 
     def check_subscriptions(self) -> None:
         """Readiness: raises unless the broker granted every subscription (its SUBACK was < 0x80)."""
@@ -404,34 +391,16 @@ class Consumer:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        with contextlib.suppress(Exception):
-            await self.client.disconnect()
-        metrics.MQTT_CONNECTED.set(0)
+        await self.mqtt.close()
 
-    def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
+    def _on_connect(self, client: Client, session_present: bool) -> None:
         self._generation += 1
-        self._reconnect_delay = RECONNECT_MIN_S
-        client.reconnect_delay = RECONNECT_MIN_S
         if self._subscribed:
             for sub in client.subscriptions:
                 client.resubscribe(sub)
         else:
             client.subscribe(self.subscriptions)
             self._subscribed = True
-        self.connected.set()
-        metrics.MQTT_CONNECTED.set(1)
-        log.info(
-            "mqtt connected", session_present=bool(flags), subscriptions=[s.topic for s in self.subscriptions]
-        )
-
-    def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:
-        self.connected.clear()
-        metrics.MQTT_CONNECTED.set(0)
-        # gmqtt reconnects by itself after reconnect_delay; doubling it each time gives the backoff.
-        client.reconnect_delay = self._reconnect_delay
-        self._reconnect_delay = min(self._reconnect_delay * 2, RECONNECT_MAX_S)
-        if self._accepting:
-            log.warning("mqtt disconnected, reconnecting", retry_in_s=client.reconnect_delay)
 
     async def _on_message(
         self, client: Client, topic: str | bytes, payload: bytes, qos: int, properties: Any

@@ -57,6 +57,16 @@ class Plan:
     new_rows: int = 0
     """Filled by the writer: telemetry rows that were not stored before (duplicates excluded)."""
 
+    def merge(self, other: Plan) -> None:
+        """Add ``other`` (a later part of the batch, written on its own) to this plan."""
+        self.readings += other.readings
+        self.dead_letters += other.dead_letters
+        self.last_seen.update(other.last_seen)
+        self.statuses.update(other.statuses)
+        self.acks += other.acks
+        self.command_events += other.command_events
+        self.new_rows += other.new_rows
+
 
 def payload_excerpt(payload: bytes) -> str:
     """Text safe for a PostgreSQL ``text`` column (which refuses NUL), cut to the excerpt length."""

@@ -15,7 +15,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import redis.asyncio as aioredis
@@ -26,12 +26,15 @@ from redis.retry import Retry
 
 from iot_common.logging import get_logger
 from iot_common.messages import AlertEvent, TelemetryEvent, decode_event, encode_event
+from iot_common.resilience import Backoff
 from iot_common.topics import RedisNames
 from iot_realtime import metrics
 from iot_realtime.connection import Connection, MetricFilter
 from iot_realtime.protocol import WILDCARD
 
 log = get_logger(__name__)
+RECONNECT_MIN_S: Final = 0.1
+RECONNECT_MAX_S: Final = 2.0
 
 
 def filter_event(data: bytes, wanted: frozenset[str]) -> bytes | None:
@@ -172,7 +175,7 @@ class Hub:
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting (with backoff) and resubscribing after each failure."""
-        delay = 0.1
+        backoff = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)
         failed = False
         while True:
             pubsub = self._client.pubsub()
@@ -189,7 +192,7 @@ class Hub:
                 if failed:
                     metrics.REDIS_RECONNECTS.inc()
                     log.info("redis pub/sub reconnected", channels=len(wanted))
-                delay = 0.1
+                backoff.reset()
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
                 if not failed or self.connected.is_set():
@@ -205,8 +208,7 @@ class Hub:
                 self._listening.clear()
                 self.connected.clear()
                 await self._close_pubsub(pubsub)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await asyncio.sleep(backoff.next())
 
     async def _listen(self, pubsub: PubSub) -> None:
         unanswered = 0

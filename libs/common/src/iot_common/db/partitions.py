@@ -6,12 +6,10 @@ partitions they need, and retention is a ``DROP TABLE`` instead of a slow ``DELE
 
 from __future__ import annotations
 
-import asyncio
 import re
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import structlog
 
 PARENT = "telemetry"
@@ -19,6 +17,7 @@ MAINTENANCE_LOCK_KEY = 0x10770002
 """Advisory lock taken by partition maintenance so replicas do not race."""
 
 if TYPE_CHECKING:
+    import asyncpg
     from asyncpg.pool import PoolConnectionProxy
 
     Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
@@ -111,16 +110,3 @@ async def maintain_partitions(
             dropped=[d.isoformat() for d in dropped],
         )
     return created, dropped
-
-
-async def run_maintenance_forever(
-    pool: asyncpg.Pool[Any], *, retention_days: int, ahead_days: int, interval_s: float = 3600.0
-) -> None:
-    """Periodic partition maintenance for a long-running service; errors are logged, not raised."""
-    while True:
-        try:
-            async with pool.acquire() as conn:
-                await maintain_partitions(conn, retention_days=retention_days, ahead_days=ahead_days)
-        except (asyncpg.PostgresError, OSError) as exc:
-            log.warning("partition maintenance failed", error=str(exc))
-        await asyncio.sleep(interval_s)

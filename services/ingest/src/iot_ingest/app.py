@@ -1,0 +1,212 @@
+"""Wiring of the ingest service: ``build(settings)`` makes the parts, ``run(parts, stop)`` runs them.
+
+Stopping: no new message is taken (those that arrive stay unacknowledged in the broker session), the
+queued batch is flushed and acknowledged, the Redis step finishes, then the client disconnects keeping its
+session. While PostgreSQL is down the flush is given ``IOT_INGEST_SHUTDOWN_TIMEOUT_S``; what it could not
+store is simply not acknowledged and the broker delivers it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+
+from iot_common.db import create_pool
+from iot_common.resilience import run_periodic
+from iot_common.startup import log_listening
+from iot_ingest import health, metrics, partitions
+from iot_ingest.actions import ActionRunner
+from iot_ingest.alerts import AlertService
+from iot_ingest.batcher import Batcher
+from iot_ingest.consumer import Consumer, DeviceQuota, default_client_id
+from iot_ingest.devices import KnownDevices
+from iot_ingest.expiry import expire_due_commands
+from iot_ingest.payload import Limits
+from iot_ingest.plan import Delivery
+from iot_ingest.redis_output import RedisOutput
+from iot_ingest.settings import IngestSettings
+from iot_ingest.writer import BatchWriter
+
+log = structlog.stdlib.get_logger("iot_ingest")
+
+
+@dataclass
+class Parts:
+    """Everything the service runs, connected to each other and to the backends."""
+
+    settings: IngestSettings
+    pool: asyncpg.Pool[Any]
+    redis: aioredis.Redis
+    known: KnownDevices
+    actions: ActionRunner
+    alerts: AlertService
+    writer: BatchWriter
+    batcher: Batcher[Delivery]
+    consumer: Consumer
+
+
+def limits_from(settings: IngestSettings) -> Limits:
+    return Limits(
+        max_payload_bytes=settings.ingest_max_payload_bytes,
+        max_readings=settings.ingest_max_readings,
+        max_metrics=settings.ingest_max_metrics,
+        max_text_length=settings.ingest_max_text_length,
+        max_future=timedelta(seconds=settings.ingest_max_future_s),
+        retention_days=settings.telemetry_retention_days,
+    )
+
+
+async def build(settings: IngestSettings) -> Parts:
+    """Open the PostgreSQL pool and the Redis client, load the device cache and the alert rules, and make
+    the parts; nothing runs yet."""
+    pool = await create_pool(
+        settings.database_url,
+        min_size=settings.database_pool_min,
+        max_size=settings.database_pool_max,
+        timeout=10,
+        command_timeout=60,
+    )
+    redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    names = settings.redis_names()
+    known = KnownDevices()
+    await known.refresh(pool)
+    consumer: Consumer | None = None
+
+    async def publish_command(topic: str, payload: bytes) -> None:
+        assert consumer is not None
+        await consumer.publish(topic, payload)
+
+    actions = ActionRunner(
+        pool,
+        redis,
+        publish_command,
+        names=names,
+        workers=settings.ingest_action_workers,
+        queue_size=settings.ingest_action_queue,
+        webhook_timeout_s=settings.ingest_webhook_timeout_s,
+        webhook_attempts=settings.ingest_webhook_attempts,
+        webhook_backoff_s=settings.ingest_webhook_backoff_s,
+        command_ttl_s=settings.ingest_command_ttl_s,
+    )
+    alerts = AlertService(
+        pool, redis, settings.redis_url, known, actions, names=names, queue_size=settings.ingest_alert_queue
+    )
+    await alerts.reload()
+    writer = BatchWriter(
+        pool,
+        known,
+        RedisOutput(redis, names),
+        auto_register=settings.ingest_auto_register,
+        on_commit=alerts.submit,
+    )
+    batcher: Batcher[Delivery] = Batcher(
+        writer, max_size=settings.ingest_batch_size, max_delay=settings.ingest_batch_delay_ms / 1000
+    )
+    quota = None
+    if settings.ingest_max_readings_per_device_s > 0:
+        quota = DeviceQuota(
+            settings.ingest_max_readings_per_device_s, settings.ingest_max_readings_per_device_burst
+        )
+    if not settings.mqtt_share_group:
+        log.warning(
+            "IOT_MQTT_SHARE_GROUP is empty: subscribing without $share (no shared subscriptions); "
+            "run a single ingest process, each one would get every message"
+        )
+    consumer = Consumer(
+        mqtt_url=settings.mqtt_url,
+        client_id=settings.mqtt_client_id
+        or default_client_id(settings.mqtt_share_group, settings.database_url),
+        share_group=settings.mqtt_share_group,
+        session_expiry_s=settings.mqtt_session_expiry_s,
+        max_in_flight=settings.ingest_max_in_flight,
+        batcher=batcher,
+        limits=limits_from(settings),
+        publish_timeout_s=settings.ingest_command_puback_timeout_s,
+        quota=quota,
+    )
+    metrics.OLDEST_IN_FLIGHT.set_function(consumer.oldest_in_flight_s)
+    return Parts(settings, pool, redis, known, actions, alerts, writer, batcher, consumer)
+
+
+def background(parts: Parts) -> list[Coroutine[Any, Any, object]]:
+    """The tasks beside the message path: periodic jobs, the alert channels, the action workers."""
+    settings, pool = parts.settings, parts.pool
+    names = settings.redis_names()
+    return [
+        run_periodic(
+            "partition maintenance",
+            partitions.INTERVAL_S,
+            lambda: partitions.maintain(
+                pool,
+                retention_days=settings.telemetry_retention_days,
+                ahead_days=settings.telemetry_partitions_ahead_days,
+            ),
+            log=log,
+            run_first=True,
+        ),
+        run_periodic(
+            "device cache refresh", settings.ingest_device_cache_s, lambda: parts.known.refresh(pool), log=log
+        ),
+        parts.alerts.listen(),
+        run_periodic("alert rules refresh", settings.ingest_rules_refresh_s, parts.alerts.refresh, log=log),
+        run_periodic(
+            "command expiry",
+            settings.ingest_command_expiry_interval_s,
+            lambda: expire_due_commands(pool, parts.redis, names),
+            log=log,
+        ),
+        parts.actions.run(),
+    ]
+
+
+async def run(parts: Parts, stop: asyncio.Event) -> None:
+    """Serve the health endpoints, run the background tasks and consume until ``stop`` is set, then stop
+    as the module says and close the parts."""
+    settings, consumer, batcher = parts.settings, parts.consumer, parts.batcher
+    ready = health.checks(consumer, parts.pool, parts.redis, stuck_after_s=settings.ingest_stuck_after_s)
+    runner = web.AppRunner(health.create_app(ready, alive=lambda: not stop.is_set()), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.bind_host, settings.ingest_http_port).start()
+    log_listening(log, settings.bind_host, settings.ingest_http_port)
+    tasks = [asyncio.create_task(job) for job in background(parts)]
+    alert_worker = asyncio.create_task(parts.alerts.run())
+    batcher.start()
+    try:
+        if await consumer.connect(stop):
+            await stop.wait()
+    finally:
+        consumer.stop_accepting()
+        try:
+            await asyncio.wait_for(_drain(parts), settings.ingest_shutdown_timeout_s)
+        except TimeoutError:
+            log.error(
+                "could not flush before the shutdown timeout; unacknowledged messages stay in the broker"
+            )
+            batcher.abort()
+        try:
+            await asyncio.wait_for(parts.alerts.drain(), 2.0)
+        except TimeoutError:
+            log.warning("alert work still queued at shutdown is left undone")
+        alert_worker.cancel()
+        await asyncio.gather(alert_worker, return_exceptions=True)
+        await consumer.disconnect()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await runner.cleanup()
+        await parts.redis.aclose()
+        await parts.pool.close()
+
+
+async def _drain(parts: Parts) -> None:
+    await parts.batcher.close()
+    await parts.consumer.wait_idle()
+    await parts.writer.drain()

@@ -1,0 +1,50 @@
+"""Ingest's HTTP endpoints: ``/healthz``, ``/readyz`` and ``/metrics`` (:func:`iot_common.web.health_routes`).
+
+Ready means: connected to the broker with every subscription granted, no message unacknowledged for
+longer than ``IOT_INGEST_STUCK_AFTER_S``, and PostgreSQL and Redis answering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from iot_common.health import Check, postgres_check, redis_check
+from iot_common.web import health_routes
+from iot_ingest.consumer import Consumer
+
+
+def checks(
+    consumer: Consumer, pool: asyncpg.Pool[Any], redis: aioredis.Redis, *, stuck_after_s: float
+) -> dict[str, Check]:
+    """The readiness checks, by name."""
+
+    async def mqtt_check() -> object:
+        if not consumer.connected.is_set():
+            raise ConnectionError("not connected to the MQTT broker")
+        consumer.check_subscriptions()
+        return True
+
+    async def stuck_check() -> object:
+        stuck = consumer.stuck(stuck_after_s)
+        if stuck:
+            raise RuntimeError(f"{stuck} messages unacknowledged for more than {stuck_after_s:g} s")
+        return True
+
+    return {
+        "mqtt": mqtt_check,
+        "in_flight": stuck_check,
+        "postgres": postgres_check(pool),
+        "redis": redis_check(redis),
+    }
+
+
+def create_app(ready_checks: dict[str, Check], alive: Callable[[], bool]) -> web.Application:
+    """The aiohttp application; ``/healthz`` fails once ``alive()`` is false (the service is stopping)."""
+    app = web.Application()
+    app.add_routes(health_routes(lambda: ready_checks, alive=alive))
+    return app

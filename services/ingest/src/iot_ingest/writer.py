@@ -1,0 +1,252 @@
+"""Writing batches to PostgreSQL: one transaction per batch, retried until committed.
+
+A batch is one transaction: telemetry rows, dead letters, devices' last-seen time and status, command
+answers. While PostgreSQL is unreachable the write is retried with backoff and nothing is acknowledged,
+so the broker keeps every message; a redelivered reading is a no-op thanks to the telemetry primary key.
+A batch refused because of some message's content is written again message by message, and the messages
+that cannot be stored become dead letters. After the commit, :class:`~iot_ingest.redis_output.RedisOutput`
+takes the batch to Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncpg
+import structlog
+
+from iot_common.commands import APPLY_ACKS, ack_columns, command_event
+from iot_common.messages import Reading
+from iot_common.resilience import Backoff, retry
+from iot_ingest import metrics
+from iot_ingest.devices import KnownDevices
+from iot_ingest.errors import message_fault
+from iot_ingest.payload import RejectReason
+from iot_ingest.plan import DeadLetter, Delivery, Plan, dead_letter, payload_excerpt, plan_batch, safe_text
+from iot_ingest.redis_output import RedisOutput
+from iot_ingest.telemetry import insert_telemetry
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+
+log = structlog.stdlib.get_logger(__name__)
+
+INSERT_DEAD_LETTERS: Final = """
+INSERT INTO ingest_rejects (topic, device_id, reason, detail, payload, payload_size, received_at)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::timestamptz[]
+)
+"""
+UPDATE_LAST_SEEN: Final = """
+UPDATE devices d SET last_seen = GREATEST(d.last_seen, u.seen)
+FROM unnest($1::text[], $2::timestamptz[]) AS u(id, seen)
+WHERE d.id = u.id AND (d.last_seen IS NULL OR d.last_seen < u.seen)
+"""
+UPDATE_STATUS: Final = """
+UPDATE devices d SET status = u.status, updated_at = now()
+FROM unnest($1::text[], $2::text[]) AS u(id, status)
+WHERE d.id = u.id AND d.status <> u.status
+"""
+
+
+def _log_dead_letters(plan: Plan) -> None:
+    """Count dead letters by reason, and log one line per device and reason of the batch."""
+    counts: dict[tuple[str | None, str], int] = {}
+    for letter in plan.dead_letters:
+        key = (letter.device_id, letter.reason)
+        counts[key] = counts.get(key, 0) + 1
+    for (device_id, reason), count in counts.items():
+        metrics.REJECTED.labels(reason).inc(count)
+        log.info("dead letters written", device_id=device_id, reason=reason, count=count)
+
+
+def _count_acks(plan: Plan) -> None:
+    """Count command answers: those that changed a command, and those ignored (unknown id or late)."""
+    changed = {e.id: e for e in plan.command_events}
+    for event in changed.values():
+        metrics.COMMAND_ACKS.labels(event.state).inc()
+        log.info("command answered", device_id=event.device_id, command_id=event.id, state=event.state)
+    ignored = len(plan.acks) - len(changed)
+    if ignored:
+        metrics.COMMAND_ACKS.labels("ignored").inc(ignored)
+        log.info("command answers ignored: unknown command or no longer waiting", count=ignored)
+
+
+class BatchWriter:
+    """The batcher's flush: commit a batch to PostgreSQL, then hand it to Redis and to the alerts.
+
+    Returns (so that the batch's messages are acknowledged) only once the transaction is committed; the
+    Redis step then runs in the background (:class:`RedisOutput`), so Redis never delays an
+    acknowledgement.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        known: KnownDevices,
+        output: RedisOutput,
+        *,
+        auto_register: bool,
+        retry_initial_s: float = 0.1,
+        retry_max_s: float = 5.0,
+        on_commit: Callable[[list[Reading]], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._known = known
+        self._output = output
+        self._auto_register = auto_register
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._on_commit = on_commit
+
+    async def __call__(self, batch: list[Delivery]) -> asyncio.Task[None]:
+        """Commit ``batch``, then start its Redis step; the returned task is that step.
+
+        The batcher answers the batch's messages (their PUBACKs) when the task is done, so that a crash
+        between the PUBACK and the publish cannot lose a WebSocket event; the next batch's commit does not
+        wait for it.
+        """
+        plan = await self._commit_with_retry(batch)
+        task = self._output.submit(plan)
+        if self._on_commit is not None and plan.readings:
+            # Alert rules: only queued here, so that the batch's PUBACKs do not wait for them.
+            self._on_commit(plan.readings)
+        return task
+
+    async def drain(self) -> None:
+        """Wait for the Redis step of every committed batch."""
+        await self._output.drain()
+
+    async def _commit_with_retry(self, batch: list[Delivery]) -> Plan:
+        """Commit ``batch``; never raises (but :class:`asyncio.CancelledError`): a message that cannot be
+        stored becomes a dead letter, and what concerns the whole batch is retried with backoff."""
+        isolate = False
+
+        async def attempt() -> tuple[Plan, float]:
+            nonlocal isolate
+            started = time.perf_counter()
+            try:
+                return await self._commit(batch, isolate), started
+            except Exception as exc:
+                if isolate or not message_fault(exc):
+                    raise
+                log.warning(
+                    "batch refused, writing its messages one by one",
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                )
+            isolate = True
+            started = time.perf_counter()
+            return await self._commit(batch, isolate), started
+
+        def failed(exc: Exception, delay: float) -> None:
+            metrics.STORAGE_RETRIES.inc()
+            log.warning(
+                "batch write failed, retrying",
+                error=f"{type(exc).__name__}: {exc}"[:500],
+                messages=len(batch),
+                retry_in_s=round(delay, 2),
+            )
+
+        plan, started = await retry(
+            attempt, Backoff(self._retry_initial_s, self._retry_max_s), on_retry=failed
+        )
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.READINGS_STORED.inc(len(plan.readings))
+        # Counted only once committed: a transaction that failed and was retried counts once.
+        metrics.ROWS_STORED.inc(plan.new_rows)
+        metrics.ROWS_DUPLICATE.inc(sum(len(r.metrics) for r in plan.readings) - plan.new_rows)
+        _log_dead_letters(plan)
+        if plan.acks:
+            _count_acks(plan)
+        return plan
+
+    async def _commit(self, batch: list[Delivery], isolate: bool) -> Plan:
+        async with self._pool.acquire() as conn, conn.transaction():
+            candidates = (d.device_id for d in batch if d.needs_device and d.device_id not in self._known.ids)
+            unknown = await self._known.resolve(conn, candidates, self._auto_register)  # type: ignore[arg-type]
+            if not isolate:
+                plan = plan_batch(batch, unknown)
+                await self._write(conn, plan)
+                return plan
+            # One savepoint per message: a message that cannot be stored becomes a dead letter.
+            merged = Plan()
+            for delivery in batch:
+                try:
+                    one = plan_batch([delivery], unknown)
+                    async with conn.transaction():
+                        await self._write(conn, one)
+                except Exception as exc:
+                    if not message_fault(exc):
+                        raise
+                    one = await self._write_instead(conn, delivery, exc)
+                merged.merge(one)
+            return merged
+
+    async def _write_instead(self, conn: Conn, delivery: Delivery, exc: Exception) -> Plan:
+        """A dead letter for a message that could not be stored; if even that is refused, a bare one
+        (no payload, no device); if that is refused too, the message is only logged and counted."""
+        reason: RejectReason = "storage_error" if isinstance(exc, asyncpg.PostgresError) else "handler_error"
+        if reason == "handler_error":
+            metrics.HANDLER_ERRORS.labels("store").inc()
+        detail = f"{type(exc).__name__}: {exc}"
+        letter = dead_letter(delivery, reason, detail)
+        bare = DeadLetter(
+            topic=safe_text(delivery.topic[:1000]),
+            device_id=None,
+            reason=reason,
+            detail=safe_text(f"dead letter refused; first error: {detail[:500]}"),
+            payload="",
+            payload_size=len(delivery.payload),
+            received_at=delivery.received_at,
+        )
+        for candidate in (letter, bare):
+            one = Plan(dead_letters=[candidate])
+            try:
+                async with conn.transaction():
+                    await self._write(conn, one)
+            except Exception as again:
+                if not message_fault(again):
+                    raise
+                detail = f"{type(again).__name__}: {again}"
+                continue
+            return one
+        metrics.HANDLER_ERRORS.labels("store").inc()
+        log.error(
+            "message and its dead letter refused; acknowledged and dropped",
+            topic=delivery.topic[:200],
+            device_id=delivery.device_id,
+            payload=payload_excerpt(delivery.payload),
+            error=detail[:500],
+        )
+        return Plan()
+
+    async def _write(self, conn: Conn, plan: Plan) -> None:
+        plan.new_rows = await insert_telemetry(conn, plan.readings)
+        if plan.dead_letters:
+            letters = plan.dead_letters
+            await conn.execute(
+                INSERT_DEAD_LETTERS,
+                [d.topic for d in letters],
+                [d.device_id for d in letters],
+                [d.reason for d in letters],
+                [d.detail for d in letters],
+                [d.payload for d in letters],
+                [d.payload_size for d in letters],
+                [d.received_at for d in letters],
+            )
+        # Sorted ids: concurrent replicas lock device rows in the same order and cannot deadlock.
+        if plan.last_seen:
+            ids = sorted(plan.last_seen)
+            await conn.execute(UPDATE_LAST_SEEN, ids, [plan.last_seen[i] for i in ids])
+        if plan.statuses:
+            ids = sorted(plan.statuses)
+            await conn.execute(UPDATE_STATUS, ids, [plan.statuses[i][0] for i in ids])
+        if plan.acks:
+            answered = await conn.fetch(APPLY_ACKS, *ack_columns(plan.acks))
+            plan.command_events = [command_event(r) for r in answered]
