@@ -24,8 +24,8 @@ from schemathesis.specs.openapi.checks import (
     positive_data_acceptance,
 )
 
+from iot_testkit.processes import ServiceProcess, free_port
 from tests.conftest import copy_of_template
-from tests.support.processes import ServiceProcess, free_port
 
 Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 BOOTSTRAP_KEY = "iotk_e2ebootstrap_" + "s" * 24

@@ -25,7 +25,7 @@ from playwright.sync_api import ConsoleMessage, expect, sync_playwright
 
 from iot_common.auth import generate_api_key
 from iot_common.topics import command_ack_topic, command_topic
-from tests.support.processes import ServiceProcess, free_port, mosquitto
+from iot_testkit.processes import ServiceProcess, free_port, mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "dashboard" / "dist"

@@ -14,7 +14,7 @@ import httpx
 import psutil
 
 from iot_common.auth import generate_api_key
-from tests.support.processes import free_port, mosquitto
+from iot_testkit.processes import free_port, mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 
