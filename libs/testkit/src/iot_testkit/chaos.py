@@ -209,18 +209,19 @@ class Platform:
 
     # -- load and checks --------------------------------------------------------------------------------
 
-    async def publish_until(self, end: Callable[[], float], rate: float) -> tuple[set[int], set[int]]:
-        """Publish at ``rate`` until the time ``end()`` (read again as it goes: it may move later), a new
-        publisher process whenever the broker drops one; returns (acknowledged seqs, sent seqs)."""
+    async def publish_for(self, seconds: float, rate: float) -> tuple[set[int], set[int]]:
+        """Publish at ``rate`` for ``seconds`` (a new publisher process whenever the broker drops one);
+        returns (acknowledged seqs, sent seqs)."""
         acked: set[int] = set()
         sent: set[int] = set()
-        while (left := end() - time.time()) > 0.2:
+        end = time.time() + seconds
+        while (left := end - time.time()) > 0.2:
             messages = int(left * rate)
             lo = self.seq
             self.seq += messages
             out = self.tmp / f"pub-{lo}.json"
             proc = start_publisher(self.broker.url, self.prefix, len(self.devices), messages, rate, lo, out)
-            await asyncio.to_thread(proc.wait, left + 120)
+            await asyncio.to_thread(proc.wait, seconds + 120)
             result = read_published(out)
             acked.update(result.acked_seqs)
             sent.update(range(lo, lo + result.sent))
@@ -257,22 +258,19 @@ class Platform:
         ws_lossy: bool = False,
         after_repair_s: float = 2.0,
     ) -> Outcome:
-        """Publish for ``phase_s`` s, and at least ``after_repair_s`` s after the repair (a slow restart must
-        not leave nothing published to resume with), inject ``fault`` after ``fault_at_s`` s, then check
-        everything."""
+        """Publish for ``phase_s`` s, inject ``fault`` after ``fault_at_s`` s, publish ``after_repair_s`` s
+        more once both are over (so that readings are published after the repair however long it took, or
+        held up the first publisher), then check everything."""
         assert self.fleet is not None
         lo = self.seq
-        end = time.time() + phase_s
-
-        def publish_end() -> float:
-            return end
-
-        publishing = asyncio.create_task(self.publish_until(publish_end, rate))
+        publishing = asyncio.create_task(self.publish_for(phase_s, rate))
         await asyncio.sleep(fault_at_s)
         broken = time.time()
         repaired = await fault()
-        end = max(end, repaired + after_repair_s)
         acked, sent = await publishing
+        more_acked, more_sent = await self.publish_for(after_repair_s, rate)
+        acked |= more_acked
+        sent |= more_sent
         hi = self.seq
         stored: dict[int, int] = {}
         bad = 0
