@@ -49,6 +49,7 @@ from bench.bench_ingest import drop_database, prepare_database
 from iot_testkit.measure import cpu_seconds, percentile, rss_mib
 from iot_testkit.metrics import metric
 from iot_testkit.processes import BIN, JWT_SECRET, free_port, private_redis, start_listening
+from iot_testkit.waiting import WaitTimeout, wait_until
 
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
@@ -206,6 +207,19 @@ class ClientFleet:
             samples.frombytes(value)
         return list(samples)
 
+    def collect_until(self, expected: int, timeout: float) -> list[float]:
+        """Collect until ``expected`` delays arrived (frames still in flight) or ``timeout`` passed: what
+        has not arrived by then counts as lost."""
+        arrived: list[float] = []
+
+        def all_arrived() -> bool:
+            arrived.extend(self.collect())
+            return len(arrived) >= expected
+
+        with contextlib.suppress(WaitTimeout):
+            wait_until(all_arrived, timeout, "every frame at the clients", interval=0.2)
+        return arrived
+
     def stop(self) -> None:
         for queue in self.commands:
             queue.put("stop")
@@ -269,12 +283,11 @@ def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResul
                 cpu_before = cpu_seconds([service.pid])[service.pid]
                 sent = asyncio.run(publish(redis.url, devices, scenario.rate, scenario.duration))
                 cpu = cpu_seconds([service.pid])[service.pid] - cpu_before
-                time.sleep(1.0)  # let frames in flight arrive
-                delays = sorted(fleet.collect())
                 per_device = [0] * scenario.devices
                 for i in range(scenario.clients):
                     per_device[i % scenario.devices] += 1
                 expected = sum(per_device[i % scenario.devices] for i in range(sent))
+                delays = sorted(fleet.collect_until(expected, timeout=10))
                 results.append(
                     RoundResult(
                         scenario=scenario,
