@@ -33,15 +33,9 @@ from iot_common.topics import RedisNames
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.support import (
-    LoadResult,
-    api_process,
-    database_url,
-    in_process,
-    migrated_database,
-    pct,
-    redis_server,
-)
+from bench.support import LoadResult, api_process, database_url, in_process, migrated_database
+from iot_testkit.measure import percentile
+from iot_testkit.processes import private_redis
 
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
@@ -149,7 +143,8 @@ def main() -> None:
     args = parser.parse_args()
 
     start, stop = asyncio.run(seed())
-    with redis_server() as redis_url:
+    with private_redis() as redis_server:
+        redis_url = redis_server.url
         client = redis.Redis.from_url(redis_url)
         now = datetime.now(UTC)
         pipe = client.pipeline(transaction=False)
@@ -227,10 +222,10 @@ def main() -> None:
                 print(
                     f"{name:32} {concurrency:>8} {r.requests:>8} {r.errors:>8} "
                     f"{r.requests / r.seconds:>8.0f} "
-                    f"{statistics.median(r.latencies_ms):>8.2f} {pct(r.latencies_ms, 0.95):>8.2f}"
+                    f"{statistics.median(r.latencies_ms):>8.2f} {percentile(r.latencies_ms, 0.95):>8.2f}"
                 )
             monthly = rows[5][2]
-            p95 = pct(monthly.latencies_ms, 0.95)
+            p95 = percentile(monthly.latencies_ms, 0.95)
             print()
             print(
                 f"month-long hourly aggregate ({DAYS * 24} buckets over {DAYS * 86400:,} rows per metric): "

@@ -44,27 +44,22 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import drop_database, prepare_database, raw_run  # noqa: E402
-from bench.e2e_support import (  # noqa: E402
-    SECRET,
-    Broker,
-    ClientFleet,
-    Samples,
+from bench.bench_ingest import REDIS, drop_database, prepare_database, raw_run  # noqa: E402
+from iot_testkit.fleet import ClientFleet, Samples  # noqa: E402
+from iot_testkit.loadgen import device_ids  # noqa: E402
+from iot_testkit.measure import (  # noqa: E402
     cpu_seconds,
     cpu_used,
     percentile,
     postgres_aux_pids,
-    read_published,
-    rss_mb,
-    start_publisher,
+    rss_mib,
     system_redis_pid,
 )
-from bench.loadgen import device_ids  # noqa: E402
-from tests.support.processes import ServiceProcess, free_port  # noqa: E402
+from iot_testkit.metrics import metric  # noqa: E402
+from iot_testkit.processes import BIN, Broker, ServiceProcess, free_port  # noqa: E402
+from iot_testkit.publisher import read_published, start_publisher  # noqa: E402
+from iot_testkit.waiting import WaitTimeout, wait_until  # noqa: E402
 
-BIN = Path(sys.executable).parent
-POSTGRES = os.environ.get("IOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS = os.environ.get("IOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 GROUPS = ("broker", "postgres", "redis", "ingest", "realtime", "loadgen", "clients")
 
 
@@ -127,10 +122,7 @@ def machine() -> dict[str, Any]:
 
 
 def ingest_stored(base: str) -> float:
-    for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
-        if line.startswith("iot_ingest_readings_stored_total "):
-            return float(line.split()[1])
-    return 0.0
+    return metric(base, "iot_ingest_readings_stored_total")
 
 
 async def copy_rate(db_url: str, messages: int) -> float:
@@ -238,7 +230,6 @@ class Bench:
             "iot-realtime": {
                 **common,
                 "IOT_REALTIME_PORT": str(self.realtime_port),
-                "IOT_JWT_SECRET": SECRET,
                 # Bursts at the top rates queue up behind a busy CPU: keep them rather than drop the client.
                 "IOT_REALTIME_QUEUE_SIZE": "100000",
                 # Every client uses one credential: lift the per-credential connection limit (100).
@@ -297,9 +288,9 @@ class Bench:
 
     def rss(self) -> dict[str, float]:
         return {
-            "ingest": rss_mb(self.service_pid("iot-ingest")),
-            "realtime": rss_mb(self.service_pid("iot-realtime")),
-            "broker": rss_mb(self.broker.pid),
+            "ingest": rss_mib(self.service_pid("iot-ingest")),
+            "realtime": rss_mib(self.service_pid("iot-realtime")),
+            "broker": rss_mib(self.broker.pid),
         }
 
     def step(self, rate: float, duration: float) -> Step:
@@ -317,20 +308,25 @@ class Bench:
         pub = start_publisher(self.broker.url, self.prefix, len(self.devices), messages, rate, lo, out)
         pub.wait(duration + 300)
         published = read_published(out)
-        deadline = time.time() + 300
-        while ingest_stored(self.ingest_base) < stored0 + published.acked and time.time() < deadline:
-            time.sleep(0.05)
+        # Bounded waits: what is not stored or delivered in time is reported as lost.
+        with contextlib.suppress(WaitTimeout):
+            wait_until(
+                lambda: ingest_stored(self.ingest_base) >= stored0 + published.acked,
+                300,
+                "every acknowledged reading stored",
+            )
         # The WebSocket clients: every reading of this step, or 10 s after storage caught up.
-        samples, seen = Samples.empty(), 0
-        ws_deadline = time.time() + 10
-        while time.time() < ws_deadline:
+        samples = Samples.empty()
+
+        def all_received() -> bool:
+            assert self.fleet is not None
             got = self.fleet.collect()
             samples.extend(got)
             self.received.extend(got)
-            seen = sum(1 for s in samples.seq if lo <= s < hi)
-            if seen >= published.acked:
-                break
-            time.sleep(0.1)
+            return sum(1 for s in samples.seq if lo <= s < hi) >= published.acked
+
+        with contextlib.suppress(WaitTimeout):
+            wait_until(all_received, 10, "every reading on the WebSocket", interval=0.1)
         t_end = time.time()
         cpu = {g: 100 * cpu_used(cpu0[g], cpu_seconds(p)) / (t_end - t0) for g, p in pids.items()}
         cpu["loadgen"] = 100 * published.cpu_s / (t_end - t0)

@@ -24,10 +24,10 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from array import array
 from collections.abc import Iterator
@@ -46,12 +46,12 @@ from iot_common.topics import RedisNames
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_ingest import drop_database, prepare_database
-from bench.support import free_port, redis_server, rss_mib, wait_port
+from iot_testkit.measure import cpu_seconds, percentile, rss_mib
+from iot_testkit.metrics import metric
+from iot_testkit.processes import BIN, JWT_SECRET, free_port, private_redis, start_listening
+from iot_testkit.waiting import WaitTimeout, wait_until
 
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
-
-BIN = Path(sys.executable).parent
-SECRET = secrets.token_urlsafe(48)  # IOT_JWT_SECRET of the gateway under test: random per run
 
 
 @dataclass(frozen=True)
@@ -94,39 +94,26 @@ def realtime_service(redis_url: str, database_url: str) -> Iterator[tuple[int, s
         "IOT_REALTIME_MAX_SUBSCRIPTIONS_PER_PRINCIPAL": "10000000",
         "IOT_REALTIME_MAX_CONNECTIONS": "1000000",
         "IOT_REALTIME_PORT": str(port),
-        "IOT_JWT_SECRET": SECRET,
+        "IOT_JWT_SECRET": JWT_SECRET,
         "IOT_LOG_FORMAT": "json",
         "IOT_LOG_LEVEL": "warning",
         "IOT_DATABASE_POOL_MIN": "1",
         "IOT_DATABASE_POOL_MAX": "2",
     }
-    proc = subprocess.Popen([str(BIN / "iot-realtime")], env=env, stderr=subprocess.PIPE)
-    try:
-        wait_port(port)
-        yield port, proc
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
+        log = Path(tmp) / "iot-realtime.log"
+        proc = start_listening([str(BIN / "iot-realtime")], port, "iot-realtime", log, timeout=20, env=env)
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if proc.returncode not in (0, -15) and proc.stderr is not None:
-            print(proc.stderr.read().decode()[-2000:], file=sys.stderr)
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def scrape(port: int, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
+            yield port, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.returncode not in (0, -15):
+                print(log.read_text(errors="replace")[-2000:], file=sys.stderr)
 
 
 # -- client processes -----------------------------------------------------------------------------------
@@ -193,7 +180,7 @@ class ClientFleet:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(procs)]
-        url = f"http://127.0.0.1:{port}/ws?token=" + issue_token(SECRET, "bench", {"read"}, 3600)
+        url = f"http://127.0.0.1:{port}/ws?token=" + issue_token(JWT_SECRET, "bench", {"read"}, 3600)
         assignments = [[devices[i % len(devices)] for i in range(p, clients, procs)] for p in range(procs)]
         self.procs = [
             ctx.Process(target=client_process, args=(url, a, self.commands[p], self.results, p), daemon=True)
@@ -219,6 +206,19 @@ class ClientFleet:
             assert kind == "samples", kind
             samples.frombytes(value)
         return list(samples)
+
+    def collect_until(self, expected: int, timeout: float) -> list[float]:
+        """Collect until ``expected`` delays arrived (frames still in flight) or ``timeout`` passed: what
+        has not arrived by then counts as lost."""
+        arrived: list[float] = []
+
+        def all_arrived() -> bool:
+            arrived.extend(self.collect())
+            return len(arrived) >= expected
+
+        with contextlib.suppress(WaitTimeout):
+            wait_until(all_arrived, timeout, "every frame at the clients", interval=0.2)
+        return arrived
 
     def stop(self) -> None:
         for queue in self.commands:
@@ -256,12 +256,6 @@ async def publish(redis_url: str, devices: list[str], rate: int, duration: float
     return sent
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
 def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResult]:
     devices = [f"bench-{i}" for i in range(scenario.devices)]
     results = []
@@ -269,31 +263,31 @@ def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResul
     database_url = asyncio.run(prepare_database(devices))
     with (
         contextlib.ExitStack() as cleanup,
-        redis_server() as redis_url,
-        realtime_service(redis_url, database_url) as (port, service),
+        private_redis() as redis,
+        realtime_service(redis.url, database_url) as (port, service),
     ):
         cleanup.callback(lambda: asyncio.run(drop_database(database_url)))
+        base = f"http://127.0.0.1:{port}"
         fleet = ClientFleet(port, scenario.clients, devices, procs)
         started = time.monotonic()
         connected = fleet.start(timeout=300)
         print(
             f"  {connected} clients connected and subscribed in {time.monotonic() - started:.1f}s; "
             f"service RSS {rss_mib(service.pid):.0f} MB, "
-            f"connections gauge {scrape(port, 'iot_realtime_connections'):.0f}",
+            f"connections gauge {metric(base, 'iot_realtime_connections'):.0f}",
             flush=True,
         )
         try:
             fleet.collect()  # discard anything before the first round
             for _ in range(rounds):
-                cpu_before = proc_cpu_seconds(service.pid)
-                sent = asyncio.run(publish(redis_url, devices, scenario.rate, scenario.duration))
-                cpu = proc_cpu_seconds(service.pid) - cpu_before
-                time.sleep(1.0)  # let frames in flight arrive
-                delays = sorted(fleet.collect())
+                cpu_before = cpu_seconds([service.pid])[service.pid]
+                sent = asyncio.run(publish(redis.url, devices, scenario.rate, scenario.duration))
+                cpu = cpu_seconds([service.pid])[service.pid] - cpu_before
                 per_device = [0] * scenario.devices
                 for i in range(scenario.clients):
                     per_device[i % scenario.devices] += 1
                 expected = sum(per_device[i % scenario.devices] for i in range(sent))
+                delays = sorted(fleet.collect_until(expected, timeout=10))
                 results.append(
                     RoundResult(
                         scenario=scenario,
@@ -305,7 +299,7 @@ def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResul
                         max_ms=(delays[-1] if delays else float("nan")) * 1000,
                         cpu_pct=100 * cpu / scenario.duration,
                         rss_mb=rss_mib(service.pid),
-                        dropped=int(scrape(port, "iot_realtime_dropped_connections_total")),
+                        dropped=int(metric(base, "iot_realtime_dropped_connections_total")),
                     )
                 )
                 print(f"  round: {format_row(results[-1])}", flush=True)

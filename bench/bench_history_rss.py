@@ -27,7 +27,9 @@ from iot_common.db.partitions import ensure_partitions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.support import api_process, database_url, free_port, migrated_database, rss_mib
+from bench.support import api_process, database_url, migrated_database
+from iot_testkit.measure import rss_mib
+from iot_testkit.processes import free_port
 
 DATABASE = "iot_bench_history"
 SEED_VERSION = 1

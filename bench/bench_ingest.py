@@ -1,7 +1,7 @@
 """Ingest benchmark: sustained messages/s from publish to committed rows, beside the raw broker rate.
 
 Everything runs on 127.0.0.1: a private Mosquitto (no queue limit), a fresh database on the local
-PostgreSQL, the local Redis, ``iot-ingest`` as a process, and the publisher (bench/loadgen.py) as another
+PostgreSQL, the local Redis, ``iot-ingest`` as a process, and the publisher (iot_testkit.loadgen) as another
 process: QoS 1, K devices, 3 metrics per message, counting PUBACKs.
 
 - raw: the same publisher into a bare subscriber (acknowledges at once, does nothing): what the broker
@@ -28,36 +28,26 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
+
+from iot_testkit import backends
+from iot_testkit.backends import configured_url, with_database
+from iot_testkit.metrics import metric
+from iot_testkit.processes import BIN, ServiceProcess, free_port, mosquitto
+from iot_testkit.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.support.processes import ServiceProcess, free_port, mosquitto  # noqa: E402
-
-BIN = Path(sys.executable).parent
-LOADGEN = str(ROOT / "bench" / "loadgen.py")
-POSTGRES = os.environ.get("IOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS = os.environ.get("IOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=5).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and not sample.labels:
-                return float(sample.value)
-    return 0.0
+LOADGEN = ("-m", "iot_testkit.loadgen")
+POSTGRES = configured_url(backends.POSTGRES)
+REDIS = configured_url(backends.REDIS)
 
 
 def publisher(url: str, prefix: str, devices: int, messages: int, base_ms: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
-            *(sys.executable, LOADGEN, "publish", "--url", url, "--prefix", prefix),
+            *(sys.executable, *LOADGEN, "publish", "--url", url, "--prefix", prefix),
             *("--devices", str(devices), "--messages", str(messages), "--base-ms", str(base_ms)),
             *("--max-inflight", "2000"),
         ],
@@ -69,7 +59,7 @@ def publisher(url: str, prefix: str, devices: int, messages: int, base_ms: int) 
 def raw_run(url: str, prefix: str, devices: int, messages: int) -> float:
     sub = subprocess.Popen(
         [
-            *(sys.executable, LOADGEN, "subscribe", "--url", url),
+            *(sys.executable, *LOADGEN, "subscribe", "--url", url),
             *("--topic", "devices/telemetry/+", "--count", str(messages)),
         ],
         stdout=subprocess.PIPE,
@@ -91,11 +81,12 @@ def ingest_run(
     before = metric(base, "iot_ingest_readings_stored_total")
     batches = metric(base, "iot_ingest_batch_size_count")
     pub = publisher(url, prefix, devices, messages, base_ms)
-    deadline = time.monotonic() + 300
-    while metric(base, "iot_ingest_readings_stored_total") < before + messages:
-        if time.monotonic() > deadline:
-            raise RuntimeError("ingest did not store every message within 300 s")
-        time.sleep(0.02)
+    wait_until(
+        lambda: metric(base, "iot_ingest_readings_stored_total") >= before + messages,
+        300,
+        "ingest to store every message",
+        interval=0.02,
+    )
     done = time.time()
     published = json.loads(pub.communicate(timeout=300)[0])
     assert published["acked"] == messages, published
@@ -112,7 +103,7 @@ async def prepare_database(devices: list[str], rules: int = 0) -> str:
     admin = await asyncpg.connect(POSTGRES)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    url = urlunsplit(urlsplit(POSTGRES)._replace(path=f"/{name}"))
+    url = with_database(POSTGRES, name)
     env = {**os.environ, "IOT_DATABASE_URL": url, "IOT_LOG_FORMAT": "json"}
     migrate = await asyncio.create_subprocess_exec(str(BIN / "iot-migrate"), env=env, stderr=subprocess.PIPE)
     if await migrate.wait() != 0:

@@ -25,7 +25,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.support import LoadResult, api_process, in_process, migrated_database, pct, redis_server
+from bench.support import LoadResult, api_process, in_process, migrated_database
+from iot_testkit.measure import percentile
+from iot_testkit.processes import private_redis
 
 DATABASE = "iot_bench_hooks"
 DEVICES = 500
@@ -77,7 +79,7 @@ def main() -> None:
         "IOT_API_CACHE_TTL_S": "300",
         "IOT_MQTT_HOOK_SECRET": HOOK_SECRET,
     }
-    with redis_server() as redis_url, api_process({**env, "IOT_REDIS_URL": redis_url}) as api:
+    with private_redis() as redis, api_process({**env, "IOT_REDIS_URL": redis.url}) as api:
         base = api.base
         authn, authz = [], []
         with httpx.Client(base_url=base, headers={"X-API-Key": API_KEY}, timeout=10) as http:
@@ -101,7 +103,7 @@ def main() -> None:
                     name,
                     result.requests / result.seconds,
                     statistics.median(result.latencies_ms),
-                    pct(result.latencies_ms, 0.95),
+                    percentile(result.latencies_ms, 0.95),
                     result.errors,
                 )
             )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -30,10 +31,13 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import REDIS, drop_database, metric, prepare_database  # noqa: E402
-from bench.loadgen import PublishResult, publish_async, telemetry_payload  # noqa: E402
+from bench.bench_ingest import REDIS, drop_database, prepare_database  # noqa: E402
 from iot_common.topics import RedisNames  # noqa: E402
-from tests.support.processes import ServiceProcess, free_port, mosquitto  # noqa: E402
+from iot_testkit.loadgen import PublishResult, publish_async, telemetry_payload  # noqa: E402
+from iot_testkit.measure import percentile  # noqa: E402
+from iot_testkit.metrics import metric  # noqa: E402
+from iot_testkit.processes import ServiceProcess, free_port, mosquitto  # noqa: E402
+from iot_testkit.waiting import WaitTimeout, wait_for  # noqa: E402
 
 
 async def scenario(
@@ -105,23 +109,24 @@ async def scenario(
             result = await publish_async(
                 mqtt_url, [flood], flood_messages, base_ms=base_ms, payload=telemetry_payload, timeout_s=120
             )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+
+        async def all_handled() -> bool:
             handled = await db.fetchval(
                 "SELECT (SELECT count(DISTINCT ts) FROM telemetry WHERE device_id = $1)"
                 " + (SELECT count(*) FROM ingest_rejects WHERE device_id = $1)",
                 flood,
             )
-            if handled >= result.acked:
-                break
             if args.verbose:
                 print(f"  {name}: {handled}/{result.acked} handled, calm delays {len(delays)}", flush=True)
-            await asyncio.sleep(0.2 if not args.verbose else 2.0)
+            return bool(handled >= result.acked)
+
+        # Bounded waits: what is not handled or received in time shows in the figures.
+        with contextlib.suppress(WaitTimeout):
+            await wait_for(all_handled, 180, "the flood handled", interval=2.0 if args.verbose else 0.2)
         handled_s = time.monotonic() - started
         calm_sent = (await calm_task).acked
-        deadline = time.monotonic() + 30
-        while len(delays) < calm_sent and time.monotonic() < deadline:  # noqa: ASYNC110 (a bounded poll)
-            await asyncio.sleep(0.1)
+        with contextlib.suppress(WaitTimeout):
+            await wait_for(lambda: len(delays) >= calm_sent, 30, "the calm device's readings")
         listener.cancel()
         await pubsub.aclose()
         stored = await db.fetchval("SELECT count(DISTINCT ts) FROM telemetry WHERE device_id = $1", flood)
@@ -141,7 +146,7 @@ async def scenario(
             "calm_sent": calm_sent,
             "calm_received": len(delays),
             "calm_delay_ms_p50": round(statistics.median(ordered), 1) if ordered else None,
-            "calm_delay_ms_p95": round(ordered[int(0.95 * (len(ordered) - 1))], 1) if ordered else None,
+            "calm_delay_ms_p95": round(percentile(ordered, 0.95), 1) if ordered else None,
             "calm_delay_ms_max": round(ordered[-1], 1) if ordered else None,
             "stored_total_metric": metric(base, "iot_ingest_readings_stored_total"),
         }

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -24,17 +23,18 @@ import aiohttp
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_fanout import SECRET, raise_fd_limit
+from bench.bench_fanout import raise_fd_limit
 from bench.bench_ingest import drop_database, prepare_database
-from bench.support import free_port, redis_server, rss_mib, wait_port
 from iot_common.auth import issue_token
+from iot_testkit.measure import rss_mib
+from iot_testkit.processes import JWT_SECRET, free_port, private_redis, start_listening
 
 
 async def attack(
     session: aiohttp.ClientSession, port: int, connections: int, credentials: int, ids: int
 ) -> tuple[Counter[str], list[aiohttp.ClientWebSocketResponse]]:
     """Open the connections, subscribe each to made-up ids; the outcomes, and the sockets (left open)."""
-    tokens = [issue_token(SECRET, f"attacker-{i}", {"read"}, 3600) for i in range(credentials)]
+    tokens = [issue_token(JWT_SECRET, f"attacker-{i}", {"read"}, 3600) for i in range(credentials)]
     outcomes: Counter[str] = Counter()
     gate = asyncio.Semaphore(50)
     sockets: list[aiohttp.ClientWebSocketResponse] = []
@@ -88,22 +88,22 @@ def main() -> int:
     raise_fd_limit()
     database_url = asyncio.run(prepare_database([f"real-{i}" for i in range(args.real)]))
     try:
-        with redis_server() as redis_url:
+        with private_redis() as redis:
+            redis_url = redis.url
             port = free_port()
             env = {
                 **os.environ,
                 "IOT_REDIS_URL": redis_url,
                 "IOT_DATABASE_URL": database_url,
                 "IOT_REALTIME_PORT": str(port),
-                "IOT_JWT_SECRET": SECRET,
+                "IOT_JWT_SECRET": JWT_SECRET,
                 "IOT_LOG_LEVEL": "error",
                 "IOT_LOG_FORMAT": "json",
             }
             command = [sys.executable, "-c", "from iot_realtime.main import main; main()"]
-            service = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+            service = start_listening(command, port, "iot-realtime", timeout=20, env=env)
             try:
-                wait_port(port)
-                time.sleep(1.0)
+                time.sleep(1.0)  # let start-up allocations settle before the baseline RSS
                 before = rss_mib(service.pid)
                 started = time.monotonic()
 

@@ -7,7 +7,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -16,14 +15,9 @@ import redis.asyncio as aioredis
 from iot_common.db import connect
 from iot_common.db.migrate import apply_migrations
 from iot_common.db.partitions import maintain_partitions
-from tests.support.backends import MQTT, POSTGRES, REDIS, backend_url
+from iot_testkit.backends import MQTT, POSTGRES, REDIS, backend_url, with_database
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-
-
-def with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
 
 
 @pytest.fixture(scope="session")

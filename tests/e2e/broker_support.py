@@ -4,22 +4,19 @@ own service users."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.processes import DYNSEC_PLUGIN, ServiceProcess, free_port, mosquitto_process
+from iot_testkit.processes import DYNSEC_PLUGIN, ServiceProcess, Start, free_port, mosquitto_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORDS = {
@@ -28,8 +25,6 @@ PASSWORDS = {
     "MQTT_API_PASSWORD": "api-password-0123456789",
     "MQTT_SIM_PASSWORD": "sim-password-0123456789",
 }
-
-Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 
 
 def shipped_config(port: int, data_dir: Path) -> str:
@@ -141,14 +136,3 @@ def start_platform(
         ingest.wait_http(f"{ingest_base}/readyz")
     http = httpx.AsyncClient(base_url=api_base, headers={"X-API-Key": bootstrap_key}, timeout=15)
     return Platform(broker, api, api_base, ingest, ingest_base, http)
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll the coroutine function ``predicate`` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = await predicate()
-        if result:
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import ServiceProcess
+from iot_testkit.processes import ServiceProcess
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

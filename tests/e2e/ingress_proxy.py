@@ -14,7 +14,7 @@ import threading
 import aiohttp
 from aiohttp import web
 
-from tests.support.processes import free_port
+from iot_testkit.processes import free_port
 
 # Hop-by-hop headers stay with their connection; aiohttp sets the length of the body it sends itself.
 _NOT_FORWARDED = frozenset(

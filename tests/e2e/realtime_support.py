@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,13 +19,11 @@ from websockets.typing import Origin
 from iot_common.auth import issue_token
 from iot_common.messages import TelemetryEvent, encode_event
 from iot_common.topics import RedisNames
-from tests.support.backends import port_open
-from tests.support.processes import JWT_SECRET, ServiceProcess, free_port
+from iot_testkit.metrics import metric
+from iot_testkit.processes import JWT_SECRET, ServiceProcess, Start, free_port
+from iot_testkit.waiting import wait_for
 
-SECRET = JWT_SECRET
 ALLOWED_ORIGIN = "https://dashboard.example"
-
-Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 
 
 @dataclass
@@ -47,19 +43,11 @@ class Realtime:
 
     def metric(self, name: str) -> float:
         """The value of one unlabelled sample on ``/metrics``."""
-        import httpx
-
-        for line in httpx.get(f"{self.base}/metrics", timeout=5).text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"{name} not on /metrics")
+        return metric(self.base, name)
 
     async def wait_metric(self, name: str, value: float, timeout: float = 10.0) -> None:
         """Wait until ``name`` reads ``value`` (the service updates it after the client sees the effect)."""
-        deadline = time.monotonic() + timeout
-        while (current := self.metric(name)) != value:
-            assert time.monotonic() < deadline, f"{name} is {current}, expected {value}"
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: self.metric(name) == value, timeout, f"{name} to read {value}", interval=0.05)
 
 
 def start_realtime(
@@ -71,7 +59,7 @@ def start_realtime(
         "IOT_DATABASE_URL": database_url,
         "IOT_REDIS_URL": redis_url,
         "IOT_REALTIME_PORT": str(port),
-        "IOT_JWT_SECRET": SECRET,
+        "IOT_JWT_SECRET": JWT_SECRET,
         "IOT_CORS_ORIGINS": ALLOWED_ORIGIN,
         **(extra or {}),
     }
@@ -83,7 +71,7 @@ def start_realtime(
 def token(
     scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access", subject: str = "user-e2e"
 ) -> str:
-    return issue_token(SECRET, subject, scopes or {"read"}, ttl_s, token_type)  # type: ignore[arg-type]
+    return issue_token(JWT_SECRET, subject, scopes or {"read"}, ttl_s, token_type)  # type: ignore[arg-type]
 
 
 async def register(database_url: str, *device_ids: str) -> None:
@@ -135,43 +123,3 @@ async def assert_nothing_pending(ws: ClientConnection) -> None:
 
 def telemetry(device_id: str, **metrics: float | str) -> bytes:
     return encode_event(TelemetryEvent(device_id=device_id, ts=datetime.now(UTC), metrics=metrics))
-
-
-_NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
-
-
-class RedisServer:
-    """A redis-server of this test alone, on a free port, without persistence; can be stopped and
-    started again on the same port (to restart Redis under a running service)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RedisServer:
-        self._proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *_NO_PERSISTENCE],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", self.port):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on {self.port}")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(10)
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -19,12 +19,12 @@ from aiohttp import web
 from gmqtt import Client as MqttClient
 from gmqtt.mqtt.constants import MQTTv50
 
-from bench.loadgen import device_ids, publish_async
 from iot_api.cache import Cache
 from iot_api.events import EventPublisher
 from iot_common.topics import RedisNames
+from iot_testkit.loadgen import device_ids, publish_async
+from iot_testkit.processes import free_port, mosquitto
 from tests.e2e.test_ingest import Ingest, Start, scrape, wait_for
-from tests.support.processes import free_port, mosquitto
 
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 

@@ -8,7 +8,7 @@ not match the document (status, content type, body schema).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,9 @@ from schemathesis.specs.openapi.checks import (
     positive_data_acceptance,
 )
 
+from iot_testkit.processes import ServiceProcess, Start, free_port
 from tests.conftest import copy_of_template
-from tests.support.processes import ServiceProcess, free_port
 
-Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 BOOTSTRAP_KEY = "iotk_e2ebootstrap_" + "s" * 24
 AUTH = {"X-API-Key": BOOTSTRAP_KEY}
 

@@ -24,7 +24,10 @@ import pytest
 
 from iot_api.dynsec import DynsecAdmin
 from iot_common.topics import command_ack_topic, command_topic, telemetry_topic
-from tests.e2e.broker_support import PASSWORDS, Platform, Start, shipped_broker, start_platform, wait_for
+from iot_testkit.metrics import metric
+from iot_testkit.processes import Start
+from iot_testkit.waiting import wait_for
+from tests.e2e.broker_support import PASSWORDS, Platform, shipped_broker, start_platform
 
 BOOTSTRAP_KEY = "iotk_brokeracl001_" + "b" * 24
 REFUSED = "broker refused: not authorized (135)"
@@ -101,11 +104,9 @@ async def add_command_rule(platform: Platform, device_id: str) -> None:
     response = await platform.http.post("/api/v1/alert-rules", json=rule)
     assert response.status_code == 201, response.text
 
-    async def loaded() -> bool:
-        metrics = (await get(f"{platform.ingest_base}/metrics")).text
-        return "iot_ingest_rules_loaded 1.0" in metrics
-
-    await wait_for(loaded, 30, "ingest to load the rule")
+    await wait_for(
+        lambda: metric(platform.ingest_base, "iot_ingest_rules_loaded") == 1, 30, "ingest to load the rule"
+    )
 
 
 async def action_run(db: asyncpg.Connection[Any]) -> asyncpg.Record | None:

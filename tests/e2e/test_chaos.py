@@ -6,18 +6,21 @@ process, reconnecting on their own) receive readings published after the repair.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from bench.chaos import Platform
-from bench.loadgen import device_ids
-from tests.support.processes import ServiceProcess
+from iot_testkit.chaos import Platform
+from iot_testkit.loadgen import device_ids
+from iot_testkit.processes import Start
 
-Start = Callable[[str, Mapping[str, str]], ServiceProcess]
+RESUME_WITHIN_S = 10.0
+"""From the repair to the first reading published after it reaching the WebSocket clients. Typically well
+under a second; the gateway's Redis listener backs off up to 2 s between attempts and the clients 0.1 s, so
+10 s leaves room for a busy shared machine while a reconnection that hangs (waits for a timeout or gives
+up) does not pass."""
 
 
 @pytest.mark.timeout(120)
@@ -38,7 +41,8 @@ async def test_kills_and_redis_restart_under_load_lose_and_duplicate_nothing(
             assert outcome.missing == 0, outcome
             assert outcome.duplicated == 0, outcome
             assert outcome.stored_once == outcome.acked, outcome
-            assert outcome.resumed_s >= 0, f"WebSocket clients did not resume after {fault.__name__}"
+            assert outcome.resumed_s is not None, f"WebSocket clients did not resume after {fault.__name__}"
+            assert outcome.resumed_s < RESUME_WITHIN_S, outcome
             if fault is faults[0]:
                 # Nothing on the WebSocket path was broken: every stored reading reached the clients.
                 assert outcome.ws_missed == 0, outcome

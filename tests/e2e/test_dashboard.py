@@ -29,8 +29,8 @@ from playwright.sync_api import ConsoleMessage, expect, sync_playwright
 from iot_api.edge import DEFAULT_REALTIME_PORT
 from iot_common.auth import generate_api_key
 from iot_common.topics import command_ack_topic, command_topic
+from iot_testkit.processes import ServiceProcess, free_port, mosquitto
 from tests.e2e.ingress_proxy import IngressProxy
-from tests.support.processes import ServiceProcess, free_port, mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "dashboard" / "dist"

@@ -20,8 +20,9 @@ import pytest
 
 from iot_api.dynsec import DynsecAdmin
 from iot_common.topics import command_topic, telemetry_topic
-from tests.e2e.broker_support import PASSWORDS, Start, shipped_broker, start_platform, wait_for
-from tests.support.processes import BIN
+from iot_testkit.processes import BIN, Start
+from iot_testkit.waiting import wait_for
+from tests.e2e.broker_support import PASSWORDS, shipped_broker, start_platform
 
 BOOTSTRAP_KEY = "iotk_identity0001_" + "i" * 24
 REFUSED = r"(?i)not authori[sz]ed|bad user|refused|code|unauthori"

@@ -29,9 +29,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from iot_testkit.backends import unavailable
+from iot_testkit.processes import ServiceProcess, free_port, mosquitto
 from tests.e2e.broker_support import PASSWORDS, shipped_broker
-from tests.support.backends import unavailable
-from tests.support.processes import ServiceProcess, free_port, mosquitto
 
 Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,21 +9,19 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import httpx
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client.parser import text_string_to_metric_families
 
-from bench.e2e_support import TcpProxy
-from bench.loadgen import device_ids, publish_async, telemetry_payload
-from tests.support.processes import ServiceProcess, free_port, mosquitto
-
-Start = Callable[[str, Mapping[str, str]], ServiceProcess]
+from iot_testkit.chaos import TcpProxy
+from iot_testkit.loadgen import device_ids, publish_async, telemetry_payload
+from iot_testkit.metrics import scrape
+from iot_testkit.processes import ServiceProcess, Start, free_port, mosquitto
+from iot_testkit.waiting import wait_for
 
 
 class Ingest:
@@ -48,25 +46,6 @@ class Ingest:
         base = f"http://127.0.0.1:{port}"
         proc.wait_http(f"{base}/readyz")
         return proc, base
-
-
-def scrape(base: str) -> dict[str, float]:
-    """Samples of ``/metrics``, keyed ``name{label=value,...}``."""
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=5).text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def register(db: asyncpg.Connection[Any], ids: list[str]) -> None:
@@ -185,7 +164,7 @@ async def test_many_messages_wait_in_one_batch_and_are_acknowledged_after_commit
     assert metrics["iot_ingest_batch_size_sum"] == 200
     # Five more cannot fill a batch and the delay is a minute: they wait, unacknowledged.
     await publish_async(broker, devices, 5, base_ms=result.started_at * 1000 + 10_000)
-    await wait_for(lambda: _true(scrape(base)["iot_ingest_in_flight"] == 5), 30, "5 in flight")
+    await wait_for(lambda: scrape(base)["iot_ingest_in_flight"] == 5, 30, "5 in flight")
     assert await telemetry_rows(db) == 600
     assert proc.stop() == 0, proc.logs()
     assert await telemetry_rows(db) == 615
@@ -193,10 +172,6 @@ async def test_many_messages_wait_in_one_batch_and_are_acknowledged_after_commit
 
 async def _eq(value: Any, expected: int) -> bool:
     return bool(await value == expected)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_sigkill_mid_stream_then_restart_stores_every_acknowledged_reading_once(

@@ -23,9 +23,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from bench.e2e_support import TcpProxy
-from bench.loadgen import publish_async
-from tests.e2e.test_ingest import Ingest, broker, ingest, pg_proxy, register, scrape, wait_for
+from iot_testkit.chaos import TcpProxy
+from iot_testkit.loadgen import publish_async
+from iot_testkit.metrics import scrape
+from iot_testkit.waiting import wait_for
+from tests.e2e.test_ingest import Ingest, broker, ingest, pg_proxy, register
 
 __all__ = ["broker", "ingest", "pg_proxy"]  # fixtures used below
 

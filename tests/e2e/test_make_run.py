@@ -27,8 +27,8 @@ import psutil
 
 from iot_common.auth import generate_api_key
 from iot_sim.demo import DEMO_RULE_NAME
-from tests.support.backends import port_open
-from tests.support.processes import free_port, mosquitto
+from iot_testkit.backends import port_open
+from iot_testkit.processes import free_port, mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_LOCAL = ROOT / "scripts" / "run_local.py"

@@ -10,9 +10,9 @@ import redis.asyncio as aioredis
 from websockets.exceptions import InvalidStatus
 
 from iot_common.auth import generate_api_key
+from iot_testkit.processes import Start
 from tests.e2e.realtime_support import (
     Realtime,
-    Start,
     assert_nothing_pending,
     close_code,
     open_ws,

@@ -12,9 +12,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bench.loadgen import publish_async
+from iot_testkit.loadgen import publish_async
+from iot_testkit.processes import Start, mosquitto
 from tests.e2e.realtime_support import (
-    Start,
     assert_nothing_pending,
     open_ws,
     recv_json,
@@ -25,7 +25,6 @@ from tests.e2e.realtime_support import (
     token,
 )
 from tests.e2e.test_ingest import Ingest
-from tests.support.processes import mosquitto
 
 
 async def test_a_reading_of_one_deployment_never_reaches_the_other_sharing_its_redis(

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 import asyncpg
 import pytest
 
-from tests.support.processes import BIN, ServiceProcess, free_port
+from iot_testkit.processes import BIN, ServiceProcess, free_port
 
 Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 

@@ -20,7 +20,9 @@ import asyncpg
 import pytest
 
 from iot_sim.demo import DEMO_RULE_NAME, DEVICE_TYPE, seed_demo_rule
-from tests.e2e.broker_support import PASSWORDS, Platform, Start, shipped_broker, start_platform, wait_for
+from iot_testkit.processes import Start
+from iot_testkit.waiting import wait_for
+from tests.e2e.broker_support import PASSWORDS, Platform, shipped_broker, start_platform
 
 BOOTSTRAP_KEY = "iotk_simulatorkey_" + "s" * 24
 UNKNOWN = "unknown command 'self_destruct' (known: ping, reboot, set_interval)"

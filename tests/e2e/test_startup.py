@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.realtime_support import RedisServer
-from tests.support.processes import ServiceProcess, free_port, mosquitto
+from iot_testkit.processes import RedisServer, ServiceProcess, free_port, mosquitto
 
 Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 

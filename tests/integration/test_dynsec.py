@@ -11,7 +11,7 @@ import pytest
 
 from iot_api.dynsec import DynsecAdmin
 from iot_common.topics import command_topic, telemetry_topic
-from tests.support.processes import dynsec_mosquitto
+from iot_testkit.processes import dynsec_mosquitto
 
 ADMIN_PASSWORD = "admin-secret-for-tests"
 
@@ -40,6 +40,14 @@ async def connect(hostport: str, username: str | None, password: str | None) -> 
         client.set_auth_credentials(username, password)
     await client.connect(host, int(port))
     return client
+
+
+async def subscribed(client: gmqtt.Client, topic: str) -> tuple[int, ...]:
+    """Subscribe at QoS 1 and await the SUBACK: its reason codes (the QoS granted, or >= 0x80 refused)."""
+    suback: asyncio.Future[tuple[int, ...]] = asyncio.get_running_loop().create_future()
+    client.on_subscribe = lambda _c, _mid, codes, _p: suback.done() or suback.set_result(tuple(codes))
+    client.subscribe(topic, qos=1)
+    return await asyncio.wait_for(suback, 5)
 
 
 async def test_a_provisioned_device_connects_and_a_wrong_secret_is_refused(
@@ -72,24 +80,28 @@ async def test_a_device_reaches_only_its_own_topics(
     seen: asyncio.Queue[str] = asyncio.Queue()
     observer = await connect(dynsec_broker[1], "observer", "observer-secret")
     observer.on_message = lambda _c, topic, payload, _q, _p: seen.put_nowait(f"{topic}={payload.decode()}")
-    observer.subscribe("devices/#", qos=1)
+    assert await subscribed(observer, "devices/#") == (1,)
     device = await connect(dynsec_broker[1], "dev-a", "secret-a")
     got: asyncio.Queue[str] = asyncio.Queue()
-    device.on_message = lambda _c, topic, payload, _q, _p: got.put_nowait(topic)
-    device.subscribe(command_topic("dev-b"), qos=1)
-    device.subscribe(command_topic("dev-a"), qos=1)
-    await asyncio.sleep(0.3)
+    device.on_message = lambda _c, topic, payload, _q, _p: got.put_nowait(f"{topic}={payload.decode()}")
+    (refused,) = await subscribed(device, command_topic("dev-b"))
+    assert refused >= 0x80, "the broker let a device subscribe to another device's commands"
+    assert await subscribed(device, command_topic("dev-a")) == (1,)
     device.publish(telemetry_topic("dev-b"), b"spoofed", qos=1)
     device.publish(telemetry_topic("dev-a"), b"mine", qos=1)
     observer.publish(command_topic("dev-b"), b"for-b", qos=1)
     observer.publish(command_topic("dev-a"), b"for-a", qos=1)
-    messages = {await asyncio.wait_for(seen.get(), 5) for _ in range(3)}
-    assert f"{telemetry_topic('dev-a')}=mine" in messages
-    assert f"{telemetry_topic('dev-b')}=spoofed" not in messages
-    assert await asyncio.wait_for(got.get(), 5) == command_topic("dev-a")
-    await asyncio.sleep(0.5)
-    assert got.empty(), "the device received another device's command"
-    assert f"{telemetry_topic('dev-b')}=spoofed" not in {seen.get_nowait() for _ in range(seen.qsize())}
+    # A broker delivers one sender's messages in order: had it let "spoofed" through, the observer would
+    # see it before "mine"; had it sent "for-b" to the device, the device would get it before "for-a".
+    expected = {f"{telemetry_topic('dev-a')}=mine", f"{command_topic('dev-b')}=for-b"}
+    expected.add(f"{command_topic('dev-a')}=for-a")
+    observed: set[str] = set()
+    while not expected <= observed:
+        observed.add(await asyncio.wait_for(seen.get(), 5))
+    assert observed == expected
+    assert await asyncio.wait_for(got.get(), 5) == f"{command_topic('dev-a')}=for-a"
+    observer.publish(command_topic("dev-a"), b"last", qos=1)
+    assert await asyncio.wait_for(got.get(), 5) == f"{command_topic('dev-a')}=last"
     await device.disconnect()
     await observer.disconnect()
 

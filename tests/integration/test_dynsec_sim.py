@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from iot_testkit.processes import dynsec_mosquitto
 from tests.integration.test_dynsec import connect
-from tests.support.processes import dynsec_mosquitto
 
 SCRIPT = Path(__file__).resolve().parents[2] / "deploy/mosquitto/dynsec-sim.sh"
 REFUSED = r"(?i)not authori[sz]ed|bad user|refused|code"

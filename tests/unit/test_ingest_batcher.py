@@ -16,12 +16,15 @@ class Recorder:
         self.batches: list[list[int]] = []
         self.release = asyncio.Event()
         self.release.set()
+        self.started = asyncio.Event()
+        """Set when a flush begins."""
         self.running = 0
         self.max_running = 0
 
     async def __call__(self, items: list[int]) -> None:
         self.running += 1
         self.max_running = max(self.max_running, self.running)
+        self.started.set()
         try:
             await self.release.wait()
             self.batches.append(items)
@@ -53,7 +56,7 @@ async def test_items_arriving_during_a_flush_form_the_next_batches_in_order() ->
     batcher: Batcher[int] = Batcher(flush, max_size=4, max_delay=0)
     batcher.start()
     first = batcher.submit_nowait(0)
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(flush.started.wait(), 5)
     assert flush.running == 1
     rest = [batcher.submit_nowait(i) for i in range(1, 10)]
     assert batcher.pending == 9
@@ -102,7 +105,7 @@ async def test_abort_fails_what_was_never_flushed() -> None:
     batcher: Batcher[int] = Batcher(flush, max_size=1, max_delay=0)
     batcher.start()
     in_flush = batcher.submit_nowait(1)
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(flush.started.wait(), 5)
     queued = batcher.submit_nowait(2)
     batcher.abort()
     with pytest.raises(BatcherClosed):

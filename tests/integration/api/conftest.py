@@ -19,7 +19,8 @@ from litestar.testing import AsyncTestClient
 from iot_api.app import create_app
 from iot_api.main import serve
 from iot_api.settings import ApiSettings
-from tests.support.processes import JWT_SECRET, free_port
+from iot_testkit.processes import JWT_SECRET, free_port
+from iot_testkit.waiting import wait_for
 
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "correct horse battery"
@@ -116,13 +117,15 @@ async def make_server(api_settings: ApiSettings) -> AsyncIterator[ServerFactory]
         running.append((stop, task))
         base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, timeout=5) as probe:
-            for _ in range(300):
+
+            async def ready() -> bool:
                 assert not task.done(), "the API stopped while starting"
                 with contextlib.suppress(httpx.TransportError):
-                    if (await probe.get("/readyz")).status_code == 200:
-                        return base
-                await asyncio.sleep(0.1)
-        raise AssertionError("the API did not become ready within 30 s")
+                    return (await probe.get("/readyz")).status_code == 200
+                return False
+
+            await wait_for(ready, 30, "the API to be ready")
+        return base
 
     yield make
     for stop, task in reversed(running):

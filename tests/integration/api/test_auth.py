@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 from iot_api import limits
 from iot_api.services import auth as auth_service
 from iot_common.auth import InvalidCredential, decode_token, issue_token
+from iot_testkit.processes import JWT_SECRET
 from tests.integration.api.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, BOOTSTRAP_KEY, make_key
 from tests.integration.api.test_devices import assert_problem
-from tests.support.processes import JWT_SECRET
 
 Client = AsyncTestClient[Any]
 SECRET = JWT_SECRET

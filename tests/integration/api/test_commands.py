@@ -5,7 +5,6 @@ that is down or goes away gives 503 with the command recorded as failed."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -21,10 +20,11 @@ from litestar.testing import AsyncTestClient
 from iot_api.state import services_of
 from iot_common.messages import CommandEvent, CommandMessage, decode_event
 from iot_common.topics import RedisNames, command_topic
+from iot_testkit.processes import free_port, mosquitto
+from iot_testkit.waiting import wait_for
 from tests.integration.api.conftest import ClientFactory
 from tests.integration.api.test_alerts import make_device, next_message
 from tests.integration.api.test_devices import assert_problem
-from tests.support.processes import free_port, mosquitto
 
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
@@ -168,13 +168,6 @@ async def test_command_errors_and_scopes(
     assert device.messages.empty()
 
 
-async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_broker_unreachable_gives_503_and_a_failed_command(
     make_client: ClientFactory,
     writer: dict[str, str],
@@ -222,12 +215,12 @@ async def test_commands_fail_while_the_broker_is_away_and_work_after_it_returns(
         await make_device(client, admin, device_id)
         path = f"/api/v1/devices/{device_id}/commands"
         assert (await client.post(path, json={"name": "a"}, headers=admin)).status_code == 201
-    await wait_until(lambda: not publisher.is_connected)
+    await wait_for(lambda: not publisher.is_connected, 15, "the publisher to see the broker go")
     assert_problem(await client.post(path, json={"name": "b"}, headers=admin), 503)
     with mosquitto(port=port) as url:
         dev = Device(device_id)
         await dev.connect(url)
-        await wait_until(lambda: publisher.is_connected, timeout=40)
+        await wait_for(lambda: publisher.is_connected, 40, "the publisher to reconnect")
         response = await client.post(path, json={"name": "c"}, headers=admin)
         assert response.status_code == 201, response.text
         assert msgspec.json.decode((await dev.next())[0], type=CommandMessage).name == "c"

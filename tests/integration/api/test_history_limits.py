@@ -17,9 +17,10 @@ from litestar.testing import AsyncTestClient
 
 from iot_api.app import create_app
 from iot_api.settings import ApiSettings
+from iot_testkit.processes import free_port
+from iot_testkit.waiting import wait_for
 from tests.integration.api.conftest import ClientFactory, make_key
 from tests.integration.api.test_telemetry import HOUR0, iso, make_device, seed
-from tests.support.processes import free_port
 
 Client = AsyncTestClient[Any]
 HISTORY = "/api/v1/telemetry/history"
@@ -117,9 +118,11 @@ async def _waiting_on_lock(conn: asyncpg.Connection[Any], count: int) -> None:
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE wait_event_type = 'Lock' AND datname = current_database()"
     )
-    async with asyncio.timeout(30):
-        while await conn.fetchval(query) < count:  # noqa: ASYNC110 - the state is in PostgreSQL
-            await asyncio.sleep(0.05)
+
+    async def waiting() -> bool:
+        return bool(await conn.fetchval(query) >= count)
+
+    await wait_for(waiting, 30, f"{count} queries waiting on a lock", interval=0.05)
 
 
 @contextlib.asynccontextmanager
@@ -131,9 +134,8 @@ async def _served(settings: ApiSettings) -> AsyncIterator[httpx.AsyncClient]:
     )
     task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(30):
-            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to await
-                await asyncio.sleep(0.05)
+        # uvicorn offers no event to await.
+        await wait_for(lambda: server.started, 30, "uvicorn to start", interval=0.05)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             yield http
     finally:

@@ -20,10 +20,10 @@ from iot_api.problems import problem_response
 from iot_api.services.telemetry import _fingerprint
 from iot_api.settings import ApiSettings
 from iot_common.auth import generate_api_key
+from iot_testkit.processes import JWT_SECRET
 from tests.integration.api.conftest import ClientFactory
 from tests.integration.api.test_devices import assert_problem
 from tests.integration.api.test_telemetry import HOUR0, make_device, seed
-from tests.support.processes import JWT_SECRET
 
 Client = AsyncTestClient[Any]
 DEEP = "[" * 3000 + "]" * 3000

@@ -12,8 +12,8 @@ from typing import Any
 import asyncpg
 from litestar.testing import AsyncTestClient
 
+from iot_testkit.processes import free_port
 from tests.integration.api.conftest import ClientFactory
-from tests.support.processes import free_port
 
 Client = AsyncTestClient[Any]
 HOOK_SECRET = "hook-secret-for-tests-0123456789"

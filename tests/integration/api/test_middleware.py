@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
+import signal
 from typing import Any
 
 import httpx
@@ -16,10 +12,9 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from iot_api import limits
+from iot_testkit.processes import private_redis
 from tests.integration.api.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, BOOTSTRAP_KEY
 from tests.integration.api.test_devices import assert_problem
-from tests.support.backends import port_open
-from tests.support.processes import free_port
 
 Client = AsyncTestClient[Any]
 
@@ -87,43 +82,9 @@ async def test_cors_preflight(client: Client) -> None:
     assert "x-request-id" in simple.headers["access-control-expose-headers"].lower()
 
 
-@contextlib.contextmanager
-def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A redis-server of this test's own on a free port, so that it can be killed."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while not port_open("127.0.0.1", port):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("private redis-server did not start")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0", proc
-        finally:
-            proc.kill()
-            proc.wait(10)
-
-
 async def test_redis_outage_degrades_to_the_database(make_client: Any, unique: str) -> None:
-    with private_redis() as (url, proc):
-        client: Client = await make_client(redis_url=url)
+    with private_redis() as server:
+        client: Client = await make_client(redis_url=server.url)
         admin = {"X-API-Key": BOOTSTRAP_KEY}
         device_id = f"o-{unique}"
         assert (
@@ -136,8 +97,7 @@ async def test_redis_outage_degrades_to_the_database(make_client: Any, unique: s
         refresh_token = login.json()["refresh_token"]
         assert refresh_token
 
-        proc.kill()
-        proc.wait(10)
+        server.stop(signal.SIGKILL)
 
         got = await client.get(f"/api/v1/devices/{device_id}", headers=admin)
         assert got.status_code == 200, got.text

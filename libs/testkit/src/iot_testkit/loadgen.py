@@ -1,6 +1,6 @@
 """A QoS 1 MQTT load generator that counts PUBACKs, and a bare counting subscriber.
 
-Reused by the ingest benchmark, end-to-end tests and a device simulator. Message ``seq`` of a run goes to
+Used by the benchmarks and the end-to-end tests. Message ``seq`` of a run goes to
 device ``seq % len(devices)`` with ``ts = base_ms + seq``, so each (device, metric, ts) is unique and a
 reading can be traced back to the message that carried it. Only what the broker acknowledged (PUBACK) is
 reported as acknowledged, never what was merely written to the socket (``mosquitto_pub -l`` loses lines).
@@ -11,8 +11,9 @@ ingest service is meant to sustain, so it would have measured itself.
 
 Command line (prints one JSON object)::
 
-    python bench/loadgen.py publish --url mqtt://127.0.0.1:1883 --devices 100 --messages 100000
-    python bench/loadgen.py subscribe --url mqtt://127.0.0.1:1883 --topic 'devices/telemetry/+' --count 100000
+    python -m iot_testkit.loadgen publish --url mqtt://127.0.0.1:1883 --devices 100 --messages 100000
+    python -m iot_testkit.loadgen subscribe --url mqtt://127.0.0.1:1883 --topic 'devices/telemetry/+' \
+        --count 100000
 """
 
 from __future__ import annotations

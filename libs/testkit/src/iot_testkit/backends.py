@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -45,6 +45,17 @@ POSTGRES = Backend(
 )
 REDIS = Backend("Redis", "IOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0", "redis:7")
 MQTT = Backend("Mosquitto", "IOT_TEST_MQTT_URL", "mqtt://127.0.0.1:1883", "eclipse-mosquitto:2")
+
+
+def configured_url(backend: Backend) -> str:
+    """``backend``'s ``IOT_TEST_*_URL``, else its usual local URL: what the benchmarks use (no containers,
+    no skipping)."""
+    return os.environ.get(backend.env_var) or backend.local_url
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` (a PostgreSQL server) pointing at the database ``database``."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -1,0 +1,62 @@
+"""Measuring: percentiles of delays or latencies, and per-process CPU and memory (psutil)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import psutil
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The ``q``-quantile (0 <= q <= 1) by nearest rank, NaN when there is no value. Sorting an already
+    sorted list is linear, so callers need not keep their own sorted copy."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    """User + system CPU seconds of each of these processes that still runs."""
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            found[pid] = t.user + t.system
+    return found
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two :func:`cpu_seconds` readings, by the processes in both: a process
+    that exited in between (a PostgreSQL backend, say) must not count as negative time."""
+    return sum(after[pid] - before[pid] for pid in after.keys() & before.keys())
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (``VmRSS``), or its peak so far (``field="VmHWM"``), in MiB; 0 when it
+    has exited."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def postgres_aux_pids() -> list[int]:
+    """The server-wide PostgreSQL processes that work for every database (WAL writer, checkpointer...)."""
+    names = ("walwriter", "checkpointer", "background writer")
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("postgres:") and any(n in cmd for n in names):
+            pids.append(proc.pid)
+    return pids
+
+
+def system_redis_pid(port: int) -> int | None:
+    """The pid of the redis-server listening on ``port`` of this machine, if one runs here."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "redis-server" and f":{port}" in " ".join(proc.info["cmdline"] or []):
+            return int(proc.pid)
+    return None

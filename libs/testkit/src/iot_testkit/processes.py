@@ -1,0 +1,296 @@
+"""Running the platform's console scripts and private brokers (Mosquitto, redis-server) as processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+
+from iot_testkit.backends import MOSQUITTO_TEST_CONFIG, port_open
+from iot_testkit.waiting import wait_until
+
+BIN = Path(sys.executable).parent
+JWT_SECRET = secrets.token_urlsafe(48)
+"""``IOT_JWT_SECRET`` of every service a test or benchmark starts: random per run (there is no default)."""
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_listening(
+    args: Sequence[str],
+    port: int,
+    what: str,
+    log: Path | None = None,
+    timeout: float = 15.0,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``args`` (output to ``log``, or discarded; environment ``env``, or this one) and wait until
+    something listens on ``port``; fail with the log's end if the process exits or ``timeout`` passes."""
+    with log.open("ab") if log is not None else open(os.devnull, "wb") as out:
+        proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}:\n{tail()}")
+        return port_open("127.0.0.1", port)
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-4000:] if log is not None else ""
+
+    try:
+        wait_until(listening, timeout, f"{what} to listen on {port}", detail=tail)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+class ServiceProcess:
+    """A console script of the platform, started with the given environment, logs kept in a file."""
+
+    def __init__(self, script: str, env: Mapping[str, str], log_dir: Path) -> None:
+        self.script = script
+        self.env = {**os.environ, "IOT_LOG_FORMAT": "json", "IOT_JWT_SECRET": JWT_SECRET, **env}
+        self.log_path = log_dir / f"{script}-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> ServiceProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / self.script)], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def wait_http(self, url: str, timeout: float = 30.0, status: int = 200) -> None:
+        """Wait until ``url`` answers ``status``; fail with the process log if it exits or times out."""
+
+        def answers() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.script} exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                return httpx.get(url, timeout=1.0).status_code == status
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, timeout, f"{url} to answer {status}", interval=0.1, detail=self.logs)
+
+    def wait_log(self, text: str, timeout: float = 30.0) -> None:
+        """Wait until the log holds ``text``; fail with the log if the process exits first or time is up."""
+
+        def logged() -> bool:
+            assert self.proc is not None
+            exited = self.proc.poll() is not None
+            if text in self.log_path.read_text(errors="replace"):
+                return True
+            if exited:
+                raise AssertionError(f"{self.script} exited with {self.proc.returncode}:\n{self.logs()}")
+            return False
+
+        wait_until(logged, timeout, f"{self.script} to log {text!r}", interval=0.05, detail=self.logs)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        """Wait for the process to exit by itself; returns the exit code."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.script} still runs after {timeout}s:\n{self.logs()}") from None
+
+    def log_lines(self) -> list[str]:
+        """Every line the process wrote (stdout and stderr), in order."""
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send ``sig`` and wait for the exit; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(
+                    f"{self.script} ignored {sig!r} for {timeout}s:\n{self.logs()}"
+                ) from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:]
+
+
+Start = Callable[[str, Mapping[str, str]], ServiceProcess]
+"""Starts a console script with extra environment (the e2e ``service`` fixture, or a benchmark's own)."""
+
+
+@contextlib.contextmanager
+def mosquitto_process(config: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """``mosquitto -c config``, waited for until it listens on ``port``, terminated afterwards."""
+    log = config.with_name("mosquitto.log")
+    proc = start_listening(["mosquitto", "-c", str(config)], port, "mosquitto", log)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Broker:
+    """A private Mosquitto on 127.0.0.1 with the tests' configuration (``max_queued_messages`` raised, never
+    0), on a free port unless ``port`` is given; it can be stopped and started again on the same port.
+
+    ``extra_config`` may name files in ``directory`` as ``{dir}`` (a temporary directory by default; a
+    given one outlives the broker, so a test can start a new broker on the same state). With
+    ``persistent``, a SIGTERMed broker saves its sessions and queued messages there and reloads them.
+    """
+
+    def __init__(
+        self,
+        extra_config: str = "",
+        *,
+        port: int | None = None,
+        anonymous: bool = True,
+        persistent: bool = False,
+        directory: Path | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if directory is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="iot-mosquitto-")
+            directory = Path(self._tmp.name)
+        self.directory = directory
+        config = MOSQUITTO_TEST_CONFIG.replace("listener 1883", f"listener {self.port} 127.0.0.1")
+        if not anonymous:
+            config = config.replace("allow_anonymous true", "allow_anonymous false")
+        if persistent:
+            config = config.replace("persistence false", "persistence true")
+            config += f"persistence_location {self.directory}/\nautosave_interval 1\n"
+        self.config = self.directory / "mosquitto.conf"
+        self.config.write_text(config + extra_config.replace("{dir}", str(self.directory)))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Broker:
+        log = self.directory / "mosquitto.log"
+        self.proc = start_listening(["mosquitto", "-c", str(self.config)], self.port, "mosquitto", log)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def close(self) -> None:
+        """Stop the broker and remove its temporary directory (a given ``directory`` is kept)."""
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+@contextlib.contextmanager
+def mosquitto(
+    extra_config: str = "", port: int | None = None, anonymous: bool = True, directory: Path | None = None
+) -> Iterator[str]:
+    """A private Mosquitto (see :class:`Broker`) for the duration of the block; yields its URL."""
+    broker = Broker(extra_config, port=port, anonymous=anonymous, directory=directory)
+    try:
+        yield broker.start().url
+    finally:
+        broker.close()
+
+
+DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+"""Debian's build of Mosquitto's dynamic security plugin."""
+
+
+@contextlib.contextmanager
+def dynsec_mosquitto(admin_password: str, prefix: str = "iot-dynsec-") -> Iterator[str]:
+    """A private broker with the dynamic security plugin, no anonymous access and only the user ``admin``
+    (``mosquitto_ctrl dynsec init``); yields its ``host:port``."""
+    if not Path(DYNSEC_PLUGIN).exists():
+        pytest.fail(f"{DYNSEC_PLUGIN} missing: install Debian's mosquitto package")
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    try:
+        subprocess.run(
+            ["mosquitto_ctrl", "dynsec", "init", str(folder / "dynsec.json"), "admin", admin_password],
+            check=True,
+            capture_output=True,
+        )
+        if os.geteuid() == 0:
+            # Started as root, mosquitto drops to the `mosquitto` user, which must read and save this file.
+            for path in (folder, folder / "dynsec.json"):
+                shutil.chown(path, "mosquitto", "mosquitto")
+        extra = f"plugin {DYNSEC_PLUGIN}\nplugin_opt_config_file {{dir}}/dynsec.json\n"
+        with mosquitto(extra, anonymous=False, directory=folder) as url:
+            yield url.removeprefix("mqtt://")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class RedisServer:
+    """A private redis-server on a free port of 127.0.0.1, without persistence; it can be stopped (or
+    killed) and started again on the same port, to take Redis away from a running service."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> RedisServer:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = start_listening(["redis-server", *args], self.port, "redis-server")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[RedisServer]:
+    """A started :class:`RedisServer` for the duration of the block."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,1 +1,0 @@
-"""Helpers shared by the test suites: where the backing services are, and processes under test."""
