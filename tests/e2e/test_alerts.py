@@ -178,11 +178,11 @@ async def test_two_replicas_on_one_share_group_open_exactly_one_alert_and_delive
 ) -> None:
     device = f"two-{unique}"
     await add_device(db, device)
-    async with Hooks() as hooks:
+    async with Hooks(hold="alert.opened") as hooks:
         action = {"type": "webhook", "url": hooks.url, "on": ["open", "resolve"]}
         await add_rule(db, device_id=device, metric="temperature", op=">=", threshold=50.0, action=action)
-        _, base_a = ingest.start(f"ingest-{unique}-a")
-        _, base_b = ingest.start(f"ingest-{unique}-b")
+        _, base_a = ingest.start(f"ingest-{unique}-a", IOT_INGEST_WEBHOOK_TIMEOUT_S="60")
+        _, base_b = ingest.start(f"ingest-{unique}-b", IOT_INGEST_WEBHOOK_TIMEOUT_S="60")
         start_ms = int(time.time() * 1000) - 60_000
         async with Channel(redis, device) as channel:
             result = await publish_async(
@@ -198,8 +198,26 @@ async def test_two_replicas_on_one_share_group_open_exactly_one_alert_and_delive
             a, b = scrape(base_a), scrape(base_b)
             assert a["iot_ingest_readings_stored_total"] > 0
             assert b["iot_ingest_readings_stored_total"] > 0
+            # The target holds its answer to the opening while the alert resolves.
             await send(broker, device, reading(10, start_ms + 100))
             events = await channel.wait("alert", 2)
+        a, b = scrape(base_a), scrape(base_b)
+        opened_by_a = a["iot_ingest_alerts_opened_total"] == 1
+        resolved_by_a = a["iot_ingest_alerts_resolved_total"] == 1
+        if opened_by_a != resolved_by_a:
+            # Resolved by the other replica: its resolution waits for the opening's run in the database.
+            async def held_elsewhere() -> bool:
+                held = [scrape(base)["iot_ingest_actions_held"] for base in (base_a, base_b)]
+                return sum(held) == 1
+
+            await wait_for(held_elsewhere, 30, "the resolution held by the other replica")
+
+        async def opening_received() -> bool:
+            return len(hooks.requests) >= 1
+
+        await wait_for(opening_received, 30, "the opening delivered")
+        assert [body["event"] for _, body in hooks.requests] == ["alert.opened"]
+        hooks.release()
 
         async def two_runs_done() -> bool:
             runs = await action_runs(db)
@@ -267,19 +285,22 @@ async def _true(value: bool) -> bool:
 
 
 class Hooks:
-    """A local webhook target: answers ``status`` or, when ``hang`` is set, never answers."""
+    """A local webhook target: answers ``status``; when ``hang`` is set, or for the event ``hold``, not
+    before :meth:`release`."""
 
-    def __init__(self, status: int = 200, hang: bool = False) -> None:
+    def __init__(self, status: int = 200, hang: bool = False, hold: str | None = None) -> None:
         self.status = status
         self.hang = hang
+        self.hold = hold
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self._release = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append((dict(request.headers), await request.json()))
-        if self.hang:
+        body = await request.json()
+        self.requests.append((dict(request.headers), body))
+        if self.hang or body["event"] == self.hold:
             await self._release.wait()
         return web.json_response({}, status=self.status)
 
@@ -290,6 +311,9 @@ class Hooks:
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
         return self
+
+    def release(self) -> None:
+        self._release.set()
 
     async def __aexit__(self, *exc: object) -> None:
         self._release.set()
