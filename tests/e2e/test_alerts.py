@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -179,32 +180,66 @@ async def test_a_flapping_value_with_hysteresis_opens_no_storm_and_type_rules_ap
     assert await alerts_of(db, other) == []
 
 
-async def test_two_replicas_on_one_share_group_open_exactly_one_alert(
+async def test_two_replicas_on_one_share_group_open_exactly_one_alert_and_deliver_its_webhooks_in_order(
     ingest: Ingest, db: asyncpg.Connection[Any], redis: aioredis.Redis, broker: str, unique: str
 ) -> None:
     device = f"two-{unique}"
     await add_device(db, device)
-    await add_rule(db, device_id=device, metric="temperature", op=">=", threshold=50.0)
-    _, base_a = ingest.start(f"ingest-{unique}-a")
-    _, base_b = ingest.start(f"ingest-{unique}-b")
-    start_ms = int(time.time() * 1000) - 60_000
-    async with Channel(redis, device) as channel:
-        result = await publish_async(
-            broker, [device], 40, base_ms=start_ms, payload=lambda seq, base: reading(50 + seq, base + seq)
-        )
-        assert result.acked == 40
-        await channel.wait("telemetry", 40)
-        await channel.wait("alert", 1)
+    async with Hooks(hold="alert.opened") as hooks:
+        action = {"type": "webhook", "url": hooks.url, "on": ["open", "resolve"]}
+        await add_rule(db, device_id=device, metric="temperature", op=">=", threshold=50.0, action=action)
+        _, base_a = ingest.start(f"ingest-{unique}-a", IOT_INGEST_WEBHOOK_TIMEOUT_S="60")
+        _, base_b = ingest.start(f"ingest-{unique}-b", IOT_INGEST_WEBHOOK_TIMEOUT_S="60")
+        start_ms = int(time.time() * 1000) - 60_000
+        async with Channel(redis, device) as channel:
+            result = await publish_async(
+                broker,
+                [device],
+                40,
+                base_ms=start_ms,
+                payload=lambda seq, base: reading(50 + seq, base + seq),
+            )
+            assert result.acked == 40
+            await channel.wait("telemetry", 40)
+            await channel.wait("alert", 1)
+            a, b = scrape(base_a), scrape(base_b)
+            assert a["iot_ingest_readings_stored_total"] > 0
+            assert b["iot_ingest_readings_stored_total"] > 0
+            # The target holds its answer to the opening while the alert resolves.
+            await send(broker, device, reading(10, start_ms + 100))
+            events = await channel.wait("alert", 2)
         a, b = scrape(base_a), scrape(base_b)
-        assert a["iot_ingest_readings_stored_total"] > 0
-        assert b["iot_ingest_readings_stored_total"] > 0
-        await send(broker, device, reading(10, start_ms + 100))
-        events = await channel.wait("alert", 2)
+        opened_by_a = a["iot_ingest_alerts_opened_total"] == 1
+        resolved_by_a = a["iot_ingest_alerts_resolved_total"] == 1
+        if opened_by_a != resolved_by_a:
+            # Resolved by the other replica: its resolution waits for the opening's run in the database.
+            async def held_elsewhere() -> bool:
+                held = [scrape(base)["iot_ingest_actions_held"] for base in (base_a, base_b)]
+                return sum(held) == 1
+
+            await wait_for(held_elsewhere, 30, "the resolution held by the other replica")
+
+        async def opening_received() -> bool:
+            return len(hooks.requests) >= 1
+
+        await wait_for(opening_received, 30, "the opening delivered")
+        assert [body["event"] for _, body in hooks.requests] == ["alert.opened"]
+        hooks.release()
+
+        async def two_runs_done() -> bool:
+            runs = await action_runs(db)
+            return len(runs) == 2 and all(r["finished_at"] is not None for r in runs)
+
+        await wait_for(two_runs_done, 30, "two finished action runs")
     assert [e["state"] for e in events] == ["open", "resolved"]
     assert len(await alerts_of(db, device)) == 1
     a, b = scrape(base_a), scrape(base_b)
     assert a["iot_ingest_alerts_opened_total"] + b["iot_ingest_alerts_opened_total"] == 1
     assert a["iot_ingest_alerts_resolved_total"] + b["iot_ingest_alerts_resolved_total"] == 1
+    # Whichever replica resolved it, the resolution went out after the opening was answered.
+    assert [body["event"] for _, body in hooks.requests] == ["alert.opened", "alert.resolved"]
+    opening, resolution = await action_runs(db, "started_at")
+    assert opening["finished_at"] <= resolution["started_at"]
 
 
 async def test_command_answers_update_the_command_and_are_published(
@@ -257,19 +292,22 @@ async def _true(value: bool) -> bool:
 
 
 class Hooks:
-    """A local webhook target: answers ``status`` or, when ``hang`` is set, never answers."""
+    """A local webhook target: answers ``status``; when ``hang`` is set, or for the event ``hold``, not
+    before :meth:`release`."""
 
-    def __init__(self, status: int = 200, hang: bool = False) -> None:
+    def __init__(self, status: int = 200, hang: bool = False, hold: str | None = None) -> None:
         self.status = status
         self.hang = hang
+        self.hold = hold
         self.requests: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self._release = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append((dict(request.headers), await request.json()))
-        if self.hang:
+        body = await request.json()
+        self.requests.append((dict(request.headers), body))
+        if self.hang or body["event"] == self.hold:
             await self._release.wait()
         return web.json_response({}, status=self.status)
 
@@ -281,13 +319,16 @@ class Hooks:
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
         return self
 
+    def release(self) -> None:
+        self._release.set()
+
     async def __aexit__(self, *exc: object) -> None:
         self._release.set()
         await self._runner.cleanup()
 
 
-async def action_runs(db: asyncpg.Connection[Any]) -> list[asyncpg.Record]:
-    return await db.fetch("SELECT * FROM action_runs ORDER BY created_at, id")
+async def action_runs(db: asyncpg.Connection[Any], order: str = "created_at") -> list[asyncpg.Record]:
+    return await db.fetch(f"SELECT * FROM action_runs ORDER BY {order}, id")
 
 
 async def test_a_webhook_that_answers_gets_the_alert_and_its_success_is_recorded(
@@ -310,24 +351,21 @@ async def test_a_webhook_that_answers_gets_the_alert_and_its_success_is_recorded
 
         async def two_runs_done() -> bool:
             runs = await action_runs(db)
-            return len(runs) == 2 and all(r["state"] != "running" for r in runs)
+            return len(runs) == 2 and all(r["finished_at"] is not None for r in runs)
 
         await wait_for(two_runs_done, 30, "two finished action runs")
-    # Two workers may run them, so either run can be recorded first: compare them by trigger.
-    runs = sorted(await action_runs(db), key=lambda r: str(r["trigger"]))
+    # One alert's deliveries are in order: the resolution starts once the opening has been answered.
+    runs = await action_runs(db, "started_at")
     (alert,) = await alerts_of(db, device)
     assert [(r["trigger"], r["kind"], r["target"], r["state"], r["attempts"]) for r in runs] == [
         ("open", "webhook", hooks.url, "succeeded", 1),
         ("resolve", "webhook", hooks.url, "succeeded", 1),
     ]
+    assert runs[0]["finished_at"] <= runs[1]["started_at"]
     assert all(r["alert_id"] == alert["id"] and str(r["rule_id"]) == rule_id for r in runs)
     assert all(r["finished_at"] is not None and r["last_error"] is None for r in runs)
-    # Two workers may deliver them, so the resolution can arrive first: receivers go by the alert's times.
-    by_event = {body["event"]: (headers, body) for headers, body in hooks.requests}
-    assert len(hooks.requests) == 2
-    assert sorted(by_event) == ["alert.opened", "alert.resolved"]
-    headers, opened = by_event["alert.opened"]
-    resolved = by_event["alert.resolved"][1]
+    assert [body["event"] for _, body in hooks.requests] == ["alert.opened", "alert.resolved"]
+    (headers, opened), (_, resolved) = hooks.requests
     assert headers["X-Token"] == "s3cret"
     assert headers["Content-Type"] == "application/json"
     assert opened["event"] == "alert.opened"
@@ -338,6 +376,150 @@ async def test_a_webhook_that_answers_gets_the_alert_and_its_success_is_recorded
     )
     assert (resolved["event"], resolved["alert"]["state"]) == ("alert.resolved", "resolved")
     assert scrape(base)["iot_ingest_actions_total{kind=webhook,outcome=succeeded}"] == 2
+
+
+async def open_alert_delivered_elsewhere(
+    db: asyncpg.Connection[Any], rule_id: str, device: str, url: str, started_s_ago: float = 0.0
+) -> tuple[str, str]:
+    """What another replica leaves in the database while it delivers an alert's opening: the open alert
+    and its webhook run, ``running``. Returns the alert's and the run's ids."""
+    alert_id = await db.fetchval(
+        "INSERT INTO alerts (rule_id, device_id, metric, severity, value, threshold) "
+        "VALUES ($1::uuid, $2, 'temperature', 'warning', 31, 30) RETURNING id::text",
+        rule_id,
+        device,
+    )
+    run_id = await db.fetchval(
+        "INSERT INTO action_runs (alert_id, rule_id, trigger, kind, target, state, started_at) "
+        "VALUES ($1::uuid, $2::uuid, 'open', 'webhook', $3, 'running', now() - make_interval(secs => $4)) "
+        "RETURNING id::text",
+        alert_id,
+        rule_id,
+        url,
+        started_s_ago,
+    )
+    return str(alert_id), str(run_id)
+
+
+async def test_a_resolution_waits_while_another_replica_still_delivers_the_opening(
+    ingest: Ingest, db: asyncpg.Connection[Any], broker: str, unique: str
+) -> None:
+    device, other = f"o-{unique}", f"p-{unique}"
+    await add_device(db, device)
+    await add_device(db, other)
+    async with Hooks() as hooks:
+        action = {"type": "webhook", "url": hooks.url, "on": ["open", "resolve"]}
+        rule_id = await add_rule(
+            db, device_type="generic", metric="temperature", op=">", threshold=30, action=action
+        )
+        alert_id, opening = await open_alert_delivered_elsewhere(db, rule_id, device, hooks.url)
+        _, base = ingest.start(f"ingest-{unique}")
+        await send(broker, device, reading(10))
+
+        async def resolution_held() -> bool:
+            return scrape(base)["iot_ingest_actions_held"] == 1
+
+        await wait_for(resolution_held, 30, "the resolution held back")
+        # Another device of the same rule is not held back by it.
+        await send(broker, other, reading(40))
+
+        async def other_delivered() -> bool:
+            return len(hooks.requests) == 1
+
+        await wait_for(other_delivered, 30, "the other device's opening delivered")
+        assert hooks.requests[0][1]["alert"]["device_id"] == other
+        finished = await db.fetchval(
+            "UPDATE action_runs SET state = 'succeeded', attempts = 1, finished_at = now() "
+            "WHERE id = $1::uuid RETURNING finished_at",
+            opening,
+        )
+
+        async def resolution_delivered() -> bool:
+            return len(hooks.requests) == 2
+
+        await wait_for(resolution_delivered, 30, "the resolution delivered")
+    body = hooks.requests[1][1]
+    assert (body["event"], body["alert"]["id"]) == ("alert.resolved", alert_id)
+    (run,) = await db.fetch(
+        "SELECT * FROM action_runs WHERE alert_id = $1::uuid AND trigger = 'resolve'", alert_id
+    )
+    assert run["started_at"] >= finished
+    assert scrape(base)["iot_ingest_actions_held"] == 0
+
+
+async def test_an_opening_left_running_by_a_replica_that_died_holds_the_resolution_for_a_bounded_time(
+    ingest: Ingest, db: asyncpg.Connection[Any], broker: str, unique: str
+) -> None:
+    device = f"d-{unique}"
+    await add_device(db, device)
+    async with Hooks() as hooks:
+        action = {"type": "webhook", "url": hooks.url, "on": ["open", "resolve"]}
+        rule_id = await add_rule(
+            db, device_id=device, metric="temperature", op=">", threshold=30, action=action
+        )
+        alert_id, opening = await open_alert_delivered_elsewhere(db, rule_id, device, hooks.url)
+        _, base = ingest.start(
+            f"ingest-{unique}",
+            IOT_INGEST_WEBHOOK_TIMEOUT_S="1",
+            IOT_INGEST_WEBHOOK_ATTEMPTS="1",
+            IOT_INGEST_COMMAND_PUBACK_TIMEOUT_S="0.5",
+        )
+        await send(broker, device, reading(10))
+
+        async def resolution_held() -> bool:
+            return scrape(base)["iot_ingest_actions_held"] == 1
+
+        await wait_for(resolution_held, 30, "the resolution held back")
+        assert hooks.requests == []
+        # Its replica died: the opening stays 'running'. The longest a run may take with these settings
+        # is 1 attempt x 1 s (a command: 2 x 0.5 s) plus 5 s to record it; make that over in 2 s.
+        longest_s = 6.0
+        await db.execute(
+            "UPDATE action_runs SET started_at = now() - make_interval(secs => $2) WHERE id = $1::uuid",
+            opening,
+            longest_s - 2,
+        )
+
+        async def resolution_delivered() -> bool:
+            return len(hooks.requests) == 1
+
+        await wait_for(resolution_delivered, 30, "the resolution delivered anyway")
+    assert hooks.requests[0][1]["event"] == "alert.resolved"
+    left = await db.fetchrow("SELECT * FROM action_runs WHERE id = $1::uuid", opening)
+    run = await db.fetchrow(
+        "SELECT * FROM action_runs WHERE alert_id = $1::uuid AND trigger = 'resolve'", alert_id
+    )
+    assert left["state"] == "running"
+    assert run["started_at"] >= left["started_at"] + timedelta(seconds=longest_s)
+
+
+async def test_a_resolution_still_queued_when_ingest_stops_is_recorded_as_not_run(
+    ingest: Ingest, db: asyncpg.Connection[Any], broker: str, unique: str
+) -> None:
+    device = f"s-{unique}"
+    await add_device(db, device)
+    async with Hooks(hang=True) as hooks:
+        action = {"type": "webhook", "url": hooks.url, "on": ["open", "resolve"]}
+        await add_rule(db, device_id=device, metric="temperature", op=">", threshold=30, action=action)
+        proc, _ = ingest.start(f"ingest-{unique}", IOT_INGEST_WEBHOOK_TIMEOUT_S="60")
+        await send(broker, device, reading(31), reading(10))
+
+        async def resolution_queued() -> bool:
+            runs = await action_runs(db)
+            states = {r["trigger"]: r["state"] for r in runs}
+            return len(hooks.requests) == 1 and states == {"open": "running", "resolve": "queued"}
+
+        await wait_for(resolution_queued, 30, "the opening delivered (hanging), the resolution queued")
+        assert proc.stop() == 0
+    opening, resolution = await action_runs(db, "trigger")
+    assert [body["event"] for _, body in hooks.requests] == ["alert.opened"]
+    assert (resolution["trigger"], resolution["state"], resolution["last_error"]) == (
+        "resolve",
+        "failed",
+        "not run: the service stopped",
+    )
+    # Interrupted while its POST was out: whether the target got it is unknown, so it stays running.
+    assert (opening["trigger"], opening["state"]) == ("open", "running")
 
 
 async def burst_seconds(db: asyncpg.Connection[Any], broker: str, devices: list[str], count: int) -> float:

@@ -24,7 +24,7 @@ from iot_common.messages import AlertEvent, Reading, decode_event
 from iot_common.topics import RedisNames
 from iot_ingest import alerts as alerts_module
 from iot_ingest import metrics
-from iot_ingest.actions import ActionJob
+from iot_ingest.actions import QUEUE_RUN, ActionJob
 from iot_ingest.alerts import LOAD_OPEN, LOAD_RULES, OPEN_ALERT, RESOLVE_ALERT, AlertService, SyncNote
 from iot_ingest.devices import KnownDevices
 
@@ -58,6 +58,7 @@ class FakeDatabase:
         self.rules = rules
         self.open: dict[tuple[str, str], dict[str, Any]] = {}
         self.resolved: list[dict[str, Any]] = []
+        self.runs: list[tuple[Any, ...]] = []  # action runs queued with the alerts' changes
         self.faults: list[Exception] = []
         self._ids = itertools.count(1)
 
@@ -67,11 +68,11 @@ class FakeDatabase:
 
     @asynccontextmanager
     async def transaction(self, **_: Any) -> AsyncIterator[None]:
-        opened, resolved = dict(self.open), list(self.resolved)
+        opened, resolved, runs = dict(self.open), list(self.resolved), list(self.runs)
         try:
             yield
         except BaseException:
-            self.open, self.resolved = opened, resolved
+            self.open, self.resolved, self.runs = opened, resolved, runs
             raise
 
     def _fault(self) -> None:
@@ -84,6 +85,12 @@ class FakeDatabase:
             return list(self.rules)
         assert query == LOAD_OPEN
         return [(rule_id, device_id) for rule_id, device_id in self.open]
+
+    async def fetchval(self, query: str, *args: Any) -> str:
+        self._fault()
+        assert query == QUEUE_RUN
+        self.runs.append(args)
+        return f"run-{len(self.runs)}"
 
     async def fetchrow(self, query: str, *args: Any) -> dict[str, Any] | None:
         self._fault()
@@ -158,6 +165,9 @@ class FakeActions:
     def submit(self, job: ActionJob) -> bool:
         self.jobs.append(job)
         return True
+
+    async def record_dropped(self, job: ActionJob) -> None:
+        raise AssertionError("the fake's queue is never full")
 
 
 class Replica:

@@ -53,6 +53,14 @@ class Backoff:
             base *= random.uniform(1 - self.jitter, 1 + self.jitter)
         return min(base, self.max_s)
 
+    def longest(self, attempt: int) -> float:
+        """The longest delay :meth:`delay` can give after failed attempt number ``attempt``."""
+        try:
+            base = self.initial_s * self.factor ** (attempt - 1) * (1 + self.jitter)
+        except OverflowError:
+            base = math.inf
+        return min(base, self.max_s)
+
     def next(self) -> float:
         """The delay after one more failure of the current run."""
         self._failures += 1

@@ -9,9 +9,10 @@ order (pure, in memory: no database round trip per reading) and writes the rare 
 - resolve: ``UPDATE ... WHERE state = 'open'``.
 
 Only a row actually inserted or updated is published (an ``AlertEvent`` on the device channel) and starts
-the rule's action. Replicas share their view through ``{prefix}:ingest:alert-sync`` (see
-:mod:`iot_ingest.rules`), and every reload of the rules (on ``{prefix}:rules-changed`` and periodically)
-takes the open alerts from the database, which corrects whatever a lost note left wrong.
+the rule's action, whose run is inserted in the same transaction (see :mod:`iot_ingest.actions`).
+Replicas share their view through ``{prefix}:ingest:alert-sync`` (see :mod:`iot_ingest.rules`), and
+every reload of the rules (on ``{prefix}:rules-changed`` and periodically) takes the open alerts from
+the database, which corrects whatever a lost note left wrong.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from iot_common.messages import Reading, encode_event
 from iot_common.resilience import Backoff, retry
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
-from iot_ingest.actions import ActionJob, ActionRunner
+from iot_ingest.actions import ActionJob, ActionRunner, queue_run
 from iot_ingest.devices import KnownDevices
 from iot_ingest.errors import DATA_ERRORS
 from iot_ingest.rules import Kind, Rule, RuleEngine, Transition
@@ -256,16 +257,15 @@ class AlertService:
             metrics.ALERT_ERRORS.labels("refused").inc()
             log.error("alert transitions refused by PostgreSQL, dropped", error=str(exc))
             return
-        await self._publish(changes, transitions)
-        for transition, record in changes:
-            trigger: Literal["open", "resolve"] = "open" if transition.kind == "open" else "resolve"
-            action = parse_action(transition.rule.action)
-            if action is not None and trigger in action.on:
-                self._actions.submit(ActionJob(trigger, alert_event(record), action))
+        await self._publish([(t, record) for t, record, _ in changes], transitions)
+        for _, _, job in changes:
+            if job is not None and not self._actions.submit(job):
+                await self._actions.record_dropped(job)
 
-    async def _store(self, transitions: list[Transition]) -> list[tuple[Transition, Any]]:
-        """Write opens and resolves in one transaction; the rows really inserted or updated."""
-        changes: list[tuple[Transition, Any]] = []
+    async def _store(self, transitions: list[Transition]) -> list[tuple[Transition, Any, ActionJob | None]]:
+        """Write opens and resolves in one transaction: the rows really inserted or updated, each with
+        the job of its rule's action (its run inserted ``queued`` in the same transaction), if any."""
+        changes: list[tuple[Transition, Any, ActionJob | None]] = []
         async with self._pool.acquire() as conn, conn.transaction():
             for t in transitions:
                 if t.kind == "open":
@@ -285,9 +285,15 @@ class AlertService:
                     record = await conn.fetchrow(RESOLVE_ALERT, t.rule.id, t.device_id, t.ts)
                 else:
                     continue
-                if record is not None:
-                    changes.append((t, record))
-        for t, record in changes:
+                if record is None:
+                    continue
+                trigger: Literal["open", "resolve"] = "open" if t.kind == "open" else "resolve"
+                action = parse_action(t.rule.action)
+                job = None
+                if action is not None and trigger in action.on:
+                    job = await queue_run(conn, trigger, alert_event(record), action)
+                changes.append((t, record, job))
+        for t, record, _ in changes:
             (metrics.ALERTS_OPENED if t.kind == "open" else metrics.ALERTS_RESOLVED).inc()
             log.info(
                 "alert opened" if t.kind == "open" else "alert resolved",

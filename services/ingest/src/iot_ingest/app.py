@@ -95,6 +95,7 @@ async def build(settings: IngestSettings) -> Parts:
         webhook_attempts=settings.ingest_webhook_attempts,
         webhook_backoff_s=settings.ingest_webhook_backoff_s,
         command_ttl_s=settings.ingest_command_ttl_s,
+        command_puback_timeout_s=settings.ingest_command_puback_timeout_s,
     )
     alerts = AlertService(
         pool, redis, settings.redis_url, known, actions, names=names, queue_size=settings.ingest_alert_queue

@@ -59,7 +59,11 @@ ALERT_QUEUE = Gauge("iot_ingest_alert_queue", "Committed batches waiting for rul
 ACTIONS = Counter(
     "iot_ingest_actions", "Rule actions by kind and outcome (succeeded, failed, dropped)", ["kind", "outcome"]
 )
-ACTION_QUEUE = Gauge("iot_ingest_action_queue", "Actions waiting for a worker")
+ACTION_QUEUE = Gauge("iot_ingest_action_queue", "Actions queued and not started yet")
+ACTIONS_HELD = Gauge(
+    "iot_ingest_actions_held",
+    "Actions waiting for an earlier action of the same rule and device (typically on another replica)",
+)
 COMMAND_ACKS = Counter(
     "iot_ingest_command_acks",
     "Command answers from devices, by outcome (acked, failed, ignored)",
