@@ -85,11 +85,20 @@ def raw_run(url: str, prefix: str, devices: int, messages: int) -> float:
     return messages / (received["last_at"] - published["started_at"])
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (0 when it cannot be read, e.g. under py-spy)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ingest_run(
-    url: str, base: str, prefix: str, devices: int, messages: int, base_ms: int
+    url: str, base: str, prefix: str, devices: int, messages: int, base_ms: int, pid: int | None
 ) -> dict[str, float]:
     before = metric(base, "iot_ingest_readings_stored_total")
     batches = metric(base, "iot_ingest_batch_size_count")
+    cpu = cpu_seconds(pid)
     pub = publisher(url, prefix, devices, messages, base_ms)
     deadline = time.monotonic() + 300
     while metric(base, "iot_ingest_readings_stored_total") < before + messages:
@@ -97,6 +106,7 @@ def ingest_run(
             raise RuntimeError("ingest did not store every message within 300 s")
         time.sleep(0.02)
     done = time.time()
+    cpu = cpu_seconds(pid) - cpu
     published = json.loads(pub.communicate(timeout=300)[0])
     assert published["acked"] == messages, published
     batch_count = metric(base, "iot_ingest_batch_size_count") - batches
@@ -104,6 +114,7 @@ def ingest_run(
         "rate": messages / (done - published["started_at"]),
         "publish_rate": published["rate"],
         "mean_batch": messages / batch_count if batch_count else 0.0,
+        "cpu_us": cpu / messages * 1e6,
     }
 
 
@@ -149,7 +160,7 @@ def main() -> int:
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     fmt = os.environ.get("PYSPY_FORMAT", "flamegraph")
-    rows: list[tuple[int, float, float, float, float]] = []
+    rows: list[tuple[int, float, float, float, float, float]] = []
     try:
         with mosquitto() as mqtt_url:
             port = free_port()
@@ -186,13 +197,16 @@ def main() -> int:
                 start_ms = int(time.time() * 1000) - (args.runs + 2) * span
                 for run in range(args.runs):
                     raw = raw_run(mqtt_url, prefix, args.devices, args.messages)
+                    pid = None if args.profile else proc.proc.pid if proc.proc else None
                     res = ingest_run(
-                        mqtt_url, base, prefix, args.devices, args.messages, start_ms + run * span
+                        mqtt_url, base, prefix, args.devices, args.messages, start_ms + run * span, pid
                     )
-                    rows.append((run + 1, raw, res["rate"], res["rate"] / raw, res["mean_batch"]))
+                    rows.append(
+                        (run + 1, raw, res["rate"], res["rate"] / raw, res["mean_batch"], res["cpu_us"])
+                    )
                     print(
                         f"run {run + 1}: raw {raw:,.0f} msg/s, ingest {res['rate']:,.0f} msg/s, "
-                        f"mean batch {res['mean_batch']:.0f}",
+                        f"mean batch {res['mean_batch']:.0f}, ingest CPU {res['cpu_us']:.1f} us/message",
                         flush=True,
                     )
             finally:
@@ -216,11 +230,12 @@ def main() -> int:
         f"ingest benchmark: {args.messages:,} messages x {args.runs} runs, {args.devices} devices, "
         f"3 metrics, {args.rules} alert rules"
     )
-    print(f"{'run':>4} {'raw broker msg/s':>17} {'ingest msg/s':>13} {'ratio':>6} {'mean batch':>11}")
-    for run, raw, rate, ratio, batch in rows:
-        print(f"{run:>4} {raw:>17,.0f} {rate:>13,.0f} {ratio:>6.2f} {batch:>11.0f}")
+    header = f"{'run':>4} {'raw broker msg/s':>17} {'ingest msg/s':>13} {'ratio':>6} {'mean batch':>11}"
+    print(header + f" {'ingest CPU us/msg':>18}")
+    for run, raw, rate, ratio, batch, cpu_us in rows:
+        print(f"{run:>4} {raw:>17,.0f} {rate:>13,.0f} {ratio:>6.2f} {batch:>11.0f} {cpu_us:>18.1f}")
     med = [statistics.median(col) for col in list(zip(*rows, strict=True))[1:]]
-    print(f"{'med':>4} {med[0]:>17,.0f} {med[1]:>13,.0f} {med[2]:>6.2f} {med[3]:>11.0f}")
+    print(f"{'med':>4} {med[0]:>17,.0f} {med[1]:>13,.0f} {med[2]:>6.2f} {med[3]:>11.0f} {med[4]:>18.1f}")
     print("target: 25,000 msg/s sustained (2 shared cores: publisher, broker, PostgreSQL and ingest)")
     return 0
 
