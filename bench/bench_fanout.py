@@ -40,13 +40,13 @@ import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 
-from iot_common.auth import issue_token
 from iot_common.messages import TelemetryEvent, encode_event
 from iot_common.topics import RedisNames
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_ingest import drop_database, prepare_database
 from bench.support import free_port, redis_server, rss_mib, wait_port
+from tests.support.tokens import user_token
 
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
@@ -193,7 +193,7 @@ class ClientFleet:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(procs)]
-        url = f"http://127.0.0.1:{port}/ws?token=" + issue_token(SECRET, "bench", {"read"}, 3600)
+        url = f"http://127.0.0.1:{port}/ws?token=" + user_token(SECRET, "bench", ttl_s=3600)
         assignments = [[devices[i % len(devices)] for i in range(p, clients, procs)] for p in range(procs)]
         self.procs = [
             ctx.Process(target=client_process, args=(url, a, self.commands[p], self.results, p), daemon=True)

@@ -34,6 +34,8 @@ import asyncpg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from iot_common.tenancy import DEFAULT_TENANT_ID
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -132,9 +134,10 @@ async def prepare_database(devices: list[str], rules: int = 0) -> str:
     await conn.execute("INSERT INTO devices (id, type) SELECT unnest($1::text[]), 'bench'", devices)
     # Alert rules on the devices' type that never fire: the cost of evaluating every reading.
     await conn.execute(
-        "INSERT INTO alert_rules (name, device_type, metric, op, threshold) "
-        "SELECT 'bench ' || i, 'bench', 'temperature', '>', 1e9 + i FROM generate_series(1, $1) AS i",
+        "INSERT INTO alert_rules (tenant_id, name, device_type, metric, op, threshold) "
+        "SELECT $2, 'bench ' || i, 'bench', 'temperature', '>', 1e9 + i FROM generate_series(1, $1) AS i",
         rules,
+        DEFAULT_TENANT_ID,
     )
     await conn.close()
     return url

@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_fanout import SECRET, raise_fd_limit
 from bench.bench_ingest import drop_database, prepare_database
 from bench.support import free_port, redis_server, rss_mib, wait_port
-from iot_common.auth import issue_token
+from tests.support.tokens import user_token
 
 
 async def attack(
     session: aiohttp.ClientSession, port: int, connections: int, credentials: int, ids: int
 ) -> tuple[Counter[str], list[aiohttp.ClientWebSocketResponse]]:
     """Open the connections, subscribe each to made-up ids; the outcomes, and the sockets (left open)."""
-    tokens = [issue_token(SECRET, f"attacker-{i}", {"read"}, 3600) for i in range(credentials)]
+    tokens = [user_token(SECRET, f"attacker-{i}", ttl_s=3600) for i in range(credentials)]
     outcomes: Counter[str] = Counter()
     gate = asyncio.Semaphore(50)
     sockets: list[aiohttp.ClientWebSocketResponse] = []

@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 from bench.loadgen import device_ids, publish_async  # noqa: E402
 from tests.support.backends import MOSQUITTO_TEST_CONFIG, port_open  # noqa: E402
 from tests.support.processes import free_port  # noqa: E402
+from tests.support.tokens import user_token  # noqa: E402
 
 SECRET = secrets.token_urlsafe(48)  # IOT_JWT_SECRET of the realtime service: random per run
 
@@ -211,12 +212,10 @@ class ClientFleet:
     """WebSocket clients in one separate process: ``clients`` connections splitting ``devices``."""
 
     def __init__(self, realtime_port: int, devices: list[str], clients: int) -> None:
-        from iot_common.auth import issue_token
-
         ctx = mp.get_context("spawn")
         self.commands: Any = ctx.Queue()
         self.results: Any = ctx.Queue()
-        token = issue_token(SECRET, "bench-e2e", {"read"}, 24 * 3600)
+        token = user_token(SECRET, "bench-e2e", ttl_s=24 * 3600)
         url = f"http://127.0.0.1:{realtime_port}/ws?token={token}"
         groups = [devices[i::clients] for i in range(min(clients, len(devices)))]
         self.proc = ctx.Process(

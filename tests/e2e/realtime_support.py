@@ -18,11 +18,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
-from iot_common.auth import issue_token
 from iot_common.messages import TelemetryEvent, encode_event
+from iot_common.tenancy import Role
 from iot_common.topics import RedisNames
 from tests.support.backends import port_open
 from tests.support.processes import JWT_SECRET, ServiceProcess, free_port
+from tests.support.tokens import user_token
 
 SECRET = JWT_SECRET
 ALLOWED_ORIGIN = "https://dashboard.example"
@@ -83,7 +84,8 @@ def start_realtime(
 def token(
     scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access", subject: str = "user-e2e"
 ) -> str:
-    return issue_token(SECRET, subject, scopes or {"read"}, ttl_s, token_type)  # type: ignore[arg-type]
+    role: Role = "admin" if "admin" in (scopes or ()) else "viewer"
+    return user_token(SECRET, subject, role=role, ttl_s=ttl_s, token_type=token_type)  # type: ignore[arg-type]
 
 
 async def register(database_url: str, *device_ids: str) -> None:

@@ -22,6 +22,7 @@ from gmqtt.mqtt.constants import MQTTv50
 from bench.loadgen import device_ids, publish_async
 from iot_api.cache import Cache
 from iot_api.events import EventPublisher
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 from tests.e2e.test_ingest import Ingest, Start, scrape, wait_for
 from tests.support.processes import free_port, mosquitto
@@ -47,6 +48,7 @@ async def add_device(db: asyncpg.Connection[Any], device_id: str, device_type: s
 async def add_rule(db: asyncpg.Connection[Any], **fields: Any) -> str:
     """Insert an alert rule (``device_id`` or ``device_type``, ``metric``, ``op``, ``threshold``...)."""
     fields.setdefault("name", "test rule")
+    fields.setdefault("tenant_id", DEFAULT_TENANT_ID)
     names = list(fields)
     casts = ["::jsonb" if n == "action" else "" for n in names]
     placeholders = ", ".join(f"${i + 1}{c}" for i, c in enumerate(casts))

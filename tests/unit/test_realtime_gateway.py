@@ -10,10 +10,10 @@ import pytest
 from aiohttp import WSServerHandshakeError, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from iot_common.auth import issue_token
 from iot_realtime.connection import Connection
 from iot_realtime.gateway import GATEWAY, Gateway, websocket_handler
 from iot_realtime.settings import RealtimeSettings
+from tests.support.tokens import user_token
 
 SECRET = secrets.token_urlsafe(48)
 
@@ -35,7 +35,7 @@ async def test_a_connection_that_fails_to_start_gives_its_credentials_place_back
     def broken_start(self: Connection) -> None:
         raise RuntimeError("writer could not start")
 
-    token = issue_token(SECRET, "alice", {"read"}, 60, "access")
+    token = user_token(SECRET, "alice", ttl_s=60)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         with monkeypatch.context() as patch:
             patch.setattr(Connection, "start", broken_start)

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from iot_common.auth import Principal
 from iot_common.messages import MetricValue, StatusEvent, TelemetryEvent, encode_event
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 from iot_realtime.connection import Connection, MetricFilter
 from iot_realtime.hub import Hub
@@ -214,7 +215,14 @@ class Harness:
         self, *selectors: str, metrics: MetricFilter = None, queue_size: int = 100, stalled: bool = False
     ) -> tuple[Connection, FakeSocket]:
         socket = FakeSocket(stalled)
-        principal = Principal(subject="alice", kind="user", scopes=frozenset({"read"}))
+        principal = Principal(
+            subject="alice",
+            kind="user",
+            scopes=frozenset({"read"}),
+            tenant_id=DEFAULT_TENANT_ID,
+            role="viewer",
+            permissions=frozenset({"read"}),
+        )
         ws = cast(web.WebSocketResponse, socket)
         conn = Connection(ws, None, principal, queue_size=queue_size, close_timeout=1.0)
         conn.start()

@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 
-from iot_common.auth import generate_api_key, issue_token
+from iot_common.auth import generate_api_key
 from iot_common.net import address_key
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_realtime.gateway import Gateway, Refused
 from iot_realtime.limits import ExpiringSet, RateLimiter, client_address
 from iot_realtime.protocol import ERR_RATE_LIMITED, ERR_UNKNOWN_DEVICE, Subscribe
 from iot_realtime.settings import RealtimeSettings
+from tests.support.tokens import user_token
 
 SECRET = secrets.token_urlsafe(48)
 
@@ -44,7 +46,16 @@ def gateway(pool: FakePool, **settings: Any) -> Gateway:
 
 def add_key(pool: FakePool) -> str:
     key, prefix, key_hash = generate_api_key()
-    pool.keys[prefix] = {"id": 7, "key_hash": key_hash, "scopes": ["read"], "revoked_at": None}
+    pool.keys[prefix] = {
+        "id": "7",
+        "key_hash": key_hash,
+        "scopes": ["read"],
+        "revoked": False,
+        "tenant_id": str(DEFAULT_TENANT_ID),
+        "platform_admin": False,
+        "created_by": None,
+        "creator_role": None,
+    }
     return key
 
 
@@ -68,7 +79,7 @@ async def test_an_address_past_its_failed_keys_is_refused_before_any_lookup() ->
     assert pool.key_lookups == 3  # none of these reached the database
     # Another address, and a token (no database lookup) from the same address, still work.
     assert (await gw.authenticate(valid, "203.0.113.6")).subject == "key:7"
-    token = issue_token(SECRET, "user-1", {"read"}, 60, "access")
+    token = user_token(SECRET, "user-1", ttl_s=60)
     assert (await gw.authenticate(token, "203.0.113.5")).subject == "user-1"
 
 

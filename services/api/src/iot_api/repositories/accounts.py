@@ -9,6 +9,7 @@ from uuid import UUID
 import asyncpg
 
 from iot_api.schemas.accounts import ApiKey
+from iot_common.tenancy import DEFAULT_TENANT_ID, Role
 
 _KEY_COLUMNS = "id, name, prefix, scopes, created_at, last_used_at, revoked_at"
 
@@ -18,8 +19,10 @@ class UserRow:
     id: UUID
     email: str
     password_hash: str
-    role: str
+    role: Role
     disabled: bool
+    tenant_id: UUID
+    platform_admin: bool
 
 
 def _api_key(row: asyncpg.Record) -> ApiKey:
@@ -38,8 +41,8 @@ class AccountRepository:
 
     async def _user(self, condition: str, value: object) -> UserRow | None:
         row = await self.pool.fetchrow(
-            "SELECT id, email, password_hash, role, disabled_at IS NOT NULL AS disabled"
-            f" FROM users WHERE {condition}",
+            "SELECT id, email, password_hash, role, disabled_at IS NOT NULL AS disabled, tenant_id,"
+            f" platform_admin FROM users WHERE {condition}",
             value,
         )
         return None if row is None else UserRow(**row)
@@ -47,28 +50,40 @@ class AccountRepository:
     async def set_password_hash(self, user_id: UUID, password_hash: str) -> None:
         await self.pool.execute("UPDATE users SET password_hash = $2 WHERE id = $1", user_id, password_hash)
 
-    async def ensure_user(self, email: str, password_hash: str, role: str) -> bool:
-        """Create the user unless one with this e-mail exists; True when created."""
-        status = await self.pool.execute(
+    async def ensure_platform_admin(self, email: str, password_hash: str) -> bool:
+        """Create the platform admin (in the default tenant) unless a user with this e-mail exists; an
+        existing one of the default tenant becomes platform admin. True when created."""
+        row = await self.pool.fetchrow(
             """
-            INSERT INTO users (email, password_hash, role) VALUES ($1, $2, $3)
-            ON CONFLICT (lower(email)) DO NOTHING
+            INSERT INTO users (email, password_hash, role, tenant_id, platform_admin)
+            VALUES ($1, $2, 'admin', $3, true)
+            ON CONFLICT (lower(email)) DO UPDATE SET role = 'admin', platform_admin = true
+                WHERE users.tenant_id = $3
+            RETURNING xmax = 0 AS created
             """,
             email,
             password_hash,
-            role,
+            DEFAULT_TENANT_ID,
         )
-        return status.endswith(" 1")
+        return row is not None and bool(row["created"])
 
     async def create_key(
-        self, name: str, prefix: str, key_hash: str, scopes: list[str], created_by: UUID | None
+        self,
+        tenant_id: UUID,
+        name: str,
+        prefix: str,
+        key_hash: str,
+        scopes: list[str],
+        created_by: UUID | None,
     ) -> ApiKey | None:
         """Insert a key; None when the prefix is taken."""
         row = await self.pool.fetchrow(
             f"""
-            INSERT INTO api_keys (name, prefix, key_hash, scopes, created_by) VALUES ($1, $2, $3, $4, $5)
+            INSERT INTO api_keys (tenant_id, name, prefix, key_hash, scopes, created_by)
+            VALUES ($1, $2, $3, $4, $5, $6)
             ON CONFLICT (prefix) DO NOTHING RETURNING {_KEY_COLUMNS}
             """,
+            tenant_id,
             name,
             prefix,
             key_hash,
@@ -76,6 +91,23 @@ class AccountRepository:
             created_by,
         )
         return None if row is None else _api_key(row)
+
+    async def ensure_bootstrap_key(self, prefix: str, key_hash: str) -> bool:
+        """The platform admin key ``IOT_BOOTSTRAP_API_KEY`` names, in the default tenant: created, or marked
+        platform admin when a key with the same prefix and hash exists. True when created."""
+        row = await self.pool.fetchrow(
+            """
+            INSERT INTO api_keys (tenant_id, name, prefix, key_hash, scopes, platform_admin)
+            VALUES ($1, 'bootstrap', $2, $3, ARRAY['admin'], true)
+            ON CONFLICT (prefix) DO UPDATE SET platform_admin = true
+                WHERE api_keys.key_hash = EXCLUDED.key_hash AND api_keys.tenant_id = $1
+            RETURNING xmax = 0 AS created
+            """,
+            DEFAULT_TENANT_ID,
+            prefix,
+            key_hash,
+        )
+        return row is not None and bool(row["created"])
 
     async def list_keys(self) -> list[ApiKey]:
         rows = await self.pool.fetch(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")

@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from iot_api.cache import Cache
 from iot_api.errors import NotFound, RateLimited, Unauthenticated, Unavailable
 from iot_api.limits import FailureLimiter, PasswordWorkers
-from iot_api.repositories.accounts import AccountRepository
+from iot_api.repositories.accounts import AccountRepository, UserRow
 from iot_api.schemas.accounts import ApiKeyCreate, ApiKeyCreated, ApiKeyPage, Me, RealtimeToken, Tokens
 from iot_api.settings import ApiSettings
 from iot_common.auth import (
@@ -38,15 +38,11 @@ from iot_common.auth import (
     generate_api_key,
     hash_api_key,
     issue_token,
+    user_principal,
     verify_api_key,
 )
 
 log = structlog.stdlib.get_logger("iot_api.auth")
-ROLE_SCOPES: dict[str, frozenset[str]] = {
-    "admin": frozenset({"admin"}),
-    "user": frozenset({"write"}),
-    "viewer": frozenset({"read"}),
-}
 _hasher = argon2.PasswordHasher()
 _DUMMY_HASH = _hasher.hash("not-a-real-password")
 KEY_LOOKUPS = Counter("iot_api_key_lookups_total", "API key look-ups in PostgreSQL by result", ["result"])
@@ -143,10 +139,12 @@ class AuthService:
             raise Unauthenticated("wrong e-mail or password")
         if _hasher.check_needs_rehash(user.password_hash):
             await self.accounts.set_password_hash(user.id, await self.passwords.run(hash_password, password))
-        return await self._tokens(str(user.id), ROLE_SCOPES.get(user.role, frozenset()))
+        return await self._tokens(user)
 
-    async def _tokens(self, user_id: str, scopes: frozenset[str]) -> Tokens:
-        access = issue_token(self.settings.jwt_secret, user_id, scopes, self.settings.api_access_token_ttl_s)
+    async def _tokens(self, user: UserRow) -> Tokens:
+        principal = user_principal(user.id, user.tenant_id, user.role, platform_admin=user.platform_admin)
+        access = issue_token(self.settings.jwt_secret, principal, self.settings.api_access_token_ttl_s)
+        user_id = str(user.id)
         refresh: str | None = secrets.token_urlsafe(32)
         assert refresh is not None
         ttl = self.settings.api_refresh_ttl_s
@@ -176,7 +174,7 @@ class AuthService:
         user = await self.accounts.user_by_id(UUID(session.user_id))
         if user is None or user.disabled:
             raise Unauthenticated("user no longer exists or is disabled")
-        return await self._tokens(str(user.id), ROLE_SCOPES.get(user.role, frozenset()))
+        return await self._tokens(user)
 
     async def logout(self, refresh_token: str) -> None:
         """Revoke the session of a refresh token (unknown tokens are accepted: the result is the same)."""
@@ -184,14 +182,7 @@ class AuthService:
 
     def realtime_token(self, principal: Principal) -> RealtimeToken:
         ttl = self.settings.api_realtime_token_ttl_s
-        token = issue_token(
-            self.settings.jwt_secret,
-            principal.subject,
-            principal.scopes,
-            ttl,
-            token_type="realtime",
-            kind=principal.kind,
-        )
+        token = issue_token(self.settings.jwt_secret, principal, ttl, token_type="realtime")
         return RealtimeToken(token=token, token_type="realtime", expires_in=ttl)
 
     async def authenticate(self, api_key: str | None, authorization: str | None, client: str) -> Principal:
@@ -254,10 +245,11 @@ class AuthService:
         key, prefix, key_hash = generate_api_key()
         created_by = UUID(principal.subject) if principal.kind == "user" else None
         scopes: list[str] = sorted(set(data.scopes))
-        row = await self.accounts.create_key(data.name, prefix, key_hash, scopes, created_by)
+        tenant = principal.tenant_id
+        row = await self.accounts.create_key(tenant, data.name, prefix, key_hash, scopes, created_by)
         if row is None:  # a 48-bit prefix collision: astronomically rare, so one retry is enough
             key, prefix, key_hash = generate_api_key()
-            row = await self.accounts.create_key(data.name, prefix, key_hash, scopes, created_by)
+            row = await self.accounts.create_key(tenant, data.name, prefix, key_hash, scopes, created_by)
         assert row is not None
         await self.keys.forget(prefix)  # a remembered "unknown" for this prefix
         return ApiKeyCreated(**msgspec.structs.asdict(row), key=key)
@@ -281,17 +273,13 @@ class AuthService:
         """Create the admin user and the API key named by the settings, unless they exist (idempotent)."""
         s = self.settings
         if s.bootstrap_admin_email:
-            created = await self.accounts.ensure_user(
-                s.bootstrap_admin_email,
-                await self.passwords.run(hash_password, s.bootstrap_admin_password),
-                "admin",
+            created = await self.accounts.ensure_platform_admin(
+                s.bootstrap_admin_email, await self.passwords.run(hash_password, s.bootstrap_admin_password)
             )
             log.info("bootstrap admin", email=s.bootstrap_admin_email, created=created)
         if s.bootstrap_api_key:
             prefix = api_key_prefix(s.bootstrap_api_key)
             assert prefix is not None
-            row = await self.accounts.create_key(
-                "bootstrap", prefix, hash_api_key(s.bootstrap_api_key), ["admin"], None
-            )
+            created = await self.accounts.ensure_bootstrap_key(prefix, hash_api_key(s.bootstrap_api_key))
             await self.keys.forget(prefix)
-            log.info("bootstrap API key", prefix=prefix, created=row is not None)
+            log.info("bootstrap API key", prefix=prefix, created=created)
