@@ -19,6 +19,7 @@ from iot_realtime.settings import RealtimeSettings
 from tests.support.tokens import user_token
 
 SECRET = secrets.token_urlsafe(48)
+TENANT = "00000000-0000-0000-0000-000000000001"
 
 
 class FakePool:
@@ -34,7 +35,7 @@ class FakePool:
         self.key_lookups += 1
         return self.keys.get(prefix)
 
-    async def fetch(self, query: str, ids: list[str]) -> list[dict[str, Any]]:
+    async def fetch(self, query: str, tenant_id: str, ids: list[str]) -> list[dict[str, Any]]:
         self.device_queries += 1
         return [{"id": i} for i in ids if i in self.devices]
 
@@ -108,14 +109,14 @@ async def test_subscribe_frames_that_query_the_database_are_limited_per_credenti
     pool.devices.add("dev-1")
     gw = gateway(pool, realtime_device_checks_per_minute=2)
     frames = [Subscribe(devices=[f"ghost-{i}"], id=i) for i in range(5)]
-    errors = [await gw._check_devices(list(f.devices), f, "user-1") for f in frames]
+    errors = [await gw._check_devices(list(f.devices), f, "user-1", TENANT) for f in frames]
     assert [e.code if e else None for e in errors] == [ERR_UNKNOWN_DEVICE] * 2 + [ERR_RATE_LIMITED] * 3
     assert pool.device_queries == 2
     # Another credential has its own allowance; devices found lately need no query, so no allowance.
     ok = Subscribe(devices=["dev-1"], id=9)
-    assert await gw._check_devices(["dev-1"], ok, "user-2") is None
-    assert await gw._check_devices(["dev-1"], ok, "user-2") is None
-    assert await gw._check_devices(["dev-1"], ok, "user-2") is None
+    assert await gw._check_devices(["dev-1"], ok, "user-2", TENANT) is None
+    assert await gw._check_devices(["dev-1"], ok, "user-2", TENANT) is None
+    assert await gw._check_devices(["dev-1"], ok, "user-2", TENANT) is None
     assert pool.device_queries == 3
 
 

@@ -113,7 +113,9 @@ def evaluate(engine: RuleEngine, known: KnownDevices, readings: Iterable[Reading
         device_id = reading.device_id
         tenant_id = tenants.get(device_id)
         if tenant_id is not None:
-            out += engine.evaluate_all(tenant_id, device_id, types.get(device_id), reading.ts, reading.metrics)
+            out += engine.evaluate_all(
+                tenant_id, device_id, types.get(device_id), reading.ts, reading.metrics
+            )
     return out
 
 
@@ -264,7 +266,9 @@ class AlertService:
             trigger: Literal["open", "resolve"] = "open" if transition.kind == "open" else "resolve"
             action = parse_action(transition.rule.action)
             if action is not None and trigger in action.on:
-                self._actions.submit(ActionJob(trigger, alert_event(record), action, transition.rule.tenant_id))
+                self._actions.submit(
+                    ActionJob(trigger, alert_event(record), action, transition.rule.tenant_id)
+                )
 
     async def _store(self, transitions: list[Transition]) -> list[tuple[Transition, Any]]:
         """Write opens and resolves in one transaction; the rows really inserted or updated."""

@@ -79,9 +79,7 @@ class KnownDevices:
         return limits.name if limits is not None else tenant_id
 
     async def load(self, conn: Conn) -> None:
-        tenants = {
-            row[0]: TenantLimits(row[1], row[2], row[3]) for row in await conn.fetch(LOAD_TENANTS)
-        }
+        tenants = {row[0]: TenantLimits(row[1], row[2], row[3]) for row in await conn.fetch(LOAD_TENANTS)}
         rows = await conn.fetch(LOAD_DEVICES)
         # One string object per tenant id, shared by every device of the tenant.
         shared = {tenant_id: tenant_id for tenant_id in tenants}
@@ -180,8 +178,5 @@ class KnownDevices:
                 )
             # Registered by another replica meanwhile (ON CONFLICT): whatever tenant it went to.
             unknown = set(missing) - self._remember(await conn.fetch(FIND_DEVICES, missing))
-            refused.update(
-                {d: Refusal("unknown_device", f"device {d!r} is not registered") for d in unknown}
-            )
+            refused.update({d: Refusal("unknown_device", f"device {d!r} is not registered") for d in unknown})
         return refused
-

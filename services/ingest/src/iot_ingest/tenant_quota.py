@@ -80,16 +80,16 @@ def admit(
         left[tenant_id] = limit - count
     admitted: list[Delivery] = []
     for delivery in batch:
-        tenant_id = tenants.get(delivery.device_id) if delivery.device_id is not None else None
-        if tenant_id is None or tenant_id not in left or not delivery.readings:
+        owner = tenants.get(delivery.device_id) if delivery.device_id is not None else None
+        if owner is None or owner not in left or not delivery.readings:
             admitted.append(delivery)
             continue
         readings = len(delivery.readings)
-        if readings <= left[tenant_id]:
-            left[tenant_id] -= readings
+        if readings <= left[owner]:
+            left[owner] -= readings
             admitted.append(delivery)
             continue
-        admitted.append(refused(delivery, limits[tenant_id], readings, max(0, left[tenant_id])))
+        admitted.append(refused(delivery, limits[owner], readings, max(0, left[owner])))
     return admitted
 
 

@@ -177,7 +177,11 @@ class BatchWriter:
         registered: list[str] = []
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                candidates = (d.device_id for d in batch if d.needs_device and not known.known(d.device_id))  # type: ignore[arg-type]
+                candidates = [
+                    d.device_id
+                    for d in batch
+                    if d.device_id is not None and d.needs_device and not known.known(d.device_id)
+                ]
                 refused = await known.resolve(conn, candidates, self._auto_register, registered)
                 if not admitted:
                     admitted.append(batch if self._quota is None else await self._quota.apply(batch, known))

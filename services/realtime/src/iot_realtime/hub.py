@@ -7,8 +7,8 @@ local subscriber arrives and unsubscribed when the last one leaves; the ``*`` su
 share one ``PSUBSCRIBE {prefix}:tenant:{tenant_id}:device:*``. So an event of another tenant never reaches
 a connection: Redis does not route it to this process unless a client of that tenant asked for it, and
 then only to that client's entry (``IOT_REDIS_PREFIX`` keeps another deployment on the same Redis server
-out the same way). Each replica listens only to what its own clients need. When the Redis connection breaks, the listener
-reconnects with backoff and subscribes again to everything its clients hold.
+out the same way). Each replica listens only to what its own clients need. When the Redis connection
+breaks, the listener reconnects with backoff and subscribes again to everything its clients hold.
 """
 
 from __future__ import annotations

@@ -126,6 +126,13 @@ class AlertRepository:
         row = await self.pool.fetchrow(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id = $1", alert_id)
         return None if row is None else _alert(row)
 
+    async def tenant_of(self, alert_id: uuid.UUID) -> uuid.UUID | None:
+        """The tenant of an alert (of its rule and device): where its events are published."""
+        tenant_id: uuid.UUID | None = await self.pool.fetchval(
+            "SELECT tenant_id FROM alerts WHERE id = $1", alert_id
+        )
+        return tenant_id
+
     async def ack(self, alert_id: uuid.UUID, principal: str) -> tuple[Alert, bool] | None:
         """Acknowledge the alert unless it already is; (alert, whether this call acknowledged it)."""
         row = await self.pool.fetchrow(

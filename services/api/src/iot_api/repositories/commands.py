@@ -30,6 +30,13 @@ class CommandRepository:
             return None
         return _command(row)
 
+    async def tenant_of(self, command_id: str) -> uuid.UUID | None:
+        """The tenant of a command (of its device): where its events are published."""
+        tenant_id: uuid.UUID | None = await self.pool.fetchval(
+            "SELECT tenant_id FROM commands WHERE id = $1::uuid", command_id
+        )
+        return tenant_id
+
     async def mark_sent(self, command_id: str) -> Command | None:
         """``pending`` -> ``sent``; None when the device's answer was recorded meanwhile (it is kept)."""
         return _command(await mark_sent(self.pool, command_id))

@@ -171,6 +171,8 @@ class AlertService:
         if result is None:
             raise NotFound(f"alert '{alert_id}' not found")
         alert, changed = result
-        if changed:
-            await self.events.device_event(alert.device_id, alert_event(msgspec.structs.asdict(alert)))
+        tenant_id = await self.repo.tenant_of(alert_id) if changed else None
+        if tenant_id is not None:
+            event = alert_event(msgspec.structs.asdict(alert))
+            await self.events.device_event(tenant_id, alert.device_id, event)
         return alert

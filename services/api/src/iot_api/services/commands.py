@@ -61,15 +61,21 @@ class CommandService:
         except PublishError as exc:
             failed = await self.repo.mark_failed(command.id, str(exc))
             if failed is not None:
-                await self.events.device_event(device_id, _event(failed))
+                await self._publish(failed)
             raise Unavailable(f"command {command.id} failed: {exc}", retry_after_s=RETRY_AFTER_S) from None
         sent = await self.repo.mark_sent(command.id)
         if sent is None:
             # The device answered (and ingest recorded it) before this update: keep its state.
             current = await self.repo.get(device_id, uuid.UUID(command.id))
             return current or command
-        await self.events.device_event(device_id, _event(sent))
+        await self._publish(sent)
         return sent
+
+    async def _publish(self, command: Command) -> None:
+        """The command's event, on its device's channel in the device's tenant."""
+        tenant_id = await self.repo.tenant_of(command.id)
+        if tenant_id is not None:
+            await self.events.device_event(tenant_id, command.device_id, _event(command))
 
     async def get(self, device_id: str, command_id: uuid.UUID) -> Command:
         command = await self.repo.get(device_id, command_id)
