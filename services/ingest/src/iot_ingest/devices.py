@@ -29,13 +29,13 @@ log = structlog.stdlib.get_logger(__name__)
 LOAD_DEVICES: Final = "SELECT id, type, tenant_id::text FROM devices"
 LOAD_TENANTS: Final = "SELECT id::text, name, max_devices, max_readings_per_s FROM tenants"
 FIND_DEVICES: Final = "SELECT id, type, tenant_id::text FROM devices WHERE id = ANY($1::text[])"
-LOCK_TENANT: Final = """
-SELECT max_devices,
-       CASE WHEN max_devices IS NULL THEN 0 ELSE (SELECT count(*) FROM devices WHERE tenant_id = t.id) END
-FROM tenants t WHERE id = $1::uuid FOR NO KEY UPDATE
-"""
+LOCK_TENANT: Final = "SELECT max_devices FROM tenants WHERE id = $1::uuid FOR NO KEY UPDATE"
 """Serializes registrations into one tenant (FOR NO KEY UPDATE: inserts that only reference the tenant,
-whose foreign-key checks take KEY SHARE, are not blocked); the count is read under that lock."""
+whose foreign-key checks take KEY SHARE, are not blocked)."""
+COUNT_DEVICES: Final = "SELECT count(*) FROM devices WHERE tenant_id = $1::uuid"
+"""Run after :data:`LOCK_TENANT`, as a statement of its own: under READ COMMITTED a statement sees what
+was committed before it started, so a count in the locking statement would miss the devices that the
+replica it waited for has just registered."""
 REGISTER_DEVICES: Final = """
 INSERT INTO devices (id, tenant_id) SELECT unnest($1::text[]), $2::uuid ORDER BY 1
 ON CONFLICT (id) DO NOTHING RETURNING id
@@ -150,7 +150,8 @@ class KnownDevices:
             detail = f"not registered: tenant {self.auto_register_tenant!r} no longer exists"
             self.register_into = None
             return {d: Refusal("unknown_device", f"device {d!r} is {detail}") for d in missing}
-        max_devices, count = row[0], row[1]
+        max_devices = row[0]
+        count = 0 if max_devices is None else await conn.fetchval(COUNT_DEVICES, tenant_id)
         if max_devices is not None and count + len(missing) > max_devices:
             room = max(0, max_devices - count)
             name = self.tenant_name(tenant_id)
