@@ -41,6 +41,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from iot_common.messages import TelemetryEvent, encode_event
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -235,7 +236,7 @@ class ClientFleet:
 async def publish(redis_url: str, devices: list[str], rate: int, duration: float) -> int:
     """Publish ``rate`` telemetry events/s, round-robin over ``devices``, for ``duration`` seconds."""
     client = aioredis.from_url(redis_url)
-    channels = [NAMES.device_channel(d) for d in devices]
+    channels = [NAMES.device_channel(DEFAULT_TENANT_ID, d) for d in devices]
     sent = 0
     start = time.monotonic()
     try:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_ingest import REDIS, drop_database, metric, prepare_database  # noqa: E402
 from bench.loadgen import PublishResult, publish_async, telemetry_payload  # noqa: E402
+from iot_common.tenancy import DEFAULT_TENANT_ID  # noqa: E402
 from iot_common.topics import RedisNames  # noqa: E402
 from tests.support.processes import ServiceProcess, free_port, mosquitto  # noqa: E402
 
@@ -73,7 +74,7 @@ async def scenario(
         await asyncio.to_thread(proc.wait_http, f"{base}/readyz")
         await db.execute("TRUNCATE telemetry, ingest_rejects")
         pubsub = redis.pubsub()
-        await pubsub.subscribe(names.device_channel(calm))
+        await pubsub.subscribe(names.device_channel(DEFAULT_TENANT_ID, calm))
         delays: list[float] = []
 
         async def listen() -> None:

@@ -19,13 +19,15 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
 from iot_common.messages import TelemetryEvent, encode_event
-from iot_common.tenancy import Role
+from iot_common.tenancy import DEFAULT_TENANT_ID, Role
 from iot_common.topics import RedisNames
 from tests.support.backends import port_open
 from tests.support.processes import JWT_SECRET, ServiceProcess, free_port
 from tests.support.tokens import user_token
 
 SECRET = JWT_SECRET
+DEFAULT = str(DEFAULT_TENANT_ID)
+"""The default tenant's id, as channel names hold it: the tenant of tokens and devices made here."""
 ALLOWED_ORIGIN = "https://dashboard.example"
 
 Start = Callable[[str, Mapping[str, str]], ServiceProcess]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,11 @@ async def announce_rule(redis: aioredis.Redis, rule_id: str) -> None:
 class Channel:
     """The events published on one device's Redis channel, collected in the background."""
 
-    def __init__(self, redis: aioredis.Redis, device_id: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, device_id: str, tenant_id: str | uuid.UUID = DEFAULT_TENANT_ID
+    ) -> None:
         self.pubsub = redis.pubsub()
-        self.channel = NAMES.device_channel(device_id)
+        self.channel = NAMES.device_channel(tenant_id, device_id)
         self.events: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
 

@@ -25,6 +25,8 @@ import redis.asyncio as aioredis
 
 from bench.e2e_support import TcpProxy
 from bench.loadgen import publish_async
+from iot_common.tenancy import DEFAULT_TENANT_ID
+from iot_common.topics import RedisNames
 from tests.e2e.test_ingest import Ingest, broker, ingest, pg_proxy, register, scrape, wait_for
 
 __all__ = ["broker", "ingest", "pg_proxy"]  # fixtures used below
@@ -72,7 +74,7 @@ async def test_a_poison_flood_from_one_device_is_dead_lettered_and_never_stalls_
     )
     kinds = poison_kinds(evil)
     pubsub = redis.pubsub()
-    await pubsub.subscribe(f"iot:device:{good}")
+    await pubsub.subscribe(RedisNames().device_channel(DEFAULT_TENANT_ID, good))
     delays_ms: list[float] = []
 
     async def listen() -> None:

@@ -18,6 +18,7 @@ from iot_common.auth import generate_api_key
 from iot_common.messages import StatusEvent, TelemetryEvent, encode_event
 from tests.e2e.realtime_support import (
     ALLOWED_ORIGIN,
+    DEFAULT,
     Realtime,
     Start,
     assert_nothing_pending,
@@ -71,10 +72,10 @@ async def test_subscriber_gets_latest_values_then_live_events_and_others_get_not
                 {"type": "ack", "id": 2},
             ]
             event = telemetry(dev, temperature=21.5)
-            assert await redis.publish(realtime.names.device_channel(dev), event) == 1
+            assert await redis.publish(realtime.names.device_channel(DEFAULT, dev), event) == 1
             assert await asyncio.wait_for(subscriber.recv(), 10) == event.decode()  # forwarded unchanged
             status = encode_event(StatusEvent(device_id=dev, status="online", ts=datetime.now(UTC)))
-            await redis.publish(realtime.names.device_channel(dev), status)
+            await redis.publish(realtime.names.device_channel(DEFAULT, dev), status)
             assert await asyncio.wait_for(subscriber.recv(), 10) == status.decode()
             await assert_nothing_pending(elsewhere)
             await assert_nothing_pending(idle)
@@ -90,18 +91,18 @@ async def test_unsubscribe_stops_delivery_and_drops_the_redis_channel(
     async with open_ws(realtime.url(token())) as a, open_ws(realtime.url(token())) as b:
         await subscribe(a, 1, [dev])
         await subscribe(b, 1, [dev])
-        assert await redis.pubsub_numsub(realtime.names.device_channel(dev)) == [
-            (realtime.names.device_channel(dev).encode(), 1)
+        assert await redis.pubsub_numsub(realtime.names.device_channel(DEFAULT, dev)) == [
+            (realtime.names.device_channel(DEFAULT, dev).encode(), 1)
         ]
         await a.send(json.dumps({"type": "unsubscribe", "id": 2, "devices": [dev]}))
         assert await recv_json(a) == {"type": "ack", "id": 2}
-        await redis.publish(realtime.names.device_channel(dev), telemetry(dev, temperature=1.0))
+        await redis.publish(realtime.names.device_channel(DEFAULT, dev), telemetry(dev, temperature=1.0))
         assert (await recv_json(b))["metrics"] == {"temperature": 1.0}
         await assert_nothing_pending(a)
         await b.send(json.dumps({"type": "unsubscribe", "id": 3, "devices": [dev]}))
         assert await recv_json(b) == {"type": "ack", "id": 3}
-        assert await redis.pubsub_numsub(realtime.names.device_channel(dev)) == [
-            (realtime.names.device_channel(dev).encode(), 0)
+        assert await redis.pubsub_numsub(realtime.names.device_channel(DEFAULT, dev)) == [
+            (realtime.names.device_channel(DEFAULT, dev).encode(), 0)
         ]
 
 
@@ -115,9 +116,9 @@ async def test_metric_filter_and_wildcard(service: Start, database_url: str, uni
         async with open_ws(realtime.url(token())) as filtered, open_ws(realtime.url(token())) as everything:
             await subscribe(filtered, 1, [dev], metrics=["temperature"])
             assert (await subscribe(everything, 1, ["*"]))[-1] == {"type": "ack", "id": 1}
-            await redis.publish(realtime.names.device_channel(dev), telemetry(dev, humidity=40.0))
+            await redis.publish(realtime.names.device_channel(DEFAULT, dev), telemetry(dev, humidity=40.0))
             both = telemetry(dev, temperature=22.0, humidity=41.0)
-            await redis.publish(realtime.names.device_channel(dev), both)
+            await redis.publish(realtime.names.device_channel(DEFAULT, dev), both)
             frame = await recv_json(filtered)
             assert (frame["device_id"], frame["metrics"]) == (dev, {"temperature": 22.0})
             await assert_nothing_pending(filtered)
@@ -259,7 +260,7 @@ async def test_a_client_that_never_reads_does_not_delay_a_hundred_others(
             consumers = asyncio.gather(*(consume(ws) for ws in clients))
             for i in range(count):
                 await redis.publish(
-                    realtime.names.device_channel(dev), telemetry(dev, seq=float(i), note=padding)
+                    realtime.names.device_channel(DEFAULT, dev), telemetry(dev, seq=float(i), note=padding)
                 )
             await asyncio.wait_for(consumers, 60)
             delays.sort()
@@ -286,7 +287,7 @@ async def test_a_client_whose_queue_overflows_is_dropped_with_4008(
         while realtime.metric("iot_realtime_dropped_connections_total") == 0:
             assert published < 3000, "the stalled client was never dropped"
             for _ in range(50):
-                await redis.publish(realtime.names.device_channel(dev), big)
+                await redis.publish(realtime.names.device_channel(DEFAULT, dev), big)
             published += 50
         code, reason = await close_code(stalled, timeout=30)
     assert (code, reason) == (4008, "outgoing queue overflow: client too slow")
@@ -320,7 +321,7 @@ async def _publish_until_received(realtime: Realtime, url: str, ws: Any, dev: st
         deadline = time.monotonic() + 30
         while True:
             with contextlib.suppress(OSError, aioredis.ConnectionError):
-                await client.publish(realtime.names.device_channel(dev), telemetry(dev, v=value))
+                await client.publish(realtime.names.device_channel(DEFAULT, dev), telemetry(dev, v=value))
             try:
                 frame = await recv_json(ws, timeout=0.2)
             except TimeoutError:
@@ -379,7 +380,7 @@ async def test_metrics_count_connections_subscriptions_and_messages(
         assert realtime.metric("iot_realtime_subscriptions") == 2
         assert realtime.metric("iot_realtime_redis_channels") == 2
         event = encode_event(TelemetryEvent(dev, datetime.now(UTC), {"t": 1.0}))
-        await redis.publish(realtime.names.device_channel(dev), event)
+        await redis.publish(realtime.names.device_channel(DEFAULT, dev), event)
         await recv_json(ws)
         assert realtime.metric("iot_realtime_messages_in_total") == 1
         assert realtime.metric("iot_realtime_messages_out_total") >= 4  # 2 snapshots, ack, event
