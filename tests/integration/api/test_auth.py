@@ -74,7 +74,15 @@ async def test_login_bearer_and_wrong_password(client: Client) -> None:
     principal = decode_token(SECRET, tokens["access_token"])
     assert principal.scopes == frozenset({"admin"})
     me = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {tokens['access_token']}"})
-    assert me.json() == {"subject": principal.subject, "kind": "user", "scopes": ["admin"]}
+    assert me.json() == {
+        "subject": principal.subject,
+        "kind": "user",
+        "scopes": ["admin"],
+        "tenant_id": str(DEFAULT_TENANT_ID),
+        "role": "admin",
+        "platform_admin": True,
+        "permissions": ["admin", "operate", "read", "write"],
+    }
     created = await client.post(
         "/api/v1/devices", json={}, headers={"Authorization": f"Bearer {tokens['access_token']}"}
     )

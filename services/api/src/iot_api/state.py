@@ -9,6 +9,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 
 from iot_api.services.alerts import AlertRuleService, AlertService
+from iot_api.services.audit import AuditService
 from iot_api.services.auth import AuthService
 from iot_api.services.commands import CommandService
 from iot_api.services.devices import DeviceService
@@ -16,6 +17,8 @@ from iot_api.services.identity import IdentityService
 from iot_api.services.operations import HealthService
 from iot_api.services.rejects import RejectService
 from iot_api.services.telemetry import TelemetryService
+from iot_api.services.tenants import TenantService
+from iot_api.services.users import UserService
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class Services:
     alerts: AlertService
     commands: CommandService
     auth: AuthService
+    users: UserService
+    tenants: TenantService
+    audit: AuditService
     health: HealthService
 
 
