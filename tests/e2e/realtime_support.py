@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
+from iot_common.auth import Principal, issue_token
 from iot_common.messages import TelemetryEvent, encode_event
 from iot_common.tenancy import DEFAULT_TENANT_ID, Role
 from iot_common.topics import RedisNames
@@ -88,6 +89,12 @@ def token(
 ) -> str:
     role: Role = "admin" if "admin" in (scopes or ()) else "viewer"
     return user_token(SECRET, subject, role=role, ttl_s=ttl_s, token_type=token_type)  # type: ignore[arg-type]
+
+
+def token_without_read() -> str:
+    """A valid token that grants nothing: an API key's without a scope (every user role reads)."""
+    principal = Principal(subject="key:e2e", kind="api_key", scopes=frozenset(), tenant_id=DEFAULT_TENANT_ID)
+    return issue_token(SECRET, principal, 300)
 
 
 async def register(database_url: str, *device_ids: str) -> None:

@@ -31,6 +31,7 @@ from tests.e2e.realtime_support import (
     subscribe,
     telemetry,
     token,
+    token_without_read,
 )
 
 
@@ -144,7 +145,7 @@ async def test_bad_credentials_are_refused_with_their_close_code(
     tokens = {
         "expired": token(ttl_s=-10),
         "wrong-type": token(token_type="refresh"),
-        "no-read-scope": token(scopes={"nothing"}),
+        "no-read-scope": token_without_read(),
     }
     async with open_ws(realtime.url(tokens.get(credential, credential))) as ws:
         got_code, got_reason = await close_code(ws)
@@ -159,12 +160,13 @@ async def test_api_keys_and_the_auth_frame(
     key, prefix, key_hash = generate_api_key()
     revoked, revoked_prefix, revoked_hash = generate_api_key()
     await db.execute(
-        "INSERT INTO api_keys (name, prefix, key_hash, scopes, revoked_at) VALUES"
-        " ('dash', $1, $2, '{read}', NULL), ('old', $3, $4, '{read}', now())",
+        "INSERT INTO api_keys (name, prefix, key_hash, scopes, revoked_at, tenant_id) VALUES"
+        " ('dash', $1, $2, '{read}', NULL, $5), ('old', $3, $4, '{read}', now(), $5)",
         prefix,
         key_hash,
         revoked_prefix,
         revoked_hash,
+        DEFAULT,
     )
     async with open_ws(realtime.url(key)) as ws:
         await assert_nothing_pending(ws)
