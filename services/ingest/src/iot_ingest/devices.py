@@ -127,10 +127,12 @@ class KnownDevices:
 
         The ids this call registers are appended to ``registered`` (to :meth:`forget` them should the
         transaction roll back)."""
-        missing = sorted(set(candidates) - self.tenants.keys())
+        # In order of arrival: past a tenant's device limit, the devices heard from first are registered.
+        missing = [d for d in dict.fromkeys(candidates) if d not in self.tenants]
         if not missing:
             return {}
-        missing = sorted(set(missing) - self._remember(await conn.fetch(FIND_DEVICES, missing)))
+        found = self._remember(await conn.fetch(FIND_DEVICES, missing))
+        missing = [d for d in missing if d not in found]
         if not missing:
             return {}
         if not register:
@@ -162,7 +164,7 @@ class KnownDevices:
                 "tenant device limit reached, devices not registered",
                 tenant=name,
                 max_devices=max_devices,
-                device_ids=sorted(refused)[:20],
+                device_ids=list(refused)[:20],
                 count=len(refused),
             )
         if missing:
