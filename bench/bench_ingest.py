@@ -9,7 +9,8 @@ process: QoS 1, K devices, 3 metrics per message, counting PUBACKs.
 - ingest: from the first publish to the moment ``iot_ingest_readings_stored_total`` (committed readings)
   reaches the number published.
 
-    uv run python bench/bench_ingest.py [--messages 100000] [--devices 100] [--runs 3] [--rules 0] [--profile]
+    uv run python bench/bench_ingest.py [--messages 100000] [--devices 100] [--runs 3] [--rules 0]
+        [--tenant-limit N] [--profile]
 
 ``--profile`` runs the ingest process under py-spy (artifacts/bench_ingest.svg; ``PYSPY_FORMAT=raw`` for
 collapsed stacks in artifacts/bench_ingest.txt).
@@ -120,7 +121,7 @@ def ingest_run(
     }
 
 
-async def prepare_database(devices: list[str], rules: int = 0) -> str:
+async def prepare_database(devices: list[str], rules: int = 0, tenant_limit: int | None = None) -> str:
     name = f"iot_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(POSTGRES)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -139,6 +140,10 @@ async def prepare_database(devices: list[str], rules: int = 0) -> str:
         rules,
         DEFAULT_TENANT_ID,
     )
+    # A readings limit on the devices' tenant, above what the run sends: the cost of counting in Redis.
+    await conn.execute(
+        "UPDATE tenants SET max_readings_per_s = $1 WHERE id = $2", tenant_limit, DEFAULT_TENANT_ID
+    )
     await conn.close()
     return url
 
@@ -156,10 +161,16 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="py-spy one extra run of the ingest process")
     parser.add_argument("--rules", type=int, default=0, help="alert rules every reading is evaluated against")
+    parser.add_argument(
+        "--tenant-limit",
+        type=int,
+        default=None,
+        help="max_readings_per_s of the devices' tenant (counted in Redis per batch); default: no limit",
+    )
     args = parser.parse_args()
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     devices = [f"{prefix}-{i:05d}" for i in range(args.devices)]
-    db_url = asyncio.run(prepare_database(devices, args.rules))
+    db_url = asyncio.run(prepare_database(devices, args.rules, args.tenant_limit))
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     fmt = os.environ.get("PYSPY_FORMAT", "flamegraph")
@@ -231,7 +242,7 @@ def main() -> int:
     print()
     print(
         f"ingest benchmark: {args.messages:,} messages x {args.runs} runs, {args.devices} devices, "
-        f"3 metrics, {args.rules} alert rules"
+        f"3 metrics, {args.rules} alert rules, tenant limit {args.tenant_limit or 'none'}"
     )
     header = f"{'run':>4} {'raw broker msg/s':>17} {'ingest msg/s':>13} {'ratio':>6} {'mean batch':>11}"
     print(header + f" {'ingest CPU us/msg':>18}")

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from iot_common.db import create_pool
 from iot_common.messages import Reading
@@ -228,3 +229,22 @@ async def test_a_tenants_readings_limit_holds_over_the_replicas_together(
     assert len(refused) == (2400 - 1000) // 2
     assert {(r["reason"], r["tenant"]) for r in refused} == {("tenant_quota", acme)}
     assert refused[0]["detail"].startswith(f"tenant 'acme-{unique}' over its limit of 1000 readings/s")
+
+
+async def test_without_the_tenant_auto_registration_names_unknown_devices_are_dead_letters_saying_so(
+    database_url: str, redis: aioredis.Redis, db: asyncpg.Connection[Any], unique: str
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    with capture_logs() as logs:
+        async with replicas(database_url, redis, RedisNames(f"store{unique}"), 1, f"nobody-{unique}") as (w,):
+            await asyncio.wait_for(w([delivery(f"new-{unique}", 1.0, now)]), 60)
+    assert await db.fetchval("SELECT count(*) FROM devices WHERE id = $1", f"new-{unique}") == 0
+    letter = await db.fetchrow("SELECT reason, detail, tenant_id FROM ingest_rejects")
+    assert tuple(letter) == (
+        "unknown_device",
+        f"device 'new-{unique}' is not registered: no tenant 'nobody-{unique}' to register it in",
+        None,
+    )
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "IOT_INGEST_AUTO_REGISTER_TENANT names no tenant: unknown devices are not registered"
+    ]

@@ -78,7 +78,7 @@ async def build(settings: IngestSettings) -> Parts:
     )
     redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
     names = settings.redis_names()
-    known = KnownDevices(settings.ingest_auto_register_tenant)
+    known = KnownDevices(settings.ingest_auto_register_tenant if settings.ingest_auto_register else None)
     await known.refresh(pool)
     consumer: Consumer | None = None
 

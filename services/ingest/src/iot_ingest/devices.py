@@ -59,14 +59,14 @@ class KnownDevices:
     apply then); an id missing from the cache is looked up once per batch before it is refused.
     """
 
-    def __init__(self, auto_register_tenant: str = "default") -> None:
+    def __init__(self, auto_register_tenant: str | None = None) -> None:
         self.types: dict[str, str] = {}
         self.tenants: dict[str, str] = {}
         """Device id -> tenant id (text); a device is known when it is here."""
         self.limits: dict[str, TenantLimits] = {}
         """Tenant id -> its name and limits."""
         self.auto_register_tenant = auto_register_tenant
-        """Name of the tenant auto-registered devices join."""
+        """Name of the tenant auto-registered devices join (None: no auto-registration)."""
         self.register_into: str | None = None
         """Id of that tenant (None while no tenant has that name)."""
         self._missing_logged = False
@@ -89,6 +89,8 @@ class KnownDevices:
         self._find_register_tenant()
 
     def _find_register_tenant(self) -> None:
+        if self.auto_register_tenant is None:
+            return
         wanted = self.auto_register_tenant.lower()
         found = next((tid for tid, t in self.limits.items() if t.name.lower() == wanted), None)
         if found is None and not self._missing_logged:
@@ -135,9 +137,9 @@ class KnownDevices:
         missing = [d for d in missing if d not in found]
         if not missing:
             return {}
-        if not register:
-            return {d: Refusal("unknown_device", f"device {d!r} is not registered") for d in missing}
         tenant_id = self.register_into
+        if not register or self.auto_register_tenant is None:
+            return {d: Refusal("unknown_device", f"device {d!r} is not registered") for d in missing}
         if tenant_id is None:
             detail = f"not registered: no tenant {self.auto_register_tenant!r} to register it in"
             return {d: Refusal("unknown_device", f"device {d!r} is {detail}") for d in missing}
