@@ -9,6 +9,7 @@ every process reads the same clock, so the delay is measured without a side chan
     python bench/bench_fanout.py                 # default scenarios, about a minute and a half
     python bench/bench_fanout.py --hold-10k      # 10,000 connections held by one service process
     python bench/bench_fanout.py --clients 2000 --devices 200 --rate 1000 --duration 10
+    python bench/bench_fanout.py --clients 20 --devices 100 --rate 1000 --wildcard  # each client: "*"
 
 The machine is shared and has 2 cores: the service, Redis, the publisher and the clients compete for them,
 so figures are noisy and pessimistic for the service alone.
@@ -61,6 +62,8 @@ class Scenario:
     devices: int
     rate: int
     duration: float
+    wildcard: bool = False
+    """Every client subscribes to ``"*"`` (every event of the tenant) instead of one device."""
 
 
 @dataclass
@@ -274,7 +277,7 @@ def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResul
         realtime_service(redis_url, database_url) as (port, service),
     ):
         cleanup.callback(lambda: asyncio.run(drop_database(database_url)))
-        fleet = ClientFleet(port, scenario.clients, devices, procs)
+        fleet = ClientFleet(port, scenario.clients, ["*"] if scenario.wildcard else devices, procs)
         started = time.monotonic()
         connected = fleet.start(timeout=300)
         print(
@@ -295,6 +298,8 @@ def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResul
                 for i in range(scenario.clients):
                     per_device[i % scenario.devices] += 1
                 expected = sum(per_device[i % scenario.devices] for i in range(sent))
+                if scenario.wildcard:
+                    expected = sent * scenario.clients
                 results.append(
                     RoundResult(
                         scenario=scenario,
@@ -357,13 +362,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per scenario (medians reported)")
     parser.add_argument("--client-procs", type=int, default=2, help="client processes")
     parser.add_argument("--hold-10k", action="store_true", help="10,000 clients over 1,000 devices")
+    parser.add_argument("--wildcard", action="store_true", help='every client subscribes to "*"')
     args = parser.parse_args()
     limit = raise_fd_limit()
     if args.hold_10k:
         scenarios = [Scenario(10_000, 1_000, args.rate or 1_000, args.duration)]
         args.client_procs = max(args.client_procs, 4)
     elif args.clients or args.devices or args.rate:
-        scenarios = [Scenario(args.clients or 1000, args.devices or 100, args.rate or 2000, args.duration)]
+        scenarios = [
+            Scenario(
+                args.clients or 1000, args.devices or 100, args.rate or 2000, args.duration, args.wildcard
+            )
+        ]
     else:
         # The target case (1,000 clients, 2,000 readings/s) with one device per client, then with ten
         # clients per device (ten times the frames out).
