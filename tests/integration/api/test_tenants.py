@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import msgspec
+import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
+from iot_common.messages import LatestValue
 from iot_common.tenancy import DEFAULT_TENANT_ID
+from iot_common.topics import RedisNames
 from tests.integration.api.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, ClientFactory
 from tests.integration.api.tenants import (
     PASSWORD,
@@ -259,3 +264,27 @@ async def test_the_audit_log_records_every_change_of_the_tenant(
     assert_problem(await client.get("/api/v1/audit", headers=reader), 403)
     default_log = (await client.get("/api/v1/audit", headers=admin)).text
     assert device not in default_log
+
+
+async def test_a_device_id_taken_again_by_another_tenant_starts_without_history(
+    client: Client, admin: dict[str, str], unique: str, db: asyncpg.Connection[Any], redis: aioredis.Redis
+) -> None:
+    a = await tenant_key(client, admin, await new_tenant(client, admin, f"old-{unique}"), "write")
+    b = await tenant_key(client, admin, await new_tenant(client, admin, f"new-{unique}"), "write")
+    device = f"reused-{unique}"
+    assert (await client.post("/api/v1/devices", json={"id": device}, headers=a)).status_code == 201
+    # Taken: the answer does not say by whom.
+    taken = assert_problem(await client.post("/api/v1/devices", json={"id": device}, headers=b), 409)
+    assert taken["detail"] == f"device {device!r} already exists"
+    now = datetime.now(UTC)
+    await db.execute(
+        "INSERT INTO telemetry (device_id, metric, ts, value) VALUES ($1, 't', $2, 1)", device, now
+    )
+    await redis.hset(RedisNames().latest_key(device), "t", msgspec.json.encode(LatestValue(1.0, now)))
+    assert (await client.get(f"/api/v1/devices/{device}/latest", headers=a)).json()["metrics"] != {}
+
+    assert (await client.delete(f"/api/v1/devices/{device}", headers=a)).status_code == 204
+    assert (await client.post("/api/v1/devices", json={"id": device}, headers=b)).status_code == 201
+    assert (await client.get(f"/api/v1/devices/{device}/latest", headers=b)).json()["metrics"] == {}
+    raw = await client.get(f"/api/v1/devices/{device}/telemetry", headers=b)
+    assert raw.json()["items"] == []

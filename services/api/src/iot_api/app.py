@@ -110,7 +110,7 @@ def build_services(
 ) -> Services:
     names = settings.redis_names()
     cache = Cache(redis, settings.cache_namespace())
-    devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s)
+    devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s, names)
     events = EventPublisher(cache, names)
     accounts = AccountRepository(pool)
     auth = AuthService(accounts, cache, settings)
