@@ -36,12 +36,14 @@ class DeviceRepository:
         )
         return None if row is None else Device(**row)
 
-    async def owned(self, tenant_id: uuid.UUID, device_ids: list[str]) -> set[str]:
+    async def get_many(self, tenant_id: uuid.UUID, device_ids: list[str]) -> list[Device]:
         """Those of ``device_ids`` that are devices of the tenant."""
         rows = await self.pool.fetch(
-            "SELECT id FROM devices WHERE tenant_id = $1 AND id = ANY($2::text[])", tenant_id, device_ids
+            f"SELECT {_COLUMNS} FROM devices WHERE tenant_id = $1 AND id = ANY($2::text[])",
+            tenant_id,
+            device_ids,
         )
-        return {r["id"] for r in rows}
+        return [Device(**r) for r in rows]
 
     async def create(
         self, tenant_id: uuid.UUID, device_id: str, name: str, type_: str, attributes: dict[str, Any]

@@ -81,7 +81,11 @@ class DeviceService:
         owned = {d for d, entry in zip(device_ids, cached, strict=True) if entry is not None}
         missing = [d for d in device_ids if d not in owned]
         if missing:
-            owned |= await self.repo.owned(tenant.tenant_id, missing)
+            found = await self.repo.get_many(tenant.tenant_id, missing)
+            owned |= {device.id for device in found}
+            entries = [(self.device_key(tenant, d.id), msgspec.json.encode(d)) for d in found]
+            if entries:
+                await self.cache.pipeline(lambda p: [p.set(k, v, ex=self.ttl_s) for k, v in entries])
         return owned
 
     async def list(
