@@ -72,12 +72,17 @@ async def test_tenant_limits_and_deletion(client: Client, admin: dict[str, str],
     assert (await client.post("/api/v1/devices", json={"id": f"s2-{unique}"}, headers=key)).status_code == 201
 
     # A tenant that owns devices is kept; without them it goes, with its keys.
+    _, email = await add_user(client, await tenant_key(client, admin, tenant_id, "admin"), "admin")
+    token = await bearer(client, email)
     assert_problem(await client.delete(f"/api/v1/tenants/{tenant_id}", headers=admin), 409)
     for device in (f"s1-{unique}", f"s2-{unique}"):
         assert (await client.delete(f"/api/v1/devices/{device}", headers=key)).status_code == 204
     assert (await client.delete(f"/api/v1/tenants/{tenant_id}", headers=admin)).status_code == 204
     assert_problem(await client.get(f"/api/v1/tenants/{tenant_id}", headers=admin), 404)
     assert_problem(await client.get("/api/v1/devices", headers=key), 401)
+    # An access token outlives its tenant by minutes: it reads nothing and writes nothing.
+    assert (await client.get("/api/v1/devices", headers=token)).json()["items"] == []
+    assert_problem(await client.post("/api/v1/devices", json={"id": f"s3-{unique}"}, headers=token), 401)
     # The default tenant stays, and keeps its name.
     assert_problem(await client.delete(f"/api/v1/tenants/{DEFAULT_TENANT_ID}", headers=admin), 409)
     assert_problem(
