@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from iot_common.auth import generate_api_key
 from iot_common.messages import StatusEvent, TelemetryEvent, encode_event
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from tests.e2e.realtime_support import (
     ALLOWED_ORIGIN,
     DEFAULT,
@@ -160,13 +161,13 @@ async def test_api_keys_and_the_auth_frame(
     key, prefix, key_hash = generate_api_key()
     revoked, revoked_prefix, revoked_hash = generate_api_key()
     await db.execute(
-        "INSERT INTO api_keys (name, prefix, key_hash, scopes, revoked_at, tenant_id) VALUES"
-        " ('dash', $1, $2, '{read}', NULL, $5), ('old', $3, $4, '{read}', now(), $5)",
+        "INSERT INTO api_keys (tenant_id, name, prefix, key_hash, scopes, revoked_at) VALUES"
+        " ($5, 'dash', $1, $2, '{read}', NULL), ($5, 'old', $3, $4, '{read}', now())",
         prefix,
         key_hash,
         revoked_prefix,
         revoked_hash,
-        DEFAULT,
+        DEFAULT_TENANT_ID,
     )
     async with open_ws(realtime.url(key)) as ws:
         await assert_nothing_pending(ws)

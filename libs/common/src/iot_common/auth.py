@@ -13,6 +13,7 @@ What a principal may do is in :mod:`iot_common.tenancy` (roles, scopes, permissi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -258,16 +259,35 @@ async def find_api_key(conn: Conn, prefix: str) -> StoredKey | None:
 
 def key_principal(stored: StoredKey) -> Principal:
     """The principal of a verified key: its tenant, scopes, and what they grant under its creator's role."""
+    return _key_principal(
+        stored.id,
+        tuple(stored.scopes),
+        stored.tenant_id,
+        stored.platform_admin,
+        stored.created_by,
+        stored.creator_role,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_principal(
+    key_id: str,
+    scopes: tuple[str, ...],
+    tenant_id: str,
+    platform_admin: bool,
+    created_by: str | None,
+    creator_role: str | None,
+) -> Principal:
+    # Memoized: a key verified from the API's cache is not rebuilt on each request (a Principal is immutable,
+    # and every input that changes it is part of the memo's key).
     return Principal(
-        subject=f"key:{stored.id}",
+        subject=f"key:{key_id}",
         kind="api_key",
-        scopes=frozenset(stored.scopes),
-        tenant_id=uuid.UUID(stored.tenant_id),
-        platform_admin=stored.platform_admin,
-        user_id=uuid.UUID(stored.created_by) if stored.created_by else None,
-        permissions=key_permissions(
-            stored.scopes, stored.creator_role, has_creator=stored.created_by is not None
-        ),
+        scopes=frozenset(scopes),
+        tenant_id=uuid.UUID(tenant_id),
+        platform_admin=platform_admin,
+        user_id=uuid.UUID(created_by) if created_by else None,
+        permissions=key_permissions(scopes, creator_role, has_creator=created_by is not None),
     )
 
 

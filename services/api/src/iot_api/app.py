@@ -58,8 +58,7 @@ from iot_api.services.telemetry import TelemetryService
 from iot_api.services.tenants import TenantService
 from iot_api.services.users import UserService
 from iot_api.settings import ApiSettings
-from iot_api.state import SERVICES, Services
-from iot_api.tenancy import TENANT
+from iot_api.state import SERVICES, TENANT, Services
 from iot_common.db import create_pool
 from iot_common.resilience import run_periodic
 from iot_common.tenancy import PERMISSIONS, TENANT_HEADER
@@ -110,7 +109,7 @@ def build_services(
 ) -> Services:
     names = settings.redis_names()
     cache = Cache(redis, settings.cache_namespace())
-    devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s)
+    devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s, names)
     events = EventPublisher(cache, names)
     accounts = AccountRepository(pool)
     auth = AuthService(accounts, cache, settings)

@@ -15,9 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.di import NamedDependency, Provide
+from litestar.di import NamedDependency
 
 from iot_api.errors import Forbidden, Invalid, Unauthenticated
 from iot_common.auth import Principal
@@ -70,11 +69,5 @@ def tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> TenantScope:
     return scope
 
 
-def _tenant(request: Request[Any, Any, Any]) -> TenantScope:
-    return tenant_of(request)
-
-
-TENANT = Provide(_tenant, sync_to_thread=False)
-"""The ``tenant`` dependency of every handler."""
 Tenant = NamedDependency[TenantScope]
-"""How a handler declares it: ``tenant: Tenant``."""
+"""How a handler declares it: ``tenant: Tenant`` (provided by :data:`iot_api.state.TENANT`)."""

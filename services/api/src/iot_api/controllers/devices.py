@@ -99,5 +99,6 @@ class DeviceController(Controller):
         responses=problem_responses(404, 503),
     )
     async def delete_device(self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath) -> None:
-        """Delete the device and its MQTT credentials (its telemetry stays until retention drops it)."""
+        """Delete the device, its MQTT credentials and its telemetry (a later device with the same id, in
+        any tenant, starts with no history)."""
         await services.identity.delete_device(tenant, device_id)

@@ -36,12 +36,14 @@ class DeviceRepository:
         )
         return None if row is None else Device(**row)
 
-    async def owned(self, tenant_id: uuid.UUID, device_ids: list[str]) -> set[str]:
+    async def get_many(self, tenant_id: uuid.UUID, device_ids: list[str]) -> list[Device]:
         """Those of ``device_ids`` that are devices of the tenant."""
         rows = await self.pool.fetch(
-            "SELECT id FROM devices WHERE tenant_id = $1 AND id = ANY($2::text[])", tenant_id, device_ids
+            f"SELECT {_COLUMNS} FROM devices WHERE tenant_id = $1 AND id = ANY($2::text[])",
+            tenant_id,
+            device_ids,
         )
-        return {r["id"] for r in rows}
+        return [Device(**r) for r in rows]
 
     async def create(
         self, tenant_id: uuid.UUID, device_id: str, name: str, type_: str, attributes: dict[str, Any]
@@ -81,10 +83,19 @@ class DeviceRepository:
         return None if row is None else Device(**row)
 
     async def delete(self, tenant_id: uuid.UUID, device_id: str) -> bool:
-        status = await self.pool.execute(
-            "DELETE FROM devices WHERE tenant_id = $1 AND id = $2", tenant_id, device_id
-        )
-        return status.endswith(" 1")
+        """Delete the tenant's device and its stored telemetry (raw and hourly), in one transaction: device
+        ids are global, so a later device with the same id, in any tenant, must not inherit its history.
+        False when the device is not the tenant's."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "DELETE FROM devices WHERE tenant_id = $1 AND id = $2", tenant_id, device_id
+            )
+            if not status.endswith(" 1"):
+                return False
+            # One index range per daily partition (the primary key starts with device_id): no scan.
+            await conn.execute("DELETE FROM telemetry WHERE device_id = $1", device_id)
+            await conn.execute("DELETE FROM telemetry_hourly WHERE device_id = $1", device_id)
+        return True
 
     async def list(
         self,

@@ -12,6 +12,7 @@ import secrets
 from typing import Any
 
 import msgspec
+import structlog
 
 from iot_api.cache import Cache
 from iot_api.errors import Conflict, Invalid, NotFound
@@ -21,6 +22,9 @@ from iot_api.repositories.devices import DeviceLimitReached, DeviceRepository
 from iot_api.schemas.devices import Device, DeviceCreate, DevicePage, DeviceUpdate
 from iot_api.tenancy import TenantScope
 from iot_common.db.jsonb import unstorable_json
+from iot_common.topics import RedisNames
+
+log = structlog.stdlib.get_logger("iot_api.devices")
 
 _device_decoder = msgspec.json.Decoder(Device)
 _page_decoder = msgspec.json.Decoder(DevicePage)
@@ -38,10 +42,11 @@ def not_found(device_id: str) -> NotFound:
 
 
 class DeviceService:
-    def __init__(self, repo: DeviceRepository, cache: Cache, ttl_s: int) -> None:
+    def __init__(self, repo: DeviceRepository, cache: Cache, ttl_s: int, names: RedisNames) -> None:
         self.repo = repo
         self.cache = cache
         self.ttl_s = ttl_s
+        self.names = names
 
     def device_key(self, tenant: TenantScope, device_id: str) -> str:
         """The cache entry of a device of the tenant (no entry is shared between tenants)."""
@@ -76,7 +81,11 @@ class DeviceService:
         owned = {d for d, entry in zip(device_ids, cached, strict=True) if entry is not None}
         missing = [d for d in device_ids if d not in owned]
         if missing:
-            owned |= await self.repo.owned(tenant.tenant_id, missing)
+            found = await self.repo.get_many(tenant.tenant_id, missing)
+            owned |= {device.id for device in found}
+            entries = [(self.device_key(tenant, d.id), msgspec.json.encode(d)) for d in found]
+            if entries:
+                await self.cache.pipeline(lambda p: [p.set(k, v, ex=self.ttl_s) for k, v in entries])
         return owned
 
     async def list(
@@ -146,9 +155,13 @@ class DeviceService:
         return device
 
     async def delete(self, tenant: TenantScope, device_id: str) -> None:
+        """Delete the device with its telemetry and latest values (a later device with this id, of any
+        tenant, starts with no history)."""
         if not await self.repo.delete(tenant.tenant_id, device_id):
             raise not_found(device_id)
         await self._invalidate(tenant, device_id)
+        if not await self.cache.delete(self.names.latest_key(device_id)):
+            log.warning("device deleted but its latest values could not be deleted", device_id=device_id)
 
     async def _invalidate(self, tenant: TenantScope, device_id: str) -> None:
         await self.cache.pipeline(
