@@ -9,6 +9,7 @@ every process reads the same clock, so the delay is measured without a side chan
     python bench/bench_fanout.py                 # default scenarios, about a minute and a half
     python bench/bench_fanout.py --hold-10k      # 10,000 connections held by one service process
     python bench/bench_fanout.py --clients 2000 --devices 200 --rate 1000 --duration 10
+    python bench/bench_fanout.py --clients 20 --devices 100 --rate 1000 --wildcard  # each client: "*"
 
 The machine is shared and has 2 cores: the service, Redis, the publisher and the clients compete for them,
 so figures are noisy and pessimistic for the service alone.
@@ -40,8 +41,8 @@ import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 
-from iot_common.auth import issue_token
 from iot_common.messages import TelemetryEvent, encode_event
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,6 +50,7 @@ from bench.bench_ingest import drop_database, prepare_database
 from iot_testkit.measure import cpu_seconds, percentile, rss_mib
 from iot_testkit.metrics import metric
 from iot_testkit.processes import BIN, JWT_SECRET, free_port, private_redis, start_listening
+from iot_testkit.tokens import user_token
 from iot_testkit.waiting import WaitTimeout, wait_until
 
 NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
@@ -60,6 +62,8 @@ class Scenario:
     devices: int
     rate: int
     duration: float
+    wildcard: bool = False
+    """Every client subscribes to ``"*"`` (every event of the tenant) instead of one device."""
 
 
 @dataclass
@@ -180,7 +184,7 @@ class ClientFleet:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(procs)]
-        url = f"http://127.0.0.1:{port}/ws?token=" + issue_token(JWT_SECRET, "bench", {"read"}, 3600)
+        url = f"http://127.0.0.1:{port}/ws?token=" + user_token(JWT_SECRET, "bench", ttl_s=3600)
         assignments = [[devices[i % len(devices)] for i in range(p, clients, procs)] for p in range(procs)]
         self.procs = [
             ctx.Process(target=client_process, args=(url, a, self.commands[p], self.results, p), daemon=True)
@@ -235,7 +239,7 @@ class ClientFleet:
 async def publish(redis_url: str, devices: list[str], rate: int, duration: float) -> int:
     """Publish ``rate`` telemetry events/s, round-robin over ``devices``, for ``duration`` seconds."""
     client = aioredis.from_url(redis_url)
-    channels = [NAMES.device_channel(d) for d in devices]
+    channels = [NAMES.device_channel(DEFAULT_TENANT_ID, d) for d in devices]
     sent = 0
     start = time.monotonic()
     try:
@@ -268,7 +272,7 @@ def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResul
     ):
         cleanup.callback(lambda: asyncio.run(drop_database(database_url)))
         base = f"http://127.0.0.1:{port}"
-        fleet = ClientFleet(port, scenario.clients, devices, procs)
+        fleet = ClientFleet(port, scenario.clients, ["*"] if scenario.wildcard else devices, procs)
         started = time.monotonic()
         connected = fleet.start(timeout=300)
         print(
@@ -287,6 +291,8 @@ def run_scenario(scenario: Scenario, rounds: int, procs: int) -> list[RoundResul
                 for i in range(scenario.clients):
                     per_device[i % scenario.devices] += 1
                 expected = sum(per_device[i % scenario.devices] for i in range(sent))
+                if scenario.wildcard:
+                    expected = sent * scenario.clients
                 delays = sorted(fleet.collect_until(expected, timeout=10))
                 results.append(
                     RoundResult(
@@ -350,13 +356,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per scenario (medians reported)")
     parser.add_argument("--client-procs", type=int, default=2, help="client processes")
     parser.add_argument("--hold-10k", action="store_true", help="10,000 clients over 1,000 devices")
+    parser.add_argument("--wildcard", action="store_true", help='every client subscribes to "*"')
     args = parser.parse_args()
     limit = raise_fd_limit()
     if args.hold_10k:
         scenarios = [Scenario(10_000, 1_000, args.rate or 1_000, args.duration)]
         args.client_procs = max(args.client_procs, 4)
     elif args.clients or args.devices or args.rate:
-        scenarios = [Scenario(args.clients or 1000, args.devices or 100, args.rate or 2000, args.duration)]
+        scenarios = [
+            Scenario(
+                args.clients or 1000, args.devices or 100, args.rate or 2000, args.duration, args.wildcard
+            )
+        ]
     else:
         # The target case (1,000 clients, 2,000 readings/s) with one device per client, then with ten
         # clients per device (ten times the frames out).

@@ -9,7 +9,8 @@ process: QoS 1, K devices, 3 metrics per message, counting PUBACKs.
 - ingest: from the first publish to the moment ``iot_ingest_readings_stored_total`` (committed readings)
   reaches the number published.
 
-    uv run python bench/bench_ingest.py [--messages 100000] [--devices 100] [--runs 3] [--rules 0] [--profile]
+    uv run python bench/bench_ingest.py [--messages 100000] [--devices 100] [--runs 3] [--rules 0]
+        [--tenant-limit N] [--profile]
 
 ``--profile`` runs the ingest process under py-spy (artifacts/bench_ingest.svg; ``PYSPY_FORMAT=raw`` for
 collapsed stacks in artifacts/bench_ingest.txt).
@@ -32,6 +33,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_testkit import backends
 from iot_testkit.backends import configured_url, with_database
 from iot_testkit.metrics import metric
@@ -75,11 +77,20 @@ def raw_run(url: str, prefix: str, devices: int, messages: int) -> float:
     return messages / (received["last_at"] - published["started_at"])
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (0 when it cannot be read, e.g. under py-spy)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ingest_run(
-    url: str, base: str, prefix: str, devices: int, messages: int, base_ms: int
+    url: str, base: str, prefix: str, devices: int, messages: int, base_ms: int, pid: int | None
 ) -> dict[str, float]:
     before = metric(base, "iot_ingest_readings_stored_total")
     batches = metric(base, "iot_ingest_batch_size_count")
+    cpu = cpu_seconds(pid)
     pub = publisher(url, prefix, devices, messages, base_ms)
     wait_until(
         lambda: metric(base, "iot_ingest_readings_stored_total") >= before + messages,
@@ -88,6 +99,7 @@ def ingest_run(
         interval=0.02,
     )
     done = time.time()
+    cpu = cpu_seconds(pid) - cpu
     published = json.loads(pub.communicate(timeout=300)[0])
     assert published["acked"] == messages, published
     batch_count = metric(base, "iot_ingest_batch_size_count") - batches
@@ -95,10 +107,11 @@ def ingest_run(
         "rate": messages / (done - published["started_at"]),
         "publish_rate": published["rate"],
         "mean_batch": messages / batch_count if batch_count else 0.0,
+        "cpu_us": cpu / messages * 1e6,
     }
 
 
-async def prepare_database(devices: list[str], rules: int = 0) -> str:
+async def prepare_database(devices: list[str], rules: int = 0, tenant_limit: int | None = None) -> str:
     name = f"iot_bench_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(POSTGRES)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -112,9 +125,14 @@ async def prepare_database(devices: list[str], rules: int = 0) -> str:
     await conn.execute("INSERT INTO devices (id, type) SELECT unnest($1::text[]), 'bench'", devices)
     # Alert rules on the devices' type that never fire: the cost of evaluating every reading.
     await conn.execute(
-        "INSERT INTO alert_rules (name, device_type, metric, op, threshold) "
-        "SELECT 'bench ' || i, 'bench', 'temperature', '>', 1e9 + i FROM generate_series(1, $1) AS i",
+        "INSERT INTO alert_rules (tenant_id, name, device_type, metric, op, threshold) "
+        "SELECT $2, 'bench ' || i, 'bench', 'temperature', '>', 1e9 + i FROM generate_series(1, $1) AS i",
         rules,
+        DEFAULT_TENANT_ID,
+    )
+    # A readings limit on the devices' tenant, above what the run sends: the cost of counting in Redis.
+    await conn.execute(
+        "UPDATE tenants SET max_readings_per_s = $1 WHERE id = $2", tenant_limit, DEFAULT_TENANT_ID
     )
     await conn.close()
     return url
@@ -133,14 +151,20 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="py-spy one extra run of the ingest process")
     parser.add_argument("--rules", type=int, default=0, help="alert rules every reading is evaluated against")
+    parser.add_argument(
+        "--tenant-limit",
+        type=int,
+        default=None,
+        help="max_readings_per_s of the devices' tenant (counted in Redis per batch); default: no limit",
+    )
     args = parser.parse_args()
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     devices = [f"{prefix}-{i:05d}" for i in range(args.devices)]
-    db_url = asyncio.run(prepare_database(devices, args.rules))
+    db_url = asyncio.run(prepare_database(devices, args.rules, args.tenant_limit))
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     fmt = os.environ.get("PYSPY_FORMAT", "flamegraph")
-    rows: list[tuple[int, float, float, float, float]] = []
+    rows: list[tuple[int, float, float, float, float, float]] = []
     try:
         with mosquitto() as mqtt_url:
             port = free_port()
@@ -177,13 +201,16 @@ def main() -> int:
                 start_ms = int(time.time() * 1000) - (args.runs + 2) * span
                 for run in range(args.runs):
                     raw = raw_run(mqtt_url, prefix, args.devices, args.messages)
+                    pid = None if args.profile else proc.proc.pid if proc.proc else None
                     res = ingest_run(
-                        mqtt_url, base, prefix, args.devices, args.messages, start_ms + run * span
+                        mqtt_url, base, prefix, args.devices, args.messages, start_ms + run * span, pid
                     )
-                    rows.append((run + 1, raw, res["rate"], res["rate"] / raw, res["mean_batch"]))
+                    rows.append(
+                        (run + 1, raw, res["rate"], res["rate"] / raw, res["mean_batch"], res["cpu_us"])
+                    )
                     print(
                         f"run {run + 1}: raw {raw:,.0f} msg/s, ingest {res['rate']:,.0f} msg/s, "
-                        f"mean batch {res['mean_batch']:.0f}",
+                        f"mean batch {res['mean_batch']:.0f}, ingest CPU {res['cpu_us']:.1f} us/message",
                         flush=True,
                     )
             finally:
@@ -205,13 +232,14 @@ def main() -> int:
     print()
     print(
         f"ingest benchmark: {args.messages:,} messages x {args.runs} runs, {args.devices} devices, "
-        f"3 metrics, {args.rules} alert rules"
+        f"3 metrics, {args.rules} alert rules, tenant limit {args.tenant_limit or 'none'}"
     )
-    print(f"{'run':>4} {'raw broker msg/s':>17} {'ingest msg/s':>13} {'ratio':>6} {'mean batch':>11}")
-    for run, raw, rate, ratio, batch in rows:
-        print(f"{run:>4} {raw:>17,.0f} {rate:>13,.0f} {ratio:>6.2f} {batch:>11.0f}")
+    header = f"{'run':>4} {'raw broker msg/s':>17} {'ingest msg/s':>13} {'ratio':>6} {'mean batch':>11}"
+    print(header + f" {'ingest CPU us/msg':>18}")
+    for run, raw, rate, ratio, batch, cpu_us in rows:
+        print(f"{run:>4} {raw:>17,.0f} {rate:>13,.0f} {ratio:>6.2f} {batch:>11.0f} {cpu_us:>18.1f}")
     med = [statistics.median(col) for col in list(zip(*rows, strict=True))[1:]]
-    print(f"{'med':>4} {med[0]:>17,.0f} {med[1]:>13,.0f} {med[2]:>6.2f} {med[3]:>11.0f}")
+    print(f"{'med':>4} {med[0]:>17,.0f} {med[1]:>13,.0f} {med[2]:>6.2f} {med[3]:>11.0f} {med[4]:>18.1f}")
     print("target: 25,000 msg/s sustained (2 shared cores: publisher, broker, PostgreSQL and ingest)")
     return 0
 

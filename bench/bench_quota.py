@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_ingest import REDIS, drop_database, prepare_database  # noqa: E402
+from iot_common.tenancy import DEFAULT_TENANT_ID  # noqa: E402
 from iot_common.topics import RedisNames  # noqa: E402
 from iot_testkit.loadgen import PublishResult, publish_async, telemetry_payload  # noqa: E402
 from iot_testkit.measure import percentile  # noqa: E402
@@ -77,7 +78,7 @@ async def scenario(
         await asyncio.to_thread(proc.wait_http, f"{base}/readyz")
         await db.execute("TRUNCATE telemetry, ingest_rejects")
         pubsub = redis.pubsub()
-        await pubsub.subscribe(names.device_channel(calm))
+        await pubsub.subscribe(names.device_channel(DEFAULT_TENANT_ID, calm))
         delays: list[float] = []
 
         async def listen() -> None:

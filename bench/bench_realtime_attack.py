@@ -25,16 +25,16 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_fanout import raise_fd_limit
 from bench.bench_ingest import drop_database, prepare_database
-from iot_common.auth import issue_token
 from iot_testkit.measure import rss_mib
 from iot_testkit.processes import JWT_SECRET, free_port, private_redis, start_listening
+from iot_testkit.tokens import user_token
 
 
 async def attack(
     session: aiohttp.ClientSession, port: int, connections: int, credentials: int, ids: int
 ) -> tuple[Counter[str], list[aiohttp.ClientWebSocketResponse]]:
     """Open the connections, subscribe each to made-up ids; the outcomes, and the sockets (left open)."""
-    tokens = [issue_token(JWT_SECRET, f"attacker-{i}", {"read"}, 3600) for i in range(credentials)]
+    tokens = [user_token(JWT_SECRET, f"attacker-{i}", ttl_s=3600) for i in range(credentials)]
     outcomes: Counter[str] = Counter()
     gate = asyncio.Semaphore(50)
     sockets: list[aiohttp.ClientWebSocketResponse] = []

@@ -16,13 +16,18 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
-from iot_common.auth import issue_token
+from iot_common.auth import Principal, issue_token
 from iot_common.messages import TelemetryEvent, encode_event
+from iot_common.tenancy import DEFAULT_TENANT_ID, Role
 from iot_common.topics import RedisNames
 from iot_testkit.metrics import metric
 from iot_testkit.processes import JWT_SECRET, ServiceProcess, Start, free_port
+from iot_testkit.tokens import user_token
 from iot_testkit.waiting import wait_for
 
+SECRET = JWT_SECRET
+DEFAULT = str(DEFAULT_TENANT_ID)
+"""The default tenant's id, as channel names hold it: the tenant of tokens and devices made here."""
 ALLOWED_ORIGIN = "https://dashboard.example"
 
 
@@ -71,7 +76,14 @@ def start_realtime(
 def token(
     scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access", subject: str = "user-e2e"
 ) -> str:
-    return issue_token(JWT_SECRET, subject, scopes or {"read"}, ttl_s, token_type)  # type: ignore[arg-type]
+    role: Role = "admin" if "admin" in (scopes or ()) else "viewer"
+    return user_token(SECRET, subject, role=role, ttl_s=ttl_s, token_type=token_type)  # type: ignore[arg-type]
+
+
+def token_without_read() -> str:
+    """A valid token that grants nothing: an API key's without a scope (every user role reads)."""
+    principal = Principal(subject="key:e2e", kind="api_key", scopes=frozenset(), tenant_id=DEFAULT_TENANT_ID)
+    return issue_token(SECRET, principal, 300)
 
 
 async def register(database_url: str, *device_ids: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from iot_api.cache import Cache
 from iot_api.events import EventPublisher
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 from iot_testkit.loadgen import device_ids, publish_async
 from iot_testkit.processes import free_port, mosquitto
@@ -48,6 +50,7 @@ async def add_device(db: asyncpg.Connection[Any], device_id: str, device_type: s
 async def add_rule(db: asyncpg.Connection[Any], **fields: Any) -> str:
     """Insert an alert rule (``device_id`` or ``device_type``, ``metric``, ``op``, ``threshold``...)."""
     fields.setdefault("name", "test rule")
+    fields.setdefault("tenant_id", DEFAULT_TENANT_ID)
     names = list(fields)
     casts = ["::jsonb" if n == "action" else "" for n in names]
     placeholders = ", ".join(f"${i + 1}{c}" for i, c in enumerate(casts))
@@ -64,9 +67,11 @@ async def announce_rule(redis: aioredis.Redis, rule_id: str) -> None:
 class Channel:
     """The events published on one device's Redis channel, collected in the background."""
 
-    def __init__(self, redis: aioredis.Redis, device_id: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, device_id: str, tenant_id: str | uuid.UUID = DEFAULT_TENANT_ID
+    ) -> None:
         self.pubsub = redis.pubsub()
-        self.channel = NAMES.device_channel(device_id)
+        self.channel = NAMES.device_channel(tenant_id, device_id)
         self.events: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
 

@@ -1,6 +1,7 @@
-"""Every shell example of docs/api.md runs, in order, against a live API and ingest service.
+"""Every shell example of docs/api.md, then of docs/tenancy.md, runs, in order, against a live API and
+ingest service.
 
-The ```sh blocks of the page are run one after the other, each by its own ``bash`` with
+The ```sh blocks of the pages are run one after the other, each by its own ``bash`` with
 ``set -euo pipefail``, and each starts with the variables the blocks before it defined (the page's own
 walk-through: log in, make a key, create a device, publish its readings, ...). The page reads its base
 URL, broker and admin password from ``API``, ``MQTT_HOST``, ``MQTT_PORT`` and ``ADMIN_PASSWORD`` when
@@ -36,6 +37,8 @@ from tests.e2e.broker_support import PASSWORDS, shipped_broker
 Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "api.md"
+DOCS = [DOC, ROOT / "docs" / "tenancy.md"]
+"""The pages run, in this order: tenancy.md continues the walk-through of api.md (its log-in, its devices)."""
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 EXPECT = re.compile(r"^\s*# expect (\d{3})\b")
 BLOCK_TIMEOUT_S = 90
@@ -90,10 +93,11 @@ def with_expectations(block: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_every_curl_of_the_api_page_is_in_a_shell_block() -> None:
+def test_every_curl_of_the_pages_is_in_a_shell_block() -> None:
     """Examples outside ```sh blocks would not be run by the test below."""
-    others = [body for lang, body in FENCE.findall(DOC.read_text()) if lang not in ("sh", "bash")]
-    assert not [body for body in others if re.search(r"^\s*curl ", body, re.MULTILINE)]
+    for doc in DOCS:
+        others = [body for lang, body in FENCE.findall(doc.read_text()) if lang not in ("sh", "bash")]
+        assert not [body for body in others if re.search(r"^\s*curl ", body, re.MULTILINE)], doc
 
 
 def test_expect_markers_apply_to_the_next_curl_only() -> None:
@@ -129,7 +133,7 @@ def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
         )
 
 
-def test_every_shell_example_of_the_api_page_runs_against_the_live_services(
+def test_every_shell_example_of_the_api_and_tenancy_pages_runs_against_the_live_services(
     service: Start,
     database_url: str,
     redis_url: str,
@@ -184,9 +188,9 @@ def test_every_shell_example_of_the_api_page_runs_against_the_live_services(
         "IOT_MQTT_HOOK_SECRET": hook_secret,
         "DOC_STATE": str(tmp_path / "state.sh"),
     }
-    blocks = shell_blocks(DOC.read_text())
-    assert len(blocks) >= 15, f"only {len(blocks)} shell blocks found in {DOC}"
-    for number, block in enumerate(blocks, 1):
+    blocks = [(doc, block) for doc in DOCS for block in shell_blocks(doc.read_text())]
+    assert len(blocks) >= 20, f"only {len(blocks)} shell blocks found in {DOCS}"
+    for number, (doc, block) in enumerate(blocks, 1):
         script = PRELUDE + with_expectations(block) + EPILOGUE
         try:
             result = subprocess.run(
@@ -205,7 +209,7 @@ def test_every_shell_example_of_the_api_page_runs_against_the_live_services(
             output = _text(exc.stdout) + _text(exc.stderr)
         if failure:
             pytest.fail(
-                f"docs/api.md, shell example {number} of {len(blocks)} failed ({failure}):\n"
+                f"docs/{doc.name}, shell example {number} of {len(blocks)} failed ({failure}):\n"
                 f"{block}\n--- its output:\n{output[-4000:]}\n"
                 f"--- iot-api log:\n{api.logs()[-3000:]}\n--- iot-ingest log:\n{ingest.logs()[-3000:]}",
                 pytrace=False,

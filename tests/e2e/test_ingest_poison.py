@@ -23,6 +23,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from iot_common.tenancy import DEFAULT_TENANT_ID
+from iot_common.topics import RedisNames
 from iot_testkit.chaos import TcpProxy
 from iot_testkit.loadgen import publish_async
 from iot_testkit.metrics import scrape
@@ -74,7 +76,7 @@ async def test_a_poison_flood_from_one_device_is_dead_lettered_and_never_stalls_
     )
     kinds = poison_kinds(evil)
     pubsub = redis.pubsub()
-    await pubsub.subscribe(f"iot:device:{good}")
+    await pubsub.subscribe(RedisNames().device_channel(DEFAULT_TENANT_ID, good))
     delays_ms: list[float] = []
 
     async def listen() -> None:

@@ -26,6 +26,7 @@ import httpx
 import psutil
 
 from iot_common.auth import generate_api_key
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_sim.demo import DEMO_RULE_NAME
 from iot_testkit.backends import port_open
 from iot_testkit.processes import free_port, mosquitto
@@ -172,6 +173,14 @@ def check_the_printed_login_works(run: Run) -> None:
     assert login.status_code == 200, login.text
     assert f"admin@example.com / {saved['IOT_BOOTSTRAP_ADMIN_PASSWORD']}" in run.log()
     assert f"API key      {saved['IOT_BOOTSTRAP_API_KEY']}" in run.log()
+    # Both are the platform's admins: they see the tenants (docs/tenancy.md).
+    bearer = {"Authorization": f"Bearer {login.json()['access_token']}"}
+    me = httpx.get(f"{run.api}/api/v1/auth/me", headers=bearer).json()
+    assert (me["role"], me["platform_admin"]) == ("admin", True)
+    for headers in (bearer, {"X-API-Key": run.api_key}):
+        tenants = httpx.get(f"{run.api}/api/v1/tenants", headers=headers)
+        assert tenants.status_code == 200, tenants.text
+        assert [t["name"] for t in tenants.json()["items"]] == ["default"]
 
 
 def check_the_demo_alert_rule(run: Run) -> None:
@@ -298,10 +307,12 @@ async def add_stale_bootstrap_key(database_url: str) -> str:
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(
-            "INSERT INTO api_keys (name, prefix, key_hash, scopes) VALUES ('bootstrap', $1, $2, $3)",
+            "INSERT INTO api_keys (tenant_id, name, prefix, key_hash, scopes)"
+            " VALUES ($4, 'bootstrap', $1, $2, $3)",
             prefix,
             key_hash,
             ["admin"],
+            DEFAULT_TENANT_ID,
         )
     finally:
         await conn.close()

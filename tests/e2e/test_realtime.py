@@ -16,9 +16,11 @@ import redis.asyncio as aioredis
 
 from iot_common.auth import generate_api_key
 from iot_common.messages import StatusEvent, TelemetryEvent, encode_event
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_testkit.processes import Start, private_redis
 from tests.e2e.realtime_support import (
     ALLOWED_ORIGIN,
+    DEFAULT,
     Realtime,
     assert_nothing_pending,
     close_code,
@@ -29,6 +31,7 @@ from tests.e2e.realtime_support import (
     subscribe,
     telemetry,
     token,
+    token_without_read,
 )
 
 
@@ -70,10 +73,10 @@ async def test_subscriber_gets_latest_values_then_live_events_and_others_get_not
                 {"type": "ack", "id": 2},
             ]
             event = telemetry(dev, temperature=21.5)
-            assert await redis.publish(realtime.names.device_channel(dev), event) == 1
+            assert await redis.publish(realtime.names.device_channel(DEFAULT, dev), event) == 1
             assert await asyncio.wait_for(subscriber.recv(), 10) == event.decode()  # forwarded unchanged
             status = encode_event(StatusEvent(device_id=dev, status="online", ts=datetime.now(UTC)))
-            await redis.publish(realtime.names.device_channel(dev), status)
+            await redis.publish(realtime.names.device_channel(DEFAULT, dev), status)
             assert await asyncio.wait_for(subscriber.recv(), 10) == status.decode()
             await assert_nothing_pending(elsewhere)
             await assert_nothing_pending(idle)
@@ -89,18 +92,18 @@ async def test_unsubscribe_stops_delivery_and_drops_the_redis_channel(
     async with open_ws(realtime.url(token())) as a, open_ws(realtime.url(token())) as b:
         await subscribe(a, 1, [dev])
         await subscribe(b, 1, [dev])
-        assert await redis.pubsub_numsub(realtime.names.device_channel(dev)) == [
-            (realtime.names.device_channel(dev).encode(), 1)
+        assert await redis.pubsub_numsub(realtime.names.device_channel(DEFAULT, dev)) == [
+            (realtime.names.device_channel(DEFAULT, dev).encode(), 1)
         ]
         await a.send(json.dumps({"type": "unsubscribe", "id": 2, "devices": [dev]}))
         assert await recv_json(a) == {"type": "ack", "id": 2}
-        await redis.publish(realtime.names.device_channel(dev), telemetry(dev, temperature=1.0))
+        await redis.publish(realtime.names.device_channel(DEFAULT, dev), telemetry(dev, temperature=1.0))
         assert (await recv_json(b))["metrics"] == {"temperature": 1.0}
         await assert_nothing_pending(a)
         await b.send(json.dumps({"type": "unsubscribe", "id": 3, "devices": [dev]}))
         assert await recv_json(b) == {"type": "ack", "id": 3}
-        assert await redis.pubsub_numsub(realtime.names.device_channel(dev)) == [
-            (realtime.names.device_channel(dev).encode(), 0)
+        assert await redis.pubsub_numsub(realtime.names.device_channel(DEFAULT, dev)) == [
+            (realtime.names.device_channel(DEFAULT, dev).encode(), 0)
         ]
 
 
@@ -114,9 +117,9 @@ async def test_metric_filter_and_wildcard(service: Start, database_url: str, uni
         async with open_ws(realtime.url(token())) as filtered, open_ws(realtime.url(token())) as everything:
             await subscribe(filtered, 1, [dev], metrics=["temperature"])
             assert (await subscribe(everything, 1, ["*"]))[-1] == {"type": "ack", "id": 1}
-            await redis.publish(realtime.names.device_channel(dev), telemetry(dev, humidity=40.0))
+            await redis.publish(realtime.names.device_channel(DEFAULT, dev), telemetry(dev, humidity=40.0))
             both = telemetry(dev, temperature=22.0, humidity=41.0)
-            await redis.publish(realtime.names.device_channel(dev), both)
+            await redis.publish(realtime.names.device_channel(DEFAULT, dev), both)
             frame = await recv_json(filtered)
             assert (frame["device_id"], frame["metrics"]) == (dev, {"temperature": 22.0})
             await assert_nothing_pending(filtered)
@@ -142,7 +145,7 @@ async def test_bad_credentials_are_refused_with_their_close_code(
     tokens = {
         "expired": token(ttl_s=-10),
         "wrong-type": token(token_type="refresh"),
-        "no-read-scope": token(scopes={"nothing"}),
+        "no-read-scope": token_without_read(),
     }
     async with open_ws(realtime.url(tokens.get(credential, credential))) as ws:
         got_code, got_reason = await close_code(ws)
@@ -157,12 +160,13 @@ async def test_api_keys_and_the_auth_frame(
     key, prefix, key_hash = generate_api_key()
     revoked, revoked_prefix, revoked_hash = generate_api_key()
     await db.execute(
-        "INSERT INTO api_keys (name, prefix, key_hash, scopes, revoked_at) VALUES"
-        " ('dash', $1, $2, '{read}', NULL), ('old', $3, $4, '{read}', now())",
+        "INSERT INTO api_keys (tenant_id, name, prefix, key_hash, scopes, revoked_at) VALUES"
+        " ($5, 'dash', $1, $2, '{read}', NULL), ($5, 'old', $3, $4, '{read}', now())",
         prefix,
         key_hash,
         revoked_prefix,
         revoked_hash,
+        DEFAULT_TENANT_ID,
     )
     async with open_ws(realtime.url(key)) as ws:
         await assert_nothing_pending(ws)
@@ -277,7 +281,7 @@ async def test_a_client_that_never_reads_does_not_delay_a_hundred_others(
             consumers = asyncio.gather(*(consume(ws) for ws in clients))
             for i in range(count):
                 await redis.publish(
-                    realtime.names.device_channel(dev), telemetry(dev, seq=float(i), note=padding)
+                    realtime.names.device_channel(DEFAULT, dev), telemetry(dev, seq=float(i), note=padding)
                 )
             await asyncio.wait_for(consumers, 60)
             assert len(longest_waits) == fast_clients
@@ -307,7 +311,7 @@ async def test_a_client_whose_queue_overflows_is_dropped_with_4008(
         while realtime.metric("iot_realtime_dropped_connections_total") == 0:
             assert published < 3000, "the stalled client was never dropped"
             for _ in range(50):
-                await redis.publish(realtime.names.device_channel(dev), big)
+                await redis.publish(realtime.names.device_channel(DEFAULT, dev), big)
             published += 50
         code, reason = await close_code(stalled, timeout=30)
     assert (code, reason) == (4008, "outgoing queue overflow: client too slow")
@@ -341,7 +345,7 @@ async def _publish_until_received(realtime: Realtime, url: str, ws: Any, dev: st
         deadline = time.monotonic() + 30
         while True:
             with contextlib.suppress(OSError, aioredis.ConnectionError):
-                await client.publish(realtime.names.device_channel(dev), telemetry(dev, v=value))
+                await client.publish(realtime.names.device_channel(DEFAULT, dev), telemetry(dev, v=value))
             try:
                 frame = await recv_json(ws, timeout=0.2)
             except TimeoutError:
@@ -400,7 +404,7 @@ async def test_metrics_count_connections_subscriptions_and_messages(
         assert realtime.metric("iot_realtime_subscriptions") == 2
         assert realtime.metric("iot_realtime_redis_channels") == 2
         event = encode_event(TelemetryEvent(dev, datetime.now(UTC), {"t": 1.0}))
-        await redis.publish(realtime.names.device_channel(dev), event)
+        await redis.publish(realtime.names.device_channel(DEFAULT, dev), event)
         await recv_json(ws)
         assert realtime.metric("iot_realtime_messages_in_total") == 1
         assert realtime.metric("iot_realtime_messages_out_total") >= 4  # 2 snapshots, ack, event

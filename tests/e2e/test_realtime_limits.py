@@ -12,6 +12,7 @@ from websockets.exceptions import InvalidStatus
 from iot_common.auth import generate_api_key
 from iot_testkit.processes import Start
 from tests.e2e.realtime_support import (
+    DEFAULT,
     Realtime,
     assert_nothing_pending,
     close_code,
@@ -43,10 +44,10 @@ async def test_subscribing_to_an_unknown_device_is_refused_and_opens_no_redis_ch
         # Nothing changed: not even the known device of that frame was subscribed.
         assert realtime.metric("iot_realtime_subscriptions") == 0
         assert await redis.pubsub_numsub(
-            realtime.names.device_channel(ghost), realtime.names.device_channel(dev)
+            realtime.names.device_channel(DEFAULT, ghost), realtime.names.device_channel(DEFAULT, dev)
         ) == [
-            (realtime.names.device_channel(ghost).encode(), 0),
-            (realtime.names.device_channel(dev).encode(), 0),
+            (realtime.names.device_channel(DEFAULT, ghost).encode(), 0),
+            (realtime.names.device_channel(DEFAULT, dev).encode(), 0),
         ]
         assert (await subscribe(ws, 2, [dev, "*"]))[-1] == {"type": "ack", "id": 2}
         # A device registered after a refusal can be subscribed at once (unknown ids are not cached).

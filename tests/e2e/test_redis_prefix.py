@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from iot_testkit.loadgen import publish_async
 from iot_testkit.processes import Start, mosquitto
 from tests.e2e.realtime_support import (
+    DEFAULT,
     assert_nothing_pending,
     open_ws,
     recv_json,
@@ -61,10 +62,10 @@ async def test_a_reading_of_one_deployment_never_reaches_the_other_sharing_its_r
             await assert_nothing_pending(their_all)
             # Their device channel has their subscriber only; ours has ours only.
             assert await redis.pubsub_numsub(
-                ours.names.device_channel(dev), theirs.names.device_channel(dev)
+                ours.names.device_channel(DEFAULT, dev), theirs.names.device_channel(DEFAULT, dev)
             ) == [
-                (ours.names.device_channel(dev).encode(), 1),
-                (theirs.names.device_channel(dev).encode(), 1),
+                (ours.names.device_channel(DEFAULT, dev).encode(), 1),
+                (theirs.names.device_channel(DEFAULT, dev).encode(), 1),
             ]
             # The latest values our ingest keeps are ours alone.
             assert await _latest(ours.url(token()), dev) == {"temperature": 21.5}
@@ -72,7 +73,7 @@ async def test_a_reading_of_one_deployment_never_reaches_the_other_sharing_its_r
             # And the other way round: what is published under their names reaches only their clients.
             event = telemetry(dev, humidity=40.0)
             # Their process listens on the channel and on the pattern: two receivers, both theirs.
-            assert await redis.publish(theirs.names.device_channel(dev), event) == 2
+            assert await redis.publish(theirs.names.device_channel(DEFAULT, dev), event) == 2
             for ws in (their_device, their_all):
                 assert await asyncio.wait_for(ws.recv(), 10) == event.decode()
             await assert_nothing_pending(our_device)

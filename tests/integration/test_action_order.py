@@ -8,17 +8,20 @@ import asyncpg
 
 from iot_common.alerts import Trigger, WebhookAction
 from iot_common.messages import AlertEvent
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_ingest.actions import EARLIER_UNFINISHED, queue_run
 
 HORIZON_S = 20.0
+DEFAULT = str(DEFAULT_TENANT_ID)
 HOOK = WebhookAction(url="http://hooks.example.com/iot", on=["open", "resolve"])
 
 
 async def add_rule(db: asyncpg.Connection[Any]) -> str:
     return str(
         await db.fetchval(
-            "INSERT INTO alert_rules (name, device_type, metric, op, threshold) "
-            "VALUES ('hot', 'generic', 'temperature', '>', 30) RETURNING id::text"
+            "INSERT INTO alert_rules (name, device_type, metric, op, threshold, tenant_id) "
+            "VALUES ('hot', 'generic', 'temperature', '>', 30, $1) RETURNING id::text",
+            DEFAULT_TENANT_ID,
         )
     )
 
@@ -38,7 +41,7 @@ async def add_alert(db: asyncpg.Connection[Any], rule_id: str, device_id: str) -
 async def queued(db: asyncpg.Connection[Any], alert: AlertEvent, trigger: Trigger = "open") -> Any:
     """A run inserted in its own transaction, as the alert transaction of some replica does."""
     async with db.transaction():
-        job = await queue_run(db, trigger, alert, HOOK)
+        job = await queue_run(db, trigger, alert, HOOK, DEFAULT)
     return job.run_id
 
 
@@ -95,7 +98,7 @@ async def test_runs_written_in_one_alert_transaction_keep_their_order(db: asyncp
     rule = await add_rule(db)
     alert = await add_alert(db, rule, "boiler-1")
     async with db.transaction():
-        opening = (await queue_run(db, "open", alert, HOOK)).run_id
-        resolution = (await queue_run(db, "resolve", alert, HOOK)).run_id
+        opening = (await queue_run(db, "open", alert, HOOK, DEFAULT)).run_id
+        resolution = (await queue_run(db, "resolve", alert, HOOK, DEFAULT)).run_id
     assert await earlier(db, opening) == 0
     assert await earlier(db, resolution) == 1

@@ -1,4 +1,5 @@
-"""The ingest writer against a real PostgreSQL: one message that cannot be stored never holds the batch.
+"""The ingest writer against a real PostgreSQL (and Redis): one message that cannot be stored never holds
+the batch; dead letters belong to their device's tenant; tenants' limits hold across replicas.
 
 Before, a fault on one message that was not a PostgreSQL data error (here, a value the code cannot turn
 into a row) was retried as a whole batch for ever: no PUBACK for any message of the batch, and every later
@@ -8,6 +9,9 @@ batch waiting behind it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,14 +19,18 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from iot_common.db import create_pool
 from iot_common.messages import Reading
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 from iot_ingest import writer as writer_module
 from iot_ingest.devices import KnownDevices
+from iot_ingest.payload import Reject
 from iot_ingest.plan import DeadLetter, Delivery
 from iot_ingest.redis_output import RedisOutput
+from iot_ingest.tenant_quota import TenantQuota
 from iot_ingest.writer import BatchWriter
 
 
@@ -76,7 +84,7 @@ async def test_a_message_the_code_cannot_store_is_a_dead_letter_and_the_others_a
 async def test_a_dead_letter_postgresql_refuses_is_replaced_by_a_bare_one(
     writer: BatchWriter, db: asyncpg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def unstorable(d: Delivery, reason: Any, detail: str) -> DeadLetter:
+    def unstorable(d: Delivery, reason: Any, detail: str, tenant_id: str | None = None) -> DeadLetter:
         return DeadLetter(d.topic, d.device_id, reason, "NUL \x00 in text", "x", 1, d.received_at)
 
     monkeypatch.setattr(writer_module, "dead_letter", unstorable)
@@ -88,3 +96,155 @@ async def test_a_dead_letter_postgresql_refuses_is_replaced_by_a_bare_one(
     assert letter["reason"] == "handler_error"
     assert letter["detail"].startswith("dead letter refused")
     assert (letter["payload"], letter["payload_size"]) == ("", 8)
+
+
+async def add_tenant(db: asyncpg.Connection[Any], name: str, **limits: int) -> str:
+    tenant_id: uuid.UUID = await db.fetchval(
+        "INSERT INTO tenants (name, max_devices, max_readings_per_s) VALUES ($1, $2, $3) RETURNING id",
+        name,
+        limits.get("max_devices"),
+        limits.get("max_readings_per_s"),
+    )
+    return str(tenant_id)
+
+
+@contextlib.asynccontextmanager
+async def replicas(
+    database_url: str, redis: aioredis.Redis, names: RedisNames, count: int, register_into: str
+) -> AsyncIterator[list[BatchWriter]]:
+    """``count`` writers as ``count`` ingest replicas have them: each its own pool and device cache, one
+    PostgreSQL and one Redis."""
+    pools = [await create_pool(database_url, min_size=1, max_size=2) for _ in range(count)]
+    writers = []
+    for pool in pools:
+        known = KnownDevices(register_into)
+        await known.refresh(pool)
+        writers.append(
+            BatchWriter(
+                pool, known, RedisOutput(redis, names), auto_register=True, quota=TenantQuota(redis, names)
+            )
+        )
+    try:
+        yield writers
+    finally:
+        for writer, pool in zip(writers, pools, strict=True):
+            await writer.drain()
+            await pool.close()
+
+
+async def test_replicas_auto_register_into_the_tenant_named_and_never_past_its_device_limit(
+    database_url: str, redis: aioredis.Redis, db: asyncpg.Connection[Any], unique: str
+) -> None:
+    acme = await add_tenant(db, f"acme-{unique}", max_devices=5)
+    await db.execute("INSERT INTO devices (id, tenant_id) VALUES ('acme-old', $1)", acme)
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with replicas(database_url, redis, RedisNames(f"store{unique}"), 2, f"ACME-{unique}") as (a, b):
+        # Both replicas meet new devices at once: 4 + 4 new ids, room for 4 (one device exists already).
+        await asyncio.wait_for(
+            asyncio.gather(
+                a([delivery(f"new-a{i}", float(i), now) for i in range(4)]),
+                b([delivery(f"new-b{i}", float(i), now) for i in range(4)]),
+            ),
+            60,
+        )
+    devices = await db.fetch("SELECT id FROM devices WHERE tenant_id = $1 ORDER BY id", acme)
+    assert len(devices) == 5
+    stored = await db.fetchval("SELECT count(DISTINCT device_id) FROM telemetry")
+    assert stored == 4
+    letters = await db.fetch("SELECT device_id, reason, detail, tenant_id::text FROM ingest_rejects")
+    assert len(letters) == 4
+    assert {(r["reason"], r["tenant_id"]) for r in letters} == {("tenant_quota", acme)}
+    assert letters[0]["detail"] == (
+        f"device not registered: tenant 'acme-{unique}' has reached its limit of 5 devices"
+    )
+    registered = {r["id"] for r in devices} - {"acme-old"}
+    assert registered.isdisjoint(r["device_id"] for r in letters)
+
+
+async def test_dead_letters_belong_to_the_tenant_of_their_device_and_unknown_devices_to_none(
+    writer: BatchWriter, db: asyncpg.Connection[Any], unique: str
+) -> None:
+    globex = await add_tenant(db, f"globex-{unique}")
+    await db.execute("INSERT INTO devices (id, tenant_id) VALUES ('globex-1', $1)", globex)
+    await writer._known.refresh(writer._pool)
+    now = datetime.now(UTC).replace(microsecond=0)
+    bad = Reject("invalid_value", "t: null")
+    batch = [
+        Delivery("devices/telemetry/good", "good", now, b"{}", rejects=[bad]),
+        Delivery("devices/telemetry/globex-1", "globex-1", now, b"{}", rejects=[bad]),
+        delivery("ghost", 1.0, now),
+    ]
+    await asyncio.wait_for(writer(batch), 60)
+    rows = await db.fetch("SELECT device_id, reason, tenant_id::text FROM ingest_rejects ORDER BY device_id")
+    assert [tuple(r) for r in rows] == [
+        ("ghost", "unknown_device", None),
+        ("globex-1", "invalid_value", globex),
+        ("good", "invalid_value", str(DEFAULT_TENANT_ID)),
+    ]
+
+
+async def test_a_tenants_readings_limit_holds_over_the_replicas_together(
+    database_url: str, redis: aioredis.Redis, db: asyncpg.Connection[Any], unique: str
+) -> None:
+    acme = await add_tenant(db, f"acme-{unique}", max_readings_per_s=1000)
+    free = await add_tenant(db, f"free-{unique}")
+    await db.execute(
+        "INSERT INTO devices (id, tenant_id) SELECT 'a' || i, $1 FROM generate_series(0, 9) AS i", acme
+    )
+    await db.execute("INSERT INTO devices (id, tenant_id) VALUES ('f0', $1)", free)
+    names = RedisNames(f"store{unique}")
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    async with replicas(database_url, redis, names, 3, "default") as writers:
+        # 3 replicas x 800 readings of acme (400 messages of 2), and as many of a tenant without limit,
+        # within one second of the clock (the test retries the rare run that straddles two seconds).
+        for _ in range(5):
+            second = int(time.time())
+            batches = [
+                [
+                    Delivery(
+                        f"devices/telemetry/{device}",
+                        device,
+                        start,
+                        b"[]",
+                        readings=[
+                            Reading(device, start + timedelta(milliseconds=k * 2 + j), {"t": 1.0})
+                            for j in (0, 1)
+                        ],
+                    )
+                    for k in range(400 * w, 400 * (w + 1))
+                    for device in (f"a{k % 10}", "f0")
+                ]
+                for w in range(3)
+            ]
+            await asyncio.wait_for(asyncio.gather(*(w(b) for w, b in zip(writers, batches, strict=True))), 60)
+            if int(time.time()) == second:
+                break
+            await db.execute("TRUNCATE telemetry, ingest_rejects")
+        else:
+            pytest.skip("every run straddled two seconds of the clock (a very slow machine)")
+    acme_rows = await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id LIKE 'a%'")
+    assert acme_rows == 1000
+    assert await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id = 'f0'") == 2400
+    refused = await db.fetch("SELECT reason, tenant_id::text AS tenant, detail FROM ingest_rejects")
+    assert len(refused) == (2400 - 1000) // 2
+    assert {(r["reason"], r["tenant"]) for r in refused} == {("tenant_quota", acme)}
+    assert refused[0]["detail"].startswith(f"tenant 'acme-{unique}' over its limit of 1000 readings/s")
+
+
+async def test_without_the_tenant_auto_registration_names_unknown_devices_are_dead_letters_saying_so(
+    database_url: str, redis: aioredis.Redis, db: asyncpg.Connection[Any], unique: str
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    with capture_logs() as logs:
+        async with replicas(database_url, redis, RedisNames(f"store{unique}"), 1, f"nobody-{unique}") as (w,):
+            await asyncio.wait_for(w([delivery(f"new-{unique}", 1.0, now)]), 60)
+    assert await db.fetchval("SELECT count(*) FROM devices WHERE id = $1", f"new-{unique}") == 0
+    letter = await db.fetchrow("SELECT reason, detail, tenant_id FROM ingest_rejects")
+    assert tuple(letter) == (
+        "unknown_device",
+        f"device 'new-{unique}' is not registered: no tenant 'nobody-{unique}' to register it in",
+        None,
+    )
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "IOT_INGEST_AUTO_REGISTER_TENANT names no tenant: unknown devices are not registered"
+    ]

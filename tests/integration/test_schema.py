@@ -37,6 +37,9 @@ EXPECTED_TABLES = {
     "telemetry_rollup_state",
     # 0005: MQTT credentials of devices, issued by the API
     "device_credentials",
+    # 0010: tenants and the audit log of the API
+    "tenants",
+    "audit_events",
 }
 
 

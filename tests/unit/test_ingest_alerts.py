@@ -31,12 +31,14 @@ from iot_ingest.devices import KnownDevices
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 RULE_ID = "5f0c3a52-8d5e-4a44-9d0c-0a4b3b8f2c11"
 NAMES = RedisNames("unit-alerts")
+TENANT, OTHER = "00000000-0000-0000-0000-00000000000a", "00000000-0000-0000-0000-00000000000b"
 WEBHOOK = {"type": "webhook", "url": "https://hooks.example/alert", "on": ["open"]}
 
 
 def rule_row(**overrides: Any) -> dict[str, Any]:
     row = {
         "id": RULE_ID,
+        "tenant_id": TENANT,
         "metric": "temp",
         "op": ">",
         "threshold": 30.0,
@@ -60,6 +62,8 @@ class FakeDatabase:
         self.resolved: list[dict[str, Any]] = []
         self.runs: list[tuple[Any, ...]] = []  # action runs queued with the alerts' changes
         self.faults: list[Exception] = []
+        self.tenants: list[str] = []
+        """The tenant of each alert opened (given by the writer, as the schema's foreign key checks)."""
         self._ids = itertools.count(1)
 
     @asynccontextmanager
@@ -95,7 +99,8 @@ class FakeDatabase:
     async def fetchrow(self, query: str, *args: Any) -> dict[str, Any] | None:
         self._fault()
         if query == OPEN_ALERT:
-            rule_id, device_id, metric, severity, message, value, threshold, opened_at = args
+            rule_id, device_id, metric, severity, message, value, threshold, opened_at, tenant_id = args
+            self.tenants.append(tenant_id)
             if (rule_id, device_id) in self.open:
                 return None  # another replica opened it first
             row = {
@@ -149,8 +154,8 @@ class FakeRedis:
     def pipeline(self, transaction: bool = True) -> FakePipeline:
         return FakePipeline(self)
 
-    def events(self) -> list[AlertEvent]:
-        channel = NAMES.device_channel("dev-1")
+    def events(self, device_id: str = "dev-1", tenant_id: str = TENANT) -> list[AlertEvent]:
+        channel = NAMES.device_channel(tenant_id, device_id)
         return [decode_event(data) for name, data in self.published if name == channel]  # type: ignore[misc]
 
     def notes(self) -> list[SyncNote]:
@@ -176,7 +181,9 @@ class Replica:
     def __init__(self, db: FakeDatabase, queue_size: int = 100) -> None:
         self.db, self.redis, self.actions = db, FakeRedis(), FakeActions()
         known = KnownDevices()
-        known.ids, known.types = {"dev-1"}, {"dev-1": "thermo"}
+        # Two devices of one type in two tenants.
+        known.tenants = {"dev-1": TENANT, "dev-2": OTHER}
+        known.types = {"dev-1": "thermo", "dev-2": "thermo"}
         self.service = AlertService(
             db,  # type: ignore[arg-type]
             self.redis,  # type: ignore[arg-type]
@@ -198,8 +205,8 @@ class Replica:
         self.worker.cancel()
         await asyncio.gather(self.worker, return_exceptions=True)
 
-    async def send(self, *temps: float) -> None:
-        readings = [Reading("dev-1", T0 + timedelta(seconds=i), {"temp": t}) for i, t in enumerate(temps)]
+    async def send(self, *temps: float, device_id: str = "dev-1") -> None:
+        readings = [Reading(device_id, T0 + timedelta(seconds=i), {"temp": t}) for i, t in enumerate(temps)]
         self.service.submit(readings)
         await asyncio.wait_for(self.service.drain(), 10)
 
@@ -229,6 +236,22 @@ async def test_an_alert_opens_is_published_and_starts_its_action_then_resolves()
         assert len(replica.actions.jobs) == 1
         assert [n.kind for n in replica.redis.notes()] == ["open", "resolve"]
         assert all(n.replica == replica.service.replica for n in replica.redis.notes())
+
+
+async def test_a_rule_sees_only_the_devices_of_its_tenant() -> None:
+    by_type = rule_row(device_id=None, device_type="thermo")
+    named = rule_row(id="9e4b1c20-0d55-4c1f-8e2a-111111111111", device_id="dev-2")  # in TENANT, names OTHER's
+    async with Replica(FakeDatabase([by_type, named])) as replica:
+        await replica.send(40.0, device_id="dev-2")
+        assert replica.redis.published == []
+        assert replica.actions.jobs == []
+        await replica.send(40.0, device_id="dev-1")
+        [opened] = replica.redis.events("dev-1", TENANT)
+        assert opened.rule_id == RULE_ID
+        assert replica.redis.events("dev-1", OTHER) == []  # published in the device's tenant only
+        [job] = replica.actions.jobs
+        assert job.tenant_id == TENANT
+    assert replica.db.tenants == [TENANT]
 
 
 async def test_an_alert_another_replica_opened_is_not_published_again() -> None:

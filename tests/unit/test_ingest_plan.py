@@ -7,10 +7,21 @@ from datetime import UTC, datetime, timedelta
 from iot_common.messages import CommandAck, Reading
 from iot_ingest.consumer import translate
 from iot_ingest.payload import Limits, Reject
-from iot_ingest.plan import PAYLOAD_EXCERPT_CHARS, Delivery, Plan, latest_values, plan_batch, ts_sort_key
+from iot_ingest.plan import (
+    PAYLOAD_EXCERPT_CHARS,
+    Delivery,
+    Plan,
+    Refusal,
+    latest_values,
+    plan_batch,
+    ts_sort_key,
+)
 from iot_ingest.telemetry import telemetry_columns
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+ACME, GLOBEX = "00000000-0000-0000-0000-00000000000a", "00000000-0000-0000-0000-00000000000b"
+TENANTS = {"a": ACME, "b": GLOBEX, "c": GLOBEX, "d1": ACME}
+UNKNOWN_B = {"b": Refusal("unknown_device", "device 'b' is not registered")}
 
 
 def reading(device: str, seconds: int, **metrics: float | str) -> Reading:
@@ -23,13 +34,25 @@ def test_unknown_devices_become_dead_letters_and_rejects_are_kept() -> None:
         Delivery("devices/telemetry/b", "b", T0, b'{"t": 2}', [reading("b", 0, t=2)]),
         Delivery("devices/telemetry/a", "a", T0, b"{", rejects=[Reject("malformed_json", "x")]),
     ]
-    plan = plan_batch(batch, unknown={"b"})
+    plan = plan_batch(batch, UNKNOWN_B, {"a": ACME})
     assert [r.device_id for r in plan.readings] == ["a"]
-    assert sorted((d.device_id, d.reason) for d in plan.dead_letters) == [
-        ("a", "malformed_json"),
-        ("b", "unknown_device"),
+    assert sorted((d.device_id, d.reason, d.tenant_id) for d in plan.dead_letters) == [
+        ("a", "malformed_json", ACME),
+        ("b", "unknown_device", None),  # no tenant: only platform admins see it
     ]
     assert plan.last_seen == {"a": T0}
+    assert plan.tenants == {"a": ACME}
+
+
+def test_a_device_refused_registration_is_dead_lettered_in_the_name_of_its_tenant() -> None:
+    detail = "device not registered: tenant 'globex' has reached its limit of 10 devices"
+    refused = {"new": Refusal("tenant_quota", detail, GLOBEX)}
+    batch = [Delivery("devices/telemetry/new", "new", T0, b'{"t": 1}', [reading("new", 0, t=1)])]
+    plan = plan_batch(batch, refused, TENANTS)
+    assert plan.readings == []
+    assert [(d.reason, d.detail, d.tenant_id) for d in plan.dead_letters] == [
+        ("tenant_quota", detail, GLOBEX)
+    ]
 
 
 def test_last_status_wins_and_offline_does_not_count_as_seen() -> None:
@@ -38,14 +61,14 @@ def test_last_status_wins_and_offline_does_not_count_as_seen() -> None:
         Delivery("devices/status/a", "a", T0, b"online", status="online"),
         Delivery("devices/status/a", "a", later, b"offline", status="offline"),
     ]
-    plan = plan_batch(batch, unknown=set())
+    plan = plan_batch(batch, {}, TENANTS)
     assert plan.statuses == {"a": ("offline", later)}
     assert plan.last_seen == {"a": T0}
 
 
 def test_dead_letter_payload_is_truncated_and_safe_for_postgres() -> None:
     payload = b"\x00" + b"x" * 5000 + b"\xff"
-    plan = plan_batch([Delivery("t", None, T0, payload, rejects=[Reject("invalid_topic", "t")])], set())
+    plan = plan_batch([Delivery("t", None, T0, payload, rejects=[Reject("invalid_topic", "t")])], {}, TENANTS)
     [letter] = plan.dead_letters
     assert letter.payload_size == len(payload)
     assert "\x00" not in letter.payload
@@ -84,7 +107,7 @@ def test_command_acks_are_planned_and_malformed_ones_dead_lettered() -> None:
     good = b'{"id": "0b0e4f8e-7e53-4d6e-8a43-6f3c1c6d2a10", "status": "ok"}'
     ok = translate("devices/commands/d1/ack", good, T0, Limits())
     bad = translate("devices/commands/d1/ack", b'{"status": "ok"}', T0, Limits())
-    plan = plan_batch([ok, bad], set())
+    plan = plan_batch([ok, bad], {}, TENANTS)
     assert plan.acks == [("d1", CommandAck("0b0e4f8e-7e53-4d6e-8a43-6f3c1c6d2a10"))]
     assert [d.reason for d in plan.dead_letters] == ["invalid_command_ack"]
     assert plan.readings == []
@@ -115,9 +138,9 @@ def test_plans_of_single_messages_merge_into_the_plan_of_the_batch() -> None:
     ]
     merged = Plan()
     for delivery in batch:
-        one = plan_batch([delivery], unknown={"c"})
+        one = plan_batch([delivery], {"c": Refusal("unknown_device", "no")}, TENANTS)
         one.new_rows = len(one.readings)
         merged.merge(one)
-    whole = plan_batch(batch, unknown={"c"})
+    whole = plan_batch(batch, {"c": Refusal("unknown_device", "no")}, TENANTS)
     whole.new_rows = 1
     assert merged == whole

@@ -19,13 +19,17 @@ import pytest
 from structlog.testing import capture_logs
 
 from iot_common.messages import Reading
+from iot_common.topics import RedisNames
 from iot_ingest import metrics
-from iot_ingest.devices import KnownDevices
+from iot_ingest.devices import KnownDevices, TenantLimits
 from iot_ingest.plan import Delivery, Plan
 from iot_ingest.telemetry import INSERT_TELEMETRY
+from iot_ingest.tenant_quota import TenantQuota
 from iot_ingest.writer import INSERT_DEAD_LETTERS, BatchWriter
+from tests.unit.test_tenant_quota import FakeCounters
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+TENANT = "00000000-0000-0000-0000-00000000000a"
 
 
 class FakeDatabase:
@@ -38,6 +42,7 @@ class FakeDatabase:
     def __init__(self) -> None:
         self.telemetry: list[tuple[str, str, float | None]] = []
         self.letters: list[tuple[str | None, str, str]] = []
+        self.letter_tenants: list[str | None] = []
         self.faults: list[BaseException] = []
         self.refuses: dict[str, Callable[[], Exception]] = {}
         self.statements = 0
@@ -80,8 +85,9 @@ class FakeDatabase:
             self._pending_rows += zip(devices, names, values, strict=True)
             return f"INSERT 0 {len(devices)}"
         if query == INSERT_DEAD_LETTERS:
-            devices, reasons, details = args[1], args[2], args[3]
+            devices, reasons, details, tenants = args[1], args[2], args[3], args[7]
             self._pending_letters += zip(devices, reasons, details, strict=True)
+            self.letter_tenants += tenants
         return "UPDATE 0"
 
 
@@ -99,14 +105,18 @@ class FakeOutput:
         pass
 
 
-def make_writer(db: FakeDatabase, output: FakeOutput | None = None) -> BatchWriter:
+def make_writer(
+    db: FakeDatabase, output: FakeOutput | None = None, quota: TenantQuota | None = None
+) -> BatchWriter:
     known = KnownDevices()
-    known.ids = {"good", "poison", "odd"}
+    known.tenants = dict.fromkeys(("good", "poison", "odd"), TENANT)
+    known.limits = {TENANT: TenantLimits("acme", max_readings_per_s=2)}
     return BatchWriter(
         db,  # type: ignore[arg-type]
         known,
         output or FakeOutput(),  # type: ignore[arg-type]
         auto_register=False,
+        quota=quota,
         retry_initial_s=0.01,
         retry_max_s=0.04,
     )
@@ -215,3 +225,21 @@ async def test_a_cancelled_write_is_not_retried() -> None:
         await make_writer(db)([delivery("good", 1.0)])
     assert db.statements == 1
     assert db.telemetry == []
+
+
+async def test_a_retried_batch_is_counted_once_against_its_tenants_limit() -> None:
+    db = FakeDatabase()
+    db.faults = [ConnectionResetError("connection lost")] * 2
+    counters, output = FakeCounters(), FakeOutput()
+    quota = TenantQuota(counters, RedisNames("unit"), clock=lambda: 1000.0)  # type: ignore[arg-type]
+    writer = make_writer(db, output, quota)
+    batch = [delivery("good", 1.0), delivery("poison", 2.0, 1), delivery("odd", 3.0, 2)]
+    await asyncio.wait_for(writer(batch), 10)
+    # Two of acme's 2 readings/s stored; the third is its tenant's dead letter; three attempts, one count.
+    assert db.telemetry == [("good", "t", 1.0), ("poison", "t", 2.0)]
+    assert [(d, r) for d, r, _ in db.letters] == [("odd", "tenant_quota")]
+    assert db.letter_tenants == [TENANT]
+    assert counters.pipelines == 1
+    assert counters.values == {f"unit:ingest:tenant-rate:{TENANT}:1000": 3}
+    [plan] = output.plans
+    assert plan.tenants == {"good": TENANT, "poison": TENANT}

@@ -18,12 +18,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from iot_common.auth import Principal
 from iot_common.messages import MetricValue, StatusEvent, TelemetryEvent, encode_event
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 from iot_realtime.connection import Connection, MetricFilter
 from iot_realtime.hub import Hub
 from iot_realtime.protocol import CLOSE_TOO_SLOW, WILDCARD
 
 NAMES = RedisNames("unit")
+TENANT = str(DEFAULT_TENANT_ID)
+OTHER = "7d3f0a9e-2b1c-4e5f-8a6b-9c0d1e2f3a4b"
 WAIT_S = 10.0  # only ever the limit of a wait for an event: nothing here is timed
 
 
@@ -141,7 +144,7 @@ class FakeRedis:
         for pubsub in self.pubsubs:
             if pubsub.live:
                 names |= pubsub.channels | pubsub.patterns
-        return {n for n in names if n.startswith(f"{NAMES.prefix}:device:")}
+        return {n for n in names if n.startswith(f"{NAMES.prefix}:tenant:")}
 
     def break_connections(self) -> None:
         """The server goes away: every connection breaks and new ones fail until :meth:`come_back`."""
@@ -211,12 +214,24 @@ class Harness:
         self._stack = stack
 
     async def client(
-        self, *selectors: str, metrics: MetricFilter = None, queue_size: int = 100, stalled: bool = False
+        self,
+        *selectors: str,
+        metrics: MetricFilter = None,
+        queue_size: int = 100,
+        stalled: bool = False,
+        tenant: str = TENANT,
     ) -> tuple[Connection, FakeSocket]:
         socket = FakeSocket(stalled)
-        principal = Principal(subject="alice", kind="user", scopes=frozenset({"read"}))
+        principal = Principal(
+            subject="alice",
+            kind="user",
+            scopes=frozenset({"read"}),
+            tenant_id=DEFAULT_TENANT_ID,
+            role="viewer",
+            permissions=frozenset({"read"}),
+        )
         ws = cast(web.WebSocketResponse, socket)
-        conn = Connection(ws, None, principal, queue_size=queue_size, close_timeout=1.0)
+        conn = Connection(ws, None, principal, tenant_id=tenant, queue_size=queue_size, close_timeout=1.0)
         conn.start()
         self._stack.push_async_callback(conn.close, 1000, "test over")
         await self.subscribe(conn, *selectors, metrics=metrics)
@@ -232,8 +247,8 @@ class Harness:
             del conn.filters[selector]
         await self.hub.remove(conn, selectors)
 
-    def publish(self, device_id: str, data: bytes) -> int:
-        return self.server.publish(NAMES.device_channel(device_id), data)
+    def publish(self, device_id: str, data: bytes, tenant: str = TENANT) -> int:
+        return self.server.publish(NAMES.device_channel(tenant, device_id), data)
 
 
 @asynccontextmanager
@@ -259,8 +274,8 @@ async def hub() -> AsyncIterator[Harness]:
         yield harness
 
 
-def channel(device_id: str) -> str:
-    return NAMES.device_channel(device_id)
+def channel(device_id: str, tenant: str = TENANT) -> str:
+    return NAMES.device_channel(tenant, device_id)
 
 
 async def test_a_device_channel_is_held_while_a_local_client_wants_it(hub: Harness) -> None:
@@ -318,14 +333,14 @@ async def test_wildcard_clients_share_one_pattern_and_get_each_event_once(hub: H
     everything, everything_socket = await hub.client(WILDCARD)
     mixed, mixed_socket = await hub.client(WILDCARD)
     await hub.subscribe(mixed, "d1", metrics=frozenset({"temperature"}))
-    pattern = NAMES.device_pattern
+    pattern = NAMES.tenant_device_pattern(TENANT)
     assert hub.server.subscribed() == {pattern, channel("d1")}
 
     # Redis delivers d1's event twice (channel and pattern); the mixed client gets it once, with the
     # filter of its explicit subscription to d1, and everything else unfiltered.
     assert hub.publish("d1", telemetry("d1", temperature=20.0, humidity=50.0)) == 2
     hub.publish("d2", telemetry("d2", temperature=19.0, humidity=55.0))
-    hub.server.publish("elsewhere:device:d3", telemetry("d3", temperature=0.0))  # another deployment
+    hub.server.publish(RedisNames("elsewhere").device_channel(TENANT, "d3"), telemetry("d3", temperature=0.0))
     hub.publish("d4", status("d4"))
     to_everything = [await everything_socket.next() for _ in range(3)]
     to_mixed = [await mixed_socket.next() for _ in range(3)]
@@ -339,6 +354,29 @@ async def test_wildcard_clients_share_one_pattern_and_get_each_event_once(hub: H
     assert hub.server.subscribed() == {pattern, channel("d1")}  # the mixed client still holds *
     await hub.unsubscribe(mixed, WILDCARD)
     assert hub.server.subscribed() == {channel("d1")}
+
+
+async def test_a_client_sees_the_events_of_its_own_tenant_only(hub: Harness) -> None:
+    _, ours = await hub.client(WILDCARD, "shared-id")
+    _, theirs = await hub.client(WILDCARD, "shared-id", tenant=OTHER)
+    assert hub.server.subscribed() == {
+        NAMES.tenant_device_pattern(TENANT),
+        NAMES.tenant_device_pattern(OTHER),
+        channel("shared-id"),
+        channel("shared-id", OTHER),
+    }
+    # The same device id in both tenants (as a device moved between them would be): each event reaches
+    # the clients of the tenant it was published in, and only those.
+    hub.publish("shared-id", telemetry("shared-id", ours=1.0))
+    hub.publish("shared-id", telemetry("shared-id", theirs=1.0), tenant=OTHER)
+    hub.publish("d-other", status("d-other"), tenant=OTHER)
+    hub.publish("marker", status("marker"))
+    assert [(await ours.next())["device_id"] for _ in range(2)] == ["shared-id", "marker"]
+    frames = [await theirs.next() for _ in range(2)]
+    assert [(f["device_id"], f.get("metrics")) for f in frames] == [
+        ("shared-id", {"theirs": 1.0}),
+        ("d-other", None),
+    ]
 
 
 async def test_a_client_that_stops_reading_is_dropped_and_delays_no_one(hub: Harness) -> None:
@@ -361,7 +399,7 @@ async def test_subscriptions_are_restored_on_a_new_connection_after_redis_comes_
         _, device_socket = await hub.client("d1")
         _, wildcard_socket = await hub.client(WILDCARD)
         before = hub.server.subscribed()
-        assert before == {channel("d1"), NAMES.device_pattern}
+        assert before == {channel("d1"), NAMES.tenant_device_pattern(TENANT)}
 
         hub.server.break_connections()
         await hub.server.until(lambda: not hub.server.pubsubs)  # the hub closed the broken connection

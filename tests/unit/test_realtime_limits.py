@@ -9,14 +9,17 @@ from typing import Any
 
 import pytest
 
-from iot_common.auth import generate_api_key, issue_token
+from iot_common.auth import generate_api_key
 from iot_common.net import address_key
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_realtime.gateway import Gateway, Refused
 from iot_realtime.limits import ExpiringSet, RateLimiter, client_address
 from iot_realtime.protocol import ERR_RATE_LIMITED, ERR_UNKNOWN_DEVICE, Subscribe
 from iot_realtime.settings import RealtimeSettings
+from iot_testkit.tokens import user_token
 
 SECRET = secrets.token_urlsafe(48)
+TENANT = "00000000-0000-0000-0000-000000000001"
 
 
 class FakePool:
@@ -32,7 +35,7 @@ class FakePool:
         self.key_lookups += 1
         return self.keys.get(prefix)
 
-    async def fetch(self, query: str, ids: list[str]) -> list[dict[str, Any]]:
+    async def fetch(self, query: str, tenant_id: str, ids: list[str]) -> list[dict[str, Any]]:
         self.device_queries += 1
         return [{"id": i} for i in ids if i in self.devices]
 
@@ -44,7 +47,16 @@ def gateway(pool: FakePool, **settings: Any) -> Gateway:
 
 def add_key(pool: FakePool) -> str:
     key, prefix, key_hash = generate_api_key()
-    pool.keys[prefix] = {"id": 7, "key_hash": key_hash, "scopes": ["read"], "revoked_at": None}
+    pool.keys[prefix] = {
+        "id": "7",
+        "key_hash": key_hash,
+        "scopes": ["read"],
+        "revoked": False,
+        "tenant_id": str(DEFAULT_TENANT_ID),
+        "platform_admin": False,
+        "created_by": None,
+        "creator_role": None,
+    }
     return key
 
 
@@ -68,7 +80,7 @@ async def test_an_address_past_its_failed_keys_is_refused_before_any_lookup() ->
     assert pool.key_lookups == 3  # none of these reached the database
     # Another address, and a token (no database lookup) from the same address, still work.
     assert (await gw.authenticate(valid, "203.0.113.6")).subject == "key:7"
-    token = issue_token(SECRET, "user-1", {"read"}, 60, "access")
+    token = user_token(SECRET, "user-1", ttl_s=60)
     assert (await gw.authenticate(token, "203.0.113.5")).subject == "user-1"
 
 
@@ -97,14 +109,14 @@ async def test_subscribe_frames_that_query_the_database_are_limited_per_credenti
     pool.devices.add("dev-1")
     gw = gateway(pool, realtime_device_checks_per_minute=2)
     frames = [Subscribe(devices=[f"ghost-{i}"], id=i) for i in range(5)]
-    errors = [await gw._check_devices(list(f.devices), f, "user-1") for f in frames]
+    errors = [await gw._check_devices(list(f.devices), f, "user-1", TENANT) for f in frames]
     assert [e.code if e else None for e in errors] == [ERR_UNKNOWN_DEVICE] * 2 + [ERR_RATE_LIMITED] * 3
     assert pool.device_queries == 2
     # Another credential has its own allowance; devices found lately need no query, so no allowance.
     ok = Subscribe(devices=["dev-1"], id=9)
-    assert await gw._check_devices(["dev-1"], ok, "user-2") is None
-    assert await gw._check_devices(["dev-1"], ok, "user-2") is None
-    assert await gw._check_devices(["dev-1"], ok, "user-2") is None
+    assert await gw._check_devices(["dev-1"], ok, "user-2", TENANT) is None
+    assert await gw._check_devices(["dev-1"], ok, "user-2", TENANT) is None
+    assert await gw._check_devices(["dev-1"], ok, "user-2", TENANT) is None
     assert pool.device_queries == 3
 
 

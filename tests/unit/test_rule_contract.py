@@ -134,9 +134,12 @@ def api_columns(api: TestClient[Litestar], body: dict[str, Any]) -> dict[str, An
     return response.json() if response.status_code == 200 else None
 
 
+TENANT = "00000000-0000-0000-0000-000000000001"
+
+
 def ingest_rule(columns: dict[str, Any]) -> Rule:
     """The rule ingest loads from a row of ``alert_rules`` with these columns."""
-    return rule_from_record({"id": "r-1", **columns})
+    return rule_from_record({"id": "r-1", "tenant_id": TENANT, **columns})
 
 
 @pytest.mark.parametrize("action", VALID_ACTIONS)
@@ -176,6 +179,7 @@ def test_a_rule_the_api_accepts_loads_in_ingest_with_the_same_condition(
     given = msgspec.convert(body, AlertRuleCreate, strict=False)
     assert rule == Rule(
         id="r-1",
+        tenant_id=TENANT,
         metric=given.metric,
         op=given.op,
         threshold=given.threshold,

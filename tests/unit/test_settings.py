@@ -87,7 +87,7 @@ def test_a_wrong_value_names_its_variable(variable: str, value: str) -> None:
 def test_the_redis_prefix_names_every_key_and_channel() -> None:
     assert load_settings(BaseSettings, {}).redis_names() == RedisNames("iot")
     settings = load_settings(ApiSettings, {**SECRET, "IOT_REDIS_PREFIX": "staging-2"})
-    assert settings.redis_names().device_channel("d") == "staging-2:device:d"
+    assert settings.redis_names().device_channel("t", "d") == "staging-2:tenant:t:device:d"
     assert settings.cache_namespace() == "staging-2:api:"
     # IOT_API_CACHE_NAMESPACE, set by deployments from before IOT_REDIS_PREFIX, still wins for the API.
     legacy = load_settings(

@@ -92,7 +92,7 @@ def test_a_payload_without_a_command_id_gets_no_answer(payload: bytes) -> None:
 def test_the_demo_rule_is_a_valid_request_that_spikes_trip_and_nothing_else() -> None:
     body = msgspec.convert(demo_rule(), AlertRuleDefinition)
     assert (body.device_type, body.metric) == (DEVICE_TYPE, "temperature")
-    rule = Rule("demo", body.metric, body.op, body.threshold, hysteresis=body.hysteresis)
+    rule = Rule("demo", "tenant", body.metric, body.op, body.threshold, hysteresis=body.hysteresis)
     calm = [m.sample()["temperature"] for m in fleet(20, 3, 7, 0.0) for _ in range(500)]
     assert not [v for v in calm if rule.holds(v)]
     assert all(rule.cleared(v) for v in calm)

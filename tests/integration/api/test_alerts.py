@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
 from iot_common.messages import AlertEvent, decode_event
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 from tests.integration.api.test_devices import assert_problem
 
@@ -320,7 +321,7 @@ async def test_ack_is_idempotent_and_publishes_an_alert_event(
     rule = (await client.post(RULES, json=rule_body(device_id=device_id), headers=writer)).json()
     alert_id = await insert_alert(db, rule["id"], device_id, datetime.now(UTC))
     pubsub = redis.pubsub()
-    await pubsub.subscribe(NAMES.device_channel(device_id))
+    await pubsub.subscribe(NAMES.device_channel(DEFAULT_TENANT_ID, device_id))
     await pubsub.get_message(timeout=2)
     try:
         assert_problem(await client.post(f"/api/v1/alerts/{alert_id}/ack", headers=reader), 403)

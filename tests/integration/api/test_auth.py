@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import uuid
 from typing import Any
 
 import asyncpg
@@ -19,13 +20,16 @@ from structlog.testing import capture_logs
 
 from iot_api import limits
 from iot_api.services import auth as auth_service
-from iot_common.auth import InvalidCredential, decode_token, issue_token
+from iot_common.auth import InvalidCredential, decode_token, issue_token, user_principal
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_testkit.processes import JWT_SECRET
+from iot_testkit.tokens import user_token
 from tests.integration.api.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, BOOTSTRAP_KEY, make_key
 from tests.integration.api.test_devices import assert_problem
 
 Client = AsyncTestClient[Any]
 SECRET = JWT_SECRET
+SOMEONE = user_principal(uuid.uuid4(), DEFAULT_TENANT_ID, "admin")
 
 
 async def login(client: Client) -> dict[str, Any]:
@@ -54,8 +58,8 @@ async def test_bad_credentials_are_401(client: Client) -> None:
         {"X-API-Key": BOOTSTRAP_KEY[:-1] + "x"},
         {"Authorization": "Basic dXNlcjpwYXNz"},
         {"Authorization": "Bearer not-a-jwt"},
-        {"Authorization": "Bearer " + issue_token("x" * 40, "u", ["admin"], 60)},
-        {"Authorization": "Bearer " + issue_token(SECRET, "u", ["admin"], -10)},
+        {"Authorization": "Bearer " + issue_token("x" * 40, SOMEONE, 60)},
+        {"Authorization": "Bearer " + issue_token(SECRET, SOMEONE, -10)},
     ]
     for headers in cases:
         response = await client.get("/api/v1/devices", headers=headers)
@@ -70,7 +74,15 @@ async def test_login_bearer_and_wrong_password(client: Client) -> None:
     principal = decode_token(SECRET, tokens["access_token"])
     assert principal.scopes == frozenset({"admin"})
     me = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {tokens['access_token']}"})
-    assert me.json() == {"subject": principal.subject, "kind": "user", "scopes": ["admin"]}
+    assert me.json() == {
+        "subject": principal.subject,
+        "kind": "user",
+        "scopes": ["admin"],
+        "tenant_id": str(DEFAULT_TENANT_ID),
+        "role": "admin",
+        "platform_admin": True,
+        "permissions": ["admin", "operate", "read", "write"],
+    }
     created = await client.post(
         "/api/v1/devices", json={}, headers={"Authorization": f"Bearer {tokens['access_token']}"}
     )
@@ -114,7 +126,7 @@ async def test_scopes_are_enforced(client: Client, admin: dict[str, str], unique
     assert_problem(
         await client.post("/api/v1/api-keys", json={"name": "x", "scopes": ["admin"]}, headers=writer), 403
     )
-    reader_token = issue_token(SECRET, "viewer", ["read"], 60)
+    reader_token = issue_token(SECRET, user_principal(uuid.uuid4(), DEFAULT_TENANT_ID, "viewer"), 60)
     bearer = {"Authorization": f"Bearer {reader_token}"}
     assert (await client.get("/api/v1/devices", headers=bearer)).status_code == 200
     assert_problem(await client.post("/api/v1/devices", json={}, headers=bearer), 403)
@@ -190,7 +202,7 @@ async def test_rate_limit_per_principal_is_429_with_retry_after(
     assert 1 <= int(limited.headers["Retry-After"]) <= 60
     assert "per minute" in body["detail"]
     # Another principal has its own budget.
-    other = {"Authorization": "Bearer " + issue_token(SECRET, "someone", ["read"], 60)}
+    other = {"Authorization": "Bearer " + user_token(SECRET, "someone", ttl_s=60)}
     assert (await client.get("/api/v1/devices", headers=other)).status_code == 200
 
 
@@ -359,7 +371,7 @@ async def test_failed_credentials_are_limited_per_address_before_any_lookup(
     assert_problem(await client.get("/api/v1/devices", headers={"Authorization": "Bearer x.y.z"}), 429)
     assert _key_lookups("unknown") - looked_up == 3
     # A right credential that needs no look-up still works from this address.
-    token = issue_token(SECRET, "someone", ["read"], 60)
+    token = user_token(SECRET, "someone", ttl_s=60)
     assert (
         await client.get("/api/v1/devices", headers={"Authorization": f"Bearer {token}"})
     ).status_code == 200

@@ -19,6 +19,7 @@ from litestar.testing import AsyncTestClient
 
 from iot_api.state import services_of
 from iot_common.messages import CommandEvent, CommandMessage, decode_event
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames, command_topic
 from iot_testkit.processes import free_port, mosquitto
 from iot_testkit.waiting import wait_for
@@ -69,7 +70,7 @@ async def device(client: Client, writer: dict[str, str], mqtt_url: str, unique: 
 @pytest.fixture
 async def events(redis: aioredis.Redis, unique: str) -> AsyncIterator[Any]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(NAMES.device_channel(f"dev-{unique}"))
+    await pubsub.subscribe(NAMES.device_channel(DEFAULT_TENANT_ID, f"dev-{unique}"))
     await pubsub.get_message(timeout=2)
     yield pubsub
     await pubsub.aclose()

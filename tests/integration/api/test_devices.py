@@ -8,6 +8,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
+from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import is_valid_device_id
 
 Client = AsyncTestClient[Any]
@@ -147,7 +148,7 @@ async def test_device_reads_are_cached_and_writes_invalidate(
     assert (await client.get(f"/api/v1/devices/{device_id}", headers=writer)).json()["name"] == "before"
     listed = await client.get("/api/v1/devices", params={"q": unique}, headers=writer)
     assert [d["name"] for d in listed.json()["items"]] == ["before"]
-    assert await redis.exists(f"iot:test:{unique}:device:{device_id}")
+    assert await redis.exists(f"iot:test:{unique}:device:{DEFAULT_TENANT_ID.hex}:{device_id}")
 
     # Changed behind the API's back: the cached answer is served (proving the cache is read) ...
     conn = await asyncpg.connect(database_url)

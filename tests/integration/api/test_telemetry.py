@@ -309,6 +309,8 @@ async def test_ingest_rejects_filter_and_paginate(
 ) -> None:
     conn: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
     try:
+        # Dead letters of the caller's tenant's devices (those of no known device are the platform's).
+        await conn.execute("INSERT INTO devices (id) VALUES ($1), ($2)", f"r-{unique}", f"q-{unique}")
         for i in range(5):
             await conn.execute(
                 "INSERT INTO ingest_rejects"

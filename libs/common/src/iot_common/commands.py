@@ -61,12 +61,12 @@ SET state = u.state, result = u.result::jsonb, error = u.error, updated_at = now
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
      AS u(id, device_id, state, result, error)
 WHERE c.id = u.id AND c.device_id = u.device_id AND c.state IN ('pending', 'sent')
-RETURNING {", ".join("c." + c.strip() for c in COMMAND_COLUMNS.split(","))}
+RETURNING {", ".join("c." + c.strip() for c in COMMAND_COLUMNS.split(","))}, c.tenant_id::text AS tenant_id
 """
 EXPIRE_COMMANDS: Final = f"""
 UPDATE commands SET state = 'expired', updated_at = now()
 WHERE state IN ('pending', 'sent') AND expires_at <= now()
-RETURNING {COMMAND_COLUMNS}
+RETURNING {COMMAND_COLUMNS}, tenant_id::text AS tenant_id
 """
 
 EXPIRY_LOCK_KEY: Final = 0x10770006
@@ -146,15 +146,15 @@ async def mark_failed(conn: Executor, command_id: str, error: str) -> Any:
     return await conn.fetchrow(MARK_FAILED, command_id, error)
 
 
-async def expire_commands(conn: Conn) -> list[CommandEvent]:
+async def expire_commands(conn: Conn) -> list[tuple[str, CommandEvent]]:
     """Expire waiting commands past ``expires_at``, under an advisory lock so one replica does it at a time.
 
-    Returns the events to publish (empty when another process holds the lock).
+    Returns the events to publish with their device's tenant (empty when another process holds the lock).
     """
     async with conn.transaction():
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", EXPIRY_LOCK_KEY):
             return []
-        return [command_event(r) for r in await conn.fetch(EXPIRE_COMMANDS)]
+        return [(r["tenant_id"], command_event(r)) for r in await conn.fetch(EXPIRE_COMMANDS)]
 
 
 def decode_ack(payload: bytes) -> CommandAck:
@@ -196,6 +196,9 @@ def ack_columns(
     return ids, devices, states, results, errors
 
 
-def publish_command_event(pipe: aioredis.Redis | Any, names: RedisNames, event: CommandEvent) -> Any:
-    """Queue (on a pipeline) or send the PUBLISH of ``event`` on its device's channel."""
-    return pipe.publish(names.device_channel(event.device_id), encode_event(event))
+def publish_command_event(
+    pipe: aioredis.Redis | Any, names: RedisNames, tenant_id: str | uuid.UUID, event: CommandEvent
+) -> Any:
+    """Queue (on a pipeline) or send the PUBLISH of ``event`` on its device's channel (in ``tenant_id``,
+    the tenant of the device)."""
+    return pipe.publish(names.device_channel(tenant_id, event.device_id), encode_event(event))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -91,29 +92,38 @@ class RedisNames:
     """
 
     prefix: str = DEFAULT_REDIS_PREFIX
-    _device: str = field(init=False, repr=False, compare=False)
+    _tenant: str = field(init=False, repr=False, compare=False)
     _latest: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if _REDIS_PREFIX_RE.match(self.prefix) is None:
             raise ValueError(f"invalid Redis prefix {self.prefix!r}: expected {REDIS_PREFIX_PATTERN}")
-        object.__setattr__(self, "_device", f"{self.prefix}:device:")
+        object.__setattr__(self, "_tenant", f"{self.prefix}:tenant:")
         object.__setattr__(self, "_latest", f"{self.prefix}:latest:")
 
-    def device_channel(self, device_id: str) -> str:
-        """Pub/sub channel carrying every event of one device (telemetry, status, alert, command)."""
-        return self._device + device_id
+    def device_channel(self, tenant_id: str | uuid.UUID, device_id: str) -> str:
+        """Pub/sub channel carrying every event of one device (telemetry, status, alert, command), under
+        the tenant that owns the device: ``{prefix}:tenant:{tenant_id}:device:{device_id}``."""
+        return f"{self._tenant}{tenant_id}:device:{device_id}"
 
-    @property
-    def device_pattern(self) -> str:
-        """``PSUBSCRIBE`` pattern of every device channel."""
-        return self._device + "*"
+    def tenant_device_pattern(self, tenant_id: str | uuid.UUID) -> str:
+        """``PSUBSCRIBE`` pattern of every device channel of one tenant (tenant ids are UUIDs, device ids
+        hold no glob character, so the pattern matches exactly that tenant's channels)."""
+        return f"{self._tenant}{tenant_id}:device:*"
 
-    def device_id_from_channel(self, channel: str) -> str | None:
-        """The device id of one of this deployment's device channels, else None."""
-        if not channel.startswith(self._device):
+    def parse_device_channel(self, channel: str) -> tuple[str, str] | None:
+        """(tenant id, device id) of one of this deployment's device channels, else None."""
+        if not channel.startswith(self._tenant):
             return None
-        return channel[len(self._device) :]
+        tenant_id, sep, device_id = channel[len(self._tenant) :].partition(":device:")
+        if not sep or not tenant_id or not device_id:
+            return None
+        return tenant_id, device_id
+
+    def tenant_rate_key(self, tenant_id: str, second: int) -> str:
+        """Counter of the readings ingest accepted from one tenant's devices in one second (epoch
+        seconds), shared by the ingest replicas to enforce ``tenants.max_readings_per_s``."""
+        return f"{self.prefix}:ingest:tenant-rate:{tenant_id}:{second}"
 
     def latest_key(self, device_id: str) -> str:
         """Hash of a device's latest values: field = metric, value = encoded ``LatestValue``."""

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from iot_testkit.processes import JWT_SECRET
+from iot_testkit.tokens import user_token
 from iot_testkit.waiting import wait_until
 
 
@@ -117,12 +118,10 @@ class ClientFleet:
     """WebSocket clients in one separate process: ``clients`` connections splitting ``devices``."""
 
     def __init__(self, realtime_port: int, devices: list[str], clients: int) -> None:
-        from iot_common.auth import issue_token
-
         ctx = mp.get_context("spawn")
         self.commands: Any = ctx.Queue()
         self.results: Any = ctx.Queue()
-        token = issue_token(JWT_SECRET, "bench-e2e", {"read"}, 24 * 3600)
+        token = user_token(JWT_SECRET, "bench-e2e", ttl_s=24 * 3600)
         url = f"http://127.0.0.1:{realtime_port}/ws?token={token}"
         groups = [devices[i::clients] for i in range(min(clients, len(devices)))]
         self.proc = ctx.Process(

@@ -1,7 +1,8 @@
 """Wiring of the API service: ``create_app(settings)`` builds the Litestar application.
 
 Request path: RequestContext (request id, access log) -> CORS -> router -> AuthMiddleware (principal,
-rate limit) -> scope guard -> controller -> service -> repository (PostgreSQL) with Redis beside it.
+rate limit, the tenant it acts in) -> AuditMiddleware (state-changing requests) -> permission guard ->
+controller -> service (with the request's TenantScope) -> repository (PostgreSQL) with Redis beside it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from litestar.static_files import create_static_files_router
 from litestar.types import ControllerRouterHandler, Scope
 
 from iot_api import rollup as rollup_job
+from iot_api.audit import AuditMiddleware
 from iot_api.cache import Cache, make_redis
 from iot_api.context import RequestContext
 from iot_api.controllers import CONTROLLERS
@@ -40,8 +42,11 @@ from iot_api.repositories.credentials import CredentialRepository
 from iot_api.repositories.devices import DeviceRepository
 from iot_api.repositories.rejects import RejectRepository
 from iot_api.repositories.telemetry import TelemetryRepository
-from iot_api.security import AuthMiddleware, scope_guard
+from iot_api.repositories.tenants import AuditRepository, TenantRepository
+from iot_api.security import OPENAPI_PATH, AuthMiddleware, permission_guard
 from iot_api.services.alerts import AlertRuleService, AlertService
+from iot_api.services.audit import AuditService
+from iot_api.services.audit import log as audit_log
 from iot_api.services.auth import AuthService
 from iot_api.services.broker import DynsecProvisioner
 from iot_api.services.commands import CommandService
@@ -50,12 +55,15 @@ from iot_api.services.identity import IdentityService, parse_service_users
 from iot_api.services.operations import HealthService
 from iot_api.services.rejects import RejectService
 from iot_api.services.telemetry import TelemetryService
+from iot_api.services.tenants import TenantService
+from iot_api.services.users import UserService
 from iot_api.settings import ApiSettings
-from iot_api.state import SERVICES, Services
+from iot_api.state import SERVICES, TENANT, Services
 from iot_common.db import create_pool
 from iot_common.resilience import run_periodic
+from iot_common.tenancy import PERMISSIONS, TENANT_HEADER
 
-OPENAPI_PATH = "/api/docs"
+AUDIT_PURGE_INTERVAL_S = 3600.0
 
 
 def _openapi() -> OpenAPIConfig:
@@ -63,7 +71,8 @@ def _openapi() -> OpenAPIConfig:
         title="IoT platform API",
         version="1.0.0",
         description=(
-            "Devices, telemetry history, alerts, commands and credentials."
+            "Devices, telemetry history, alerts, commands and credentials, each of one tenant"
+            " (a platform admin selects one with the X-Tenant-Id header)."
             " Errors are RFC 9457 problem details."
         ),
         path=OPENAPI_PATH,
@@ -82,6 +91,7 @@ def _openapi() -> OpenAPIConfig:
             Tag(name="alerts"),
             Tag(name="commands"),
             Tag(name="auth"),
+            Tag(name="tenants"),
             Tag(name="operations"),
             Tag(name="mqtt hooks", description="Called by EMQX, authenticated by X-Hook-Secret"),
         ],
@@ -99,8 +109,10 @@ def build_services(
 ) -> Services:
     names = settings.redis_names()
     cache = Cache(redis, settings.cache_namespace())
-    devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s)
+    devices = DeviceService(DeviceRepository(pool), cache, settings.api_cache_ttl_s, names)
     events = EventPublisher(cache, names)
+    accounts = AccountRepository(pool)
+    auth = AuthService(accounts, cache, settings)
     return Services(
         devices=devices,
         identity=IdentityService(
@@ -122,7 +134,10 @@ def build_services(
         alert_rules=AlertRuleService(AlertRuleRepository(pool), events),
         alerts=AlertService(AlertRepository(pool), events),
         commands=CommandService(CommandRepository(pool), devices, mqtt, events, settings.api_command_ttl_s),
-        auth=AuthService(AccountRepository(pool), cache, settings),
+        auth=auth,
+        users=UserService(accounts, auth),
+        tenants=TenantService(TenantRepository(pool), auth),
+        audit=AuditService(AuditRepository(pool), settings.audit_retention_days),
         health=HealthService(pool, redis, mqtt),
     )
 
@@ -159,6 +174,20 @@ def _dashboard_routes(settings: ApiSettings) -> list[ControllerRouterHandler]:
     ]
 
 
+def check_route_permissions(app: Litestar) -> None:
+    """Every route is public, skips authentication, or names the permission it needs: refuse to start
+    otherwise (a route without one would answer 500 to everyone)."""
+    for route in app.routes:
+        if route.path.startswith(OPENAPI_PATH):
+            continue  # the OpenAPI document and its viewers: public
+        for handler in getattr(route, "route_handlers", []):
+            if getattr(handler, "http_methods", None) == {"OPTIONS"}:
+                continue  # Litestar's own answer to OPTIONS (the authentication lets it through)
+            opt = handler.opt
+            if not (opt.get("public") or opt.get("skip_auth") or opt.get("permission") in PERMISSIONS):
+                raise RuntimeError(f"{route.path} ({handler.handler_name}) declares no permission")
+
+
 def create_app(settings: ApiSettings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -174,6 +203,11 @@ def create_app(settings: ApiSettings) -> Litestar:
         services = build_services(pool, redis, mqtt, broker, settings)
         app.state.services = services
         rollup: asyncio.Task[None] | None = None
+        audit_retention = asyncio.create_task(
+            run_periodic(
+                "audit retention", AUDIT_PURGE_INTERVAL_S, services.audit.purge, log=audit_log, run_first=True
+            )
+        )
         try:
             # A short head start, so that commands sent right after start-up find the broker connected.
             await mqtt.wait_connected(settings.api_command_puback_timeout_s)
@@ -197,6 +231,9 @@ def create_app(settings: ApiSettings) -> Litestar:
                 )
             yield
         finally:
+            audit_retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await audit_retention
             if rollup is not None:
                 rollup.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -212,21 +249,22 @@ def create_app(settings: ApiSettings) -> Litestar:
         route_handlers=[*CONTROLLERS, *_dashboard_routes(settings)],
         lifespan=[lifespan],
         state=State({"settings": settings}),
-        dependencies={"services": SERVICES},
+        dependencies={"services": SERVICES, "tenant": TENANT},
         logging_config=None,
         openapi_config=_openapi(),
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID", TENANT_HEADER],
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         ),
-        middleware=[_Middleware()],
-        guards=[scope_guard],
+        middleware=[_Middleware(), AuditMiddleware()],
+        guards=[permission_guard],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.api_max_body_bytes,
     )
+    check_route_permissions(app)
     # Outermost layer, so that 404s, CORS preflights and errors also get a request id and an access line.
     app.asgi_handler = RequestContext(
         SecurityHeaders(

@@ -7,6 +7,8 @@ next reload.
 
 from __future__ import annotations
 
+import uuid
+
 import msgspec
 
 from iot_api.cache import Cache
@@ -26,12 +28,12 @@ class EventPublisher:
         self.cache = cache
         self.names = names
 
-    async def device_event(self, device_id: str, event: DeviceEvent) -> bool:
-        """Publish ``event`` on the device's channel; False when Redis could not be reached."""
+    async def device_event(self, tenant_id: uuid.UUID | str, device_id: str, event: DeviceEvent) -> bool:
+        """Publish ``event`` on the device's channel (``tenant_id``: the tenant owning the device, whose
+        WebSocket clients alone see it); False when Redis could not be reached."""
         payload = encode_event(event)
-        result = await self.cache.call(
-            lambda r: r.publish(self.names.device_channel(device_id), payload), None
-        )
+        channel = self.names.device_channel(tenant_id, device_id)
+        result = await self.cache.call(lambda r: r.publish(channel, payload), None)
         return result is not None
 
     async def rules_changed(self, rule_id: str, change: str) -> bool:

@@ -85,6 +85,11 @@ def _field_name(key: str, message: str) -> str:
     return missing.group(1) if key in ("data", "body") else f"{key}.{missing.group(1)}"
 
 
+def _names_tenant(exc: asyncpg.ForeignKeyViolationError) -> bool:
+    """A write refused because its tenant row is gone (``<table>_tenant_id_fkey``)."""
+    return str(getattr(exc, "constraint_name", "") or "").endswith("_tenant_id_fkey")
+
+
 def _type_uri(status: int) -> str:
     return f"https://iot-platform.dev/problems/{status}" if status >= 400 else "about:blank"
 
@@ -127,6 +132,9 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
             errors = [FieldError(exc.field, exc.message, exc.source)]
         if exc.retry_after_s is not None:
             headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, asyncpg.ForeignKeyViolationError) and _names_tenant(exc):
+        # A token outlives its tenant by minutes at most: what it would write has no tenant any more.
+        status, detail = 401, "the credential's tenant no longer exists"
     elif isinstance(exc, RecursionError):
         # msgspec (and anything recursive) gives up on input nested thousands deep: the input is at fault.
         status, detail = 400, "the input is nested too deeply"

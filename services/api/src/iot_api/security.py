@@ -1,9 +1,12 @@
-"""Authentication middleware, scope guard and rate limiting.
+"""Authentication middleware, permission guard and rate limiting.
 
 Every route needs a credential unless its handler says ``opt={"public": True}`` (login, refresh,
-logout: rate limited per client address) or ``opt={"skip_auth": True}`` (health, metrics, OpenAPI).
-Each handler names the scope it needs with ``opt={"scope": "read" | "write" | "admin"}``; the controller
-sets the default.
+logout: rate limited per client address) or ``opt={"skip_auth": True}`` (health, metrics, OpenAPI, the
+MQTT hooks). The middleware resolves the principal and the tenant the request acts in
+(:class:`~iot_api.tenancy.TenantScope`, ``X-Tenant-Id`` for a platform admin). Each handler names the
+permission it needs with ``opt={"permission": "read" | "operate" | "write" | "admin"}`` (the controller
+sets the default, see :mod:`iot_common.tenancy`); ``opt={"platform": True}`` marks a route for platform
+admins only.
 """
 
 from __future__ import annotations
@@ -19,8 +22,14 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from iot_api.errors import Forbidden, Unauthenticated
 from iot_api.state import services_of
+from iot_api.tenancy import TenantScope, tenant_of
 from iot_common.auth import Principal
 from iot_common.net import address_key
+from iot_common.tenancy import PERMISSIONS
+
+PLATFORM_ONLY = "this operation is for platform admins"
+OPENAPI_PATH = "/api/docs"
+"""The OpenAPI document and its viewers: no credential needed."""
 
 
 def client_address(scope: Scope) -> str:
@@ -31,13 +40,15 @@ def client_address(scope: Scope) -> str:
 
 
 class AuthMiddleware(ASGIMiddleware):
-    """Resolve the principal (``request.user``) from ``X-API-Key`` or ``Authorization``; rate limit it."""
+    """Resolve the principal (``request.user``) from ``X-API-Key`` or ``Authorization`` and the tenant the
+    request acts in (``state["tenant"]``); rate limit the principal."""
 
     scopes = (ScopeType.HTTP,)
     exclude_opt_key = "skip_auth"
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        auth = services_of(scope["app"].state).auth
+        services = services_of(scope["app"].state)
+        auth = services.auth
         handler = scope.get("route_handler")
         opt: dict[str, Any] = handler.opt if handler is not None else {}
         state = scope.setdefault("state", {})
@@ -51,19 +62,30 @@ class AuthMiddleware(ASGIMiddleware):
             scope["user"] = principal
             state["principal"] = principal.subject
             await auth.rate_limit(principal.subject)
+            tenant_id = await services.tenants.resolve(principal, headers.get("x-tenant-id"))
+            state["tenant"] = TenantScope(tenant_id, principal)
         await next_app(scope, receive, send)
 
 
-def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Refuse with 403 when the principal lacks the handler's ``scope`` option."""
-    needed = handler.opt.get("scope")
-    if needed is None or handler.opt.get("public") or handler.opt.get("skip_auth"):
+def permission_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Refuse with 403 when the principal lacks the handler's ``permission``, or the route is for platform
+    admins (``platform``) and the principal is not one."""
+    opt = handler.opt
+    if (
+        opt.get("public")
+        or opt.get("skip_auth")
+        or connection.scope.get("method") == "OPTIONS"
+        or connection.scope["path"].startswith(OPENAPI_PATH)
+    ):
         return
-    principal = connection.scope.get("user")
-    if not isinstance(principal, Principal):
-        raise Unauthenticated("credentials required")
-    if not principal.allows(needed):
-        raise Forbidden(f"this operation needs the {needed!r} scope")
+    needed = opt.get("permission")
+    if needed not in PERMISSIONS:
+        raise RuntimeError(f"route {handler} declares no permission")  # every route must (see tests)
+    scope = tenant_of(connection)
+    if opt.get("platform") and not scope.principal.platform_admin:
+        raise Forbidden(PLATFORM_ONLY)
+    if not scope.allows(needed):
+        raise Forbidden(f"this operation needs the {needed!r} permission")
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:

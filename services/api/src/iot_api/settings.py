@@ -53,6 +53,8 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_rollup_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
     api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
+    audit_retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 90
+    """How long the audit log (``GET /api/v1/audit``) keeps each event."""
     dashboard_dir: str = ""
     public_realtime_url: str = ""
     """Where browsers reach the realtime service (the dashboard's ``config.json``): a ws:// or wss:// URL,

@@ -4,11 +4,14 @@ handlers, typed, as the ``services`` dependency. Nothing else is kept on ``app.s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 
 from iot_api.services.alerts import AlertRuleService, AlertService
+from iot_api.services.audit import AuditService
 from iot_api.services.auth import AuthService
 from iot_api.services.commands import CommandService
 from iot_api.services.devices import DeviceService
@@ -16,6 +19,9 @@ from iot_api.services.identity import IdentityService
 from iot_api.services.operations import HealthService
 from iot_api.services.rejects import RejectService
 from iot_api.services.telemetry import TelemetryService
+from iot_api.services.tenants import TenantService
+from iot_api.services.users import UserService
+from iot_api.tenancy import TenantScope, tenant_of
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,9 @@ class Services:
     alerts: AlertService
     commands: CommandService
     auth: AuthService
+    users: UserService
+    tenants: TenantService
+    audit: AuditService
     health: HealthService
 
 
@@ -45,3 +54,16 @@ SERVICES = Provide(services_of, sync_to_thread=False)
 """The ``services`` dependency of every handler."""
 AppServices = NamedDependency[Services]
 """How a handler declares it: ``services: AppServices``."""
+
+
+def _tenant(request: Request[Any, Any, Any], services: Any) -> TenantScope:
+    # ``services`` orders this after the services dependency: Litestar resolves dependencies of one level
+    # concurrently, in a task group (two tasks per request), but one at a time when each level has one.
+    # (Typed Any: Litestar then does not validate the value it passes.)
+    del services
+    return tenant_of(request)
+
+
+TENANT = Provide(_tenant, sync_to_thread=False)
+"""The ``tenant`` dependency of every handler: the request's :class:`~iot_api.tenancy.TenantScope`, resolved
+by the authentication middleware."""

@@ -106,6 +106,8 @@ class ActionJob:
     trigger: Trigger
     alert: AlertEvent
     action: Action
+    tenant_id: str
+    """The tenant of the rule (and of the alert's device): where a command's events are published."""
     run_id: Any
     """The job's row in ``action_runs`` (inserted ``queued`` by :func:`queue_run`)."""
 
@@ -138,12 +140,13 @@ async def queue_run(
     trigger: Trigger,
     alert: AlertEvent,
     action: Action,
+    tenant_id: str,
 ) -> ActionJob:
     """Insert the ``queued`` run of ``action`` for ``alert``; call it in the transaction that opens or
     resolves the alert, so that every replica sees the run once it sees the alert's change."""
     kind, target = action_target(action, alert.device_id)
     run_id = await conn.fetchval(QUEUE_RUN, alert.id, alert.rule_id, trigger, kind, target)
-    return ActionJob(trigger, alert, action, run_id)
+    return ActionJob(trigger, alert, action, tenant_id, run_id)
 
 
 class ActionRunner:
@@ -362,21 +365,21 @@ class ActionRunner:
                     # e.g. "broker refused: not authorized (135)" or "no PUBACK ... within 5 s"
                     error = str(exc)
                     updated = await mark_failed(conn, command_id, error)
-                    await self._publish_event(updated or row)
+                    await self._publish_event(job.tenant_id, updated or row)
                     return Outcome(False, 1, error, command_id)
                 except Exception as exc:
                     error = f"not published: {type(exc).__name__}: {exc}"
                     updated = await mark_failed(conn, command_id, error)
-                    await self._publish_event(updated or row)
+                    await self._publish_event(job.tenant_id, updated or row)
                     return Outcome(False, 1, error, command_id)
                 updated = await mark_sent(conn, command_id)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             return Outcome(False, 1, f"{type(exc).__name__}: {exc}")
         # None: the device answered before the row was marked sent; the ack published its own event.
         if updated is not None:
-            await self._publish_event(updated)
+            await self._publish_event(job.tenant_id, updated)
         return Outcome(True, 1, None, command_id)
 
-    async def _publish_event(self, row: Any) -> None:
+    async def _publish_event(self, tenant_id: str, row: Any) -> None:
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            await publish_command_event(self._redis, self._names, command_event(row))
+            await publish_command_event(self._redis, self._names, tenant_id, command_event(row))

@@ -43,15 +43,15 @@ from iot_ingest.rules import Kind, Rule, RuleEngine, Transition
 log = structlog.stdlib.get_logger(__name__)
 
 LOAD_RULES: Final = """
-SELECT id::text AS id, metric, op, threshold, device_id, device_type, for_seconds, hysteresis, severity,
-       message, action
+SELECT id::text AS id, tenant_id::text AS tenant_id, metric, op, threshold, device_id, device_type,
+       for_seconds, hysteresis, severity, message, action
 FROM alert_rules WHERE enabled
 """
 LOAD_OPEN: Final = "SELECT rule_id::text, device_id FROM alerts WHERE state = 'open'"
 OPEN_ALERT: Final = f"""
-INSERT INTO alerts (rule_id, device_id, metric, severity, message, value, threshold, opened_at)
-SELECT $1::uuid, $2, $3, $4, $5, $6, $7, $8
-WHERE EXISTS (SELECT 1 FROM alert_rules WHERE id = $1::uuid)
+INSERT INTO alerts (rule_id, device_id, metric, severity, message, value, threshold, opened_at, tenant_id)
+SELECT $1::uuid, $2, $3, $4, $5, $6, $7, $8, $9::uuid
+WHERE EXISTS (SELECT 1 FROM alert_rules WHERE id = $1::uuid AND tenant_id = $9::uuid)
 ON CONFLICT (rule_id, device_id) WHERE state = 'open' DO NOTHING
 RETURNING {ALERT_COLUMNS}
 """
@@ -91,6 +91,7 @@ def rule_from_record(record: Any) -> Rule:
         action = None
     return Rule(
         id=record["id"],
+        tenant_id=record["tenant_id"],
         metric=record["metric"],
         op=record["op"],
         threshold=record["threshold"],
@@ -105,13 +106,17 @@ def rule_from_record(record: Any) -> Rule:
 
 
 def evaluate(engine: RuleEngine, known: KnownDevices, readings: Iterable[Reading]) -> list[Transition]:
-    """Every transition and note of ``readings``, evaluated in timestamp order."""
+    """Every transition and note of ``readings``, evaluated in timestamp order, each reading against the
+    rules of its device's tenant."""
     out: list[Transition] = []
-    types = known.types
+    types, tenants = known.types, known.tenants
     for reading in sorted(readings, key=lambda r: r.ts):
-        out += engine.evaluate_all(
-            reading.device_id, types.get(reading.device_id), reading.ts, reading.metrics
-        )
+        device_id = reading.device_id
+        tenant_id = tenants.get(device_id)
+        if tenant_id is not None:
+            out += engine.evaluate_all(
+                tenant_id, device_id, types.get(device_id), reading.ts, reading.metrics
+            )
     return out
 
 
@@ -280,6 +285,7 @@ class AlertService:
                         t.value,
                         rule.threshold,
                         t.ts,
+                        rule.tenant_id,
                     )
                 elif t.kind == "resolve":
                     record = await conn.fetchrow(RESOLVE_ALERT, t.rule.id, t.device_id, t.ts)
@@ -291,7 +297,7 @@ class AlertService:
                 action = parse_action(t.rule.action)
                 job = None
                 if action is not None and trigger in action.on:
-                    job = await queue_run(conn, trigger, alert_event(record), action)
+                    job = await queue_run(conn, trigger, alert_event(record), action, t.rule.tenant_id)
                 changes.append((t, record, job))
         for t, record, _ in changes:
             (metrics.ALERTS_OPENED if t.kind == "open" else metrics.ALERTS_RESOLVED).inc()
@@ -309,10 +315,9 @@ class AlertService:
         """AlertEvents of real changes on the device channels; every transition's note for the replicas."""
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for _, record in changes:
-                    pipe.publish(
-                        self._names.device_channel(record["device_id"]), encode_event(alert_event(record))
-                    )
+                for t, record in changes:
+                    channel = self._names.device_channel(t.rule.tenant_id, record["device_id"])
+                    pipe.publish(channel, encode_event(alert_event(record)))
                 for t in transitions:
                     note = SyncNote(self.replica, t.kind, t.rule.id, t.device_id, t.ts)
                     pipe.publish(self._names.alert_sync, _note_encoder.encode(note))

@@ -33,6 +33,7 @@ from iot_ingest.payload import Limits
 from iot_ingest.plan import Delivery
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.settings import IngestSettings
+from iot_ingest.tenant_quota import TenantQuota, quota_client
 from iot_ingest.writer import BatchWriter
 
 log = structlog.stdlib.get_logger("iot_ingest")
@@ -45,6 +46,7 @@ class Parts:
     settings: IngestSettings
     pool: asyncpg.Pool[Any]
     redis: aioredis.Redis
+    quota_redis: aioredis.Redis
     known: KnownDevices
     actions: ActionRunner
     alerts: AlertService
@@ -76,7 +78,7 @@ async def build(settings: IngestSettings) -> Parts:
     )
     redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
     names = settings.redis_names()
-    known = KnownDevices()
+    known = KnownDevices(settings.ingest_auto_register_tenant if settings.ingest_auto_register else None)
     await known.refresh(pool)
     consumer: Consumer | None = None
 
@@ -101,11 +103,13 @@ async def build(settings: IngestSettings) -> Parts:
         pool, redis, settings.redis_url, known, actions, names=names, queue_size=settings.ingest_alert_queue
     )
     await alerts.reload()
+    quota_redis = quota_client(settings.redis_url)
     writer = BatchWriter(
         pool,
         known,
         RedisOutput(redis, names),
         auto_register=settings.ingest_auto_register,
+        quota=TenantQuota(quota_redis, names),
         on_commit=alerts.submit,
     )
     batcher: Batcher[Delivery] = Batcher(
@@ -134,7 +138,7 @@ async def build(settings: IngestSettings) -> Parts:
         quota=quota,
     )
     metrics.OLDEST_IN_FLIGHT.set_function(consumer.oldest_in_flight_s)
-    return Parts(settings, pool, redis, known, actions, alerts, writer, batcher, consumer)
+    return Parts(settings, pool, redis, quota_redis, known, actions, alerts, writer, batcher, consumer)
 
 
 def background(parts: Parts) -> list[Coroutine[Any, Any, object]]:
@@ -204,6 +208,7 @@ async def run(parts: Parts, stop: asyncio.Event) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         await runner.cleanup()
         await parts.redis.aclose()
+        await parts.quota_redis.aclose()
         await parts.pool.close()
 
 

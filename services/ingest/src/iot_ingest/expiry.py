@@ -28,11 +28,11 @@ async def expire_due_commands(pool: asyncpg.Pool[Any], redis: aioredis.Redis, na
     if not events:
         return
     metrics.COMMANDS_EXPIRED.inc(len(events))
-    log.info("commands expired", count=len(events), command_ids=[e.id for e in events][:20])
+    log.info("commands expired", count=len(events), command_ids=[e.id for _, e in events][:20])
     try:
         async with redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                publish_command_event(pipe, names, event)
+            for tenant_id, event in events:
+                publish_command_event(pipe, names, tenant_id, event)
             await pipe.execute()
     except (redis_exceptions.RedisError, OSError) as exc:
         log.warning("publishing expired commands failed", error=str(exc))

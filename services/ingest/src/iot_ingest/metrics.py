@@ -18,6 +18,10 @@ REJECTED = Counter(
     "iot_ingest_rejected", "Readings or messages written as dead letters, by reason", ["reason"]
 )
 DEVICES_REGISTERED = Counter("iot_ingest_devices_registered", "Unknown devices registered automatically")
+TENANT_QUOTA_UNCHECKED = Counter(
+    "iot_ingest_tenant_quota_unchecked",
+    "Batches stored without checking their tenants' readings limits (Redis unavailable)",
+)
 BATCH_SIZE = Histogram(
     "iot_ingest_batch_size",
     "MQTT messages per committed batch",

@@ -44,6 +44,7 @@ RejectReason = Literal[
     "too_deep",
     "retained",
     "rate_limited",
+    "tenant_quota",
     "handler_error",
 ]
 """Why a message or a reading was refused; the ``reason`` column of ``ingest_rejects`` and a metric label."""

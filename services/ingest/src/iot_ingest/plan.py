@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -32,6 +33,16 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why nothing of a device's messages is stored, and the tenant their dead letters belong to (None:
+    the device's own, if it has one)."""
+
+    reason: RejectReason
+    detail: str
+    tenant_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     topic: str
     device_id: str | None
@@ -40,6 +51,9 @@ class DeadLetter:
     payload: str
     payload_size: int
     received_at: datetime
+    tenant_id: str | None = None
+    """The tenant of the device; None for a device unknown to ingest (PostgreSQL's trigger then looks it
+    up, and leaves it NULL for a device that does not exist: only platform admins see those)."""
 
 
 @dataclass(slots=True)
@@ -52,8 +66,10 @@ class Plan:
     statuses: dict[str, tuple[DeviceStatus, datetime]] = field(default_factory=dict)
     acks: list[tuple[str, CommandAck]] = field(default_factory=list)
     """(device id, answer) of command acks; applied to ``commands`` in the same transaction."""
-    command_events: list[CommandEvent] = field(default_factory=list)
-    """Filled by the writer: the commands an ack changed, to publish after the commit."""
+    command_events: list[tuple[str, CommandEvent]] = field(default_factory=list)
+    """Filled by the writer: the commands an ack changed (with their tenant), to publish after the commit."""
+    tenants: dict[str, str] = field(default_factory=dict)
+    """Tenant of each device with readings or a status in the plan: where its events are published."""
     new_rows: int = 0
     """Filled by the writer: telemetry rows that were not stored before (duplicates excluded)."""
 
@@ -65,6 +81,7 @@ class Plan:
         self.statuses.update(other.statuses)
         self.acks += other.acks
         self.command_events += other.command_events
+        self.tenants.update(other.tenants)
         self.new_rows += other.new_rows
 
 
@@ -85,7 +102,9 @@ def safe_text(text: str) -> str:
     return text
 
 
-def dead_letter(delivery: Delivery, reason: RejectReason, detail: str) -> DeadLetter:
+def dead_letter(
+    delivery: Delivery, reason: RejectReason, detail: str, tenant_id: str | None = None
+) -> DeadLetter:
     return DeadLetter(
         topic=safe_text(delivery.topic),
         device_id=delivery.device_id,
@@ -94,30 +113,36 @@ def dead_letter(delivery: Delivery, reason: RejectReason, detail: str) -> DeadLe
         payload=payload_excerpt(delivery.payload),
         payload_size=len(delivery.payload),
         received_at=delivery.received_at,
+        tenant_id=tenant_id,
     )
 
 
-def plan_batch(batch: list[Delivery], unknown: set[str]) -> Plan:
-    """Readings, dead letters and device updates for ``batch``; devices in ``unknown`` are refused.
+def plan_batch(batch: list[Delivery], refused: Mapping[str, Refusal], tenants: Mapping[str, str]) -> Plan:
+    """Readings, dead letters and device updates for ``batch``; messages of devices in ``refused`` are
+    dead letters with the refusal's reason. ``tenants`` gives each device's tenant (every device with
+    something to store is in it), which its dead letters and events belong to.
 
     A device's status is the last one in the batch (messages are in arrival order); ``last_seen`` is the
     latest receipt time of anything stored for the device, never an offline will message.
     """
     plan = Plan()
     for delivery in batch:
+        device_id = delivery.device_id
+        refusal = tenant_id = None
+        if device_id is not None:
+            refusal = refused.get(device_id)
+            tenant_id = tenants.get(device_id) or (refusal.tenant_id if refusal is not None else None)
         for reject in delivery.rejects:
-            plan.dead_letters.append(dead_letter(delivery, reject.reason, reject.detail))
-        if delivery.ack is not None and delivery.device_id is not None:
-            plan.acks.append((delivery.device_id, delivery.ack))
+            plan.dead_letters.append(dead_letter(delivery, reject.reason, reject.detail, tenant_id))
+        if delivery.ack is not None and device_id is not None:
+            plan.acks.append((device_id, delivery.ack))
         if not delivery.needs_device:
             continue
-        device_id = delivery.device_id
         assert device_id is not None
-        if device_id in unknown:
-            plan.dead_letters.append(
-                dead_letter(delivery, "unknown_device", f"device {device_id!r} is not registered")
-            )
+        if refusal is not None:
+            plan.dead_letters.append(dead_letter(delivery, refusal.reason, refusal.detail, tenant_id))
             continue
+        plan.tenants[device_id] = tenants[device_id]
         plan.readings.extend(delivery.readings)
         if delivery.status is not None:
             plan.statuses[device_id] = (delivery.status, delivery.received_at)

@@ -1,5 +1,6 @@
 """After each commit, Redis: the latest-values hashes (newer values only) and the events on the device
-channels, one pipeline per batch, batch after batch (best effort: the rows are stored either way)."""
+channels (``{prefix}:tenant:{tenant_id}:device:{device_id}``, the tenant owning the device), one pipeline
+per batch, batch after batch (best effort: the rows are stored either way)."""
 
 from __future__ import annotations
 
@@ -86,16 +87,17 @@ class RedisOutput:
                     await self._latest_script(
                         keys=[self._names.latest_key(device_id)], args=args, client=pipe
                     )
+                tenants, channel = plan.tenants, self._names.device_channel
                 for reading in plan.readings:
                     event = TelemetryEvent(reading.device_id, reading.ts, reading.metrics)
-                    pipe.publish(self._names.device_channel(reading.device_id), encode_event(event))
+                    pipe.publish(channel(tenants[reading.device_id], reading.device_id), encode_event(event))
                 for device_id, (status, at) in plan.statuses.items():
                     pipe.publish(
-                        self._names.device_channel(device_id),
+                        channel(tenants[device_id], device_id),
                         encode_event(StatusEvent(device_id, status, at)),
                     )
-                for command in plan.command_events:
-                    publish_command_event(pipe, self._names, command)
+                for tenant_id, command in plan.command_events:
+                    publish_command_event(pipe, self._names, tenant_id, command)
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.REDIS_FAILURES.inc()

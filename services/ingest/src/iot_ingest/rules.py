@@ -6,6 +6,10 @@ resolves); the caller stores and publishes them. Per rule and device the engine 
 value leaves the threshold by more than the rule's ``hysteresis``, so a value flapping around the
 threshold opens no storm of alerts.
 
+Rules belong to a tenant and see only its devices: a rule on a device type (or on every device) applies
+to the devices of that type in the rule's tenant, and a rule naming a device applies only while that
+device is in the rule's tenant.
+
 Several ingest replicas each run an engine. They keep one view of each (rule, device) by exchanging the
 notes :meth:`RuleEngine.evaluate_all` returns beside the transitions (``pending``: a ``for_seconds`` wait
 started; ``clear``: it was reset) and applying each other's with :meth:`RuleEngine.apply_remote`.
@@ -34,6 +38,7 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 @dataclass(frozen=True)
 class Rule:
     id: str
+    tenant_id: str
     metric: str
     op: Op
     threshold: float
@@ -81,12 +86,14 @@ class _State:
 
 @dataclass
 class RuleEngine:
-    """Rules indexed by device and by device type; which alerts are open is given by ``open_alerts``."""
+    """Rules indexed by device, and by tenant and device type; which alerts are open is given by
+    ``open_alerts``."""
 
     rules: list[Rule] = field(default_factory=list)
     open_alerts: set[tuple[str, str]] = field(default_factory=set)
     _by_device: dict[str, list[Rule]] = field(default_factory=dict, init=False)
-    _by_type: dict[str, list[Rule]] = field(default_factory=dict, init=False)
+    _by_type: dict[tuple[str, str], list[Rule]] = field(default_factory=dict, init=False)
+    _by_tenant: dict[str, list[Rule]] = field(default_factory=dict, init=False)
     _states: dict[tuple[str, str], _State] = field(default_factory=dict, init=False)
     _rule_ids: set[str] = field(default_factory=set, init=False)
 
@@ -96,34 +103,56 @@ class RuleEngine:
     def replace_rules(self, rules: Iterable[Rule]) -> None:
         """Install a new rule set (after a change); pending states of removed rules are forgotten."""
         self.rules = list(rules)
-        self._by_device, self._by_type = {}, {}
+        self._by_device, self._by_type, self._by_tenant = {}, {}, {}
         for rule in self.rules:
             if rule.device_id is not None:
                 self._by_device.setdefault(rule.device_id, []).append(rule)
             elif rule.device_type is not None:
-                self._by_type.setdefault(rule.device_type, []).append(rule)
+                self._by_type.setdefault((rule.tenant_id, rule.device_type), []).append(rule)
+            else:
+                self._by_tenant.setdefault(rule.tenant_id, []).append(rule)
         ids = self._rule_ids = {r.id for r in self.rules}
         self._states = {k: v for k, v in self._states.items() if k[0] in ids}
         self.open_alerts = {k for k in self.open_alerts if k[0] in ids}
 
-    def rules_for(self, device_id: str, device_type: str | None) -> list[Rule]:
-        found = self._by_device.get(device_id, [])
-        if device_type is not None and device_type in self._by_type:
-            found = found + self._by_type[device_type]
+    def rules_for(self, tenant_id: str, device_id: str, device_type: str | None) -> list[Rule]:
+        """The rules of ``tenant_id`` that apply to a device of that tenant."""
+        found: list[Rule] = []
+        by_device = self._by_device.get(device_id)
+        if by_device:
+            found = [r for r in by_device if r.tenant_id == tenant_id]
+        by_type = self._by_type.get((tenant_id, device_type)) if device_type is not None else None
+        if by_type:
+            found += by_type
+        by_tenant = self._by_tenant.get(tenant_id)
+        if by_tenant:
+            found += by_tenant
         return found
 
     def evaluate(
-        self, device_id: str, device_type: str | None, ts: datetime, metrics: Mapping[str, float | str]
+        self,
+        tenant_id: str,
+        device_id: str,
+        device_type: str | None,
+        ts: datetime,
+        metrics: Mapping[str, float | str],
     ) -> list[Transition]:
-        """Advance every rule of this device with one reading; return what opened or resolved."""
-        return [t for t in self.evaluate_all(device_id, device_type, ts, metrics) if t.kind in _ALERT_KINDS]
+        """Advance every rule of this device (of ``tenant_id``) with one reading; return what opened or
+        resolved."""
+        transitions = self.evaluate_all(tenant_id, device_id, device_type, ts, metrics)
+        return [t for t in transitions if t.kind in _ALERT_KINDS]
 
     def evaluate_all(
-        self, device_id: str, device_type: str | None, ts: datetime, metrics: Mapping[str, float | str]
+        self,
+        tenant_id: str,
+        device_id: str,
+        device_type: str | None,
+        ts: datetime,
+        metrics: Mapping[str, float | str],
     ) -> list[Transition]:
         """Like :meth:`evaluate`, with the ``pending``/``clear`` notes of ``for_seconds`` rules too."""
         out = []
-        for rule in self.rules_for(device_id, device_type):
+        for rule in self.rules_for(tenant_id, device_id, device_type):
             value = metrics.get(rule.metric)
             if value is None or isinstance(value, str):
                 continue

@@ -7,6 +7,7 @@ from typing import Annotated
 import msgspec
 
 from iot_common.settings import BaseSettings, BindHost, Port
+from iot_common.tenancy import TENANT_NAME_PATTERN
 
 
 class IngestSettings(BaseSettings, frozen=True, kw_only=True):
@@ -19,6 +20,8 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     mqtt_client_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{0,64}(?!\n)$")] = ""
     mqtt_session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] = 86400
     ingest_auto_register: bool = False
+    ingest_auto_register_tenant: Annotated[str, msgspec.Meta(pattern=TENANT_NAME_PATTERN)] = "default"
+    """Name of the tenant that devices registered by ``IOT_INGEST_AUTO_REGISTER`` join."""
     ingest_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 2000
     ingest_batch_delay_ms: Annotated[int, msgspec.Meta(ge=0, le=60000)] = 20
     ingest_max_in_flight: Annotated[int, msgspec.Meta(ge=2, le=65535)] = 20000

@@ -28,6 +28,7 @@ from iot_ingest.payload import RejectReason
 from iot_ingest.plan import DeadLetter, Delivery, Plan, dead_letter, payload_excerpt, plan_batch, safe_text
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.telemetry import insert_telemetry
+from iot_ingest.tenant_quota import TenantQuota
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -37,9 +38,9 @@ if TYPE_CHECKING:
 log = structlog.stdlib.get_logger(__name__)
 
 INSERT_DEAD_LETTERS: Final = """
-INSERT INTO ingest_rejects (topic, device_id, reason, detail, payload, payload_size, received_at)
+INSERT INTO ingest_rejects (topic, device_id, reason, detail, payload, payload_size, received_at, tenant_id)
 SELECT * FROM unnest(
-    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::timestamptz[]
+    $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::timestamptz[], $8::uuid[]
 )
 """
 UPDATE_LAST_SEEN: Final = """
@@ -67,7 +68,7 @@ def _log_dead_letters(plan: Plan) -> None:
 
 def _count_acks(plan: Plan) -> None:
     """Count command answers: those that changed a command, and those ignored (unknown id or late)."""
-    changed = {e.id: e for e in plan.command_events}
+    changed = {e.id: e for _, e in plan.command_events}
     for event in changed.values():
         metrics.COMMAND_ACKS.labels(event.state).inc()
         log.info("command answered", device_id=event.device_id, command_id=event.id, state=event.state)
@@ -92,6 +93,7 @@ class BatchWriter:
         output: RedisOutput,
         *,
         auto_register: bool,
+        quota: TenantQuota | None = None,
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
         on_commit: Callable[[list[Reading]], None] | None = None,
@@ -100,6 +102,7 @@ class BatchWriter:
         self._known = known
         self._output = output
         self._auto_register = auto_register
+        self._quota = quota
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._on_commit = on_commit
@@ -126,12 +129,13 @@ class BatchWriter:
         """Commit ``batch``; never raises (but :class:`asyncio.CancelledError`): a message that cannot be
         stored becomes a dead letter, and what concerns the whole batch is retried with backoff."""
         isolate = False
+        admitted: list[list[Delivery]] = []  # the batch after the tenant quotas: decided once, on attempt 1
 
         async def attempt() -> tuple[Plan, float]:
             nonlocal isolate
             started = time.perf_counter()
             try:
-                return await self._commit(batch, isolate), started
+                return await self._commit(batch, isolate, admitted), started
             except Exception as exc:
                 if isolate or not message_fault(exc):
                     raise
@@ -141,7 +145,7 @@ class BatchWriter:
                 )
             isolate = True
             started = time.perf_counter()
-            return await self._commit(batch, isolate), started
+            return await self._commit(batch, isolate, admitted), started
 
         def failed(exc: Exception, delay: float) -> None:
             metrics.STORAGE_RETRIES.inc()
@@ -166,27 +170,43 @@ class BatchWriter:
             _count_acks(plan)
         return plan
 
-    async def _commit(self, batch: list[Delivery], isolate: bool) -> Plan:
-        async with self._pool.acquire() as conn, conn.transaction():
-            candidates = (d.device_id for d in batch if d.needs_device and d.device_id not in self._known.ids)
-            unknown = await self._known.resolve(conn, candidates, self._auto_register)  # type: ignore[arg-type]
-            if not isolate:
-                plan = plan_batch(batch, unknown)
-                await self._write(conn, plan)
-                return plan
-            # One savepoint per message: a message that cannot be stored becomes a dead letter.
-            merged = Plan()
-            for delivery in batch:
-                try:
-                    one = plan_batch([delivery], unknown)
-                    async with conn.transaction():
-                        await self._write(conn, one)
-                except Exception as exc:
-                    if not message_fault(exc):
-                        raise
-                    one = await self._write_instead(conn, delivery, exc)
-                merged.merge(one)
-            return merged
+    async def _commit(self, batch: list[Delivery], isolate: bool, admitted: list[list[Delivery]]) -> Plan:
+        """One attempt at the batch's transaction. The tenant quotas are applied on the first attempt only
+        (``admitted`` keeps the outcome), so a retried batch is not counted twice."""
+        known = self._known
+        registered: list[str] = []
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                candidates = [
+                    d.device_id
+                    for d in batch
+                    if d.device_id is not None and d.needs_device and not known.known(d.device_id)
+                ]
+                refused = await known.resolve(conn, candidates, self._auto_register, registered)
+                if not admitted:
+                    admitted.append(batch if self._quota is None else await self._quota.apply(batch, known))
+                deliveries = admitted[0]
+                if not isolate:
+                    plan = plan_batch(deliveries, refused, known.tenants)
+                    await self._write(conn, plan)
+                    return plan
+                # One savepoint per message: a message that cannot be stored becomes a dead letter.
+                merged = Plan()
+                for delivery in deliveries:
+                    try:
+                        one = plan_batch([delivery], refused, known.tenants)
+                        async with conn.transaction():
+                            await self._write(conn, one)
+                    except Exception as exc:
+                        if not message_fault(exc):
+                            raise
+                        one = await self._write_instead(conn, delivery, exc)
+                    merged.merge(one)
+                return merged
+        except BaseException:
+            # Rolled back: the devices this attempt registered do not exist.
+            known.forget(registered)
+            raise
 
     async def _write_instead(self, conn: Conn, delivery: Delivery, exc: Exception) -> Plan:
         """A dead letter for a message that could not be stored; if even that is refused, a bare one
@@ -195,7 +215,8 @@ class BatchWriter:
         if reason == "handler_error":
             metrics.HANDLER_ERRORS.labels("store").inc()
         detail = f"{type(exc).__name__}: {exc}"
-        letter = dead_letter(delivery, reason, detail)
+        tenant_id = self._known.tenants.get(delivery.device_id) if delivery.device_id is not None else None
+        letter = dead_letter(delivery, reason, detail, tenant_id)
         bare = DeadLetter(
             topic=safe_text(delivery.topic[:1000]),
             device_id=None,
@@ -239,6 +260,7 @@ class BatchWriter:
                 [d.payload for d in letters],
                 [d.payload_size for d in letters],
                 [d.received_at for d in letters],
+                [d.tenant_id for d in letters],
             )
         # Sorted ids: concurrent replicas lock device rows in the same order and cannot deadlock.
         if plan.last_seen:
@@ -249,4 +271,4 @@ class BatchWriter:
             await conn.execute(UPDATE_STATUS, ids, [plan.statuses[i][0] for i in ids])
         if plan.acks:
             answered = await conn.fetch(APPLY_ACKS, *ack_columns(plan.acks))
-            plan.command_events = [command_event(r) for r in answered]
+            plan.command_events = [(r["tenant_id"], command_event(r)) for r in answered]

@@ -34,12 +34,16 @@ class Connection:
         transport: asyncio.BaseTransport | None,
         principal: Principal,
         *,
+        tenant_id: str,
         queue_size: int,
         close_timeout: float,
     ) -> None:
         self.ws = ws
         self._transport = transport
         self.principal = principal
+        self.tenant_id = tenant_id
+        """The tenant this connection acts in (its credential's, or the one a platform admin chose): it
+        sees that tenant's devices only."""
         self.filters: dict[str, MetricFilter] = {}
         """Subscribed device ids (or ``*``) and the metrics each is limited to."""
         self.dropped = False

@@ -8,6 +8,7 @@ closes with 1001 "going away" when the process stops.
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
 import msgspec
@@ -164,6 +165,29 @@ class Gateway:
             self.auth_failures.take(address)
             raise
 
+    async def tenant_for(self, principal: Principal, requested: str | None) -> str:
+        """The tenant a connection acts in: the credential's own, or the one a platform admin names
+        (``?tenant=`` or the ``auth`` frame's ``tenant``); naming another tenant takes a platform admin."""
+        own = str(principal.tenant_id)
+        if requested is None:
+            return own
+        try:
+            wanted = str(uuid.UUID(requested))
+        except ValueError:
+            raise Refused(CLOSE_FORBIDDEN, "tenant must be a tenant id (a UUID)") from None
+        if wanted == own:
+            return own
+        if not principal.platform_admin:
+            raise Refused(CLOSE_FORBIDDEN, "only a platform admin may choose another tenant")
+        try:
+            exists = await self.pool.fetchval("SELECT true FROM tenants WHERE id = $1::uuid", wanted)
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.error("could not check a tenant", error=str(exc))
+            raise Refused(CLOSE_INTERNAL_ERROR, "could not check the tenant, try again") from None
+        if not exists:
+            raise Refused(CLOSE_FORBIDDEN, "no such tenant")
+        return wanted
+
     def check_admission(self, principal: Principal) -> None:
         """Refuse a connection beyond ``IOT_REALTIME_MAX_CONNECTIONS_PER_PRINCIPAL`` for its credential."""
         limit = self.settings.realtime_max_connections_per_principal
@@ -245,7 +269,9 @@ class Gateway:
         self._subscriptions_of[subject] = held + len(new)
         admitted = False
         try:
-            error = await self._check_devices([d for d in new if d != WILDCARD], frame, subject)
+            error = await self._check_devices(
+                [d for d in new if d != WILDCARD], frame, subject, conn.tenant_id
+            )
             if error is not None:
                 self._refuse(conn, error)
                 return
@@ -273,15 +299,18 @@ class Gateway:
         await self.hub.remove(conn, removed)
         conn.send_now(encode(Ack(id=frame.id)))
 
-    async def _check_devices(self, device_ids: list[str], frame: Subscribe, subject: str) -> Error | None:
-        """An ``error`` for a subscribe naming devices that are not registered (or that cannot be checked,
-        or that its credential may not ask about now: ``IOT_REALTIME_DEVICE_CHECKS_PER_MINUTE``)."""
-        if self.devices.uncached(device_ids) and not self.device_checks.take(subject):
+    async def _check_devices(
+        self, device_ids: list[str], frame: Subscribe, subject: str, tenant_id: str
+    ) -> Error | None:
+        """An ``error`` for a subscribe naming devices that are not registered in the connection's tenant
+        (a device of another tenant is answered exactly like one that does not exist), that cannot be
+        checked, or that its credential may not ask about now (``IOT_REALTIME_DEVICE_CHECKS_PER_MINUTE``)."""
+        if self.devices.uncached(tenant_id, device_ids) and not self.device_checks.take(subject):
             per_minute = self.settings.realtime_device_checks_per_minute
             message = f"at most {per_minute} subscribe frames per minute with devices not checked lately"
             return Error(code=ERR_RATE_LIMITED, message=message + ", try again shortly", id=frame.id)
         try:
-            unknown = await self.devices.unknown(device_ids)
+            unknown = await self.devices.unknown(tenant_id, device_ids)
         except (OSError, asyncpg.PostgresError) as exc:
             log.error("could not check device ids", error=str(exc))
             return Error(code=ERR_UNAVAILABLE, message="could not check the devices, try again", id=frame.id)
@@ -397,6 +426,8 @@ async def _serve(gateway: Gateway, request: web.Request) -> web.WebSocketRespons
         credential = token or (auth_frame.token if auth_frame else "")
         peer = client_address(request.remote, request.headers.get("X-Forwarded-For"), gateway.trusted_proxies)
         principal = await gateway.authenticate(credential, peer)
+        requested = request.query.get("tenant") or (auth_frame.tenant if auth_frame else None)
+        tenant_id = await gateway.tenant_for(principal, requested)
         gateway.check_admission(principal)
     except Refused as refused:
         metrics.REFUSED.labels(str(refused.code)).inc()
@@ -407,6 +438,7 @@ async def _serve(gateway: Gateway, request: web.Request) -> web.WebSocketRespons
         ws,
         request.transport,
         principal,
+        tenant_id=tenant_id,
         queue_size=settings.realtime_queue_size,
         close_timeout=settings.realtime_close_timeout_s,
     )
@@ -414,7 +446,7 @@ async def _serve(gateway: Gateway, request: web.Request) -> web.WebSocketRespons
     # happens from here on, so a failure while starting cannot leak the credential's connection count.
     gateway.register(conn)
     try:
-        log.debug("connection opened", subject=principal.subject, peer=request.remote)
+        log.debug("connection opened", subject=principal.subject, tenant=tenant_id, peer=request.remote)
         conn.start()
         if auth_frame is not None:
             conn.send_now(encode(Ack(id=auth_frame.id)))

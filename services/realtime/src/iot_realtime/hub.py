@@ -1,11 +1,14 @@
 """Fan-out from Redis pub/sub to the connections of this process.
 
-One Redis pub/sub connection per process. A device channel is subscribed when its first local subscriber
-arrives and unsubscribed when the last one leaves; ``*`` subscribers share one
-``PSUBSCRIBE {prefix}:device:*`` (``IOT_REDIS_PREFIX``: another deployment on the same Redis server never
-reaches these clients).
-So each replica listens only to what its own clients need. When the Redis connection breaks, the listener
-reconnects with backoff and subscribes again to everything its clients hold.
+One Redis pub/sub connection per process. Ingest and the API publish each device's events on a channel of
+the device's tenant, ``{prefix}:tenant:{tenant_id}:device:{device_id}``. A connection acts in one tenant,
+and its subscriptions name channels of that tenant only: a device channel is subscribed when its first
+local subscriber arrives and unsubscribed when the last one leaves; the ``*`` subscribers of one tenant
+share one ``PSUBSCRIBE {prefix}:tenant:{tenant_id}:device:*``. So an event of another tenant never reaches
+a connection: Redis does not route it to this process unless a client of that tenant asked for it, and
+then only to that client's entry (``IOT_REDIS_PREFIX`` keeps another deployment on the same Redis server
+out the same way). Each replica listens only to what its own clients need. When the Redis connection
+breaks, the listener reconnects with backoff and subscribes again to everything its clients hold.
 """
 
 from __future__ import annotations
@@ -73,9 +76,10 @@ class Hub:
             socket_keepalive=True,
         )
         self._names = names
-        self._pattern = names.device_pattern
         self._subs: dict[str, set[Connection]] = {}
-        self._wildcard: set[Connection] = set()
+        """Device channel -> the local connections subscribed to it."""
+        self._wildcard: dict[str, set[Connection]] = {}
+        """A tenant's pattern -> the local connections subscribed to ``*`` in that tenant."""
         # A private channel of this process, so its pub/sub connection is never idle of subscriptions (and
         # can be pinged) even with no clients.
         control = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -91,20 +95,24 @@ class Hub:
 
     # -- subscriptions -------------------------------------------------------------------------------
 
+    def _name(self, conn: Connection, selector: str) -> str:
+        """The Redis channel (or pattern, for ``*``) of ``selector`` in the connection's tenant."""
+        if selector == WILDCARD:
+            return self._names.tenant_device_pattern(conn.tenant_id)
+        return self._names.device_channel(conn.tenant_id, selector)
+
     async def add(self, conn: Connection, selectors: Iterable[str]) -> None:
-        """Deliver events of ``selectors`` (device ids or ``*``) to ``conn``.
+        """Deliver events of ``selectors`` (device ids or ``*``, in the connection's tenant) to ``conn``.
 
         Returns once Redis confirmed the subscriptions, or after a timeout while Redis is unreachable:
         the subscriptions are kept and restored when it comes back.
         """
         names = []
         for selector in selectors:
-            if selector == WILDCARD:
-                self._wildcard.add(conn)
-                names.append(self._pattern)
-            else:
-                self._subs.setdefault(selector, set()).add(conn)
-                names.append(self._names.device_channel(selector))
+            name = self._name(conn, selector)
+            held = self._wildcard if selector == WILDCARD else self._subs
+            held.setdefault(name, set()).add(conn)
+            names.append(name)
         await self._sync(names)
         waiters = [self._waiter(name) for name in names if name not in self._listening]
         if waiters:
@@ -116,23 +124,18 @@ class Hub:
         """Stop delivering ``selectors`` to ``conn``; a channel nobody here needs is unsubscribed."""
         names = []
         for selector in selectors:
-            if selector == WILDCARD:
-                self._wildcard.discard(conn)
-                names.append(self._pattern)
-                continue
-            conns = self._subs.get(selector)
+            name = self._name(conn, selector)
+            held = self._wildcard if selector == WILDCARD else self._subs
+            conns = held.get(name)
             if conns is not None:
                 conns.discard(conn)
                 if not conns:
-                    del self._subs[selector]
-                names.append(self._names.device_channel(selector))
+                    del held[name]
+                names.append(name)
         await self._sync(names)
 
     def _wants(self, name: str) -> bool:
-        if name == self._pattern:
-            return bool(self._wildcard)
-        device_id = self._names.device_id_from_channel(name)
-        return device_id is not None and device_id in self._subs
+        return name in self._subs or name in self._wildcard
 
     def _waiter(self, name: str) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -158,18 +161,19 @@ class Hub:
             metrics.REDIS_CHANNELS.set(len(self._requested))
 
     async def _command(self, pubsub: PubSub, names: list[str], *, subscribe: bool) -> None:
-        channels = [n for n in names if n != self._pattern]
-        pattern = self._pattern in names
+        # Device ids never hold "*": only the tenants' patterns end with it.
+        channels = [n for n in names if not n.endswith("*")]
+        patterns = [n for n in names if n.endswith("*")]
         if subscribe:
             if channels:
                 await pubsub.subscribe(*channels)
-            if pattern:
-                await pubsub.psubscribe(self._pattern)
+            if patterns:
+                await pubsub.psubscribe(*patterns)
         else:
             if channels:
                 await pubsub.unsubscribe(*channels)
-            if pattern:
-                await pubsub.punsubscribe(self._pattern)
+            if patterns:
+                await pubsub.punsubscribe(*patterns)
 
     # -- listener ------------------------------------------------------------------------------------
 
@@ -182,9 +186,7 @@ class Hub:
             try:
                 async with self._lock:
                     await pubsub.subscribe(self._control)
-                    wanted = [self._names.device_channel(d) for d in self._subs]
-                    if self._wildcard:
-                        wanted.append(self._pattern)
+                    wanted = [*self._subs, *self._wildcard]
                     await self._command(pubsub, wanted, subscribe=True)
                     self._pubsub = pubsub
                     self._requested = set(wanted)
@@ -228,10 +230,16 @@ class Hub:
         kind = message["type"]
         if kind == "message" or kind == "pmessage":
             channel = message["channel"].decode()
-            device_id = self._names.device_id_from_channel(channel)
-            if device_id is not None:
-                metrics.MESSAGES_IN.inc()
-                self.dispatch(device_id, message["data"], wildcard=kind == "pmessage")
+            parsed = self._names.parse_device_channel(channel)
+            if parsed is None:
+                return
+            metrics.MESSAGES_IN.inc()
+            if kind == "message":
+                conns = self._subs.get(channel)
+            else:
+                conns = self._wildcard.get(message["pattern"].decode())
+            if conns:
+                self.dispatch(parsed[1], message["data"], conns, wildcard=kind == "pmessage")
             return
         if kind == "subscribe" or kind == "psubscribe":
             name = message["channel"].decode()
@@ -244,15 +252,13 @@ class Hub:
         elif kind == "unsubscribe" or kind == "punsubscribe":
             self._listening.discard(message["channel"].decode())
 
-    def dispatch(self, device_id: str, data: bytes, *, wildcard: bool) -> None:
-        """Queue ``data`` for every local subscriber of ``device_id``; never waits for a client.
+    def dispatch(self, device_id: str, data: bytes, conns: Iterable[Connection], *, wildcard: bool) -> None:
+        """Queue ``data`` (an event of ``device_id``) for ``conns``, the local subscribers of the channel or
+        pattern it came on; never waits for a client.
 
         A client subscribed to ``*`` gets each event once, from the pattern subscription, with the filter
         of its explicit subscription to that device if it has one, else that of ``*``.
         """
-        conns = self._wildcard if wildcard else self._subs.get(device_id)
-        if not conns:
-            return
         filtered: dict[frozenset[str], bytes | None] = {}
         for conn in conns:
             wanted: MetricFilter

@@ -53,6 +53,8 @@ class _ClientFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_
 class Auth(_ClientFrame, frozen=True, tag="auth"):
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
     id: FrameId = None
+    tenant: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    """The tenant (id) to act in: only a platform admin may name another than its credential's."""
 
 
 class Subscribe(_ClientFrame, frozen=True, tag="subscribe"):

@@ -11,21 +11,22 @@ from iot_api.problems import problem_responses
 from iot_api.queries import PageRequest
 from iot_api.schemas.commands import Command, CommandCreate, CommandPage
 from iot_api.state import AppServices
+from iot_api.tenancy import Tenant
 
 
 class CommandController(Controller):
     path = "/api/v1/devices/{device_id:str}/commands"
     tags = ["commands"]
-    opt = {"scope": "read"}
+    opt = {"permission": "read"}
     dependencies = {"page": PAGE}
 
-    @post("/", operation_id="sendCommand", scope="write", responses=problem_responses(404, 413, 503))
+    @post("/", operation_id="sendCommand", permission="operate", responses=problem_responses(404, 413, 503))
     async def send_command(
-        self, services: AppServices, device_id: DeviceIdPath, data: JSONBody[CommandCreate]
+        self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath, data: JSONBody[CommandCreate]
     ) -> Response[Command]:
         """Publish a command on ``devices/commands/{device_id}`` (QoS 1); 201 once the broker acknowledged
         it (state ``sent``), 503 when the broker could not be reached (the command is kept as ``failed``)."""
-        command = await services.commands.send(device_id, data)
+        command = await services.commands.send(tenant, device_id, data)
         location = f"/api/v1/devices/{device_id}/commands/{command.id}"
         return Response(command, status_code=201, headers={"Location": location})
 
@@ -33,14 +34,15 @@ class CommandController(Controller):
     async def list_commands(
         self,
         services: AppServices,
+        tenant: Tenant,
         device_id: DeviceIdPath,
         page: NamedDependency[PageRequest],
     ) -> CommandPage:
         """A device's commands, newest first."""
-        return await services.commands.list(device_id, page)
+        return await services.commands.list(tenant, device_id, page)
 
     @get("/{command_id:str}", operation_id="getCommand", responses=problem_responses(404))
     async def get_command(
-        self, services: AppServices, device_id: DeviceIdPath, command_id: CommandId
+        self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath, command_id: CommandId
     ) -> Command:
-        return await services.commands.get(device_id, command_id)
+        return await services.commands.get(tenant, device_id, command_id)

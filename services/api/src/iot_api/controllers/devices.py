@@ -14,6 +14,7 @@ from iot_api.queries import PageRequest
 from iot_api.schemas.devices import Device, DeviceCreate, DevicePage, DeviceUpdate
 from iot_api.schemas.identity import DeviceCreated
 from iot_api.state import AppServices
+from iot_api.tenancy import Tenant
 from iot_common.messages import DeviceStatus
 from iot_common.topics import DEVICE_TYPE_PATTERN
 
@@ -32,19 +33,20 @@ Search = Annotated[
 class DeviceController(Controller):
     path = "/api/v1"
     tags = ["devices"]
-    opt = {"scope": "read"}
+    opt = {"permission": "read"}
     dependencies = {"page": PAGE}
 
     async def _list_devices(
         self,
         services: AppServices,
+        tenant: Tenant,
         *,
         type_: TypeFilter = None,
         page: NamedDependency[PageRequest],
         status: FromQuery[DeviceStatus | None] = None,
         q: Search = None,
     ) -> DevicePage:
-        return await services.devices.list(page, type_=type_, status=status, search=q)
+        return await services.devices.list(tenant, page, type_=type_, status=status, search=q)
 
     # One handler on two paths: the alias is the path the platform's data-flow document names.
     list_devices = get(
@@ -61,32 +63,42 @@ class DeviceController(Controller):
         responses=problem_responses(),
     )(_list_devices)
 
-    @post("/devices", operation_id="createDevice", scope="write", responses=problem_responses(409, 413, 503))
-    async def create_device(self, services: AppServices, data: JSONBody[DeviceCreate]) -> DeviceCreated:
-        """Register a device; 409 when the id is taken. ``mqtt`` holds its MQTT credentials, shown once."""
-        return await services.identity.register(data)
+    @post(
+        "/devices",
+        operation_id="createDevice",
+        permission="write",
+        responses=problem_responses(409, 413, 503),
+    )
+    async def create_device(
+        self, services: AppServices, tenant: Tenant, data: JSONBody[DeviceCreate]
+    ) -> DeviceCreated:
+        """Register a device in the caller's tenant; 409 when the id is taken (device ids are unique across
+        tenants; the answer does not say whose it is) or the tenant's device limit is reached. ``mqtt`` holds
+        its MQTT credentials, shown once."""
+        return await services.identity.register(tenant, data)
 
     @get("/devices/{device_id:str}", operation_id="getDevice", responses=problem_responses(404))
-    async def get_device(self, services: AppServices, device_id: DeviceIdPath) -> Device:
-        return await services.devices.get(device_id)
+    async def get_device(self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath) -> Device:
+        return await services.devices.get(tenant, device_id)
 
     @patch(
         "/devices/{device_id:str}",
         operation_id="updateDevice",
-        scope="write",
+        permission="write",
         responses=problem_responses(404, 413),
     )
     async def update_device(
-        self, services: AppServices, device_id: DeviceIdPath, data: JSONBody[DeviceUpdate]
+        self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath, data: JSONBody[DeviceUpdate]
     ) -> Device:
-        return await services.devices.update(device_id, data)
+        return await services.devices.update(tenant, device_id, data)
 
     @delete(
         "/devices/{device_id:str}",
         operation_id="deleteDevice",
-        scope="write",
+        permission="write",
         responses=problem_responses(404, 503),
     )
-    async def delete_device(self, services: AppServices, device_id: DeviceIdPath) -> None:
-        """Delete the device and its MQTT credentials (its telemetry stays until retention drops it)."""
-        await services.identity.delete_device(device_id)
+    async def delete_device(self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath) -> None:
+        """Delete the device, its MQTT credentials and its telemetry (a later device with the same id, in
+        any tenant, starts with no history)."""
+        await services.identity.delete_device(tenant, device_id)

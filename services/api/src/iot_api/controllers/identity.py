@@ -23,6 +23,7 @@ from iot_api.schemas.identity import (
 )
 from iot_api.services.identity import HOOK_SECRET_HEADER
 from iot_api.state import AppServices
+from iot_api.tenancy import Tenant
 
 HookSecret = Annotated[
     str | None,
@@ -33,22 +34,24 @@ HookSecret = Annotated[
 class CredentialController(Controller):
     path = "/api/v1/devices/{device_id:str}/credentials"
     tags = ["devices"]
-    opt = {"scope": "write"}
+    opt = {"permission": "write"}
 
     @post(operation_id="rotateDeviceCredentials", status_code=201, responses=problem_responses(404, 409, 503))
-    async def rotate(self, services: AppServices, device_id: DeviceIdPath) -> MqttCredentials:
+    async def rotate(self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath) -> MqttCredentials:
         """Issue a new MQTT secret (shown this once); the previous one stops working."""
-        return await services.identity.rotate(device_id)
+        return await services.identity.rotate(tenant, device_id)
 
     @delete(operation_id="revokeDeviceCredentials", responses=problem_responses(404, 503))
-    async def revoke(self, services: AppServices, device_id: DeviceIdPath) -> None:
+    async def revoke(self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath) -> None:
         """Revoke the MQTT credential: connections are refused and an open one is cut."""
-        await services.identity.revoke(device_id)
+        await services.identity.revoke(tenant, device_id)
 
-    @get(operation_id="getDeviceCredentials", scope="read", responses=problem_responses(404))
-    async def status(self, services: AppServices, device_id: DeviceIdPath) -> CredentialStatus:
+    @get(operation_id="getDeviceCredentials", permission="read", responses=problem_responses(404))
+    async def status(
+        self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath
+    ) -> CredentialStatus:
         """Whether the device has an active MQTT credential (never the secret)."""
-        return await services.identity.status(device_id)
+        return await services.identity.status(tenant, device_id)
 
 
 _HOOK_PROBLEMS = problem_responses(401, 404, public=True)

@@ -22,6 +22,8 @@ RuleId = Annotated[uuid.UUID, PathParameter(description="Rule id (UUID)")]
 AlertId = Annotated[uuid.UUID, PathParameter(description="Alert id (UUID)")]
 CommandId = Annotated[uuid.UUID, PathParameter(description="Command id (UUID)")]
 ApiKeyId = Annotated[uuid.UUID, PathParameter()]
+UserId = Annotated[uuid.UUID, PathParameter(description="User id (UUID)")]
+TenantId = Annotated[uuid.UUID, PathParameter(description="Tenant id (UUID)")]
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500, description="Page size (1-500)")]
 Cursor = Annotated[

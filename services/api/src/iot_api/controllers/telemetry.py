@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
-from litestar import Controller, Request, get
+from litestar import Controller, get
 from litestar.params import QueryParameter
 
 from iot_api.controllers.params import Cursor, DeviceIdPath, From, To
 from iot_api.problems import problem_responses
 from iot_api.schemas.telemetry import DeviceLatest, History, LatestList, TelemetryAggregate, TelemetryPage
-from iot_api.security import principal_of
 from iot_api.services.telemetry import AGG_PATTERN, BUCKET_PATTERN, DeviceQuery
 from iot_api.state import AppServices
+from iot_api.tenancy import Tenant
 from iot_common.messages import METRIC_NAME_PATTERN
 from iot_common.topics import DEVICE_ID_PATTERN
 
@@ -42,7 +42,7 @@ Metrics = Annotated[
 class TelemetryController(Controller):
     path = "/api/v1"
     tags = ["telemetry"]
-    opt = {"scope": "read"}
+    opt = {"permission": "read"}
 
     @get(
         "/devices/{device_id:str}/telemetry",
@@ -51,8 +51,8 @@ class TelemetryController(Controller):
     )
     async def device_telemetry(
         self,
-        request: Request[Any, Any, Any],
         services: AppServices,
+        tenant: Tenant,
         device_id: DeviceIdPath,
         from_: From = None,
         to: To = None,
@@ -67,23 +67,26 @@ class TelemetryController(Controller):
     ) -> TelemetryPage | TelemetryAggregate:
         """Raw points (cursor-paginated), or with ``bucket`` one point per bucket with the ``agg`` fields."""
         query = DeviceQuery(device_id, metric, from_, to, order, limit, cursor, bucket, agg)
-        return await services.telemetry.device_telemetry(principal_of(request).subject, query)
+        return await services.telemetry.device_telemetry(tenant, query)
 
     @get("/devices/{device_id:str}/latest", operation_id="getDeviceLatest", responses=problem_responses(404))
-    async def device_latest(self, services: AppServices, device_id: DeviceIdPath) -> DeviceLatest:
+    async def device_latest(
+        self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath
+    ) -> DeviceLatest:
         """Latest value of every metric: from the Redis hash the ingest service keeps, else PostgreSQL."""
-        return await services.telemetry.latest(device_id)
+        return await services.telemetry.latest(tenant, device_id)
 
     @get("/telemetry/latest", operation_id="getLatestMany", responses=problem_responses())
-    async def latest_many(self, services: AppServices, device_id: DeviceIds) -> LatestList:
-        """Latest values of several devices in one call (a device without data has no metrics)."""
-        return await services.telemetry.latest_many(device_id)
+    async def latest_many(self, services: AppServices, tenant: Tenant, device_id: DeviceIds) -> LatestList:
+        """Latest values of several devices in one call (a device without data, unknown or of another
+        tenant has no metrics)."""
+        return await services.telemetry.latest_many(tenant, device_id)
 
     @get("/telemetry/history", operation_id="getHistory", responses=problem_responses())
     async def history(
         self,
-        request: Request[Any, Any, Any],
         services: AppServices,
+        tenant: Tenant,
         device_id: DeviceIds,
         metric: Annotated[str, QueryParameter(pattern=METRIC_NAME_PATTERN, description="The metric to draw")],
         from_: From = None,
@@ -101,5 +104,5 @@ class TelemetryController(Controller):
         reads of one credential run at once; more get 429 with ``Retry-After``.
         """
         return await services.telemetry.history(
-            principal_of(request).subject, device_id, metric, from_, to, bucket, agg, limit, cursor
+            tenant, device_id, metric, from_, to, bucket, agg, limit, cursor
         )

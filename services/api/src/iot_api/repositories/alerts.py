@@ -1,4 +1,5 @@
-"""Alert rules (written by the API, read by ingest) and alerts (opened and resolved by ingest)."""
+"""Alert rules (written by the API, read by ingest) and alerts (opened and resolved by ingest), of one
+tenant: every statement names it."""
 
 from __future__ import annotations
 
@@ -45,30 +46,34 @@ def _alert(row: asyncpg.Record) -> Alert:
 
 
 # Checked in the same statement as the change, so that a webhook set meanwhile is not changed by a non-admin.
-_NO_WEBHOOK_UNLESS_2 = "$2 OR action IS NULL OR action->>'type' IS DISTINCT FROM 'webhook'"
+_NO_WEBHOOK_UNLESS_3 = "$3 OR action IS NULL OR action->>'type' IS DISTINCT FROM 'webhook'"
 
 
 class AlertRuleRepository:
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         self.pool = pool
 
-    async def get(self, rule_id: uuid.UUID) -> AlertRule | None:
-        row = await self.pool.fetchrow(f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE id = $1", rule_id)
+    async def get(self, tenant_id: uuid.UUID, rule_id: uuid.UUID) -> AlertRule | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_RULE_COLUMNS} FROM alert_rules WHERE tenant_id = $1 AND id = $2", tenant_id, rule_id
+        )
         return None if row is None else _rule(row)
 
-    async def stored_action(self, rule_id: uuid.UUID) -> dict[str, Any] | None:
+    async def stored_action(self, tenant_id: uuid.UUID, rule_id: uuid.UUID) -> dict[str, Any] | None:
         """The rule's action as stored (a webhook's headers included): for the service, never a client."""
         action: dict[str, Any] | None = await self.pool.fetchval(
-            "SELECT action FROM alert_rules WHERE id = $1", rule_id
+            "SELECT action FROM alert_rules WHERE tenant_id = $1 AND id = $2", tenant_id, rule_id
         )
         return action
 
-    async def create(self, values: dict[str, Any]) -> AlertRule:
-        """Insert a rule; raises asyncpg's ForeignKeyViolationError when ``device_id`` is unknown."""
+    async def create(self, tenant_id: uuid.UUID, values: dict[str, Any]) -> AlertRule:
+        """Insert a rule; raises asyncpg's ForeignKeyViolationError when ``device_id`` is not a device of
+        the tenant."""
         query = Query()
-        placeholders = ", ".join(query.arg(value) for value in values.values())
+        columns = {"tenant_id": tenant_id, **values}
+        placeholders = ", ".join(query.arg(value) for value in columns.values())
         row = await self.pool.fetchrow(
-            f"INSERT INTO alert_rules ({', '.join(values)}) VALUES ({placeholders})"
+            f"INSERT INTO alert_rules ({', '.join(columns)}) VALUES ({placeholders})"
             f" RETURNING {_RULE_COLUMNS}",
             *query.args,
         )
@@ -76,27 +81,36 @@ class AlertRuleRepository:
         return _rule(row)
 
     async def update(
-        self, rule_id: uuid.UUID, changes: dict[str, Any], *, webhook_allowed: bool = True
+        self,
+        tenant_id: uuid.UUID,
+        rule_id: uuid.UUID,
+        changes: dict[str, Any],
+        *,
+        webhook_allowed: bool = True,
     ) -> AlertRule | None:
         """Set the given columns (names come from the service, never from the client); None when the rule
         is gone, or has a webhook action and ``webhook_allowed`` is false."""
-        query = Query(rule_id, webhook_allowed)
+        query = Query(tenant_id, rule_id, webhook_allowed)
         row = await self.pool.fetchrow(
             f"UPDATE alert_rules SET {query.assignments(changes)}, updated_at = now()"
-            f" WHERE id = $1 AND ({_NO_WEBHOOK_UNLESS_2}) RETURNING {_RULE_COLUMNS}",
+            f" WHERE tenant_id = $1 AND id = $2 AND ({_NO_WEBHOOK_UNLESS_3}) RETURNING {_RULE_COLUMNS}",
             *query.args,
         )
         return None if row is None else _rule(row)
 
-    async def delete(self, rule_id: uuid.UUID, *, webhook_allowed: bool = True) -> bool:
+    async def delete(self, tenant_id: uuid.UUID, rule_id: uuid.UUID, *, webhook_allowed: bool = True) -> bool:
         """Delete the rule; False when it is gone, or has a webhook action and ``webhook_allowed`` is off."""
         status = await self.pool.execute(
-            f"DELETE FROM alert_rules WHERE id = $1 AND ({_NO_WEBHOOK_UNLESS_2})", rule_id, webhook_allowed
+            f"DELETE FROM alert_rules WHERE tenant_id = $1 AND id = $2 AND ({_NO_WEBHOOK_UNLESS_3})",
+            tenant_id,
+            rule_id,
+            webhook_allowed,
         )
         return status.endswith(" 1")
 
     async def list(
         self,
+        tenant_id: uuid.UUID,
         *,
         device_id: str | None,
         device_type: str | None,
@@ -105,7 +119,8 @@ class AlertRuleRepository:
         limit: int,
     ) -> list[AlertRule]:
         """Newest first, after the position ``after`` (created_at, id)."""
-        query = Query()
+        query = Query(tenant_id)
+        query.where("tenant_id = $1")
         query.equals("device_id", device_id)
         query.equals("device_type", device_type)
         query.equals("enabled", enabled)
@@ -122,27 +137,33 @@ class AlertRepository:
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         self.pool = pool
 
-    async def get(self, alert_id: uuid.UUID) -> Alert | None:
-        row = await self.pool.fetchrow(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id = $1", alert_id)
+    async def get(self, tenant_id: uuid.UUID, alert_id: uuid.UUID) -> Alert | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE tenant_id = $1 AND id = $2", tenant_id, alert_id
+        )
         return None if row is None else _alert(row)
 
-    async def ack(self, alert_id: uuid.UUID, principal: str) -> tuple[Alert, bool] | None:
+    async def ack(
+        self, tenant_id: uuid.UUID, alert_id: uuid.UUID, principal: str
+    ) -> tuple[Alert, bool] | None:
         """Acknowledge the alert unless it already is; (alert, whether this call acknowledged it)."""
         row = await self.pool.fetchrow(
             f"""
-            UPDATE alerts SET acked_at = now(), acked_by = $2
-            WHERE id = $1 AND acked_at IS NULL RETURNING {_ALERT_COLUMNS}
+            UPDATE alerts SET acked_at = now(), acked_by = $3
+            WHERE tenant_id = $1 AND id = $2 AND acked_at IS NULL RETURNING {_ALERT_COLUMNS}
             """,
+            tenant_id,
             alert_id,
             principal,
         )
         if row is not None:
             return _alert(row), True
-        alert = await self.get(alert_id)
+        alert = await self.get(tenant_id, alert_id)
         return None if alert is None else (alert, False)
 
     async def list(
         self,
+        tenant_id: uuid.UUID,
         *,
         device_id: str | None,
         state: str | None,
@@ -152,7 +173,8 @@ class AlertRepository:
         limit: int,
     ) -> list[Alert]:
         """Newest first by ``opened_at``, after the position ``after`` (opened_at, id)."""
-        query = Query()
+        query = Query(tenant_id)
+        query.where("tenant_id = $1")
         query.equals("device_id", device_id)
         query.equals("state", state)
         query.equals("severity", severity)

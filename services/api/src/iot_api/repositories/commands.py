@@ -23,7 +23,10 @@ class CommandRepository:
         self.pool = pool
 
     async def create(self, device_id: str, name: str, params: dict[str, Any], ttl_s: int) -> Command | None:
-        """Insert a ``pending`` command expiring in ``ttl_s`` seconds; None when the device is unknown."""
+        """Insert a ``pending`` command expiring in ``ttl_s`` seconds; None when the device is unknown.
+
+        The row takes its device's tenant (migration 0010): the caller checks first that the device is the
+        requesting tenant's."""
         try:
             row = await create_command(self.pool, device_id, name, params, timedelta(seconds=ttl_s))
         except asyncpg.ForeignKeyViolationError:
@@ -38,19 +41,22 @@ class CommandRepository:
         """``pending`` -> ``failed`` with ``error``; None when the device's answer was recorded meanwhile."""
         return _command(await mark_failed(self.pool, command_id, error))
 
-    async def get(self, device_id: str, command_id: uuid.UUID) -> Command | None:
+    async def get(self, tenant_id: uuid.UUID, device_id: str, command_id: uuid.UUID) -> Command | None:
         return _command(
             await self.pool.fetchrow(
-                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1 AND device_id = $2",
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE tenant_id = $1 AND id = $2 AND device_id = $3",
+                tenant_id,
                 command_id,
                 device_id,
             )
         )
 
-    async def list(self, device_id: str, *, after: tuple[Any, ...] | None, limit: int) -> list[Command]:
+    async def list(
+        self, tenant_id: uuid.UUID, device_id: str, *, after: tuple[Any, ...] | None, limit: int
+    ) -> list[Command]:
         """A device's commands, newest first, after the position ``after`` (created_at, id)."""
-        query = Query(device_id)
-        query.where("device_id = $1")
+        query = Query(tenant_id, device_id)
+        query.where("tenant_id = $1 AND device_id = $2")
         # The table's columns (not the text ``id`` of COMMAND_COLUMNS) order and position the page.
         query.after(("commands.created_at", "commands.id"), after, descending=True)
         rows = await self.pool.fetch(

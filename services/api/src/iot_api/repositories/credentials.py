@@ -1,4 +1,7 @@
-"""Device MQTT credentials (table ``device_credentials``, migration 0005)."""
+"""Device MQTT credentials (table ``device_credentials``, migration 0005).
+
+Changes name the device's tenant; :meth:`CredentialRepository.get` does not: the broker's hooks ask by
+MQTT user name (the device id, unique across tenants)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
@@ -33,9 +37,14 @@ class CredentialRepository:
         return None if row is None else CredentialRow(**dict(row))
 
     async def set_secret(
-        self, device_id: str, secret_hash: str, before_commit: Callable[[], Awaitable[None]]
+        self,
+        tenant_id: UUID,
+        device_id: str,
+        secret_hash: str,
+        before_commit: Callable[[], Awaitable[None]],
     ) -> bool:
-        """Store a new secret hash (re-activating a revoked credential); False when the device is unknown.
+        """Store a new secret hash (re-activating a revoked credential); False when the device is not the
+        tenant's.
 
         ``before_commit`` runs inside the transaction (the broker call): if it raises, nothing changes.
         """
@@ -43,25 +52,30 @@ class CredentialRepository:
             stored = await conn.fetchval(
                 """
                 INSERT INTO device_credentials (device_id, secret_hash)
-                SELECT id, $2 FROM devices WHERE id = $1
+                SELECT id, $2 FROM devices WHERE id = $1 AND tenant_id = $3
                 ON CONFLICT (device_id) DO UPDATE
                     SET secret_hash = EXCLUDED.secret_hash, rotated_at = now(), revoked_at = NULL
                 RETURNING device_id
                 """,
                 device_id,
                 secret_hash,
+                tenant_id,
             )
             if stored is None:
                 return False
             await before_commit()
             return True
 
-    async def revoke(self, device_id: str, before_commit: Callable[[], Awaitable[None]]) -> None:
-        """Mark the credential revoked; ``before_commit`` runs inside the transaction."""
+    async def revoke(
+        self, tenant_id: UUID, device_id: str, before_commit: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Mark the credential of the tenant's device revoked; ``before_commit`` runs in the transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "UPDATE device_credentials SET revoked_at = now() "
-                "WHERE device_id = $1 AND revoked_at IS NULL",
+                "UPDATE device_credentials c SET revoked_at = now() FROM devices d"
+                " WHERE c.device_id = $1 AND c.revoked_at IS NULL AND d.id = c.device_id"
+                " AND d.tenant_id = $2",
                 device_id,
+                tenant_id,
             )
             await before_commit()

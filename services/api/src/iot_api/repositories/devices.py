@@ -1,7 +1,8 @@
-"""Devices table."""
+"""Devices table: every statement names the tenant."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import asyncpg
@@ -17,46 +18,88 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
+class DeviceLimitReached(Exception):
+    """The tenant owns ``limit`` devices already (``tenants.max_devices``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the tenant's limit of {limit} devices is reached")
+        self.limit = limit
+
+
 class DeviceRepository:
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         self.pool = pool
 
-    async def get(self, device_id: str) -> Device | None:
-        row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM devices WHERE id = $1", device_id)
-        return None if row is None else Device(**row)
-
-    async def create(
-        self, device_id: str, name: str, type_: str, attributes: dict[str, Any]
-    ) -> Device | None:
-        """Insert a device; None when the id is taken."""
+    async def get(self, tenant_id: uuid.UUID, device_id: str) -> Device | None:
         row = await self.pool.fetchrow(
-            f"""
-            INSERT INTO devices (id, name, type, attributes) VALUES ($1, $2, $3, $4)
-            ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}
-            """,
-            device_id,
-            name,
-            type_,
-            attributes,
+            f"SELECT {_COLUMNS} FROM devices WHERE tenant_id = $1 AND id = $2", tenant_id, device_id
         )
         return None if row is None else Device(**row)
 
-    async def update(self, device_id: str, changes: dict[str, Any]) -> Device | None:
+    async def get_many(self, tenant_id: uuid.UUID, device_ids: list[str]) -> list[Device]:
+        """Those of ``device_ids`` that are devices of the tenant."""
+        rows = await self.pool.fetch(
+            f"SELECT {_COLUMNS} FROM devices WHERE tenant_id = $1 AND id = ANY($2::text[])",
+            tenant_id,
+            device_ids,
+        )
+        return [Device(**r) for r in rows]
+
+    async def create(
+        self, tenant_id: uuid.UUID, device_id: str, name: str, type_: str, attributes: dict[str, Any]
+    ) -> Device | None:
+        """Insert a device; None when the id is taken (in any tenant: ids are global); raise
+        :class:`DeviceLimitReached` when the tenant has its ``max_devices`` already.
+
+        The tenant's row is locked for the transaction, so that concurrent creations cannot pass the limit.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            limit = await conn.fetchval("SELECT max_devices FROM tenants WHERE id = $1 FOR UPDATE", tenant_id)
+            if limit is not None:
+                count = await conn.fetchval("SELECT count(*) FROM devices WHERE tenant_id = $1", tenant_id)
+                if count >= limit:
+                    raise DeviceLimitReached(limit)
+            row = await conn.fetchrow(
+                f"""
+                INSERT INTO devices (tenant_id, id, name, type, attributes) VALUES ($1, $2, $3, $4, $5)
+                ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}
+                """,
+                tenant_id,
+                device_id,
+                name,
+                type_,
+                attributes,
+            )
+        return None if row is None else Device(**row)
+
+    async def update(self, tenant_id: uuid.UUID, device_id: str, changes: dict[str, Any]) -> Device | None:
         """Set the given columns (names come from the service, never from the client)."""
-        query = Query(device_id)
+        query = Query(tenant_id, device_id)
         row = await self.pool.fetchrow(
-            f"UPDATE devices SET {query.assignments(changes)}, updated_at = now() WHERE id = $1"
-            f" RETURNING {_COLUMNS}",
+            f"UPDATE devices SET {query.assignments(changes)}, updated_at = now()"
+            f" WHERE tenant_id = $1 AND id = $2 RETURNING {_COLUMNS}",
             *query.args,
         )
         return None if row is None else Device(**row)
 
-    async def delete(self, device_id: str) -> bool:
-        status = await self.pool.execute("DELETE FROM devices WHERE id = $1", device_id)
-        return status.endswith(" 1")
+    async def delete(self, tenant_id: uuid.UUID, device_id: str) -> bool:
+        """Delete the tenant's device and its stored telemetry (raw and hourly), in one transaction: device
+        ids are global, so a later device with the same id, in any tenant, must not inherit its history.
+        False when the device is not the tenant's."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                "DELETE FROM devices WHERE tenant_id = $1 AND id = $2", tenant_id, device_id
+            )
+            if not status.endswith(" 1"):
+                return False
+            # One index range per daily partition (the primary key starts with device_id): no scan.
+            await conn.execute("DELETE FROM telemetry WHERE device_id = $1", device_id)
+            await conn.execute("DELETE FROM telemetry_hourly WHERE device_id = $1", device_id)
+        return True
 
     async def list(
         self,
+        tenant_id: uuid.UUID,
         *,
         limit: int,
         after: tuple[Any, ...] | None,
@@ -64,8 +107,9 @@ class DeviceRepository:
         status: str | None,
         search: str | None,
     ) -> list[Device]:
-        """Devices ordered by id, after the position ``after`` (an id); ``limit`` rows at most."""
-        query = Query()
+        """The tenant's devices ordered by id, after the position ``after`` (an id); ``limit`` at most."""
+        query = Query(tenant_id)
+        query.where("tenant_id = $1")
         query.after(("id",), after, descending=False)
         query.equals("type", type_)
         query.equals("status", status)

@@ -1,7 +1,8 @@
-"""Dead letters written by the ingest service."""
+"""Dead letters written by the ingest service, each with the tenant of its device (none when unknown)."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import asyncpg
@@ -17,15 +18,19 @@ class RejectRepository:
 
     async def list(
         self,
+        tenant_id: uuid.UUID,
         *,
+        unattributed: bool,
         device_id: str | None,
         reason: str | None,
         received: TimeRange,
         after: tuple[Any, ...] | None,
         limit: int,
     ) -> list[Reject]:
-        """Newest first, after the position ``after`` (received_at, id)."""
-        query = Query()
+        """The tenant's, newest first, after the position ``after`` (received_at, id); with
+        ``unattributed``, also those of no tenant (no known device)."""
+        query = Query(tenant_id)
+        query.where("(tenant_id = $1 OR tenant_id IS NULL)" if unattributed else "tenant_id = $1")
         query.equals("device_id", device_id)
         query.equals("reason", reason)
         query.between("received_at", received.start, received.end)

@@ -1,4 +1,4 @@
-"""Logins, tokens and API keys."""
+"""Logins, tokens, API keys and users."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from iot_api.schemas.common import Page
 from iot_common.auth import Scope
+from iot_common.tenancy import Permission, Role
 
 
 class Login(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -41,9 +43,15 @@ class RealtimeToken(msgspec.Struct, frozen=True):
 
 
 class Me(msgspec.Struct, frozen=True):
+    """The credential sent: who, in which tenant (the one the request acts in), with what permissions."""
+
     subject: str
     kind: Literal["user", "api_key"]
     scopes: list[Scope]
+    tenant_id: str
+    role: Role | None
+    platform_admin: bool
+    permissions: list[Permission]
 
 
 class ApiKeyCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -52,10 +60,15 @@ class ApiKeyCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ApiKey(msgspec.Struct, frozen=True):
+    """A key of the tenant; it grants its ``scopes``, never more than the current role of the user who
+    created it (``created_by``; null for a key created without a user, such as a tenant's first key)."""
+
     id: str
+    tenant_id: str
     name: str
     prefix: str
     scopes: list[Scope]
+    created_by: str | None
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
@@ -69,3 +82,43 @@ class ApiKeyCreated(ApiKey, frozen=True):
 
 class ApiKeyPage(msgspec.Struct, frozen=True):
     items: list[ApiKey]
+
+
+Email = Annotated[
+    str, msgspec.Meta(min_length=3, max_length=320, pattern=r"^[^\x00-\x20@]+@[^\x00-\x20@]+(?!\n)$")
+]
+Password = Annotated[str, msgspec.Meta(min_length=8, max_length=1024, pattern=r"^[^\x00]*$")]
+
+
+class User(msgspec.Struct, frozen=True):
+    """A login of the tenant, with its role there."""
+
+    id: str
+    tenant_id: str
+    email: str
+    role: Role
+    platform_admin: bool
+    disabled: bool
+    created_at: datetime
+
+
+class UserCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A new user of the caller's tenant. E-mails are unique across tenants (a login names no tenant)."""
+
+    email: Email
+    password: Password
+    role: Role
+
+
+class UserUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Fields to change. A tenant admin changes ``role``, ``disabled`` and ``password`` of the tenant's
+    users; any user changes their own ``password``, giving ``current_password``."""
+
+    role: Role | msgspec.UnsetType = msgspec.UNSET
+    disabled: bool | msgspec.UnsetType = msgspec.UNSET
+    password: Password | msgspec.UnsetType = msgspec.UNSET
+    current_password: Annotated[str, msgspec.Meta(max_length=1024)] | msgspec.UnsetType = msgspec.UNSET
+
+
+class UserPage(Page, frozen=True):
+    items: list[User]

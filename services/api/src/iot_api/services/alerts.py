@@ -29,11 +29,12 @@ from iot_api.schemas.alerts import (
     WebhookActionView,
 )
 from iot_api.services.devices import check_json
+from iot_api.tenancy import TenantScope
 from iot_common.alerts import ONE_TARGET, CommandAction, WebhookAction, alert_event, has_one_target
-from iot_common.auth import Principal
 
-WEBHOOK_NEEDS_ADMIN = "a webhook action needs the 'admin' scope"
-WEBHOOK_RULE_NEEDS_ADMIN = "changing or deleting a rule with a webhook action needs the 'admin' scope"
+WEBHOOK_NEEDS_ADMIN = "a webhook action needs the 'admin' permission"
+WEBHOOK_RULE_NEEDS_ADMIN = "changing or deleting a rule with a webhook action needs the 'admin' permission"
+NO_SUCH_DEVICE = "no device with this id"
 
 
 def rule_columns(values: dict[str, Any], device_id: str | None, device_type: str | None) -> dict[str, Any]:
@@ -63,46 +64,58 @@ class AlertRuleService:
         self.repo = repo
         self.events = events
 
-    async def get(self, rule_id: uuid.UUID) -> AlertRule:
-        rule = await self.repo.get(rule_id)
+    async def get(self, tenant: TenantScope, rule_id: uuid.UUID) -> AlertRule:
+        rule = await self.repo.get(tenant.tenant_id, rule_id)
         if rule is None:
             raise NotFound(f"alert rule '{rule_id}' not found")
         return rule
 
     async def list(
-        self, page: PageRequest, *, device_id: str | None, device_type: str | None, enabled: bool | None
+        self,
+        tenant: TenantScope,
+        page: PageRequest,
+        *,
+        device_id: str | None,
+        device_type: str | None,
+        enabled: bool | None,
     ) -> AlertRulePage:
         return await paginate(
             AlertRulePage,
             page,
             TIME_AND_UUID,
             lambda after, n: self.repo.list(
-                device_id=device_id, device_type=device_type, enabled=enabled, after=after, limit=n
+                tenant.tenant_id,
+                device_id=device_id,
+                device_type=device_type,
+                enabled=enabled,
+                after=after,
+                limit=n,
             ),
             lambda rule: (rule.created_at, rule.id),
         )
 
-    async def create(self, data: AlertRuleCreate, principal: Principal) -> AlertRule:
-        """Store a new rule; a webhook action takes the admin scope (it makes ingest POST anywhere)."""
-        if isinstance(data.action, WebhookAction) and not principal.allows("admin"):
+    async def create(self, tenant: TenantScope, data: AlertRuleCreate) -> AlertRule:
+        """Store a new rule of the tenant (on one of its devices, or on a device type: its devices of that
+        type); a webhook action takes the admin permission (it makes ingest POST anywhere)."""
+        if isinstance(data.action, WebhookAction) and not tenant.allows("admin"):
             raise Forbidden(WEBHOOK_NEEDS_ADMIN)
         try:
-            rule = await self.repo.create(new_rule_columns(data))
+            rule = await self.repo.create(tenant.tenant_id, new_rule_columns(data))
         except asyncpg.ForeignKeyViolationError:
-            raise Invalid("device_id", "no device with this id", "body") from None
+            raise Invalid("device_id", NO_SUCH_DEVICE, "body") from None
         await self.events.rules_changed(rule.id, "created")
         return rule
 
-    async def update(self, rule_id: uuid.UUID, data: AlertRuleUpdate, principal: Principal) -> AlertRule:
-        """Change the given fields. A rule with a webhook action, before or after, takes the admin scope
+    async def update(self, tenant: TenantScope, rule_id: uuid.UUID, data: AlertRuleUpdate) -> AlertRule:
+        """Change the given fields. A rule with a webhook action, before or after, takes the admin permission
         (the webhook carries its owner's secret headers); a webhook without ``headers`` keeps the stored ones.
         """
-        current = await self.get(rule_id)
+        current = await self.get(tenant, rule_id)
         changes = {
             f: getattr(data, f) for f in data.__struct_fields__ if getattr(data, f) is not msgspec.UNSET
         }
         action = changes.get("action")
-        is_admin = principal.allows("admin")
+        is_admin = tenant.allows("admin")
         if not is_admin and (
             isinstance(current.action, WebhookActionView) or isinstance(action, WebhookAction)
         ):
@@ -112,23 +125,23 @@ class AlertRuleService:
         target = changes.get("device_id", current.device_id), changes.get("device_type", current.device_type)
         columns = rule_columns(changes, *target)
         if isinstance(action, WebhookAction) and action.given_headers is msgspec.UNSET:
-            stored = await self.repo.stored_action(rule_id)
+            stored = await self.repo.stored_action(tenant.tenant_id, rule_id)
             kept = stored.get("headers") if stored and stored.get("type") == "webhook" else None
             columns["action"] = {**columns["action"], "headers": kept or {}}
         try:
-            rule = await self.repo.update(rule_id, columns, webhook_allowed=is_admin)
+            rule = await self.repo.update(tenant.tenant_id, rule_id, columns, webhook_allowed=is_admin)
         except asyncpg.ForeignKeyViolationError:
-            raise Invalid("device_id", "no device with this id", "body") from None
+            raise Invalid("device_id", NO_SUCH_DEVICE, "body") from None
         if rule is None:
-            await self.get(rule_id)  # 404 when it is gone; else a webhook was set meanwhile
+            await self.get(tenant, rule_id)  # 404 when it is gone; else a webhook was set meanwhile
             raise Forbidden(WEBHOOK_RULE_NEEDS_ADMIN)
         await self.events.rules_changed(rule.id, "updated")
         return rule
 
-    async def delete(self, rule_id: uuid.UUID, principal: Principal) -> None:
-        """Delete the rule; one with a webhook action takes the admin scope."""
-        if not await self.repo.delete(rule_id, webhook_allowed=principal.allows("admin")):
-            await self.get(rule_id)  # 404 when there is no such rule
+    async def delete(self, tenant: TenantScope, rule_id: uuid.UUID) -> None:
+        """Delete the rule; one with a webhook action takes the admin permission."""
+        if not await self.repo.delete(tenant.tenant_id, rule_id, webhook_allowed=tenant.allows("admin")):
+            await self.get(tenant, rule_id)  # 404 when there is no such rule
             raise Forbidden(WEBHOOK_RULE_NEEDS_ADMIN)
         await self.events.rules_changed(str(rule_id), "deleted")
 
@@ -138,14 +151,15 @@ class AlertService:
         self.repo = repo
         self.events = events
 
-    async def get(self, alert_id: uuid.UUID) -> Alert:
-        alert = await self.repo.get(alert_id)
+    async def get(self, tenant: TenantScope, alert_id: uuid.UUID) -> Alert:
+        alert = await self.repo.get(tenant.tenant_id, alert_id)
         if alert is None:
             raise NotFound(f"alert '{alert_id}' not found")
         return alert
 
     async def list(
         self,
+        tenant: TenantScope,
         page: PageRequest,
         span: TimeRange,
         *,
@@ -160,17 +174,24 @@ class AlertService:
             page,
             TIME_AND_UUID,
             lambda after, n: self.repo.list(
-                device_id=device_id, state=state, severity=severity, opened=opened, after=after, limit=n
+                tenant.tenant_id,
+                device_id=device_id,
+                state=state,
+                severity=severity,
+                opened=opened,
+                after=after,
+                limit=n,
             ),
             lambda alert: (alert.opened_at, alert.id),
         )
 
-    async def ack(self, alert_id: uuid.UUID, principal: Principal) -> Alert:
+    async def ack(self, tenant: TenantScope, alert_id: uuid.UUID) -> Alert:
         """Acknowledge the alert; acknowledging it again changes nothing and publishes nothing."""
-        result = await self.repo.ack(alert_id, principal.subject)
+        result = await self.repo.ack(tenant.tenant_id, alert_id, tenant.principal.subject)
         if result is None:
             raise NotFound(f"alert '{alert_id}' not found")
         alert, changed = result
         if changed:
-            await self.events.device_event(alert.device_id, alert_event(msgspec.structs.asdict(alert)))
+            event = alert_event(msgspec.structs.asdict(alert))
+            await self.events.device_event(tenant.tenant_id, alert.device_id, event)
         return alert

@@ -6,8 +6,11 @@
 - A login returns a short-lived JWT and a refresh token; the session behind it lives in Redis under the
   token's SHA-256 and is single-use (a refresh rotates it, a logout deletes it).
 - API keys are looked up by prefix, their hash compared in constant time; the row is cached in Redis for
-  ``IOT_API_CACHE_TTL_S`` and the entry deleted on revocation, so a revoked key stops at once. A prefix
-  that names no key is remembered too (``UNKNOWN_KEY_TTL_S``), so repeating an unknown key costs no query.
+  ``IOT_API_CACHE_TTL_S`` and the entry deleted on revocation (and when its creator's role changes), so a
+  revoked key stops at once. A prefix that names no key is remembered too (``UNKNOWN_KEY_TTL_S``), so
+  repeating an unknown key costs no query.
+- Keys belong to a tenant; a key's scopes never exceed what its creator may do (checked at creation, and at
+  each verification against the creator's current role, see :mod:`iot_common.tenancy`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import structlog
 from prometheus_client import Counter
 
 from iot_api.cache import Cache
-from iot_api.errors import NotFound, RateLimited, Unauthenticated, Unavailable
+from iot_api.errors import Forbidden, NotFound, RateLimited, Unauthenticated, Unavailable
 from iot_api.limits import FailureLimiter, PasswordWorkers
-from iot_api.repositories.accounts import AccountRepository
+from iot_api.repositories.accounts import AccountRepository, UserRow
 from iot_api.schemas.accounts import ApiKeyCreate, ApiKeyCreated, ApiKeyPage, Me, RealtimeToken, Tokens
 from iot_api.settings import ApiSettings
+from iot_api.tenancy import TenantScope
 from iot_common.auth import (
     InvalidCredential,
     Principal,
@@ -38,15 +42,12 @@ from iot_common.auth import (
     generate_api_key,
     hash_api_key,
     issue_token,
+    user_principal,
     verify_api_key,
 )
+from iot_common.tenancy import scopes_within
 
 log = structlog.stdlib.get_logger("iot_api.auth")
-ROLE_SCOPES: dict[str, frozenset[str]] = {
-    "admin": frozenset({"admin"}),
-    "user": frozenset({"write"}),
-    "viewer": frozenset({"read"}),
-}
 _hasher = argon2.PasswordHasher()
 _DUMMY_HASH = _hasher.hash("not-a-real-password")
 KEY_LOOKUPS = Counter("iot_api_key_lookups_total", "API key look-ups in PostgreSQL by result", ["result"])
@@ -125,6 +126,10 @@ class AuthService:
     def close(self) -> None:
         self.passwords.close()
 
+    async def check_password(self, password_hash: str, password: str) -> bool:
+        """Whether ``password`` matches ``password_hash`` (in the password workers: 503 when saturated)."""
+        return await self.passwords.run(_verify_password, password_hash, password)
+
     async def login(self, email: str, password: str, client: str) -> Tokens:
         """Tokens for a right e-mail and password; 429 before any work once the account or the client
         address has too many failures this minute, 503 when the password workers are saturated."""
@@ -143,10 +148,12 @@ class AuthService:
             raise Unauthenticated("wrong e-mail or password")
         if _hasher.check_needs_rehash(user.password_hash):
             await self.accounts.set_password_hash(user.id, await self.passwords.run(hash_password, password))
-        return await self._tokens(str(user.id), ROLE_SCOPES.get(user.role, frozenset()))
+        return await self._tokens(user)
 
-    async def _tokens(self, user_id: str, scopes: frozenset[str]) -> Tokens:
-        access = issue_token(self.settings.jwt_secret, user_id, scopes, self.settings.api_access_token_ttl_s)
+    async def _tokens(self, user: UserRow) -> Tokens:
+        principal = user_principal(user.id, user.tenant_id, user.role, platform_admin=user.platform_admin)
+        access = issue_token(self.settings.jwt_secret, principal, self.settings.api_access_token_ttl_s)
+        user_id = str(user.id)
         refresh: str | None = secrets.token_urlsafe(32)
         assert refresh is not None
         ttl = self.settings.api_refresh_ttl_s
@@ -176,21 +183,17 @@ class AuthService:
         user = await self.accounts.user_by_id(UUID(session.user_id))
         if user is None or user.disabled:
             raise Unauthenticated("user no longer exists or is disabled")
-        return await self._tokens(str(user.id), ROLE_SCOPES.get(user.role, frozenset()))
+        return await self._tokens(user)
 
     async def logout(self, refresh_token: str) -> None:
         """Revoke the session of a refresh token (unknown tokens are accepted: the result is the same)."""
         await self.cache.delete(self.cache.key("session", _token_hash(refresh_token)))
 
-    def realtime_token(self, principal: Principal) -> RealtimeToken:
+    def realtime_token(self, tenant: TenantScope) -> RealtimeToken:
+        """A short-lived token for the realtime service, acting in the request's tenant."""
         ttl = self.settings.api_realtime_token_ttl_s
         token = issue_token(
-            self.settings.jwt_secret,
-            principal.subject,
-            principal.scopes,
-            ttl,
-            token_type="realtime",
-            kind=principal.kind,
+            self.settings.jwt_secret, tenant.principal, ttl, token_type="realtime", tenant_id=tenant.tenant_id
         )
         return RealtimeToken(token=token, token_type="realtime", expires_in=ttl)
 
@@ -250,48 +253,66 @@ class AuthService:
             retry = max(1, 60 - int(now % 60))
             raise RateLimited(f"more than {limit} requests per minute", retry_after_s=retry)
 
-    async def create_key(self, data: ApiKeyCreate, principal: Principal) -> ApiKeyCreated:
+    async def create_key(self, tenant: TenantScope, data: ApiKeyCreate) -> ApiKeyCreated:
+        """A new key of the tenant, capped by its creator: scopes granting more than the caller may do are
+        refused (403). The key remembers the user behind the caller (the user, or a key's creator)."""
+        beyond = scopes_within(data.scopes, tenant.principal.permissions)
+        if beyond:
+            raise Forbidden(f"a key cannot have more than its creator: {', '.join(beyond)} not allowed")
+        return await self.issue_key(tenant.tenant_id, data, tenant.principal.user_id)
+
+    async def issue_key(self, tenant_id: UUID, data: ApiKeyCreate, created_by: UUID | None) -> ApiKeyCreated:
+        """Store a new key of ``tenant_id`` (the caller checked who may); ``key`` is shown this once."""
         key, prefix, key_hash = generate_api_key()
-        created_by = UUID(principal.subject) if principal.kind == "user" else None
         scopes: list[str] = sorted(set(data.scopes))
-        row = await self.accounts.create_key(data.name, prefix, key_hash, scopes, created_by)
+        row = await self.accounts.create_key(tenant_id, data.name, prefix, key_hash, scopes, created_by)
         if row is None:  # a 48-bit prefix collision: astronomically rare, so one retry is enough
             key, prefix, key_hash = generate_api_key()
-            row = await self.accounts.create_key(data.name, prefix, key_hash, scopes, created_by)
+            row = await self.accounts.create_key(tenant_id, data.name, prefix, key_hash, scopes, created_by)
         assert row is not None
         await self.keys.forget(prefix)  # a remembered "unknown" for this prefix
         return ApiKeyCreated(**msgspec.structs.asdict(row), key=key)
 
-    async def list_keys(self) -> ApiKeyPage:
-        return ApiKeyPage(items=await self.accounts.list_keys())
+    async def list_keys(self, tenant: TenantScope) -> ApiKeyPage:
+        return ApiKeyPage(items=await self.accounts.list_keys(tenant.tenant_id))
 
     @staticmethod
-    def me(principal: Principal) -> Me:
-        """Who the credential sent is."""
-        return Me(subject=principal.subject, kind=principal.kind, scopes=sorted(principal.scopes))  # type: ignore[arg-type]
+    def me(tenant: TenantScope) -> Me:
+        """Who the credential sent is, and what it may do in the tenant the request acts in."""
+        principal = tenant.principal
+        return Me(
+            subject=principal.subject,
+            kind=principal.kind,
+            scopes=sorted(principal.scopes),  # type: ignore[arg-type]
+            tenant_id=str(tenant.tenant_id),
+            role=principal.role,
+            platform_admin=principal.platform_admin,
+            permissions=sorted(principal.permissions),
+        )
 
-    async def revoke_key(self, key_id: UUID) -> None:
-        row = await self.accounts.revoke_key(key_id)
+    async def revoke_key(self, tenant: TenantScope, key_id: UUID) -> None:
+        row = await self.accounts.revoke_key(tenant.tenant_id, key_id)
         if row is None:
             raise NotFound(f"API key '{key_id}' not found")
-        if not await self.keys.forget(row.prefix):
-            log.warning("API key revoked but its cache entry could not be deleted", key_id=str(key_id))
+        await self.forget_keys([row.prefix])
+
+    async def forget_keys(self, prefixes: list[str]) -> None:
+        """Drop the cached verification of these keys (revoked, or their creator changed)."""
+        for prefix in prefixes:
+            if not await self.keys.forget(prefix):
+                log.warning("API key changed but its cache entry could not be deleted", prefix=prefix)
 
     async def bootstrap(self) -> None:
         """Create the admin user and the API key named by the settings, unless they exist (idempotent)."""
         s = self.settings
         if s.bootstrap_admin_email:
-            created = await self.accounts.ensure_user(
-                s.bootstrap_admin_email,
-                await self.passwords.run(hash_password, s.bootstrap_admin_password),
-                "admin",
+            created = await self.accounts.ensure_platform_admin(
+                s.bootstrap_admin_email, await self.passwords.run(hash_password, s.bootstrap_admin_password)
             )
             log.info("bootstrap admin", email=s.bootstrap_admin_email, created=created)
         if s.bootstrap_api_key:
             prefix = api_key_prefix(s.bootstrap_api_key)
             assert prefix is not None
-            row = await self.accounts.create_key(
-                "bootstrap", prefix, hash_api_key(s.bootstrap_api_key), ["admin"], None
-            )
+            created = await self.accounts.ensure_bootstrap_key(prefix, hash_api_key(s.bootstrap_api_key))
             await self.keys.forget(prefix)
-            log.info("bootstrap API key", prefix=prefix, created=row is not None)
+            log.info("bootstrap API key", prefix=prefix, created=created)

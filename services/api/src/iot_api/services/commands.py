@@ -22,7 +22,8 @@ from iot_api.pagination import TIME_AND_UUID, paginate
 from iot_api.queries import PageRequest
 from iot_api.repositories.commands import CommandRepository
 from iot_api.schemas.commands import Command, CommandCreate, CommandPage
-from iot_api.services.devices import DeviceService, check_json
+from iot_api.services.devices import DeviceService, check_json, not_found
+from iot_api.tenancy import TenantScope
 from iot_common.commands import command_event, command_message
 from iot_common.messages import CommandEvent
 from iot_common.topics import command_topic
@@ -49,40 +50,42 @@ class CommandService:
         self.events = events
         self.default_ttl_s = default_ttl_s
 
-    async def send(self, device_id: str, data: CommandCreate) -> Command:
+    async def send(self, tenant: TenantScope, device_id: str, data: CommandCreate) -> Command:
+        """Send a command to a device of the tenant (404 for another tenant's, as for an unknown one)."""
         check_json(data.params, "params")
+        await self.devices.require(tenant, device_id)
         ttl_s = data.ttl_s or self.default_ttl_s
         command = await self.repo.create(device_id, data.name, data.params, ttl_s)
         if command is None:
-            raise NotFound(f"device {device_id!r} not found")
+            raise not_found(device_id)
         message = command_message(command.id, command.name, command.params, command.expires_at)
         try:
             await self.publisher.publish(command_topic(device_id), message, ttl_s)
         except PublishError as exc:
             failed = await self.repo.mark_failed(command.id, str(exc))
             if failed is not None:
-                await self.events.device_event(device_id, _event(failed))
+                await self.events.device_event(tenant.tenant_id, device_id, _event(failed))
             raise Unavailable(f"command {command.id} failed: {exc}", retry_after_s=RETRY_AFTER_S) from None
         sent = await self.repo.mark_sent(command.id)
         if sent is None:
             # The device answered (and ingest recorded it) before this update: keep its state.
-            current = await self.repo.get(device_id, uuid.UUID(command.id))
+            current = await self.repo.get(tenant.tenant_id, device_id, uuid.UUID(command.id))
             return current or command
-        await self.events.device_event(device_id, _event(sent))
+        await self.events.device_event(tenant.tenant_id, device_id, _event(sent))
         return sent
 
-    async def get(self, device_id: str, command_id: uuid.UUID) -> Command:
-        command = await self.repo.get(device_id, command_id)
+    async def get(self, tenant: TenantScope, device_id: str, command_id: uuid.UUID) -> Command:
+        command = await self.repo.get(tenant.tenant_id, device_id, command_id)
         if command is None:
             raise NotFound(f"command '{command_id}' of device {device_id!r} not found")
         return command
 
-    async def list(self, device_id: str, page: PageRequest) -> CommandPage:
-        """A device's commands, newest first; :class:`NotFound` when the device does not exist."""
+    async def list(self, tenant: TenantScope, device_id: str, page: PageRequest) -> CommandPage:
+        """A device's commands, newest first; :class:`NotFound` when the device is not the tenant's."""
 
         async def fetch(after: tuple[Any, ...] | None, n: int) -> list[Command]:
-            await self.devices.require(device_id)
-            return await self.repo.list(device_id, after=after, limit=n)
+            await self.devices.require(tenant, device_id)
+            return await self.repo.list(tenant.tenant_id, device_id, after=after, limit=n)
 
         return await paginate(
             CommandPage, page, TIME_AND_UUID, fetch, lambda command: (command.created_at, command.id)

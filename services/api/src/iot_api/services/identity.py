@@ -35,6 +35,7 @@ from iot_api.schemas.identity import (
 from iot_api.services.broker import DynsecProvisioner
 from iot_api.services.devices import DeviceService
 from iot_api.services.mqtt_acl import RESERVED_USERNAMES, SERVICE_ROLES, Rule, allowed, device_rules
+from iot_api.tenancy import TenantScope
 from iot_common.topics import is_valid_device_id
 
 log = structlog.stdlib.get_logger("iot_api.identity")
@@ -107,58 +108,58 @@ class IdentityService:
         if device_id in self.reserved:
             raise Conflict(f"{device_id!r} is the MQTT user of a platform service; choose another device id")
 
-    async def register(self, data: DeviceCreate) -> DeviceCreated:
+    async def register(self, tenant: TenantScope, data: DeviceCreate) -> DeviceCreated:
         """Create the device and its credentials; if these cannot be issued, the device is removed."""
         if data.id is not None:
             self._refuse_reserved(data.id)
-        device = await self.devices.create(data)
+        device = await self.devices.create(tenant, data)
         try:
-            credentials = await self._issue(device.id)
+            credentials = await self._issue(tenant, device.id)
         except BaseException:
-            await self.devices.delete(device.id)
+            await self.devices.delete(tenant, device.id)
             raise
         return DeviceCreated(**msgspec.structs.asdict(device), mqtt=credentials)
 
-    async def rotate(self, device_id: str) -> MqttCredentials:
+    async def rotate(self, tenant: TenantScope, device_id: str) -> MqttCredentials:
         """A new secret; the old one stops working (and an open connection keeps running until it
         reconnects, which then needs the new secret)."""
-        await self.devices.require(device_id)
+        await self.devices.require(tenant, device_id)
         self._refuse_reserved(device_id)
-        return await self._issue(device_id)
+        return await self._issue(tenant, device_id)
 
-    async def _issue(self, device_id: str) -> MqttCredentials:
+    async def _issue(self, tenant: TenantScope, device_id: str) -> MqttCredentials:
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
 
         async def provision() -> None:
             if self.broker is not None:
                 await self.broker.provision(device_id, secret)
 
-        if not await self.repo.set_secret(device_id, hash_secret(secret), provision):
+        if not await self.repo.set_secret(tenant.tenant_id, device_id, hash_secret(secret), provision):
             raise NotFound(f"device {device_id!r} not found")
         await self._forget_cached(device_id)
         return MqttCredentials(username=device_id, password=secret)
 
-    async def revoke(self, device_id: str) -> None:
+    async def revoke(self, tenant: TenantScope, device_id: str) -> None:
         """Refuse the credential from now on; the broker also cuts an open connection."""
-        await self.devices.require(device_id)
+        await self.devices.require(tenant, device_id)
 
         async def disable() -> None:
             if self.broker is not None and device_id not in self.reserved:
                 await self.broker.disable(device_id)
 
-        await self.repo.revoke(device_id, disable)
+        await self.repo.revoke(tenant.tenant_id, device_id, disable)
         await self._forget_cached(device_id)
 
-    async def delete_device(self, device_id: str) -> None:
+    async def delete_device(self, tenant: TenantScope, device_id: str) -> None:
         """Delete the device's broker user first (503 if the broker is away), then the device."""
-        await self.devices.require(device_id)
+        await self.devices.require(tenant, device_id)
         if self.broker is not None and device_id not in self.reserved:
             await self.broker.delete(device_id)
-        await self.devices.delete(device_id)
+        await self.devices.delete(tenant, device_id)
         await self._forget_cached(device_id)
 
-    async def status(self, device_id: str) -> CredentialStatus:
-        await self.devices.require(device_id)
+    async def status(self, tenant: TenantScope, device_id: str) -> CredentialStatus:
+        await self.devices.require(tenant, device_id)
         row = await self.repo.get(device_id)
         if row is None:
             return CredentialStatus(device_id, device_id, False, None, None, None)

@@ -1,4 +1,9 @@
-"""Telemetry queries: raw pages, bucketed aggregates, latest values (Redis first), multi-device history."""
+"""Telemetry queries: raw pages, bucketed aggregates, latest values (Redis first), multi-device history.
+
+Telemetry rows carry no tenant: each read first checks that its devices are the caller's tenant's
+(:class:`~iot_api.services.devices.DeviceService`, cached per tenant). Another tenant's device reads like
+an unknown one: 404 for one device, no data in a multi-device read.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from iot_api.schemas.telemetry import (
     TelemetryPoint,
 )
 from iot_api.services.devices import DeviceService
+from iot_api.tenancy import TenantScope
 from iot_common import messages
 from iot_common.topics import RedisNames
 
@@ -162,21 +168,21 @@ class TelemetryService:
         self.heavy = HeavyReads(heavy_reads_per_principal)
 
     async def device_telemetry(
-        self, principal: str, query: DeviceQuery
+        self, tenant: TenantScope, query: DeviceQuery
     ) -> TelemetryPage | TelemetryAggregate:
         """Raw points of a device (a page), or with ``bucket`` the buckets of exactly one metric; one of
-        the ``principal``'s heavy reads."""
+        the principal's heavy reads."""
         metrics = query.metrics
         if query.bucket is not None and (not metrics or len(set(metrics)) != 1):
             raise Invalid("metric", "exactly one metric is needed with `bucket`")
-        async with self.heavy.hold(principal):
+        async with self.heavy.hold(tenant.principal.subject):
             if query.bucket is None or not metrics:
-                return await self.raw(query)
-            return await self.aggregate(query, metrics[0], query.bucket)
+                return await self.raw(tenant, query)
+            return await self.aggregate(tenant, query, metrics[0], query.bucket)
 
-    async def raw(self, query: DeviceQuery) -> TelemetryPage:
+    async def raw(self, tenant: TenantScope, query: DeviceQuery) -> TelemetryPage:
         device_id = query.device_id
-        await self.devices.require(device_id)
+        await self.devices.require(tenant, device_id)
         start, end, descending = utc(query.start), utc(query.end), query.order == "desc"
 
         async def fetch(after: tuple[Any, ...] | None, n: int) -> list[TelemetryPoint]:
@@ -198,8 +204,10 @@ class TelemetryService:
             order=query.order,
         )
 
-    async def aggregate(self, query: DeviceQuery, metric: str, bucket: str) -> TelemetryAggregate:
-        await self.devices.require(query.device_id)
+    async def aggregate(
+        self, tenant: TenantScope, query: DeviceQuery, metric: str, bucket: str
+    ) -> TelemetryAggregate:
+        await self.devices.require(tenant, query.device_id)
         start_, end_ = aggregate_range(query.start, query.end)
         step = self._check_buckets(start_, end_, bucket, min(MAX_BUCKETS, self.max_points))
         aggs = parse_agg(query.agg)
@@ -221,16 +229,32 @@ class TelemetryService:
             raise Invalid("bucket", f"more than {most} buckets in the range; use a larger bucket")
         return step
 
-    async def latest(self, device_id: str) -> DeviceLatest:
-        await self.devices.require(device_id)
-        return (await self._latest([device_id]))[0]
+    async def latest(self, tenant: TenantScope, device_id: str) -> DeviceLatest:
+        await self.devices.require(tenant, device_id)
+        key = self.names.latest_key(device_id)
+        return (await self._latest([device_id], await self.cache.hgetall_many([key])))[0]
 
-    async def latest_many(self, device_ids: list[str]) -> LatestList:
-        """Latest values of each device asked for (unknown devices answer with no metrics)."""
-        return LatestList(items=await self._latest(list(dict.fromkeys(device_ids))))
+    async def latest_many(self, tenant: TenantScope, device_ids: list[str]) -> LatestList:
+        """Latest values of each device asked for; an unknown device, or another tenant's, answers with no
+        metrics. One Redis round trip for the devices' cache entries and their latest values together."""
+        ids = list(dict.fromkeys(device_ids))
+        keys = [self.devices.device_key(tenant, d) for d in ids]
+        found = await self.cache.pipeline(
+            lambda p: (p.mget(keys), [p.hgetall(self.names.latest_key(d)) for d in ids])
+        )
+        entries: list[bytes | None] = found[0] if found is not None else [None] * len(ids)
+        owned = await self.devices.owned_of(tenant, ids, entries)
+        mine = [d for d in ids if d in owned]
+        hashes = found[1:] if found is not None else None
+        cached = None if hashes is None else [h for d, h in zip(ids, hashes, strict=True) if d in owned]
+        latest = {item.device_id: item for item in await self._latest(mine, cached)}
+        return LatestList(items=[latest.get(d) or DeviceLatest(d, {}, "database") for d in ids])
 
-    async def _latest(self, device_ids: list[str]) -> list[DeviceLatest]:
-        cached = await self.cache.hgetall_many([self.names.latest_key(d) for d in device_ids])
+    async def _latest(
+        self, device_ids: list[str], cached: list[dict[bytes, bytes]] | None
+    ) -> list[DeviceLatest]:
+        """Latest values of devices already checked: from their Redis hashes (``cached``, None when Redis is
+        down), else from the table."""
         result = []
         for index, device_id in enumerate(device_ids):
             if cached is not None and cached[index]:
@@ -243,7 +267,7 @@ class TelemetryService:
 
     async def history(
         self,
-        principal: str,
+        tenant: TenantScope,
         device_ids: list[str],
         metric: str,
         start: datetime | None,
@@ -258,10 +282,11 @@ class TelemetryService:
         A response holds at most ``max_points`` points in all. When the series do not fit, the page stops
         after ``max_points`` points (``truncated``) and ``next_cursor`` continues exactly after the last
         point returned: the same device, the next point, on the same time range as the first page. One of
-        the ``principal``'s heavy reads.
+        the principal's heavy reads. A device that is not the tenant's has an empty series, as an unknown one.
         """
-        async with self.heavy.hold(principal):
+        async with self.heavy.hold(tenant.principal.subject):
             ids = list(dict.fromkeys(device_ids))
+            owned = await self.devices.owned_of(tenant, ids, [None] * len(ids))
             step = None
             fingerprint = _fingerprint(ids, metric, bucket, limit)
             index, emitted, after = 0, 0, None
@@ -291,6 +316,9 @@ class TelemetryService:
                 if budget == 0:
                     next_cursor = encode_cursor(fingerprint, i, start_, end_, None, 0)
                     break
+                if device_id not in owned:
+                    series.append(Series(device_id=device_id, metric=metric, has_more=False, points=[]))
+                    continue
                 if step is not None:
                     first = start_ if after_ts is None else after_ts + step
                     buckets = await self.repo.aggregate(

@@ -1,0 +1,106 @@
+"""The audit hook: every state-changing request with a credential is recorded by
+:class:`~iot_api.services.audit.AuditService` (see that module), in one place for every route."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, cast
+
+import msgspec
+from litestar.enums import ScopeType
+from litestar.handlers import HTTPRouteHandler
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from iot_api.state import services_of
+from iot_api.tenancy import TenantScope
+
+AUDITED_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+API_PREFIX = "/api/v1/"
+
+
+class _Created(msgspec.Struct):
+    id: str | int | None = None
+
+
+_created_decoder = msgspec.json.Decoder(_Created)
+
+
+def created_id(body: bytes) -> str | None:
+    """The ``id`` of a JSON object in a response body, if it has one."""
+    try:
+        value = _created_decoder.decode(body).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return None if value is None else str(value)
+
+
+def target_of(path: str, created: str | None) -> str:
+    """What a request acted on, as a path under ``/api/v1``: ``devices/d-1``, ``alerts/<id>/ack``; for a
+    creation, with the new resource's id (``devices/d-2``, ``devices/d-1/commands/<id>``)."""
+    target = path.removeprefix(API_PREFIX).rstrip("/")
+    if created and not target.endswith(created):
+        target = f"{target}/{created}"
+    return target
+
+
+class AuditMiddleware(ASGIMiddleware):
+    """Record each state-changing request that had a credential, with its final status, before the
+    response is sent (see the module's docstring). A handler says ``opt={"audit": False}`` when it changes
+    nothing (the realtime token)."""
+
+    scopes = (ScopeType.HTTP,)
+    exclude_opt_key = "skip_auth"
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        http = cast("dict[str, Any]", scope)
+        handler = http.get("route_handler")
+        tenant = http.get("state", {}).get("tenant")
+        if (
+            http.get("method") not in AUDITED_METHODS
+            or not isinstance(tenant, TenantScope)
+            or not isinstance(handler, HTTPRouteHandler)
+            or handler.opt.get("audit") is False
+        ):
+            await next_app(scope, receive, send)
+            return
+        audit = services_of(http["app"].state).audit
+        start: Message | None = None
+        recorded = False
+
+        async def send_after_record(message: Message) -> None:
+            nonlocal start, recorded
+            event = cast("dict[str, Any]", message)
+            if event["type"] == "http.response.start":
+                start = message  # held until the body is known (a creation's id is in it)
+                return
+            if event["type"] == "http.response.body" and not recorded and start is not None:
+                recorded = True
+                status = int(cast("dict[str, Any]", start)["status"])
+                created = created_id(event.get("body", b"")) if 200 <= status < 300 else None
+                also = None
+                if handler.opt.get("platform"):
+                    named = http.get("path_params", {}).get("tenant_id", created)
+                    also = _uuid(str(named)) if named is not None else None
+                operation = handler.operation_id
+                await audit.record(
+                    tenant,
+                    also=also,
+                    action=operation if isinstance(operation, str) else handler.handler_name,
+                    method=str(http["method"]),
+                    path=str(http["path"]),
+                    target=target_of(str(http["path"]), created),
+                    request_id=str(http.get("state", {}).get("request_id", "")),
+                    status=status,
+                )
+                await send(start)
+            await send(message)
+
+        await next_app(scope, receive, send_after_record)
+
+
+def _uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
