@@ -263,7 +263,7 @@ async def test_a_client_that_never_reads_does_not_delay_a_hundred_others(
             # service's writer for it is stuck from here on (checked below) while it fans out to the others.
             for _ in range(backlog_frames):
                 await redis.publish(
-                    realtime.names.device_channel(backlog), telemetry(backlog, note="x" * 60_000)
+                    realtime.names.device_channel(DEFAULT, backlog), telemetry(backlog, note="x" * 60_000)
                 )
             published_at = time.monotonic()
             longest_waits: list[float] = []
