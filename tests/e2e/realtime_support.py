@@ -23,7 +23,7 @@ from iot_common.tenancy import Role
 from iot_common.topics import RedisNames
 from tests.support.backends import port_open
 from tests.support.processes import JWT_SECRET, ServiceProcess, free_port
-from tests.support.tokens import user_token
+from tests.support.tokens import key_token, user_token
 
 SECRET = JWT_SECRET
 ALLOWED_ORIGIN = "https://dashboard.example"
@@ -84,7 +84,10 @@ def start_realtime(
 def token(
     scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access", subject: str = "user-e2e"
 ) -> str:
-    role: Role = "admin" if "admin" in (scopes or ()) else "viewer"
+    granted = set(scopes or {"read"})
+    if not granted & {"read", "write", "admin"}:  # a credential that may read nothing: a key without scopes
+        return key_token(SECRET, subject, ttl_s=ttl_s, token_type=token_type)  # type: ignore[arg-type]
+    role: Role = "admin" if "admin" in granted else "viewer"
     return user_token(SECRET, subject, role=role, ttl_s=ttl_s, token_type=token_type)  # type: ignore[arg-type]
 
 
