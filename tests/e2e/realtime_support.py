@@ -22,7 +22,7 @@ from iot_common.tenancy import DEFAULT_TENANT_ID, Role
 from iot_common.topics import RedisNames
 from iot_testkit.metrics import metric
 from iot_testkit.processes import JWT_SECRET, ServiceProcess, Start, free_port
-from iot_testkit.tokens import user_token
+from iot_testkit.tokens import key_token, user_token
 from iot_testkit.waiting import wait_for
 
 SECRET = JWT_SECRET
@@ -76,7 +76,10 @@ def start_realtime(
 def token(
     scopes: set[str] | None = None, ttl_s: int = 300, token_type: str = "access", subject: str = "user-e2e"
 ) -> str:
-    role: Role = "admin" if "admin" in (scopes or ()) else "viewer"
+    granted = set(scopes or {"read"})
+    if not granted & {"read", "write", "admin"}:  # a credential that may read nothing: a key without scopes
+        return key_token(SECRET, subject, ttl_s=ttl_s, token_type=token_type)  # type: ignore[arg-type]
+    role: Role = "admin" if "admin" in granted else "viewer"
     return user_token(SECRET, subject, role=role, ttl_s=ttl_s, token_type=token_type)  # type: ignore[arg-type]
 
 

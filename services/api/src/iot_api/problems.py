@@ -181,9 +181,9 @@ EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
 _DESCRIPTIONS = {
     400: "The request could not be read (for example a body that is not JSON).",
     401: "No credential, or one that is malformed, expired, revoked or unknown.",
-    403: "The credential lacks the scope this operation needs.",
-    404: "The resource does not exist.",
-    409: "A resource with this id already exists.",
+    403: "The credential lacks the permission this operation needs (or is not a platform admin's).",
+    404: "The resource does not exist in the caller's tenant.",
+    409: "A resource with this id or name already exists, or a limit of the tenant is reached.",
     413: "The request body is larger than IOT_API_MAX_BODY_BYTES.",
     422: "An input is invalid; `errors` names each wrong field.",
     429: "Too many requests for this principal; retry after `Retry-After` seconds.",

@@ -56,7 +56,7 @@ AppServices = NamedDependency[Services]
 """How a handler declares it: ``services: AppServices``."""
 
 
-def _tenant(request: Request[Any, Any, Any], services: Any) -> TenantScope:
+def _tenant(request: Request[Any, Any, Any], services: NamedDependency[Any]) -> TenantScope:
     # ``services`` orders this after the services dependency: Litestar resolves dependencies of one level
     # concurrently, in a task group (two tasks per request), but one at a time when each level has one.
     # (Typed Any: Litestar then does not validate the value it passes.)
