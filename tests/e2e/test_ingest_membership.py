@@ -84,7 +84,12 @@ async def publish(broker: Broker, prefix: str, messages: int, offset: int, out: 
 
 @pytest.mark.timeout(150)
 async def test_scale_in_leaves_no_session_and_a_silent_replica_is_adopted(
-    service: Start, database_url: str, redis_url: str, db: asyncpg.Connection[Any], unique: str, tmp_path: Path
+    service: Start,
+    database_url: str,
+    redis_url: str,
+    db: asyncpg.Connection[Any],
+    unique: str,
+    tmp_path: Path,
 ) -> None:
     prefix = f"mem-{unique}"
     await db.execute("INSERT INTO devices (id) SELECT unnest($1::text[])", device_ids(prefix, 10))
@@ -130,9 +135,7 @@ async def test_scale_in_leaves_no_session_and_a_silent_replica_is_adopted(
         assert any('"outcome":"emptied"' in line for line in adopter.log_lines()), adopter.logs()
 
         # b comes back, subscribes again, and takes its share of new readings.
-        await asyncio.to_thread(
-            frozen.wait_http, f"http://127.0.0.1:{group.replicas['b'][1]}/readyz", 30
-        )
+        await asyncio.to_thread(frozen.wait_http, f"http://127.0.0.1:{group.replicas['b'][1]}/readyz", 30)
         acked |= set(await publish(broker, prefix, int(RATE * 3), 200_000, tmp_path / "p3.json"))
         await wait_for(all_stored, 30, "every PUBACKed reading stored after the replica came back")
         back = group.replicas["b"][0]
