@@ -4,7 +4,7 @@ UV ?= uv
 PYTEST := $(UV) run --frozen pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help install run clean-local compose-env up down test test-unit test-integration test-e2e lint fmt migrate bench bench-e2e chaos clean
+.PHONY: help install run clean-local compose-env up down test test-unit test-integration test-e2e lint fmt migrate bench bench-e2e chaos scale-test clean
 # Compose reads its secrets from the environment or deploy/.env (git-ignored; `make compose-env`).
 COMPOSE := docker compose -f deploy/compose.yml $(if $(wildcard deploy/.env),--env-file deploy/.env)
 
@@ -66,6 +66,9 @@ bench-e2e: ## End-to-end sweep publish -> WebSocket, baselines, plots (~4 min; A
 
 chaos: ## Kill, restart and cut each part under load; check exactly-once storage and WebSocket resumption
 	$(UV) run --frozen python bench/chaos.py $(ARGS)
+
+scale-test: ## The platform over network namespaces (root, HAProxy): hosts cut, killed, scaled in under load
+	$(PYTEST) tests/scale -s -p no:cacheprovider
 
 clean: ## Remove caches, build output and test artifacts (keeps .venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache artifacts build dist

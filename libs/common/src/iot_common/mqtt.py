@@ -190,6 +190,13 @@ async def publish_acked(
     return reason
 
 
+class _SingleConnectionClient(gmqtt.Client):  # type: ignore[misc]
+    """A gmqtt client that never reconnects by itself: once its connection is lost, it stays down."""
+
+    async def reconnect(self, delay: bool = False) -> None:
+        return None
+
+
 class MqttConnection:
     """One gmqtt client that stays connected to the broker of ``url``.
 
@@ -209,6 +216,7 @@ class MqttConnection:
         gauge: Gauge | None = None,
         on_connect: Callable[[gmqtt.Client, bool], None] | None = None,
         connected_fields: Mapping[str, Any] | None = None,
+        reconnect: bool = True,
         **client_options: Any,
     ) -> None:
         self.endpoint = MqttEndpoint.parse(url)
@@ -222,7 +230,8 @@ class MqttConnection:
         self._connected_fields = dict(connected_fields or {})
         self._reconnect = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._task: asyncio.Task[bool] | None = None
-        self.client = gmqtt.Client(client_id, persistent_storage=self.tracker, **client_options)
+        client_class = gmqtt.Client if reconnect else _SingleConnectionClient
+        self.client = client_class(client_id, persistent_storage=self.tracker, **client_options)
         self.tracker.attach(self.client)
         self.endpoint.authenticate(self.client)
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": RECONNECT_MIN_S})
@@ -264,14 +273,16 @@ class MqttConnection:
         """:func:`publish_acked` on this connection."""
         return await publish_acked(self.client, self.tracker, topic, payload, timeout_s, **properties)
 
-    async def close(self) -> None:
-        """Stop connecting and disconnect (a persistent session stays with the broker)."""
+    async def close(self, end_session: bool = False) -> None:
+        """Stop connecting and disconnect. A persistent session stays with the broker, unless
+        ``end_session``: the DISCONNECT then sets its expiry to 0 and the broker discards it."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        properties = {"session_expiry_interval": 0} if end_session else {}
         with contextlib.suppress(Exception):
-            await self.client.disconnect()
+            await self.client.disconnect(**properties)
         self.connected.clear()
         if self._gauge is not None:
             self._gauge.set(0)

@@ -142,6 +142,17 @@ class RedisNames:
         return f"{self.prefix}:ingest:alert-sync"
 
     @property
+    def ingest_members(self) -> str:
+        """Sorted set of the ingest replicas' MQTT client ids, scored by their last heartbeat (Redis server
+        time): who may leave the share group on shutdown, and whose session a peer adopts once it is
+        silent. Internal to the ingest service."""
+        return f"{self.prefix}:ingest:members"
+
+    def ingest_adoption_lock(self, client_id: str) -> str:
+        """Held by the replica adopting a silent peer's MQTT session, so that one replica does it."""
+        return f"{self.prefix}:ingest:adopting:{client_id}"
+
+    @property
     def realtime_control_prefix(self) -> str:
         """Start of each realtime process's private channel (``{prefix}:realtime:{host}:{pid}:{random}``)."""
         return f"{self.prefix}:realtime:"

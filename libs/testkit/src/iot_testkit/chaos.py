@@ -123,6 +123,9 @@ class Platform:
         self.seq = 0
         self.subscriptions = 0
         self.received = Samples.empty()
+        self.mqtt_url = self.broker.url
+        self.publisher_host: list[str] = []
+        """Prefix of the publisher's command: the host it runs on (:mod:`iot_testkit.netbed`)."""
 
     async def start(self, clients: int = 4) -> None:
         self.broker.start()
@@ -220,7 +223,9 @@ class Platform:
             lo = self.seq
             self.seq += messages
             out = self.tmp / f"pub-{lo}.json"
-            proc = start_publisher(self.broker.url, self.prefix, len(self.devices), messages, rate, lo, out)
+            proc = start_publisher(
+                self.mqtt_url, self.prefix, len(self.devices), messages, rate, lo, out, self.publisher_host
+            )
             await asyncio.to_thread(proc.wait, seconds + 120)
             result = read_published(out)
             acked.update(result.acked_seqs)

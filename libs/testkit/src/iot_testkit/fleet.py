@@ -49,8 +49,15 @@ class Samples:
         self.seq.extend(other.seq)
 
 
-def client_process(url: str, groups: list[list[str]], commands: Any, results: Any) -> None:
-    """Entry point of the client process (spawned): one connection per device group."""
+def client_process(
+    url: str, groups: list[list[str]], commands: Any, results: Any, netns: str | None = None
+) -> None:
+    """Entry point of the client process (spawned): one connection per device group; in the network
+    namespace ``netns`` (a host of :mod:`iot_testkit.netbed`) if given."""
+    if netns is not None:
+        from iot_testkit.netbed import enter
+
+        enter(netns)
     asyncio.run(_clients(url, groups, commands, results))
 
 
@@ -117,15 +124,23 @@ async def _clients(url: str, groups: list[list[str]], commands: Any, results: An
 class ClientFleet:
     """WebSocket clients in one separate process: ``clients`` connections splitting ``devices``."""
 
-    def __init__(self, realtime_port: int, devices: list[str], clients: int) -> None:
+    def __init__(
+        self,
+        realtime_port: int,
+        devices: list[str],
+        clients: int,
+        *,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.commands: Any = ctx.Queue()
         self.results: Any = ctx.Queue()
         token = user_token(JWT_SECRET, "bench-e2e", ttl_s=24 * 3600)
-        url = f"http://127.0.0.1:{realtime_port}/ws?token={token}"
+        url = f"http://{host}:{realtime_port}/ws?token={token}"
         groups = [devices[i::clients] for i in range(min(clients, len(devices)))]
         self.proc = ctx.Process(
-            target=client_process, args=(url, groups, self.commands, self.results), daemon=True
+            target=client_process, args=(url, groups, self.commands, self.results, netns), daemon=True
         )
         self.groups = len(groups)
         self.connects = 0

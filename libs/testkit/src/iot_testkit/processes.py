@@ -67,8 +67,12 @@ def start_listening(
 class ServiceProcess:
     """A console script of the platform, started with the given environment, logs kept in a file."""
 
-    def __init__(self, script: str, env: Mapping[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, script: str, env: Mapping[str, str], log_dir: Path, on_host: Sequence[str] = ()
+    ) -> None:
+        """``on_host`` prefixes the command (``ip netns exec NS`` for a host of :mod:`iot_testkit.netbed`)."""
         self.script = script
+        self.on_host = list(on_host)
         self.env = {**os.environ, "IOT_LOG_FORMAT": "json", "IOT_JWT_SECRET": JWT_SECRET, **env}
         self.log_path = log_dir / f"{script}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -81,7 +85,7 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / self.script)], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [*self.on_host, str(BIN / self.script)], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         return self
 

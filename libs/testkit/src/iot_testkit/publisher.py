@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +74,20 @@ async def publish_stamped(
 
 
 def start_publisher(
-    url: str, prefix: str, devices: int, messages: int, rate: float, seq_offset: int, out: Path
+    url: str,
+    prefix: str,
+    devices: int,
+    messages: int,
+    rate: float,
+    seq_offset: int,
+    out: Path,
+    on_host: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """The publisher as its own process; its result lands in ``out`` (JSON) when it exits."""
+    """The publisher as its own process; its result lands in ``out`` (JSON) when it exits. ``on_host``
+    prefixes the command (``ip netns exec NS`` for a host of :mod:`iot_testkit.netbed`)."""
     return subprocess.Popen(
         [
+            *on_host,
             *(sys.executable, "-m", "iot_testkit.publisher", "publish", "--url", url, "--prefix", prefix),
             *("--devices", str(devices), "--messages", str(messages), "--rate", str(rate)),
             *("--seq-offset", str(seq_offset), "--out", str(out)),

@@ -29,6 +29,7 @@ from iot_ingest.batcher import Batcher
 from iot_ingest.consumer import Consumer, DeviceQuota, default_client_id
 from iot_ingest.devices import KnownDevices
 from iot_ingest.expiry import expire_due_commands
+from iot_ingest.membership import Adoptions, Membership, leave_group
 from iot_ingest.payload import Limits
 from iot_ingest.plan import Delivery
 from iot_ingest.redis_output import RedisOutput
@@ -53,6 +54,9 @@ class Parts:
     writer: BatchWriter
     batcher: Batcher[Delivery]
     consumer: Consumer
+    membership: Membership | None
+    """None without a share group (a single ingest process)."""
+    adoptions: Adoptions | None
 
 
 def limits_from(settings: IngestSettings) -> Limits:
@@ -125,27 +129,61 @@ async def build(settings: IngestSettings) -> Parts:
             "IOT_MQTT_SHARE_GROUP is empty: subscribing without $share (no shared subscriptions); "
             "run a single ingest process, each one would get every message"
         )
-    consumer = Consumer(
-        mqtt_url=settings.mqtt_url,
-        client_id=settings.mqtt_client_id
-        or default_client_id(settings.mqtt_share_group, settings.database_url),
-        share_group=settings.mqtt_share_group,
-        session_expiry_s=settings.mqtt_session_expiry_s,
-        max_in_flight=settings.ingest_max_in_flight,
-        batcher=batcher,
-        limits=limits_from(settings),
-        publish_timeout_s=settings.ingest_command_puback_timeout_s,
-        quota=quota,
-    )
+
+    def consumer_for(client_id: str, adopting: bool = False) -> Consumer:
+        return Consumer(
+            mqtt_url=settings.mqtt_url,
+            client_id=client_id,
+            share_group=settings.mqtt_share_group,
+            session_expiry_s=settings.mqtt_session_expiry_s,
+            max_in_flight=settings.ingest_max_in_flight,
+            batcher=batcher,
+            limits=limits_from(settings),
+            publish_timeout_s=settings.ingest_command_puback_timeout_s,
+            quota=quota,
+            adopting=adopting,
+        )
+
+    client_id = settings.mqtt_client_id or default_client_id(settings.mqtt_share_group, settings.database_url)
+    consumer = consumer_for(client_id)
     metrics.OLDEST_IN_FLIGHT.set_function(consumer.oldest_in_flight_s)
-    return Parts(settings, pool, redis, quota_redis, known, actions, alerts, writer, batcher, consumer)
+    membership = adoptions = None
+    if settings.mqtt_share_group:
+        membership = Membership(redis, names, client_id, dead_after_s=settings.ingest_peer_dead_after_s)
+        adoptions = Adoptions(membership, lambda peer: consumer_for(peer, adopting=True))
+    return Parts(
+        settings,
+        pool,
+        redis,
+        quota_redis,
+        known,
+        actions,
+        alerts,
+        writer,
+        batcher,
+        consumer,
+        membership,
+        adoptions,
+    )
 
 
 def background(parts: Parts) -> list[Coroutine[Any, Any, object]]:
     """The tasks beside the message path: periodic jobs, the alert channels, the action workers."""
     settings, pool = parts.settings, parts.pool
     names = settings.redis_names()
+    jobs: list[Coroutine[Any, Any, object]] = []
+    if parts.adoptions is not None:
+        jobs.append(
+            run_periodic(
+                "share group heartbeat",
+                settings.ingest_heartbeat_s,
+                parts.adoptions.tick,
+                log=log,
+                run_first=True,
+            )
+        )
     return [
+        *jobs,
         run_periodic(
             "partition maintenance",
             partitions.INTERVAL_S,
@@ -188,6 +226,12 @@ async def run(parts: Parts, stop: asyncio.Event) -> None:
         if await consumer.connect(stop):
             await stop.wait()
     finally:
+        end_session = False
+        if parts.adoptions is not None and parts.membership is not None:
+            await parts.adoptions.close()
+            end_session = await leave_group(
+                parts.membership, consumer, settings.ingest_shutdown_timeout_s / 2
+            )
         consumer.stop_accepting()
         try:
             await asyncio.wait_for(_drain(parts), settings.ingest_shutdown_timeout_s)
@@ -202,7 +246,7 @@ async def run(parts: Parts, stop: asyncio.Event) -> None:
             log.warning("alert work still queued at shutdown is left undone")
         alert_worker.cancel()
         await asyncio.gather(alert_worker, return_exceptions=True)
-        await consumer.disconnect()
+        await consumer.disconnect(end_session=end_session)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

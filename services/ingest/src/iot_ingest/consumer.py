@@ -266,7 +266,10 @@ class Consumer:
         limits: Limits,
         publish_timeout_s: float = 5.0,
         quota: DeviceQuota | None = None,
+        adopting: bool = False,
     ) -> None:
+        """``adopting``: this connection resumes a gone replica's session (``client_id`` is that replica's)
+        to store what is queued in it, then ends it; it neither subscribes nor reconnects."""
         self._publish_timeout_s = publish_timeout_s
         # Topic filter -> reason code of its last SUBACK (< 0x80 granted); absent until the first SUBACK.
         self.subacks: dict[str, int] = {}
@@ -283,6 +286,9 @@ class Consumer:
         self._in_flight: dict[int, float] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._adopting = adopting
+        self._last_message = time.monotonic()
+        self._unsubacks: dict[int, asyncio.Future[tuple[int, ...]]] = {}
         # No share group: plain subscriptions, for a broker without MQTT 5 shared subscriptions (one
         # ingest process only, as every subscriber gets every message).
         self.subscriptions = [
@@ -292,10 +298,11 @@ class Consumer:
         self.mqtt = MqttConnection(
             mqtt_url,
             client_id,
-            log=log,
-            gauge=metrics.MQTT_CONNECTED,
+            log=log.bind(adopted=client_id) if adopting else log,
+            gauge=None if adopting else metrics.MQTT_CONNECTED,
             on_connect=self._on_connect,
             connected_fields={"subscriptions": [s.topic for s in self.subscriptions]},
+            reconnect=not adopting,
             clean_session=False,
             optimistic_acknowledgement=False,
             session_expiry_interval=session_expiry_s,
@@ -305,6 +312,9 @@ class Consumer:
         self.connected = self.mqtt.connected
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
+        self.session_present = False
+        self.received = 0
 
     async def connect(self, stop: asyncio.Event) -> bool:
         """Connect, retrying with backoff until it works or ``stop`` is set; False when stopped."""
@@ -387,14 +397,57 @@ class Consumer:
             if self.subacks.get(sub.topic, 0) >= 0x80:
                 self.client.resubscribe(sub)
 
-    async def disconnect(self) -> None:
+    async def unsubscribe(self, timeout_s: float) -> bool:
+        """Unsubscribe every filter of this session and wait for the UNSUBACK: the broker then sends this
+        session nothing new, only what it had already queued for it. Whether the UNSUBACK came."""
+        if not self.mqtt.is_connected:
+            return False
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        await self.mqtt.close()
+        future: asyncio.Future[tuple[int, ...]] = asyncio.get_running_loop().create_future()
+        mid = self.client.unsubscribe([s.topic for s in self.subscriptions])
+        self._unsubacks[mid] = future
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return False
+        finally:
+            self._unsubacks.pop(mid, None)
+        return True
+
+    async def wait_quiet(self, quiet_s: float, timeout_s: float) -> bool:
+        """Wait until nothing is in flight and no message came for ``quiet_s`` (what the broker had queued
+        for this session has been stored and acknowledged); False if that took longer than ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while (now := time.monotonic()) < deadline:
+            if not self.mqtt.is_connected:
+                return False
+            if not self._in_flight and now - self._last_message >= quiet_s:
+                await self.wait_idle()
+                return True
+            await asyncio.sleep(min(quiet_s / 4, 0.1))
+        return False
+
+    async def disconnect(self, end_session: bool = False) -> None:
+        """Disconnect; ``end_session``: the broker discards the session (nothing may queue for it)."""
+        self.mqtt.quiet = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        await self.mqtt.close(end_session=end_session)
+
+    def _on_unsubscribe(self, client: Client, mid: int, codes: tuple[int, ...]) -> None:
+        future = self._unsubacks.get(mid)
+        if future is not None and not future.done():
+            future.set_result(tuple(codes))
 
     def _on_connect(self, client: Client, session_present: bool) -> None:
         self._generation += 1
+        self.session_present = session_present
+        if self._adopting:
+            # The gone replica's session holds its subscriptions (and what is queued for them).
+            return
         if self._subscribed:
             for sub in client.subscriptions:
                 client.resubscribe(sub)
@@ -406,6 +459,8 @@ class Consumer:
         self, client: Client, topic: str | bytes, payload: bytes, qos: int, properties: Any
     ) -> int:
         generation = self._generation
+        self._last_message = time.monotonic()
+        self.received += 1
         if isinstance(topic, bytes):
             topic = topic.decode("utf-8", errors="replace")
         if not self._accepting:

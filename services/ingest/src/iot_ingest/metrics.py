@@ -74,3 +74,8 @@ COMMAND_ACKS = Counter(
     ["outcome"],
 )
 COMMANDS_EXPIRED = Counter("iot_ingest_commands_expired", "Commands expired without an answer")
+SESSIONS_ADOPTED = Counter(
+    "iot_ingest_sessions_adopted",
+    "Sessions of silent replicas this replica resumed and emptied, by outcome (emptied, taken_back, failed)",
+    ["outcome"],
+)

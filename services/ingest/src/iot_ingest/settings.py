@@ -48,6 +48,10 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     """Per-device quota (token bucket refill rate, readings/s); 0 turns the quota off."""
     ingest_max_readings_per_device_burst: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 10_000
     """Bucket size: readings a device may send at once above the rate (keep it >= max_readings)."""
+    ingest_heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
+    """How often a replica records in Redis that it is alive (the share group's membership)."""
+    ingest_peer_dead_after_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 15.0
+    """A replica silent this long is taken as gone: a peer adopts its MQTT session and empties it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,4 +62,14 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
             raise ValueError(
                 "IOT_INGEST_MAX_READINGS_PER_DEVICE_BURST must be at least IOT_INGEST_MAX_READINGS "
                 "(a message of that many readings must fit in the bucket)"
+            )
+        if self.ingest_peer_dead_after_s <= 2 * self.ingest_heartbeat_s:
+            raise ValueError(
+                "IOT_INGEST_PEER_DEAD_AFTER_S must be more than twice IOT_INGEST_HEARTBEAT_S "
+                "(a replica that misses one heartbeat is not gone)"
+            )
+        if 0 < self.mqtt_session_expiry_s <= self.ingest_peer_dead_after_s:
+            raise ValueError(
+                "IOT_MQTT_SESSION_EXPIRY_S must be longer than IOT_INGEST_PEER_DEAD_AFTER_S: a silent "
+                "replica's session must still exist when a peer adopts it"
             )
