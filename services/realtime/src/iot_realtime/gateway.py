@@ -288,14 +288,16 @@ class Gateway:
             for device_id in devices:
                 conn.filters[device_id] = wanted
             metrics.SUBSCRIPTIONS.inc(len(new))
-            # Live first (held back), then the snapshot and the stored readings: nothing falls in between.
+            # Live first (held back), then the stored readings and the snapshot: nothing falls in between.
             await self.hub.add(conn, devices)
-            for snapshot in await self.latest([d for d in devices if d != WILDCARD], wanted):
-                conn.send_now(snapshot)
             if frame.since is None:
+                for snapshot in await self.latest([d for d in devices if d != WILDCARD], wanted):
+                    conn.send_now(snapshot)
                 conn.send_now(encode(Ack(id=frame.id)))
             else:
                 ack = await self._backfill(conn, frame, devices, frame.since, wanted)
+                for snapshot in await self.latest([d for d in devices if d != WILDCARD], wanted):
+                    await conn.send_paced(snapshot)
                 await conn.send_paced(encode(ack))
                 await conn.release_paced()
         finally:
