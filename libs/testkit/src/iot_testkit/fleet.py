@@ -80,8 +80,8 @@ async def _clients(url: str, groups: list[list[str]], commands: Any, results: An
                     else:
                         for device_id in devices:
                             since = last.get(device_id, started).isoformat()
-                            frame = {"type": "subscribe", "id": 1, "devices": [device_id], "since": since}
-                            await ws.send_str(json.dumps(frame))
+                            request = {"type": "subscribe", "id": 1, "devices": [device_id], "since": since}
+                            await ws.send_str(json.dumps(request))
                         expected = len(devices)
                     connects[0] += 1
                     acks = 0
