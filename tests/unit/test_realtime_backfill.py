@@ -50,7 +50,9 @@ def test_the_same_instant_in_another_offset_is_the_same_reading() -> None:
     seam = Seam()
     seam.add([reading("d1", T0, t=1.0)])
     shifted = T0.astimezone(datetime.fromisoformat("2026-03-01T14:00:00+02:00").tzinfo)
-    frame = msgspec.json.encode({"type": "telemetry", "device_id": "d1", "ts": shifted, "metrics": {"t": 1.0}})
+    frame = msgspec.json.encode(
+        {"type": "telemetry", "device_id": "d1", "ts": shifted, "metrics": {"t": 1.0}}
+    )
     assert seam.admit(frame) is None
 
 

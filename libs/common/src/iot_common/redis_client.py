@@ -128,14 +128,15 @@ async def publish_device_events(
         await pipe.execute()
 
 
-def pubsub_client(url: str, **options: Any) -> aioredis.Redis:
-    """A client for classic pub/sub (``SUBSCRIBE``, low-volume control channels): the server of ``url``,
-    or on a cluster its first seed node (classic ``PUBLISH`` reaches every node of a cluster)."""
+def pubsub_client(url: str, node: tuple[str, int] | None = None, **options: Any) -> aioredis.Redis:
+    """A client for pub/sub on one server: the server of ``url``; on a cluster, ``node`` (host, port), else
+    its first seed node (classic ``PUBLISH`` reaches every node of a cluster, so any node serves the
+    low-volume control channels)."""
     if not is_cluster_url(url):
         return aioredis.from_url(url, **options)
     parts = urlsplit(url)
     username, _, password = parts.netloc.rpartition("@")[0].partition(":")
-    host, port = cluster_nodes(url)[0]
+    host, port = node if node is not None else cluster_nodes(url)[0]
     for name in ("db", "single_connection_client"):
         options.pop(name, None)
     return aioredis.Redis(

@@ -304,7 +304,9 @@ def redis7_binary(name: str) -> str:
         if not path.is_file() or not os.access(path, os.X_OK):
             continue
         out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10).stdout
-        version = next((w.split("=", 1)[-1] for w in out.split() if w[:1].isdigit() or w.startswith("v=")), "")
+        version = next(
+            (w.split("=", 1)[-1] for w in out.split() if w[:1].isdigit() or w.startswith("v=")), ""
+        )
         if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 7:
             return str(path)
     raise RuntimeError(f"no {name} of Redis 7 or later on PATH")
@@ -327,14 +329,29 @@ class RedisClusterServer:
             args = [
                 *("--cluster-port", str(bus)),
                 *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
-                *("--cluster-enabled", "yes", "--cluster-config-file", str(self.folder / f"nodes-{port}.conf")),
+                *(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(self.folder / f"nodes-{port}.conf"),
+                ),
                 *("--cluster-node-timeout", "2000", "--dir", str(self.folder)),
             ]
             log = self.folder / f"redis-{port}.log"
-            self.procs.append(start_listening([redis7_binary("redis-server"), *args], port, "redis-server", log))
+            self.procs.append(
+                start_listening([redis7_binary("redis-server"), *args], port, "redis-server", log)
+            )
         nodes = [f"127.0.0.1:{p}" for p in self.ports]
         subprocess.run(
-            [redis7_binary("redis-cli"), "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            [
+                redis7_binary("redis-cli"),
+                "--cluster",
+                "create",
+                *nodes,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
             check=True,
             capture_output=True,
             timeout=60,
@@ -345,7 +362,10 @@ class RedisClusterServer:
     def _ready(self) -> bool:
         for port in self.ports:
             out = subprocess.run(
-                [redis7_binary("redis-cli"), "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=10
+                [redis7_binary("redis-cli"), "-p", str(port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=10,
             ).stdout
             if "cluster_state:ok" not in out:
                 return False
