@@ -12,6 +12,7 @@ script or transaction must share a hash slot, and device events use sharded pub/
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 from collections.abc import Sequence
 from typing import Any, Final, cast
@@ -23,6 +24,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from iot_common.topics import RedisNames
 
 CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+_CLUSTER_OPTIONS: Final = frozenset(inspect.signature(RedisCluster.__init__).parameters) - {"self"}
 
 
 def is_cluster_url(url: str) -> bool:
@@ -59,9 +61,9 @@ def create_cluster(url: str, **options: Any) -> RedisCluster:
     parts = urlsplit(url)
     credentials = parts.netloc.rpartition("@")[0]
     username, _, password = credentials.partition(":")
-    # Single-server options that a cluster client does not take.
-    for name in ("db", "single_connection_client"):
-        options.pop(name, None)
+    # Single-server options that a cluster client does not take (``retry_on_timeout``: a cluster client
+    # retries by its ``retry``; ``db``: a cluster has database 0 only).
+    options = {k: v for k, v in options.items() if k in _CLUSTER_OPTIONS}
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
         username=unquote(username) or None,
