@@ -6,7 +6,9 @@ Readings of devices whose channels hash to each of the three shards reach the cl
 by explicit subscription and by ``"*"``; each replica holds each device channel on the shard that owns it
 (sharded pub/sub, checked with ``PUBSUB SHARDCHANNELS`` on every node) and no device channel by classic
 pub/sub; and
-the latest values ingest wrote (a Lua script per device hash) come back in the ``latest`` frames.
+the latest values ingest wrote (a Lua script per device hash) come back in the ``latest`` frames. When a
+device channel's slot moves to another master, the replicas subscribe again on the new owner and its
+readings keep reaching them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from iot_common.redis_client import create_cluster
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
-from iot_testkit.loadgen import publish_async
+from iot_testkit.loadgen import publish_async, telemetry_payload
 from iot_testkit.processes import (
     RedisClusterServer,
     ServiceProcess,
@@ -143,6 +145,51 @@ async def shard_channels(cluster: RedisClusterServer) -> dict[int, set[str]]:
     return out
 
 
+async def device_on_an_empty_slot(cluster: RedisClusterServer, names: RedisNames, devices: list[str]) -> str:
+    """One of ``devices`` whose channel's slot holds no key (so it can move without migrating keys)."""
+    client = create_cluster(cluster.url)
+    try:
+        await client.initialize()
+        for device_id in devices:
+            channel = names.device_channel(TENANT, device_id)
+            node = client.get_node_from_key(channel)
+            assert node is not None
+            owner = aioredis.Redis(host=node.host, port=int(node.port))
+            try:
+                keys = await owner.execute_command("CLUSTER", "COUNTKEYSINSLOT", client.keyslot(channel))
+            finally:
+                await owner.aclose()
+            if int(keys) == 0:
+                return device_id
+        raise AssertionError("every slot holds keys")
+    finally:
+        await client.aclose()
+
+
+async def move_slot(cluster: RedisClusterServer, channel: str) -> int:
+    """Move the (empty) slot of ``channel`` to another master, as ``redis-cli --cluster reshard`` does;
+    returns the new owner's port."""
+    client = create_cluster(cluster.url)
+    nodes = {port: aioredis.Redis(host="127.0.0.1", port=port) for port in cluster.ports}
+    try:
+        await client.initialize()
+        slot = client.keyslot(channel)
+        source_node = client.get_node_from_key(channel)
+        assert source_node is not None
+        source = int(source_node.port)
+        target = next(p for p in cluster.ports if p != source)
+        ids = {port: (await node.execute_command("CLUSTER", "MYID")).decode() for port, node in nodes.items()}
+        await nodes[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        await nodes[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        for port in [target, source, *(p for p in cluster.ports if p not in (target, source))]:
+            await nodes[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        return target
+    finally:
+        await client.aclose()
+        for node in nodes.values():
+            await node.aclose()
+
+
 @pytest.mark.timeout(180)
 async def test_readings_of_devices_on_all_three_shards_reach_clients_of_two_replicas(
     service: Start,
@@ -205,6 +252,35 @@ async def test_readings_of_devices_on_all_three_shards_reach_clients_of_two_repl
         assert {d for d, _ in explicit_1.seen} == set(devices[::2])
         assert everything_1.seen == expected
         assert explicit_0.seen == expected
+
+        # A slot moves to another master (as in a resharding): Redis ends its channels' subscriptions, the
+        # replicas read the slot map again and subscribe on the new owner; readings go on reaching them.
+        moved = await device_on_an_empty_slot(cluster, names, devices[::2])
+        channel = names.device_channel(TENANT, moved)
+        target = await move_slot(cluster, channel)
+
+        async def resubscribed() -> bool:
+            node = aioredis.Redis(host="127.0.0.1", port=target)
+            try:
+                counts = await node.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+            finally:
+                await node.aclose()
+            return int(counts[1]) == 2  # replica 0 (explicit) and replica 1 (explicit)
+
+        await wait_for(resubscribed, 30, f"both replicas subscribed to {channel} on its new shard")
+
+        def later(seq: int, base_ms: int) -> bytes:
+            return telemetry_payload(seq + 1000, base_ms)
+
+        result = await publish_async(broker, [moved], 5, base_ms=int(time.time() * 1000), payload=later)
+        assert result.acked == 5
+        after = {(moved, 1000 + n) for n in range(5)}
+
+        async def seen_after() -> bool:
+            return all(w.seen >= after for w in (explicit_0, explicit_1, everything_0, everything_1))
+
+        await wait_for(seen_after, 30, "readings of the moved channel on both replicas")
+        expected |= after
 
     # The latest values ingest wrote on each shard come back on subscribe.
     async with open_ws(replicas[1].url(token())) as ws:
