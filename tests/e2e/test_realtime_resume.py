@@ -15,19 +15,22 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from iot_testkit.chaos import Platform
+from iot_testkit.chaos import Platform, TcpProxy
 from iot_testkit.loadgen import device_ids
 from iot_testkit.processes import Start
 from iot_testkit.tokens import user_token
 from iot_testkit.waiting import wait_for
 
 from .realtime_support import (
+    DEFAULT,
     SECRET,
     Realtime,
     open_ws,
@@ -35,6 +38,7 @@ from .realtime_support import (
     register,
     start_realtime,
     subscribe,
+    telemetry,
     token,
 )
 
@@ -264,3 +268,35 @@ async def test_a_wildcard_with_since_backfills_the_own_tenant_only(
                 "devices": [mine],
             }
         ]
+
+
+async def test_since_while_postgresql_cannot_be_read_subscribes_and_says_truncated(
+    service: Start, database_url: str, redis_url: str, redis: aioredis.Redis, unique: str
+) -> None:
+    parts = urlsplit(database_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    user = f"{parts.username}@" if parts.username else ""
+    proxied = urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}"))
+    # In a thread: the proxy runs in this event loop and must serve the start-up.
+    replica = await asyncio.to_thread(start_realtime, service, proxied, redis_url)
+    device = f"nodb-{unique}"
+    await register(database_url, device)
+    try:
+        async with open_ws(replica.url(token())) as ws:
+            assert (await subscribe(ws, 1, [device]))[-1] == {
+                "type": "ack",
+                "id": 1,
+            }  # the device is known now
+            await proxy.cut()
+            since = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+            frame = {"type": "subscribe", "id": 2, "devices": [device], "since": since}
+            frames = await frames_until_ack(ws, frame)
+            assert frames[-1] == {"type": "ack", "id": 2, "backfilled": 0, "truncated": True}
+            # Subscribed all the same: live events flow.
+            await redis.publish(replica.names.device_channel(DEFAULT, device), telemetry(device, t=1.0))
+            got = await recv_json(ws)
+            assert (got["type"], got["device_id"], got["metrics"]) == ("telemetry", device, {"t": 1.0})
+    finally:
+        with contextlib.suppress(Exception):
+            await proxy.cut()

@@ -318,7 +318,7 @@ class Gateway:
                 None if wanted is None else sorted(wanted),
                 limit,
             )
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("could not read the readings to backfill", error=str(exc))
             metrics.BACKFILL_TRUNCATED.inc()
             return Ack(id=frame.id, backfilled=0, truncated=True)
