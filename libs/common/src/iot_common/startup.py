@@ -202,6 +202,9 @@ async def _probe_redis(url: str, timeout: float) -> None:
     )
     try:
         await client.ping()
+    except (redis_exceptions.ClusterDownError, redis_exceptions.RedisClusterException) as exc:
+        # A cluster still forming, or none of its seed nodes answering: wait, as for a single server.
+        raise NoAnswer(_describe(exc, url)) from None
     except (
         redis_exceptions.AuthenticationError,
         redis_exceptions.AuthorizationError,

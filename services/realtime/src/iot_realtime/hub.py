@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from iot_common.logging import get_logger
@@ -417,7 +417,7 @@ class ShardedHub(Hub):
                 for task in done:
                     task.result()  # raises what ended a listener
                 raise ConnectionError("resynchronising with the cluster's slot map")
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 if not failed or self.connected.is_set():
                     log.warning("redis sharded pub/sub connection lost", error=str(exc))
                 failed = True
