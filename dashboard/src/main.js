@@ -36,6 +36,9 @@ const $ = (id) => document.getElementById(id);
 const api = new Api(params.get("api") || location.origin);
 let realtime = null;
 let selected = null;
+// The newest `ts` seen of the selected device, as received (microseconds kept): on reconnect the
+// subscription resumes after it, so readings published while the connection was down are not lost.
+let lastSeen = null;
 const charts = new Map(); // metric -> {plot, xs, ys}
 const devices = new Map(); // id -> device
 const alerts = new Map(); // id -> alert
@@ -58,7 +61,7 @@ async function signedIn() {
     onState: setStatus,
     onEvent: handleEvent,
     onOpen: () => {
-      if (selected) realtime.subscribe([selected]);
+      if (selected) realtime.subscribe([selected], undefined, lastSeen?.ts);
     },
   });
   realtime.connect();
@@ -117,6 +120,7 @@ function renderAlerts() {
 async function selectDevice(id) {
   if (realtime && selected) realtime.unsubscribe([selected]);
   selected = id;
+  lastSeen = null;
   for (const row of $("device-rows").rows) row.setAttribute("aria-selected", String(row.dataset.device === id));
   $("device-title").textContent = `Device ${id}`;
   $("command-form").hidden = false;
@@ -165,11 +169,25 @@ function addPoint(metric, ms, value) {
   chart.holder.dataset.points = String(chart.xs.length);
 }
 
+function seen(ts) {
+  const ms = Date.parse(ts);
+  // Equal milliseconds: the longer string carries more digits (the same instant or a later one).
+  if (!lastSeen || ms > lastSeen.ms || (ms === lastSeen.ms && ts > lastSeen.ts)) lastSeen = { ts, ms };
+}
+
 function handleEvent(event) {
   if (event.type === "telemetry" && event.device_id === selected) {
     for (const [metric, value] of Object.entries(event.metrics)) addPoint(metric, Date.parse(event.ts), value);
+    seen(event.ts);
+    if (event.backfill) {
+      const holder = $("charts");
+      holder.dataset.backfilled = String(Number(holder.dataset.backfilled || 0) + 1);
+    }
   } else if (event.type === "latest" && event.device_id === selected) {
-    for (const [metric, latest] of Object.entries(event.metrics)) addPoint(metric, Date.parse(latest.ts), latest.value);
+    for (const [metric, latest] of Object.entries(event.metrics)) {
+      addPoint(metric, Date.parse(latest.ts), latest.value);
+      if (!lastSeen) seen(latest.ts); // an anchor until the first live reading
+    }
   } else if (event.type === "alert") {
     alerts.set(event.id, event);
     renderAlerts();

@@ -52,9 +52,12 @@ export class Realtime {
     if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(frame));
   }
 
-  subscribe(devices, metrics) {
+  // `since`: the `ts` (as received) of the last event seen; the gateway first sends the readings stored
+  // after it (gap-free resume), so a reconnect loses nothing.
+  subscribe(devices, metrics, since) {
     const frame = { type: "subscribe", id: this.nextId++, devices };
     if (metrics) frame.metrics = metrics;
+    if (since) frame.since = since;
     this.send(frame);
   }
 

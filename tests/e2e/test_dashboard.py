@@ -275,6 +275,10 @@ def run_browser(
             expect(page.locator("#connection")).to_contain_text("reconnecting", timeout=10_000)
             start_realtime()
             expect(page.locator("#connection")).to_have_text("Live", timeout=20_000)
+            # It resumed with `since`: the readings published while the service was down came first.
+            page.wait_for_function(
+                "() => Number(document.getElementById('charts').dataset.backfilled || 0) > 0", timeout=20_000
+            )
             after = int(chart.get_attribute("data-points") or "0")
             page.wait_for_function(
                 "([n]) => Number(document.querySelector('figure[data-metric=temperature]')"

@@ -31,8 +31,11 @@ PostgresUrl = Annotated[
 RedisUrl = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^rediss?://[^\s/?#]*(/\d*)?(\?\S*)?(?!\n)$",
-        description="Redis URL, redis://[user:password@]host[:port]/db",
+        pattern=r"^rediss?(\+cluster)?://[^\s/?#]*(/\d*)?(\?\S*)?(?!\n)$",
+        description=(
+            "Redis URL, redis://[user:password@]host[:port]/db, or a Redis Cluster: "
+            "redis+cluster://[user:password@]host:port[,host:port...]"
+        ),
     ),
 ]
 MqttUrl = Annotated[

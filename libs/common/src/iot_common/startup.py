@@ -32,7 +32,6 @@ from typing import Final, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 import structlog
 from redis.backoff import NoBackoff
@@ -40,6 +39,7 @@ from redis.retry import Retry
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from iot_common.mqtt import MqttEndpoint
+from iot_common.redis_client import create_redis
 from iot_common.settings import BaseSettings, env_name
 
 EXIT_FAILURE: Final = 1
@@ -197,11 +197,14 @@ async def _check_schema(conn: asyncpg.Connection) -> None:
 
 
 async def _probe_redis(url: str, timeout: float) -> None:
-    client = aioredis.from_url(
+    client = create_redis(
         url, socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
     )
     try:
         await client.ping()
+    except (redis_exceptions.ClusterDownError, redis_exceptions.RedisClusterException) as exc:
+        # A cluster still forming, or none of its seed nodes answering: wait, as for a single server.
+        raise NoAnswer(_describe(exc, url)) from None
     except (
         redis_exceptions.AuthenticationError,
         redis_exceptions.AuthorizationError,

@@ -111,6 +111,12 @@ class RedisNames:
         hold no glob character, so the pattern matches exactly that tenant's channels)."""
         return f"{self._tenant}{tenant_id}:device:*"
 
+    def tenant_channel(self, tenant_id: str | uuid.UUID) -> str:
+        """Sharded pub/sub channel carrying every device event of one tenant, published beside the device
+        channel in Redis Cluster mode only: sharded pub/sub has no patterns, so the ``"*"`` subscribers of
+        a tenant ``SSUBSCRIBE`` this instead of ``PSUBSCRIBE`` :meth:`tenant_device_pattern`."""
+        return f"{self._tenant}{tenant_id}:devices"
+
     def parse_device_channel(self, channel: str) -> tuple[str, str] | None:
         """(tenant id, device id) of one of this deployment's device channels, else None."""
         if not channel.startswith(self._tenant):

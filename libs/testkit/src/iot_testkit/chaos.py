@@ -12,8 +12,10 @@ Each scenario publishes for a while, injects one fault, undoes it, and then chec
   ``seq`` once, and 3 rows per (device, ts));
 - WebSocket: the clients receive readings published after the fault again ("resumed": from the repair to
   the first such reading; None when none arrived), and readings stored late reach them ("caught up": from
-  the repair until the last reading published before the repair arrived). Readings published while Redis
-  or the gateway was down are not replayed to WebSocket clients (pub/sub has no history): "WS missed".
+  the repair until the last reading published before the repair arrived). The clients resume with
+  ``since`` when the gateway goes away, so a killed gateway costs them nothing; readings published while
+  Redis was down are not replayed to clients whose connection stayed open (pub/sub has no history):
+  "WS missed". "WS twice": readings a client received more than once.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class Outcome:
     caught_up_s: float
     ws_missed: int
     ws_received: int
+    ws_duplicated: int = 0
+    """Readings the WebSocket clients received more than once (resuming must not repeat any)."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -318,6 +322,7 @@ class Platform:
             caught_up_s=(max(before) - repaired) if before else float("nan"),
             ws_missed=len(stored.keys() - {s for _, _, s in mine}),
             ws_received=len({s for _, _, s in mine}),
+            ws_duplicated=len(mine) - len({s for _, _, s in mine}),
         )
         if len(sent) > len(acked):
             outcome.notes.append(f"{len(sent) - len(acked)} sent without PUBACK")
@@ -327,7 +332,8 @@ class Platform:
 
 HEADER = (
     "| fault | acked | stored once | missing | duplicated | stored, not acked | outage s | WS resumed s "
-    "| WS caught up s | WS missed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    "| WS caught up s | WS missed | WS twice |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 )
 
 
@@ -335,5 +341,5 @@ def format_outcome(o: Outcome) -> str:
     resumed = "never" if o.resumed_s is None else f"{o.resumed_s:.2f}"
     return (
         f"| {o.fault} | {o.acked:,} | {o.stored_once:,} | {o.missing} | {o.duplicated} | {o.extra} "
-        f"| {o.outage_s:.1f} | {resumed} | {o.caught_up_s:.2f} | {o.ws_missed} |"
+        f"| {o.outage_s:.1f} | {resumed} | {o.caught_up_s:.2f} | {o.ws_missed} | {o.ws_duplicated} |"
     )

@@ -1,8 +1,9 @@
 """WebSocket clients of ``iot-realtime`` in a separate process, for the end-to-end benchmark and the chaos
 script and test: one connection per group of devices, reconnecting and resubscribing when the gateway
-goes away, recording (receipt time, delay, seq) of each reading (``StampedPayload`` of
-:mod:`iot_testkit.publisher`). Their tokens are signed with ``JWT_SECRET`` of :mod:`iot_testkit.processes`,
-the secret of every service its ``ServiceProcess`` starts.
+goes away (with each device's ``since``, the ``ts`` of the last reading seen of it: gap-free resume),
+recording (receipt time, delay, seq) of each reading (``StampedPayload`` of :mod:`iot_testkit.publisher`).
+Their tokens are signed with ``JWT_SECRET`` of :mod:`iot_testkit.processes`, the secret of every service its
+``ServiceProcess`` starts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import multiprocessing as mp
 import time
 from array import array
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -27,6 +28,7 @@ from iot_testkit.waiting import wait_until
 
 class _Frame(msgspec.Struct):
     type: str
+    device_id: str | None = None
     ts: datetime | None = None
     metrics: dict[str, Any] = {}
 
@@ -71,13 +73,25 @@ async def _clients(url: str, groups: list[list[str]], commands: Any, results: An
     loop = asyncio.get_running_loop()
 
     async def client(session: aiohttp.ClientSession, devices: list[str]) -> None:
-        """Connect, subscribe, read; on any loss of the connection, do it again (0.1 s backoff)."""
+        """Connect, subscribe, read; on any loss of the connection, do it again (0.1 s backoff), resuming
+        each device after the last reading seen of it (one subscribe frame per device: ``since`` applies to
+        every device of its frame)."""
+        last: dict[str, datetime] = {}
+        started: datetime | None = None
         while True:
             try:
                 async with session.ws_connect(url, compress=0, max_msg_size=0, heartbeat=None) as ws:
-                    await ws.send_str(json.dumps({"type": "subscribe", "id": 1, "devices": devices}))
+                    if started is None:
+                        await ws.send_str(json.dumps({"type": "subscribe", "id": 1, "devices": devices}))
+                        expected = 1
+                    else:
+                        for device_id in devices:
+                            since = last.get(device_id, started).isoformat()
+                            request = {"type": "subscribe", "id": 1, "devices": [device_id], "since": since}
+                            await ws.send_str(json.dumps(request))
+                        expected = len(devices)
                     connects[0] += 1
-                    acked = False
+                    acks = 0
                     async for msg in ws:
                         if msg.type is not aiohttp.WSMsgType.TEXT:
                             break
@@ -87,9 +101,16 @@ async def _clients(url: str, groups: list[list[str]], commands: Any, results: An
                             samples.received_at.append(now)
                             samples.delay.append(now - frame.ts.timestamp())
                             samples.seq.append(int(frame.metrics.get("seq", -1)))
-                        elif frame.type == "ack" and not acked:
-                            acked = True
-                            subscribed[0] += 1
+                            if frame.device_id is not None:
+                                seen = last.get(frame.device_id)
+                                if seen is None or frame.ts > seen:
+                                    last[frame.device_id] = frame.ts
+                        elif frame.type == "ack" and acks < expected:
+                            acks += 1
+                            if acks == expected:
+                                subscribed[0] += 1
+                                if started is None:
+                                    started = datetime.now(UTC)
             except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             await asyncio.sleep(0.1)

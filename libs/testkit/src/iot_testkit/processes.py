@@ -298,3 +298,96 @@ def private_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def redis7_binary(name: str) -> str:
+    """The first ``name`` (``redis-server``, ``redis-cli``) on PATH of Redis 7 or later: sharded pub/sub
+    needs 7, and a virtual environment may put an older embedded build first."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        path = Path(folder) / name
+        if not path.is_file() or not os.access(path, os.X_OK):
+            continue
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10).stdout
+        version = next(
+            (w.split("=", 1)[-1] for w in out.split() if w[:1].isdigit() or w.startswith("v=")), ""
+        )
+        if version.split(".")[0].isdigit() and int(version.split(".")[0]) >= 7:
+            return str(path)
+    raise RuntimeError(f"no {name} of Redis 7 or later on PATH")
+
+
+class RedisClusterServer:
+    """A private Redis Cluster of ``masters`` redis-server processes (cluster mode, no replicas, no
+    persistence) on free ports of 127.0.0.1, its slots spread evenly by ``redis-cli --cluster create``."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.ports = [free_port() for _ in range(masters)]
+        self.bus_ports = [free_port() for _ in range(masters)]
+        """The cluster bus ports (by default port + 10000, which may be above 65535 or taken)."""
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        self.folder = Path(tempfile.mkdtemp(prefix="iot-redis-cluster-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> RedisClusterServer:
+        for port, bus in zip(self.ports, self.bus_ports, strict=True):
+            args = [
+                *("--cluster-port", str(bus)),
+                *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+                *(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(self.folder / f"nodes-{port}.conf"),
+                ),
+                *("--cluster-node-timeout", "2000", "--dir", str(self.folder)),
+            ]
+            log = self.folder / f"redis-{port}.log"
+            self.procs.append(
+                start_listening([redis7_binary("redis-server"), *args], port, "redis-server", log)
+            )
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        subprocess.run(
+            [
+                redis7_binary("redis-cli"),
+                "--cluster",
+                "create",
+                *nodes,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_until(self._ready, 30, "the Redis Cluster to cover every slot")
+        return self
+
+    def _ready(self) -> bool:
+        for port in self.ports:
+            out = subprocess.run(
+                [redis7_binary("redis-cli"), "-p", str(port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+            if "cluster_state:ok" not in out:
+                return False
+        return True
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_redis_cluster(masters: int = 3) -> Iterator[RedisClusterServer]:
+    """A started :class:`RedisClusterServer` for the duration of the block."""
+    server = RedisClusterServer(masters)
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -16,6 +16,8 @@ import structlog
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
+from iot_common.redis_client import create_redis
+
 T = TypeVar("T")
 log = structlog.stdlib.get_logger("iot_api.cache")
 REDIS_FAILURES = Counter("iot_api_redis_failures_total", "Redis calls that failed and fell back")
@@ -24,7 +26,7 @@ CACHE_LOOKUPS = Counter("iot_api_cache_lookups_total", "Cache lookups by result"
 
 def make_redis(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
     """A client whose calls give up quickly, so a hung Redis cannot hold a request."""
-    return aioredis.from_url(
+    return create_redis(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,

@@ -13,6 +13,7 @@ import msgspec
 
 from iot_api.cache import Cache
 from iot_common.messages import DeviceEvent, encode_event
+from iot_common.redis_client import publish_device_events
 from iot_common.topics import RedisNames
 
 
@@ -31,10 +32,9 @@ class EventPublisher:
     async def device_event(self, tenant_id: uuid.UUID | str, device_id: str, event: DeviceEvent) -> bool:
         """Publish ``event`` on the device's channel (``tenant_id``: the tenant owning the device, whose
         WebSocket clients alone see it); False when Redis could not be reached."""
-        payload = encode_event(event)
-        channel = self.names.device_channel(tenant_id, device_id)
-        result = await self.cache.call(lambda r: r.publish(channel, payload), None)
-        return result is not None
+        events = [(tenant_id, device_id, encode_event(event))]
+        result = await self.cache.call(lambda r: publish_device_events(r, self.names, events), False)
+        return result is not False
 
     async def rules_changed(self, rule_id: str, change: str) -> bool:
         """Tell every ingest replica to reload the rules; False when Redis could not be reached."""

@@ -96,7 +96,8 @@ class FailureLimiter:
         now = time.time()
         window = int(now // WINDOW_S)
         keys = [self._key(kind, subject, window) for kind, subject, _ in active]
-        counts: list[Any] | None = await self.cache.call(lambda r: r.mget(keys), None)
+        # One GET per key (not MGET): on a Redis Cluster the keys live on different shards.
+        counts: list[Any] | None = await self.cache.pipeline(lambda p: [p.get(key) for key in keys])
         if counts is None:
             return
         for (kind, _, limit), count in zip(active, counts, strict=True):

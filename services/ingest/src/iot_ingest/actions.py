@@ -38,10 +38,10 @@ from iot_common.commands import (
     create_command,
     mark_failed,
     mark_sent,
-    publish_command_event,
 )
-from iot_common.messages import AlertEvent
+from iot_common.messages import AlertEvent, encode_event
 from iot_common.mqtt import PublishError
+from iot_common.redis_client import publish_device_events
 from iot_common.resilience import Backoff, retry
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
@@ -382,4 +382,6 @@ class ActionRunner:
 
     async def _publish_event(self, tenant_id: str, row: Any) -> None:
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            await publish_command_event(self._redis, self._names, tenant_id, command_event(row))
+            event = command_event(row)
+            out = [(tenant_id, event.device_id, encode_event(event))]
+            await publish_device_events(self._redis, self._names, out)

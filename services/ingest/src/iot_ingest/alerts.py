@@ -32,6 +32,7 @@ import structlog
 
 from iot_common.alerts import ALERT_COLUMNS, InvalidAction, alert_event, parse_action
 from iot_common.messages import Reading, encode_event
+from iot_common.redis_client import as_cluster, publish_device_events, pubsub_client
 from iot_common.resilience import Backoff, retry
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
@@ -215,7 +216,7 @@ class AlertService:
         """Follow ``{prefix}:rules-changed`` and the other replicas' notes; reconnect with backoff."""
         backoff = Backoff(RESUBSCRIBE_MIN_S, RESUBSCRIBE_MAX_S)
         while True:
-            client = aioredis.from_url(self._redis_url, socket_connect_timeout=2, health_check_interval=30)
+            client = pubsub_client(self._redis_url, socket_connect_timeout=2, health_check_interval=30)
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self._names.rules_changed, self._names.alert_sync)
@@ -314,6 +315,18 @@ class AlertService:
     async def _publish(self, changes: list[tuple[Transition, Any]], transitions: list[Transition]) -> None:
         """AlertEvents of real changes on the device channels; every transition's note for the replicas."""
         try:
+            if as_cluster(self._redis) is not None:
+                # Alert events on the shards of their device channels; the notes by classic PUBLISH, which
+                # a cluster pipeline does not take (and a cluster copies to every node).
+                events = [
+                    (t.rule.tenant_id, record["device_id"], encode_event(alert_event(record)))
+                    for t, record in changes
+                ]
+                await publish_device_events(self._redis, self._names, events)
+                for t in transitions:
+                    note = SyncNote(self.replica, t.kind, t.rule.id, t.device_id, t.ts)
+                    await self._redis.publish(self._names.alert_sync, _note_encoder.encode(note))
+                return
             async with self._redis.pipeline(transaction=False) as pipe:
                 for t, record in changes:
                     channel = self._names.device_channel(t.rule.tenant_id, record["device_id"])

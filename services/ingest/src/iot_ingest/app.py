@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from iot_common.db import create_pool
+from iot_common.redis_client import create_redis
 from iot_common.resilience import run_periodic
 from iot_common.startup import log_listening
 from iot_ingest import health, metrics, partitions
@@ -80,7 +81,7 @@ async def build(settings: IngestSettings) -> Parts:
         timeout=10,
         command_timeout=60,
     )
-    redis = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    redis = create_redis(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
     names = settings.redis_names()
     known = KnownDevices(settings.ingest_auto_register_tenant if settings.ingest_auto_register else None)
     await known.refresh(pool)

@@ -13,7 +13,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 import structlog
 
-from iot_common.commands import expire_commands, publish_command_event
+from iot_common.commands import expire_commands
+from iot_common.messages import encode_event
+from iot_common.redis_client import publish_device_events
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
 
@@ -30,9 +32,7 @@ async def expire_due_commands(pool: asyncpg.Pool[Any], redis: aioredis.Redis, na
     metrics.COMMANDS_EXPIRED.inc(len(events))
     log.info("commands expired", count=len(events), command_ids=[e.id for _, e in events][:20])
     try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for tenant_id, event in events:
-                publish_command_event(pipe, names, tenant_id, event)
-            await pipe.execute()
+        out = [(tenant_id, event.device_id, encode_event(event)) for tenant_id, event in events]
+        await publish_device_events(redis, names, out)
     except (redis_exceptions.RedisError, OSError) as exc:
         log.warning("publishing expired commands failed", error=str(exc))

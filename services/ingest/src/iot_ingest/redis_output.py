@@ -15,6 +15,7 @@ import structlog
 
 from iot_common.commands import publish_command_event
 from iot_common.messages import LatestValue, StatusEvent, TelemetryEvent, encode_event
+from iot_common.redis_client import PUBLISH_CONCURRENCY, DeviceEventOut, as_cluster, publish_device_events
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.plan import Plan, latest_values, ts_sort_key
@@ -79,6 +80,9 @@ class RedisOutput:
         if not plan.readings and not plan.statuses and not plan.command_events:
             return
         try:
+            if as_cluster(self._redis) is not None:
+                await self._update_cluster(plan)
+                return
             async with self._redis.pipeline(transaction=False) as pipe:
                 for device_id, values in latest_values(plan.readings).items():
                     args: list[str | bytes] = []
@@ -106,3 +110,27 @@ class RedisOutput:
                 error=f"{type(exc).__name__}: {exc}",
                 readings=len(plan.readings),
             )
+
+    async def _update_cluster(self, plan: Plan) -> None:
+        """The same step on a Redis Cluster, whose pipelines take neither scripts nor publications: the
+        latest-values script once per device (each hash is one key, so one shard), concurrently, then the
+        events by sharded pub/sub (:func:`iot_common.redis_client.spublish_device_events`)."""
+        calls = []
+        for device_id, values in latest_values(plan.readings).items():
+            args: list[str | bytes] = []
+            for name, (ts, value) in values.items():
+                args += [name, ts_sort_key(ts), _latest_encoder.encode(LatestValue(value, ts))]
+            calls.append(self._latest_script(keys=[self._names.latest_key(device_id)], args=args))
+        for start in range(0, len(calls), PUBLISH_CONCURRENCY):
+            await asyncio.gather(*calls[start : start + PUBLISH_CONCURRENCY])
+        tenants = plan.tenants
+        events: list[DeviceEventOut] = [
+            (tenants[r.device_id], r.device_id, encode_event(TelemetryEvent(r.device_id, r.ts, r.metrics)))
+            for r in plan.readings
+        ]
+        events += [
+            (tenants[device_id], device_id, encode_event(StatusEvent(device_id, status, at)))
+            for device_id, (status, at) in plan.statuses.items()
+        ]
+        events += [(tenant_id, c.device_id, encode_event(c)) for tenant_id, c in plan.command_events]
+        await publish_device_events(self._redis, self._names, events)

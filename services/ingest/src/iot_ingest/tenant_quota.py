@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from iot_common.redis_client import create_redis
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.devices import KnownDevices, TenantLimits
@@ -110,7 +111,7 @@ def refused(delivery: Delivery, tenant: TenantLimits, readings: int, left: int) 
 
 def quota_client(redis_url: str) -> aioredis.Redis:
     """The Redis client of the quota: short timeouts, since a batch's commit waits for it."""
-    return aioredis.from_url(redis_url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+    return create_redis(redis_url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
 
 
 class TenantQuota:

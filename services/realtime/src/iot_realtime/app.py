@@ -11,9 +11,10 @@ from aiohttp import web
 
 from iot_common.db import create_pool
 from iot_common.health import Check, redis_check
+from iot_common.redis_client import create_redis, is_cluster_url
 from iot_common.web import health_routes
 from iot_realtime.gateway import GATEWAY, Gateway, websocket_handler
-from iot_realtime.hub import Hub
+from iot_realtime.hub import Hub, ShardedHub
 from iot_realtime.settings import RealtimeSettings
 
 SETTINGS = web.AppKey("settings", RealtimeSettings)
@@ -46,12 +47,16 @@ def _checks(app: web.Application) -> dict[str, Check]:
 async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     """Redis (snapshots), the PostgreSQL pool (API keys) and the hub's listener, for the app's life."""
     settings = app[SETTINGS]
-    app[REDIS] = aioredis.from_url(settings.redis_url)
+    app[REDIS] = create_redis(settings.redis_url)
     pool = await create_pool(
         settings.database_url, min_size=settings.database_pool_min, max_size=settings.database_pool_max
     )
     names = settings.redis_names()
-    hub = Hub(settings.redis_url, names)
+    hub = (
+        ShardedHub(settings.redis_url, names)
+        if is_cluster_url(settings.redis_url)
+        else Hub(settings.redis_url, names)
+    )
     app[GATEWAY] = Gateway(settings, hub, app[REDIS], pool, names)
     listener = asyncio.create_task(hub.run(), name="redis-listener")
     try:

@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 from iot_common.auth import Principal
 from iot_common.logging import get_logger
 from iot_realtime import metrics
+from iot_realtime.backfill import Seam
 from iot_realtime.protocol import CLOSE_TOO_SLOW
 
 log = get_logger(__name__)
@@ -49,6 +50,8 @@ class Connection:
         self.dropped = False
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
         self._held: list[bytes] | None = None
+        self.seam: Seam | None = None
+        """The readings of the last backfill, whose live copies are dropped for a while."""
         self._close_timeout = close_timeout
         self._writer: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -61,8 +64,18 @@ class Connection:
         if self.dropped:
             metrics.DROPPED_MESSAGES.inc()
             return
+        if self.seam is not None:
+            if self.seam.expired:
+                self.seam = None
+            else:
+                admitted = self.seam.admit(frame)
+                if admitted is None:
+                    metrics.BACKFILL_DUPLICATES.inc()
+                    return
+                frame = admitted
         if self._held is not None:
-            if len(self._held) + self._queue.qsize() >= self._queue.maxsize:
+            # Held frames are bounded on their own: a backfill may fill the queue meanwhile.
+            if len(self._held) >= self._queue.maxsize:
                 self._overflow()
             else:
                 self._held.append(frame)
@@ -78,10 +91,35 @@ class Connection:
         self.send(frame)
         self._held = held
 
+    async def send_paced(self, frame: bytes) -> None:
+        """Queue a reply ahead of held live events, waiting while the queue is full (a backfill larger
+        than the queue); a client that reads nothing for the close timeout is dropped."""
+        if self.dropped:
+            return
+        try:
+            await asyncio.wait_for(self._queue.put(frame), self._close_timeout)
+        except TimeoutError:
+            self._overflow()
+
     def hold(self) -> None:
         """Keep live events back (still bounded) until :meth:`release`, so a snapshot goes first."""
         if self._held is None:
             self._held = []
+
+    async def release_paced(self) -> None:
+        """:meth:`release` for a queue a backfill may have filled: held frames go out in order as the
+        client reads (later live events queue behind them), each checked against the seam."""
+        held = self._held
+        while held and not self.dropped:
+            frame = held.pop(0)
+            if self.seam is not None:
+                admitted = self.seam.admit(frame)
+                if admitted is None:
+                    metrics.BACKFILL_DUPLICATES.inc()
+                    continue
+                frame = admitted
+            await self.send_paced(frame)
+        self._held = None
 
     def release(self) -> None:
         held, self._held = self._held, None

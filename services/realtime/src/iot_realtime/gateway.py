@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime
 
 import asyncpg
 import msgspec
@@ -30,6 +31,7 @@ from iot_common.messages import LatestValue
 from iot_common.net import address_key
 from iot_common.topics import RedisNames
 from iot_realtime import metrics
+from iot_realtime.backfill import Seam, stored_readings
 from iot_realtime.connection import Connection, MetricFilter
 from iot_realtime.devices import KnownDevices
 from iot_realtime.hub import Hub
@@ -50,6 +52,7 @@ from iot_realtime.protocol import (
     WILDCARD,
     Ack,
     Auth,
+    BackfillTelemetry,
     ClientFrame,
     Error,
     FrameError,
@@ -285,12 +288,51 @@ class Gateway:
             for device_id in devices:
                 conn.filters[device_id] = wanted
             metrics.SUBSCRIPTIONS.inc(len(new))
+            # Live first (held back), then the stored readings and the snapshot: nothing falls in between.
             await self.hub.add(conn, devices)
-            for snapshot in await self.latest([d for d in devices if d != WILDCARD], wanted):
-                conn.send_now(snapshot)
-            conn.send_now(encode(Ack(id=frame.id)))
+            if frame.since is None:
+                for snapshot in await self.latest([d for d in devices if d != WILDCARD], wanted):
+                    conn.send_now(snapshot)
+                conn.send_now(encode(Ack(id=frame.id)))
+            else:
+                ack = await self._backfill(conn, frame, devices, frame.since, wanted)
+                for snapshot in await self.latest([d for d in devices if d != WILDCARD], wanted):
+                    await conn.send_paced(snapshot)
+                await conn.send_paced(encode(ack))
+                await conn.release_paced()
         finally:
             conn.release()
+
+    async def _backfill(
+        self, conn: Connection, frame: Subscribe, devices: list[str], since: datetime, wanted: MetricFilter
+    ) -> Ack:
+        """Send the readings stored after ``since`` (of the connection's tenant only) as ``telemetry``
+        frames with ``backfill: true``, remember them for the seam, and return the ``ack`` saying how many."""
+        limit = self.settings.realtime_max_backfill
+        try:
+            found = await stored_readings(
+                self.pool,
+                conn.tenant_id,
+                None if WILDCARD in devices else devices,
+                since,
+                None if wanted is None else sorted(wanted),
+                limit,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not read the readings to backfill", error=str(exc))
+            metrics.BACKFILL_TRUNCATED.inc()
+            return Ack(id=frame.id, backfilled=0, truncated=True)
+        for reading in found.readings:
+            await conn.send_paced(
+                encode(BackfillTelemetry(device_id=reading.device_id, ts=reading.ts, metrics=reading.metrics))
+            )
+        seam = conn.seam if conn.seam is not None and not conn.seam.expired else Seam()
+        seam.add(found.readings)
+        conn.seam = seam
+        metrics.BACKFILL_READINGS.inc(len(found.readings))
+        if found.truncated:
+            metrics.BACKFILL_TRUNCATED.inc()
+        return Ack(id=frame.id, backfilled=len(found.readings), truncated=found.truncated)
 
     async def unsubscribe(self, conn: Connection, frame: Unsubscribe) -> None:
         removed = [d for d in dict.fromkeys(frame.devices) if conn.filters.pop(d, False) is not False]

@@ -14,6 +14,7 @@ breaks, the listener reconnects with backoff and subscribes again to everything 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -23,12 +24,14 @@ from typing import Any, Final
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from iot_common.logging import get_logger
 from iot_common.messages import AlertEvent, TelemetryEvent, decode_event, encode_event
+from iot_common.redis_client import as_cluster, create_redis, pubsub_client
 from iot_common.resilience import Backoff
 from iot_common.topics import RedisNames
 from iot_realtime import metrics
@@ -38,6 +41,12 @@ from iot_realtime.protocol import WILDCARD
 log = get_logger(__name__)
 RECONNECT_MIN_S: Final = 0.1
 RECONNECT_MAX_S: Final = 2.0
+_CLIENT_OPTIONS: Final[dict[str, Any]] = {
+    "retry": Retry(NoBackoff(), 0),  # reconnects are ours: we restore subscriptions ourselves
+    "socket_connect_timeout": 2.0,
+    "socket_timeout": 10.0,  # a (un)subscribe to a Redis that stopped answering must not hang
+    "socket_keepalive": True,
+}
 
 
 def filter_event(data: bytes, wanted: frozenset[str]) -> bytes | None:
@@ -68,13 +77,8 @@ class Hub:
     def __init__(
         self, redis_url: str, names: RedisNames, *, confirm_timeout: float = 5.0, idle_ping_s: float = 10.0
     ) -> None:
-        self._client = aioredis.from_url(
-            redis_url,
-            retry=Retry(NoBackoff(), 0),  # reconnects are ours: we restore subscriptions ourselves
-            socket_connect_timeout=2.0,
-            socket_timeout=10.0,  # a (un)subscribe to a Redis that stopped answering must not hang
-            socket_keepalive=True,
-        )
+        self._url = redis_url
+        self._client = self._make_client()
         self._names = names
         self._subs: dict[str, set[Connection]] = {}
         """Device channel -> the local connections subscribed to it."""
@@ -92,6 +96,9 @@ class Hub:
         self._confirm_timeout = confirm_timeout
         self._idle_ping_s = idle_ping_s
         self.connected = asyncio.Event()
+
+    def _make_client(self) -> aioredis.Redis:
+        return aioredis.from_url(self._url, **_CLIENT_OPTIONS)
 
     # -- subscriptions -------------------------------------------------------------------------------
 
@@ -287,3 +294,183 @@ class Hub:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as exc:
             log.debug("closing pub/sub connection failed", error=str(exc))
+
+
+class _DeviceOf(msgspec.Struct):
+    device_id: str
+
+
+_device_of = msgspec.json.Decoder(_DeviceOf)
+
+
+class ShardedHub(Hub):
+    """The hub on a Redis Cluster (``IOT_REDIS_URL=redis+cluster://...``): sharded pub/sub.
+
+    Classic pub/sub on a cluster copies every ``PUBLISH`` to every node, so its cost grows with the
+    cluster instead of spreading over it. Here each device channel is ``SSUBSCRIBE``d on the shard that
+    owns its hash slot (publishers ``SPUBLISH`` there), through one pub/sub connection per master node.
+    Sharded pub/sub has no patterns: a tenant's ``"*"`` subscribers ``SSUBSCRIBE`` the tenant's channel
+    (``{prefix}:tenant:{tenant_id}:devices``), on which publishers put every event of the tenant's devices
+    too (the cost: two publications per event in cluster mode, and each tenant's ``"*"`` traffic on one
+    shard). Each connection also holds a private control channel hashed to its node, so it always has a
+    subscription and can be pinged. When a node's connection fails, the slot map changes (a failover, a
+    slot migration: Redis then ends the moved channels' subscriptions with ``sunsubscribe``), or a channel
+    lands on a node we hold no connection to, every connection is replaced after a fresh look at the slot
+    map, and every subscription restored (events published meanwhile are not replayed: clients that need
+    them resume with ``since``).
+    """
+
+    def __init__(
+        self, redis_url: str, names: RedisNames, *, confirm_timeout: float = 5.0, idle_ping_s: float = 10.0
+    ) -> None:
+        super().__init__(redis_url, names, confirm_timeout=confirm_timeout, idle_ping_s=idle_ping_s)
+        self._nodes: dict[str, PubSub] = {}
+        """Master node name (host:port) -> this process's pub/sub connection to it."""
+        self._controls: dict[str, str] = {}
+        """Master node name -> the control channel held on it."""
+        self._confirmed: set[str] = set()
+        self._resync = asyncio.Event()
+
+    def _make_client(self) -> aioredis.Redis:
+        return create_redis(self._url, **_CLIENT_OPTIONS)
+
+    @property
+    def _cluster(self) -> RedisCluster:
+        cluster = as_cluster(self._client)
+        assert cluster is not None
+        return cluster
+
+    def _name(self, conn: Connection, selector: str) -> str:
+        if selector == WILDCARD:
+            return self._names.tenant_channel(conn.tenant_id)
+        return self._names.device_channel(conn.tenant_id, selector)
+
+    async def _sync(self, names: list[str]) -> None:
+        async with self._lock:
+            if not self._nodes:
+                return  # the listener subscribes to everything needed when it reconnects
+            add = [n for n in dict.fromkeys(names) if self._wants(n) and n not in self._requested]
+            drop = [n for n in dict.fromkeys(names) if not self._wants(n) and n in self._requested]
+            try:
+                await self._route(add, subscribe=True)
+                await self._route(drop, subscribe=False)
+            except (RedisError, OSError) as exc:
+                log.warning("redis sharded subscription change failed, resynchronising", error=str(exc))
+                self._resync.set()
+                return
+            self._requested.update(add)
+            self._requested.difference_update(drop)
+            metrics.REDIS_CHANNELS.set(len(self._requested))
+
+    async def _route(self, names: list[str], *, subscribe: bool) -> None:
+        """(Un)subscribe each channel on the node owning its slot (one channel per command: a multi-channel
+        ``SSUBSCRIBE`` must stay within one slot)."""
+        for name in names:
+            node = self._cluster.get_node_from_key(name)
+            pubsub = self._nodes.get(node.name) if node is not None else None
+            if pubsub is None:
+                raise ConnectionError(f"no connection to the node owning {name}: the slot map changed")
+            if subscribe:
+                await pubsub.ssubscribe(name)
+            else:
+                await pubsub.sunsubscribe(name)
+
+    def _control_for(self, node_name: str) -> str:
+        """A control channel of this process whose slot the node ``node_name`` owns."""
+        for n in range(100_000):
+            name = f"{self._control}:{{{n}}}"
+            node = self._cluster.get_node_from_key(name)
+            if node is not None and node.name == node_name:
+                return name
+        raise ConnectionError(f"node {node_name} owns no slot")
+
+    async def run(self) -> None:
+        backoff = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        failed = False
+        while True:
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                async with self._lock:
+                    await self._cluster.initialize()
+                    await self._cluster.nodes_manager.initialize()  # a fresh slot map
+                    self._resync.clear()
+                    self._confirmed.clear()
+                    for node in self._cluster.get_primaries():
+                        client = pubsub_client(self._url, (node.host, int(node.port)), **_CLIENT_OPTIONS)
+                        self._nodes[node.name] = client.pubsub()
+                    self._controls = {name: self._control_for(name) for name in self._nodes}
+                    for name, pubsub in self._nodes.items():
+                        await pubsub.ssubscribe(self._controls[name])
+                    wanted = [*self._subs, *self._wildcard]
+                    await self._route(wanted, subscribe=True)
+                    self._requested = set(wanted)
+                    metrics.REDIS_CHANNELS.set(len(wanted))
+                if failed:
+                    metrics.REDIS_RECONNECTS.inc()
+                    log.info(
+                        "redis sharded pub/sub reconnected", channels=len(wanted), nodes=len(self._nodes)
+                    )
+                backoff.reset()
+                tasks = [asyncio.create_task(self._listen(p)) for p in self._nodes.values()]
+                tasks.append(asyncio.create_task(self._resync.wait()))  # type: ignore[arg-type]
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # raises what ended a listener
+                raise ConnectionError("resynchronising with the cluster's slot map")
+            except (RedisError, RedisClusterException, OSError) as exc:
+                if not failed or self.connected.is_set():
+                    log.warning("redis sharded pub/sub connection lost", error=str(exc))
+                failed = True
+            except Exception:
+                log.exception("redis sharded pub/sub listener failed")
+                failed = True
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                nodes, self._nodes = self._nodes, {}
+                self._requested.clear()
+                self._listening.clear()
+                self.connected.clear()
+                for pubsub in nodes.values():
+                    await self._close_pubsub(pubsub)
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.connection_pool.disconnect()
+            await asyncio.sleep(backoff.next())
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "smessage":
+            channel = message["channel"].decode()
+            data = message["data"]
+            metrics.MESSAGES_IN.inc()
+            conns = self._subs.get(channel)
+            if conns:
+                parsed = self._names.parse_device_channel(channel)
+                if parsed is not None:
+                    self.dispatch(parsed[1], data, conns, wildcard=False)
+                return
+            conns = self._wildcard.get(channel)
+            if conns:
+                try:
+                    device_id = _device_of.decode(data).device_id
+                except msgspec.MsgspecError:
+                    return
+                self.dispatch(device_id, data, conns, wildcard=True)
+            return
+        if kind == "ssubscribe":
+            name = message["channel"].decode()
+            if name in self._controls.values():
+                self._confirmed.add(name)
+                if len(self._confirmed) == len(self._controls):
+                    self.connected.set()
+            self._listening.add(name)
+            for future in self._waiters.pop(name, ()):
+                if not future.done():
+                    future.set_result(None)
+        elif kind == "sunsubscribe":
+            name = message["channel"].decode()
+            self._listening.discard(name)
+            if name in self._controls.values() or (self._wants(name) and name in self._requested):
+                # Not asked for: Redis ended it because its slot moved to another node.
+                raise ConnectionError(f"redis ended the subscription of {name}: its slot moved")

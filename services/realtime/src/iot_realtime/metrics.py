@@ -35,3 +35,13 @@ API_KEY_LOOKUPS = Counter(
     "iot_realtime_api_key_lookups", "API keys looked up in PostgreSQL (unknown prefixes remembered are not)"
 )
 REDIS_RECONNECTS = Counter("iot_realtime_redis_reconnects", "Reconnections of the Redis pub/sub listener")
+BACKFILL_READINGS = Counter(
+    "iot_realtime_backfill_readings", "Stored readings sent for subscribe frames with since (gap-free resume)"
+)
+BACKFILL_TRUNCATED = Counter(
+    "iot_realtime_backfill_truncated",
+    "Subscribe frames with since answered truncated (more than IOT_REALTIME_MAX_BACKFILL, or no database)",
+)
+BACKFILL_DUPLICATES = Counter(
+    "iot_realtime_backfill_duplicates", "Live events dropped because the backfill had sent their reading"
+)

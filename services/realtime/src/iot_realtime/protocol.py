@@ -37,6 +37,9 @@ ERR_UNKNOWN_DEVICE: Final = "unknown_device"
 ERR_UNAVAILABLE: Final = "unavailable"
 ERR_RATE_LIMITED: Final = "rate_limited"
 
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+"""An RFC 3339 date-time with its offset (``Z`` or ``+hh:mm``): a time without one is ambiguous."""
+
 FrameId = int | str | None
 # msgspec checks patterns with ``re.search``; the shared patterns end in ``(?!\\n)$`` (``$`` alone would
 # accept a trailing newline, as in ``"*\\n"``), which JavaScript clients of the schema read the same way.
@@ -61,6 +64,9 @@ class Subscribe(_ClientFrame, frozen=True, tag="subscribe"):
     devices: Annotated[list[DeviceSelector], msgspec.Meta(min_length=1, max_length=1000)]
     id: FrameId = None
     metrics: Annotated[list[MetricName], msgspec.Meta(min_length=1, max_length=256)] | None = None
+    since: Timestamp | None = None
+    """Gap-free resume: the ``ts`` of the last event the client saw; the readings stored after it (of every
+    device of the frame) are sent before live events (at most ``IOT_REALTIME_MAX_BACKFILL``)."""
 
 
 class Unsubscribe(_ClientFrame, frozen=True, tag="unsubscribe"):
@@ -83,6 +89,11 @@ class _IdOnly(msgspec.Struct):
 
 class Ack(msgspec.Struct, frozen=True, tag="ack", tag_field="type", omit_defaults=True):
     id: FrameId = None
+    backfilled: int | None = None
+    """Readings sent since the subscribe frame's ``since`` (present only when it had one)."""
+    truncated: bool | None = None
+    """True when readings stored after ``since`` were left out: more than ``IOT_REALTIME_MAX_BACKFILL`` (the
+    oldest were left out), or PostgreSQL could not be read (none were sent). Present only with ``since``."""
 
 
 class Pong(msgspec.Struct, frozen=True, tag="pong", tag_field="type", omit_defaults=True):
@@ -109,7 +120,17 @@ class Latest(msgspec.Struct, frozen=True, tag="latest", tag_field="type"):
     metrics: dict[str, LatestMetric]
 
 
-ServerFrame = Ack | Pong | Error | Latest
+class BackfillTelemetry(msgspec.Struct, frozen=True, tag="telemetry", tag_field="type"):
+    """A stored reading sent because of a subscribe frame's ``since``: the ``telemetry`` event's fields
+    plus ``backfill: true``, so a client may tell it from a live one (or ignore the flag)."""
+
+    device_id: str
+    ts: datetime
+    metrics: dict[str, MetricValue]
+    backfill: bool = True
+
+
+ServerFrame = Ack | Pong | Error | Latest | BackfillTelemetry
 
 _client_decoder: msgspec.json.Decoder[ClientFrame] = msgspec.json.Decoder(ClientFrame)
 _id_decoder = msgspec.json.Decoder(_IdOnly)

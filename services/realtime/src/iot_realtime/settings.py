@@ -35,5 +35,8 @@ class RealtimeSettings(WebSettings, frozen=True, kw_only=True):
     realtime_device_checks_per_minute: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 120
     """Subscribe frames per credential and minute that ask PostgreSQL about device ids (ids found lately are
     not asked again); past that they get an ``error`` frame ``rate_limited`` (0: no limit)."""
+    realtime_max_backfill: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 1000
+    """Stored readings sent at most for one subscribe frame with ``since`` (gap-free resume); past it the
+    most recent ones are sent and the ``ack`` says ``truncated`` (0: none are ever sent)."""
     realtime_close_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     """How long a closing handshake may take before the socket is cut."""

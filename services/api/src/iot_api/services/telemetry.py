@@ -239,13 +239,14 @@ class TelemetryService:
         metrics. One Redis round trip for the devices' cache entries and their latest values together."""
         ids = list(dict.fromkeys(device_ids))
         keys = [self.devices.device_key(tenant, d) for d in ids]
+        # GETs rather than one MGET: on a Redis Cluster the keys live on different shards.
         found = await self.cache.pipeline(
-            lambda p: (p.mget(keys), [p.hgetall(self.names.latest_key(d)) for d in ids])
+            lambda p: ([p.get(k) for k in keys], [p.hgetall(self.names.latest_key(d)) for d in ids])
         )
-        entries: list[bytes | None] = found[0] if found is not None else [None] * len(ids)
+        entries: list[bytes | None] = found[: len(ids)] if found is not None else [None] * len(ids)
         owned = await self.devices.owned_of(tenant, ids, entries)
         mine = [d for d in ids if d in owned]
-        hashes = found[1:] if found is not None else None
+        hashes = found[len(ids) :] if found is not None else None
         cached = None if hashes is None else [h for d, h in zip(ids, hashes, strict=True) if d in owned]
         latest = {item.device_id: item for item in await self._latest(mine, cached)}
         return LatestList(items=[latest.get(d) or DeviceLatest(d, {}, "database") for d in ids])
