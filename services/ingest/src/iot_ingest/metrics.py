@@ -74,3 +74,11 @@ COMMAND_ACKS = Counter(
     ["outcome"],
 )
 COMMANDS_EXPIRED = Counter("iot_ingest_commands_expired", "Commands expired without an answer")
+QUEUED_COMMANDS = Counter(
+    "iot_ingest_queued_commands",
+    "Queued commands taken when their device came online, by outcome (sent, requeued, failed)",
+    ["outcome"],
+)
+ONLINE_HOOK_ERRORS = Counter(
+    "iot_ingest_online_hook_errors", "Device-came-online hooks that raised, by hook", ["hook"]
+)
