@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -25,10 +25,15 @@ from iot_common.commands import (
     expire_commands,
 )
 from iot_common.db import create_pool
+from iot_common.messages import DeviceStatus, Reading
 from iot_common.mqtt import PublishError, PublishRefused
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
+from iot_ingest.devices import KnownDevices
+from iot_ingest.plan import Delivery
 from iot_ingest.presence import QueueFlush
+from iot_ingest.redis_output import RedisOutput
+from iot_ingest.writer import BatchWriter
 from iot_testkit.waiting import wait_for
 
 HOUR = timedelta(hours=1)
@@ -216,3 +221,63 @@ async def test_the_api_status_check_waits_for_a_flush_in_progress(
     # Another tenant's device (or no device) is None.
     async with pool.acquire() as conn, conn.transaction():
         assert await device_status_locked(conn, "00000000-0000-0000-0000-0000000000ff", device) is None
+
+
+async def test_the_writer_reports_devices_that_came_online_by_status_or_by_a_reading(
+    database_url: str, db: asyncpg.Connection[Any], redis: aioredis.Redis, unique: str
+) -> None:
+    ids = {k: f"{k}-{unique}" for k in ("sleepy", "back", "awake", "fresh", "leaves")}
+    for key, initial in (
+        ("sleepy", "offline"),
+        ("back", "offline"),
+        ("awake", "online"),
+        ("leaves", "online"),
+    ):
+        await db.execute("INSERT INTO devices (id, status) VALUES ($1, $2)", ids[key], initial)
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", ids["fresh"])  # never reported: unknown
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    known = KnownDevices()
+    async with pool.acquire() as conn:
+        await known.load(conn)
+    came_online: list[list[str]] = []
+    writer = BatchWriter(
+        pool,
+        known,
+        RedisOutput(redis, RedisNames(f"w{unique}")),
+        auto_register=False,
+        on_online=lambda devices, _task: came_online.append(devices),
+    )
+    now = datetime.now(UTC)
+
+    def reading(key: str) -> Delivery:
+        return Delivery(
+            "devices/telemetry/x", ids[key], now, b"{}", readings=[Reading(ids[key], now, {"t": 1.0})]
+        )
+
+    def status(key: str, value: DeviceStatus) -> Delivery:
+        return Delivery("devices/status/x", ids[key], now, value.encode(), status=value)
+
+    try:
+        await writer(
+            [
+                reading("sleepy"),
+                status("back", "online"),
+                reading("awake"),
+                reading("fresh"),
+                status("leaves", "offline"),
+            ]
+        )
+        await writer.drain()
+    finally:
+        await pool.close()
+    assert came_online == [sorted([ids["sleepy"], ids["back"]])]
+    rows = dict(
+        await db.fetch("SELECT id, status FROM devices WHERE id = ANY($1::text[])", list(ids.values()))
+    )
+    assert rows == {
+        ids["sleepy"]: "online",
+        ids["back"]: "online",
+        ids["awake"]: "online",
+        ids["fresh"]: "unknown",
+        ids["leaves"]: "offline",
+    }
