@@ -205,7 +205,8 @@ async def test_the_api_status_check_waits_for_a_flush_in_progress(
 
         async def waiting() -> bool:
             count = await db.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid::bigint = $1"
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid::bigint = $1"
                 " AND objid::bigint = (hashtext($2)::bigint + 4294967296) % 4294967296",  # oid: unsigned
                 QUEUE_LOCK_CLASS,
                 device,
