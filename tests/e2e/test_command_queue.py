@@ -16,6 +16,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gmqtt
@@ -28,6 +29,7 @@ from iot_testkit.loadgen import publish_async
 from iot_testkit.processes import Start, free_port, mosquitto
 from iot_testkit.waiting import wait_for
 from tests.e2e.realtime_support import open_ws, recv_json, start_realtime, subscribe, token
+from tests.e2e.test_sim import simulator
 
 BOOTSTRAP_KEY = "iotk_e2ecmdqueue0_" + "q" * 24
 WAIT_OFFLINE_S = 10.0
@@ -257,3 +259,23 @@ async def test_a_command_whose_ttl_passes_first_expires_and_is_never_delivered(
         assert frames.states(doomed["id"]) == ["queued", "expired"]
     assert device.received.empty()
     assert await state_of(platform, device_id, doomed["id"]) == "expired"
+
+
+async def test_a_command_queued_for_a_simulated_device_reaches_it_when_the_simulator_starts(
+    platform: Services, broker: str, unique: str, artifacts_dir: Path
+) -> None:
+    prefix = f"qs{unique}"
+    device_id = f"{prefix}-0000"  # the simulator's first device
+    await make_offline_device(platform, broker, device_id)
+    ping = await post_command(platform, device_id, "ping", 120)
+    assert ping["state"] == "queued"
+    args = ["--devices", "1", "--rate", "0.2", "--prefix", prefix, "--will", "--mqtt-url", broker]
+    with simulator(args, artifacts_dir / "sim.log"):
+
+        async def answered() -> dict[str, Any] | None:
+            found = (await platform.http.get(f"/api/v1/devices/{device_id}/commands/{ping['id']}")).json()
+            return found if found["state"] not in ("queued", "pending", "sent") else None
+
+        done = await wait_for(answered, 30, "the simulated device's answer to the queued ping")
+    assert done["state"] == "acked", done
+    assert done["result"]["pong"] is True
