@@ -59,11 +59,15 @@ class CommandService:
         check_json(data.params, "params")
         await self.devices.require(tenant, device_id)
         ttl_s = data.ttl_s or self.default_ttl_s
-        command = await self.repo.create(tenant.tenant_id, device_id, data.name, data.params, ttl_s)
+
+        async def announce(queued: Command) -> None:
+            # Before the commit: ingest's flush, which waits for it, publishes ``sent`` after this.
+            await self.events.device_event(tenant.tenant_id, device_id, _event(queued))
+
+        command = await self.repo.create(tenant.tenant_id, device_id, data.name, data.params, ttl_s, announce)
         if command is None:
             raise not_found(device_id)
         if command.state == "queued":
-            await self.events.device_event(tenant.tenant_id, device_id, _event(command))
             return command
         message = command_message(command.id, command.name, command.params, command.expires_at)
         try:
