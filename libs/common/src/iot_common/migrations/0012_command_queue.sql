@@ -11,3 +11,7 @@ CREATE INDEX commands_queued_idx ON commands (device_id, created_at, id) WHERE s
 -- The periodic expiry now also takes queued commands past their deadline.
 DROP INDEX commands_waiting_expiry_idx;
 CREATE INDEX commands_waiting_expiry_idx ON commands (expires_at) WHERE state IN ('queued', 'pending', 'sent');
+
+-- What every batch with readings asks (a reading from a device marked offline sets it online): the few
+-- offline devices among the batch's, without visiting every device row.
+CREATE INDEX devices_offline_idx ON devices (id) WHERE status = 'offline';
