@@ -207,7 +207,7 @@ function handleEvent(event) {
 }
 
 // A command only moves forward; the answer to the POST can arrive after the device's answer was pushed.
-const COMMAND_STEP = { pending: 0, sent: 1, acked: 2, failed: 2, expired: 2 };
+const COMMAND_STEP = { queued: 0, pending: 0, sent: 1, acked: 2, failed: 2, expired: 2 };
 
 function showCommand(command) {
   let item = $("commands").querySelector(`li[data-command="${CSS.escape(command.id)}"]`);

@@ -16,7 +16,7 @@ import pytest
 from iot_testkit import netbed
 from iot_testkit.chaos import HEADER, Outcome, format_outcome
 from iot_testkit.loadgen import device_ids
-from iot_testkit.scale import INGESTS, SESSION_EXPIRY_S, ScaleOut, missing_tools
+from iot_testkit.scale import SESSION_EXPIRY_S, ScaleOut, missing_tools
 
 RATE = 2000.0
 CUT_S = 20.0
@@ -65,6 +65,6 @@ async def test_scale_out_faults_lose_and_duplicate_nothing(unique: str, tmp_path
         assert outcome.duplicated == 0, outcome
         assert outcome.stored_once == outcome.acked, outcome
         assert outcome.resumed_s is not None, outcome
-    for outcome in outcomes[:-1]:
+        # The clients resume with ``since`` after each reconnection: nothing is missed, even when their
+        # realtime host dies.
         assert outcome.ws_missed == 0, outcome
-    assert len(INGESTS) == 3

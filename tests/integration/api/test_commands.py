@@ -228,3 +228,33 @@ async def test_commands_fail_while_the_broker_is_away_and_work_after_it_returns(
         await dev.client.disconnect()
     states = [(c["name"], c["state"]) for c in (await client.get(path, headers=admin)).json()["items"]]
     assert states == [("c", "sent"), ("b", "failed"), ("a", "sent")]
+
+
+async def test_a_command_for_an_offline_device_is_queued_not_published(
+    client: Client,
+    writer: dict[str, str],
+    reader: dict[str, str],
+    device: Device,
+    events: Any,
+    db: asyncpg.Connection[Any],
+) -> None:
+    await db.execute("UPDATE devices SET status = 'offline' WHERE id = $1", device.device_id)
+    path = f"/api/v1/devices/{device.device_id}/commands"
+    response = await client.post(path, json={"name": "reboot", "ttl_s": 60}, headers=writer)
+    assert response.status_code == 201, response.text
+    command = response.json()
+    assert command["state"] == "queued"
+    expires_at = datetime.fromisoformat(command["expires_at"])
+    assert abs((expires_at - datetime.fromisoformat(command["created_at"])).total_seconds() - 60) < 1
+    event = decode_event(await next_message(events))
+    assert isinstance(event, CommandEvent)
+    assert (event.id, event.state) == (command["id"], "queued")
+    assert (await client.get(f"{path}/{command['id']}", headers=reader)).json()["state"] == "queued"
+    # Online again (status as ingest records it): the next command is published at once, and only it
+    # reaches the device (the queued one is ingest's to publish).
+    await db.execute("UPDATE devices SET status = 'online' WHERE id = $1", device.device_id)
+    sent = (await client.post(path, json={"name": "ping"}, headers=writer)).json()
+    assert sent["state"] == "sent"
+    message = msgspec.json.decode((await device.next())[0], type=CommandMessage)
+    assert message.id == sent["id"]
+    assert device.messages.empty()

@@ -2,8 +2,11 @@
 
 Life of a command (``commands.state``): ``pending`` (row inserted) -> ``sent`` (published on
 ``devices/commands/{device_id}`` at QoS 1) -> ``acked`` or ``failed`` (the device answered on
-``devices/commands/{device_id}/ack``) or ``expired`` (no answer before ``expires_at``). Every change is
-published as a :class:`~iot_common.messages.CommandEvent` on the device's Redis channel. The caller owns
+``devices/commands/{device_id}/ack``) or ``expired`` (no answer before ``expires_at``). A command for a
+device whose status is ``offline`` is inserted ``queued`` instead: ingest claims it (``queued`` ->
+``pending``, :func:`claim_queued`) when the device comes online and goes on as above, or it becomes
+``expired`` at ``expires_at`` without ever being published. Every change is published as a
+:class:`~iot_common.messages.CommandEvent` on the device's Redis channel. The caller owns
 the MQTT client (gmqtt, aiomqtt...): this module gives it the topic and the payload bytes.
 """
 
@@ -41,8 +44,8 @@ COMMAND_COLUMNS: Final = (
 :func:`command_event`."""
 
 INSERT_COMMAND: Final = f"""
-INSERT INTO commands (device_id, name, params, expires_at)
-VALUES ($1, $2, $3::jsonb, coalesce($4::timestamptz, now() + $5::interval))
+INSERT INTO commands (device_id, name, params, expires_at, state)
+VALUES ($1, $2, $3::jsonb, coalesce($4::timestamptz, now() + $5::interval), $6)
 RETURNING {COMMAND_COLUMNS}
 """
 MARK_SENT: Final = f"""
@@ -65,9 +68,34 @@ RETURNING {", ".join("c." + c.strip() for c in COMMAND_COLUMNS.split(","))}, c.t
 """
 EXPIRE_COMMANDS: Final = f"""
 UPDATE commands SET state = 'expired', updated_at = now()
-WHERE state IN ('pending', 'sent') AND expires_at <= now()
+WHERE state IN ('queued', 'pending', 'sent') AND expires_at <= now()
 RETURNING {COMMAND_COLUMNS}, tenant_id::text AS tenant_id
 """
+LOCK_DEVICE_QUEUE_XACT: Final = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
+DEVICE_STATUS: Final = "SELECT status FROM devices WHERE tenant_id = $1 AND id = $2"
+LOCK_DEVICE_QUEUE: Final = "SELECT pg_advisory_lock($1, hashtext($2))"
+UNLOCK_DEVICE_QUEUE: Final = "SELECT pg_advisory_unlock($1, hashtext($2))"
+CLAIM_QUEUED: Final = f"""
+UPDATE commands SET state = 'pending', error = NULL, updated_at = now()
+WHERE id = (
+    SELECT id FROM commands
+    WHERE device_id = $1 AND state = 'queued' AND expires_at > now()
+    ORDER BY created_at, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+) AND state = 'queued'
+RETURNING {COMMAND_COLUMNS}, tenant_id::text AS tenant_id
+"""
+REQUEUE: Final = f"""
+UPDATE commands SET state = 'queued', error = $2, updated_at = now()
+WHERE id = $1::uuid AND state = 'pending'
+RETURNING {COMMAND_COLUMNS}, tenant_id::text AS tenant_id
+"""
+
+QUEUE_LOCK_CLASS: Final = 0x10770012
+"""First key of the per-device advisory lock (second key: ``hashtext(device_id)``) that serializes the
+API's "offline, so queue" decision with ingest's flush of the device's queue: whichever comes second sees
+what the other did (the API the ``online`` status, or the flush the ``queued`` row)."""
 
 EXPIRY_LOCK_KEY: Final = 0x10770006
 """Advisory lock held by the one process (of any replicas) expiring commands at a time."""
@@ -125,15 +153,38 @@ async def create_command(
     name: str,
     params: Mapping[str, Any],
     expires_at: datetime | timedelta | None,
+    state: Literal["pending", "queued"] = "pending",
 ) -> Any:
-    """Insert a ``pending`` command and return its row (:data:`COMMAND_COLUMNS`).
+    """Insert a ``pending`` (or ``queued``) command and return its row (:data:`COMMAND_COLUMNS`).
 
     ``expires_at``: an instant, or a time to live counted from the database's clock (the clock that
     :func:`expire_commands` compares with). asyncpg's ForeignKeyViolationError: no such device.
     """
     ttl = expires_at if isinstance(expires_at, timedelta) else None
     at = None if isinstance(expires_at, timedelta) else expires_at
-    return await conn.fetchrow(INSERT_COMMAND, device_id, name, dict(params), at, ttl)
+    return await conn.fetchrow(INSERT_COMMAND, device_id, name, dict(params), at, ttl, state)
+
+
+async def device_status_locked(conn: Conn, tenant_id: str | uuid.UUID, device_id: str) -> str | None:
+    """The device's status, taking its queue lock until the end of the caller's transaction (which must
+    be open); None when the device is not the tenant's."""
+    await conn.execute(LOCK_DEVICE_QUEUE_XACT, QUEUE_LOCK_CLASS, device_id)
+    # A statement of its own, after the lock: its snapshot sees a status committed before the lock was had.
+    status: str | None = await conn.fetchval(DEVICE_STATUS, tenant_id, device_id)
+    return status
+
+
+async def claim_queued(conn: Executor, device_id: str) -> Any:
+    """``queued`` -> ``pending`` for the device's oldest queued command whose deadline has not passed; the
+    row (with ``tenant_id``), or None when none is left. One statement: two processes never claim the same
+    command."""
+    return await conn.fetchrow(CLAIM_QUEUED, device_id)
+
+
+async def requeue(conn: Executor, command_id: str, error: str) -> Any:
+    """``pending`` -> ``queued`` with the reason when a claimed command could not be published; the row,
+    or None when it was answered meanwhile."""
+    return await conn.fetchrow(REQUEUE, command_id, error)
 
 
 async def mark_sent(conn: Executor, command_id: str) -> Any:

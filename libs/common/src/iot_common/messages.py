@@ -22,7 +22,7 @@ MetricValue = float | str
 DeviceStatus = Literal["unknown", "online", "offline"]
 Severity = Literal["info", "warning", "critical"]
 AlertState = Literal["open", "resolved"]
-CommandState = Literal["pending", "sent", "acked", "failed", "expired"]
+CommandState = Literal["queued", "pending", "sent", "acked", "failed", "expired"]
 
 
 class Reading(msgspec.Struct, frozen=True):

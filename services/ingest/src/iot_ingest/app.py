@@ -33,6 +33,7 @@ from iot_ingest.expiry import expire_due_commands
 from iot_ingest.membership import Adoptions, Membership, leave_group
 from iot_ingest.payload import Limits
 from iot_ingest.plan import Delivery
+from iot_ingest.presence import Presence, QueueFlush
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.settings import IngestSettings
 from iot_ingest.tenant_quota import TenantQuota, quota_client
@@ -53,6 +54,7 @@ class Parts:
     actions: ActionRunner
     alerts: AlertService
     writer: BatchWriter
+    presence: Presence
     batcher: Batcher[Delivery]
     consumer: Consumer
     membership: Membership | None
@@ -109,6 +111,8 @@ async def build(settings: IngestSettings) -> Parts:
     )
     await alerts.reload()
     quota_redis = quota_client(settings.redis_url)
+    # The "device came online" hooks, in order: publish the device's queued commands.
+    presence = Presence([QueueFlush(pool, redis, names, publish_command)])
     writer = BatchWriter(
         pool,
         known,
@@ -116,6 +120,7 @@ async def build(settings: IngestSettings) -> Parts:
         auto_register=settings.ingest_auto_register,
         quota=TenantQuota(quota_redis, names),
         on_commit=alerts.submit,
+        on_online=presence.submit,
     )
     batcher: Batcher[Delivery] = Batcher(
         writer, max_size=settings.ingest_batch_size, max_delay=settings.ingest_batch_delay_ms / 1000
@@ -161,6 +166,7 @@ async def build(settings: IngestSettings) -> Parts:
         actions,
         alerts,
         writer,
+        presence,
         batcher,
         consumer,
         membership,
@@ -261,3 +267,4 @@ async def _drain(parts: Parts) -> None:
     await parts.batcher.close()
     await parts.consumer.wait_idle()
     await parts.writer.drain()
+    await parts.presence.drain()

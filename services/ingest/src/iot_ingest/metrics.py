@@ -79,3 +79,11 @@ SESSIONS_ADOPTED = Counter(
     "Sessions of silent replicas this replica resumed and emptied, by outcome (emptied, taken_back, failed)",
     ["outcome"],
 )
+QUEUED_COMMANDS = Counter(
+    "iot_ingest_queued_commands",
+    "Queued commands taken when their device came online, by outcome (sent, requeued, failed)",
+    ["outcome"],
+)
+ONLINE_HOOK_ERRORS = Counter(
+    "iot_ingest_online_hook_errors", "Device-came-online hooks that raised, by hook", ["hook"]
+)

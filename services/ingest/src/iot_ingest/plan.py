@@ -72,6 +72,9 @@ class Plan:
     """Tenant of each device with readings or a status in the plan: where its events are published."""
     new_rows: int = 0
     """Filled by the writer: telemetry rows that were not stored before (duplicates excluded)."""
+    came_online: list[str] = field(default_factory=list)
+    """Filled by the writer: devices the batch set ``online`` (an ``online`` status, or a reading of a
+    device marked ``offline``), for the "device came online" hooks (:mod:`iot_ingest.presence`)."""
 
     def merge(self, other: Plan) -> None:
         """Add ``other`` (a later part of the batch, written on its own) to this plan."""
@@ -83,6 +86,7 @@ class Plan:
         self.command_events += other.command_events
         self.tenants.update(other.tenants)
         self.new_rows += other.new_rows
+        self.came_online += [d for d in other.came_online if d not in self.came_online]
 
 
 def payload_excerpt(payload: bytes) -> str:

@@ -53,6 +53,13 @@ UPDATE devices d SET status = u.status, updated_at = now()
 FROM unnest($1::text[], $2::text[]) AS u(id, status)
 WHERE d.id = u.id AND d.status <> u.status
 """
+MARK_ONLINE_BY_READING: Final = """
+UPDATE devices SET status = 'online', updated_at = now()
+WHERE id = ANY($1::text[]) AND status = 'offline'
+RETURNING id
+"""
+"""A reading from a device marked ``offline`` (no status message in its batch): it is connected again,
+whether or not its ``online`` message was sent or came first."""
 
 
 def _log_dead_letters(plan: Plan) -> None:
@@ -97,6 +104,7 @@ class BatchWriter:
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
         on_commit: Callable[[list[Reading]], None] | None = None,
+        on_online: Callable[[list[str], asyncio.Task[None]], None] | None = None,
     ) -> None:
         self._pool = pool
         self._known = known
@@ -106,6 +114,7 @@ class BatchWriter:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._on_commit = on_commit
+        self._on_online = on_online
 
     async def __call__(self, batch: list[Delivery]) -> asyncio.Task[None]:
         """Commit ``batch``, then start its Redis step; the returned task is that step.
@@ -119,6 +128,9 @@ class BatchWriter:
         if self._on_commit is not None and plan.readings:
             # Alert rules: only queued here, so that the batch's PUBACKs do not wait for them.
             self._on_commit(plan.readings)
+        if self._on_online is not None and plan.came_online:
+            # The "device came online" hooks, after the batch's Redis step (its status events).
+            self._on_online(plan.came_online, task)
         return task
 
     async def drain(self) -> None:
@@ -269,6 +281,16 @@ class BatchWriter:
         if plan.statuses:
             ids = sorted(plan.statuses)
             await conn.execute(UPDATE_STATUS, ids, [plan.statuses[i][0] for i in ids])
+        if plan.readings:
+            silent = sorted({r.device_id for r in plan.readings} - plan.statuses.keys())
+            if silent:
+                for row in await conn.fetch(MARK_ONLINE_BY_READING, silent):
+                    device_id = row["id"]
+                    plan.statuses[device_id] = (
+                        "online",
+                        plan.last_seen.get(device_id) or plan.readings[0].ts,
+                    )
+        plan.came_online = sorted(d for d, (status, _) in plan.statuses.items() if status == "online")
         if plan.acks:
             answered = await conn.fetch(APPLY_ACKS, *ack_columns(plan.acks))
             plan.command_events = [(r["tenant_id"], command_event(r)) for r in answered]

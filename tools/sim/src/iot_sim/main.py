@@ -10,8 +10,9 @@ registered through the API first, and each connects with the MQTT credentials th
 that already existed gets its credentials rotated). With ``--credentials FILE`` (lines
 ``device_id,username,password``) the devices are those of the file, each with its credentials. With
 per-device credentials or ``--will`` each device has its own connection; ``--will`` also announces
-``online`` on ``devices/status/{id}`` and leaves ``offline`` as its will message. Otherwise one connection,
-as the user of ``--mqtt-url``, publishes for every device.
+``online`` on ``devices/status/{id}`` once subscribed to its commands (after every connection, so the
+commands queued while it was away reach it) and leaves ``offline`` as its will message. Otherwise one
+connection, as the user of ``--mqtt-url``, publishes for every device.
 
 Every device answers the commands it receives on ``devices/commands/{id}`` (``ping``, ``reboot``,
 ``set_interval``; :mod:`iot_sim.commands`) on ``devices/commands/{id}/ack``. ``--seed-demo-rule`` (with
@@ -116,12 +117,17 @@ def _client(
         if not reason.is_failure and topics:
             c.subscribe([(topic, 1) for topic in topics])
 
-    def on_subscribe(_c: object, _u: object, _mid: int, reasons: list[Any], _p: object) -> None:
+    def on_subscribe(c: mqtt.Client, _u: object, _mid: int, reasons: list[Any], _p: object) -> None:
         refused = [t for t, r in zip(topics, reasons, strict=False) if r.is_failure]
         if refused:
             _say(
                 f"the broker refused the subscription to {', '.join(refused[:3])}: no command answered there"
             )
+        if will_topic:
+            # Online only once subscribed (after every connection): the commands queued while the device
+            # was offline are published as soon as the platform sees this, and must find the subscription.
+            c.publish(will_topic, b"online", qos=1, retain=True)
+            counter.published()
         subscribed.set()
 
     def on_message(c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
@@ -253,10 +259,6 @@ class Simulator:
                 )
                 clients[d] = client
                 waits.append(subscribed)
-            if args.will:
-                for device_id, client in clients.items():
-                    client.publish(status_topic(device_id), b"online", qos=1, retain=True)
-                    counter.published()
         else:
             topics = [command_topic(d) for d in device_ids]
             shared, subscribed = _client(

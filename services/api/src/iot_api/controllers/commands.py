@@ -25,7 +25,9 @@ class CommandController(Controller):
         self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath, data: JSONBody[CommandCreate]
     ) -> Response[Command]:
         """Publish a command on ``devices/commands/{device_id}`` (QoS 1); 201 once the broker acknowledged
-        it (state ``sent``), 503 when the broker could not be reached (the command is kept as ``failed``)."""
+        it (state ``sent``), 503 when the broker could not be reached (the command is kept as ``failed``).
+        For a device whose status is ``offline``: 201 with state ``queued``, published when the device
+        comes online, or ``expired`` after ``ttl_s``."""
         command = await services.commands.send(tenant, device_id, data)
         location = f"/api/v1/devices/{device_id}/commands/{command.id}"
         return Response(command, status_code=201, headers={"Location": location})

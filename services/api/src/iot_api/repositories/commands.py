@@ -4,14 +4,15 @@ statements of :mod:`iot_common.commands`, which ingest's rule actions use too); 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
 from iot_api.repositories.sql import Query
 from iot_api.schemas.commands import Command
-from iot_common.commands import COMMAND_COLUMNS, create_command, mark_failed, mark_sent
+from iot_common.commands import COMMAND_COLUMNS, create_command, device_status_locked, mark_failed, mark_sent
 
 
 def _command(row: asyncpg.Record | None) -> Command | None:
@@ -22,16 +23,35 @@ class CommandRepository:
     def __init__(self, pool: asyncpg.Pool[Any]) -> None:
         self.pool = pool
 
-    async def create(self, device_id: str, name: str, params: dict[str, Any], ttl_s: int) -> Command | None:
-        """Insert a ``pending`` command expiring in ``ttl_s`` seconds; None when the device is unknown.
+    async def create(
+        self,
+        tenant_id: uuid.UUID,
+        device_id: str,
+        name: str,
+        params: dict[str, Any],
+        ttl_s: int,
+        on_queued: Callable[[Command], Awaitable[object]] | None = None,
+    ) -> Command | None:
+        """Insert a command expiring in ``ttl_s`` seconds: ``queued`` when the device is ``offline``, else
+        ``pending`` (to be published now); None when the device is not the tenant's.
 
-        The row takes its device's tenant (migration 0010): the caller checks first that the device is the
-        requesting tenant's."""
-        try:
-            row = await create_command(self.pool, device_id, name, params, timedelta(seconds=ttl_s))
-        except asyncpg.ForeignKeyViolationError:
-            return None
-        return _command(row)
+        The status is read and the row inserted under the device's queue lock (the one ingest's flush
+        takes after committing an ``online`` status), so a device coming online meanwhile cannot leave the
+        command queued until its next reconnection. ``on_queued`` runs before the commit, still under the
+        lock: what it publishes comes before anything ingest's flush publishes about the command."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await device_status_locked(conn, tenant_id, device_id)
+            if status is None:
+                return None
+            state: Literal["pending", "queued"] = "queued" if status == "offline" else "pending"
+            try:
+                row = await create_command(conn, device_id, name, params, timedelta(seconds=ttl_s), state)
+            except asyncpg.ForeignKeyViolationError:
+                return None
+            command = Command(**row)
+            if command.state == "queued" and on_queued is not None:
+                await on_queued(command)
+        return command
 
     async def mark_sent(self, command_id: str) -> Command | None:
         """``pending`` -> ``sent``; None when the device's answer was recorded meanwhile (it is kept)."""

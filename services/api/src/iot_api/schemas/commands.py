@@ -13,7 +13,8 @@ from iot_common.messages import CommandState
 
 
 class CommandCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A command for a device; it expires ``ttl_s`` s after creation (default ``IOT_API_COMMAND_TTL_S``)."""
+    """A command for a device; it expires ``ttl_s`` s after creation (default ``IOT_API_COMMAND_TTL_S``),
+    whether it is still queued for an offline device or waiting for the device's answer."""
 
     name: CommandName
     params: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -21,7 +22,8 @@ class CommandCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Command(msgspec.Struct, frozen=True):
-    """A command and its state: ``sent`` once the broker took it, ``acked``/``failed`` from the device's
+    """A command and its state: ``queued`` while its device is offline (published when it comes online,
+    in creation order), ``sent`` once the broker took it, ``acked``/``failed`` from the device's
     answer, ``expired`` when no answer came before ``expires_at``; ``failed`` with ``error`` also when the
     broker could not be reached."""
 

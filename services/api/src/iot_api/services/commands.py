@@ -1,4 +1,5 @@
-"""Commands to devices: stored, published on ``devices/commands/{device_id}`` at QoS 1, then marked sent.
+"""Commands to devices: stored, published on ``devices/commands/{device_id}`` at QoS 1, then marked sent;
+or, for a device whose status is ``offline``, stored ``queued`` for ingest to publish when it comes online.
 
 Order of events: the row is inserted ``pending``; the :class:`~iot_common.messages.CommandMessage` is
 published and the broker's PUBACK awaited (see :mod:`iot_api.mqtt` for what that guarantees); the row
@@ -6,6 +7,9 @@ becomes ``sent`` and a ``command`` event goes out on the device's Redis channel.
 be reached, or does not acknowledge in time, the row becomes ``failed`` with the reason in ``error``, a
 ``command`` event says so, and the request is answered 503 (the command is not retried: sending it again
 is the client's decision). The device's answer (``acked``/``failed``) and expiry are recorded by ingest.
+
+A ``queued`` command is answered 201 at once with a ``command`` event (state ``queued``); ingest publishes
+it when the device's ``online`` status (or a reading) arrives, or expires it at its deadline.
 """
 
 from __future__ import annotations
@@ -55,9 +59,16 @@ class CommandService:
         check_json(data.params, "params")
         await self.devices.require(tenant, device_id)
         ttl_s = data.ttl_s or self.default_ttl_s
-        command = await self.repo.create(device_id, data.name, data.params, ttl_s)
+
+        async def announce(queued: Command) -> None:
+            # Before the commit: ingest's flush, which waits for it, publishes ``sent`` after this.
+            await self.events.device_event(tenant.tenant_id, device_id, _event(queued))
+
+        command = await self.repo.create(tenant.tenant_id, device_id, data.name, data.params, ttl_s, announce)
         if command is None:
             raise not_found(device_id)
+        if command.state == "queued":
+            return command
         message = command_message(command.id, command.name, command.params, command.expires_at)
         try:
             await self.publisher.publish(command_topic(device_id), message, ttl_s)
