@@ -27,8 +27,10 @@ from iot_ingest.actions import ActionRunner
 from iot_ingest.alerts import AlertService
 from iot_ingest.batcher import Batcher
 from iot_ingest.consumer import Consumer, DeviceQuota, default_client_id
+from iot_ingest.device_auth import DeviceAuth, pool_lookup
 from iot_ingest.devices import KnownDevices
 from iot_ingest.expiry import expire_due_commands
+from iot_ingest.http_ingest import HttpIngest
 from iot_ingest.payload import Limits
 from iot_ingest.plan import Delivery
 from iot_ingest.redis_output import RedisOutput
@@ -53,6 +55,7 @@ class Parts:
     writer: BatchWriter
     batcher: Batcher[Delivery]
     consumer: Consumer
+    http: HttpIngest
 
 
 def limits_from(settings: IngestSettings) -> Limits:
@@ -138,7 +141,19 @@ async def build(settings: IngestSettings) -> Parts:
         quota=quota,
     )
     metrics.OLDEST_IN_FLIGHT.set_function(consumer.oldest_in_flight_s)
-    return Parts(settings, pool, redis, quota_redis, known, actions, alerts, writer, batcher, consumer)
+    http = HttpIngest(
+        auth=DeviceAuth(pool_lookup(pool), ttl_s=settings.ingest_http_auth_cache_s),
+        batcher=batcher,
+        limits=limits_from(settings),
+        quota=quota,
+        storage_failing=lambda: writer.failing,
+        accepting=lambda: consumer.accepting,
+        timeout_s=settings.ingest_http_timeout_s,
+        max_concurrent=settings.ingest_http_max_concurrent,
+        max_body_bytes=settings.ingest_http_max_body_bytes,
+        max_readings=settings.ingest_http_max_readings,
+    )
+    return Parts(settings, pool, redis, quota_redis, known, actions, alerts, writer, batcher, consumer, http)
 
 
 def background(parts: Parts) -> list[Coroutine[Any, Any, object]]:
@@ -177,7 +192,9 @@ async def run(parts: Parts, stop: asyncio.Event) -> None:
     as the module says and close the parts."""
     settings, consumer, batcher = parts.settings, parts.consumer, parts.batcher
     ready = health.checks(consumer, parts.pool, parts.redis, stuck_after_s=settings.ingest_stuck_after_s)
-    runner = web.AppRunner(health.create_app(ready, alive=lambda: not stop.is_set()), access_log=None)
+    app = health.create_app(ready, alive=lambda: not stop.is_set(), routes=parts.http.routes())
+    # Bodies are decompressed by the HTTP ingest itself, within its limit (a gzip bomb stops there).
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False)
     await runner.setup()
     await web.TCPSite(runner, settings.bind_host, settings.ingest_http_port).start()
     log_listening(log, settings.bind_host, settings.ingest_http_port)

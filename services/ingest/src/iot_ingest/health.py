@@ -1,4 +1,5 @@
-"""Ingest's HTTP endpoints: ``/healthz``, ``/readyz`` and ``/metrics`` (:func:`iot_common.web.health_routes`).
+"""Ingest's HTTP endpoints: ``/healthz``, ``/readyz`` and ``/metrics`` (:func:`iot_common.web.health_routes`),
+and on the same port HTTP device ingest (``/ingest/``, :mod:`iot_ingest.http_ingest`).
 
 Ready means: connected to the broker with every subscription granted, no message unacknowledged for
 longer than ``IOT_INGEST_STUCK_AFTER_S``, and PostgreSQL and Redis answering.
@@ -6,7 +7,7 @@ longer than ``IOT_INGEST_STUCK_AFTER_S``, and PostgreSQL and Redis answering.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -43,8 +44,13 @@ def checks(
     }
 
 
-def create_app(ready_checks: dict[str, Check], alive: Callable[[], bool]) -> web.Application:
-    """The aiohttp application; ``/healthz`` fails once ``alive()`` is false (the service is stopping)."""
+def create_app(
+    ready_checks: dict[str, Check], alive: Callable[[], bool], routes: Sequence[web.RouteDef] = ()
+) -> web.Application:
+    """The aiohttp application; ``/healthz`` fails once ``alive()`` is false (the service is stopping).
+
+    ``routes``: more routes on the same port (HTTP device ingest, :mod:`iot_ingest.http_ingest`)."""
     app = web.Application()
     app.add_routes(health_routes(lambda: ready_checks, alive=alive))
+    app.add_routes(routes)
     return app

@@ -74,3 +74,9 @@ COMMAND_ACKS = Counter(
     ["outcome"],
 )
 COMMANDS_EXPIRED = Counter("iot_ingest_commands_expired", "Commands expired without an answer")
+HTTP_REQUESTS = Counter(
+    "iot_ingest_http_requests",
+    "HTTP ingest requests (POST /ingest/v1/devices/{id}/...), by route and answer status",
+    ["route", "status"],
+)
+HTTP_ACTIVE = Gauge("iot_ingest_http_active", "HTTP ingest requests being handled")

@@ -48,6 +48,16 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     """Per-device quota (token bucket refill rate, readings/s); 0 turns the quota off."""
     ingest_max_readings_per_device_burst: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 10_000
     """Bucket size: readings a device may send at once above the rate (keep it >= max_readings)."""
+    ingest_http_max_readings: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
+    """Readings in one HTTP ingest request (``POST /ingest/v1/devices/{id}/telemetry``), for backfill."""
+    ingest_http_max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
+    """Bytes of an HTTP ingest body, as sent and once decompressed (gzip)."""
+    ingest_http_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    """Time an HTTP ingest request may take: reading the body, then waiting for the commit (503 after)."""
+    ingest_http_max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
+    """HTTP ingest requests handled at once; more are answered 503 with ``Retry-After``."""
+    ingest_http_auth_cache_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
+    """How long a device credential looked up in PostgreSQL is trusted (a revocation takes this long)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
