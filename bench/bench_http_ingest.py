@@ -37,7 +37,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_ingest import REDIS, drop_database, prepare_database, publisher
+from bench.bench_ingest import REDIS, cpu_seconds, drop_database, prepare_database, publisher
 from iot_ingest.device_auth import hash_secret
 from iot_testkit.processes import ServiceProcess, free_port, mosquitto
 from iot_testkit.waiting import wait_for
@@ -159,6 +159,7 @@ async def bench(
         base = f"http://127.0.0.1:{port}"
         try:
             await asyncio.to_thread(proc.wait_http, f"{base}/readyz")
+            pid = proc.proc.pid if proc.proc else None
             one, many = args.requests, args.batches * 1000
             span = one + many + args.messages + 10_000
             start_ms = int(time.time() * 1000) - (args.runs + 2) * span
@@ -169,14 +170,18 @@ async def bench(
                     ("http_1", 1, args.requests, args.concurrency, base_ms),
                     ("http_1000", 1000, args.batches, args.batch_concurrency, base_ms + one),
                 ):
+                    cpu = cpu_seconds(pid)
                     elapsed, statuses = await http_run(base, auth, devices, per, count, conc, at)
+                    row[f"{name}_cpu"] = (cpu_seconds(pid) - cpu) / (per * count) * 1e6
                     stored = await stored_readings(db_url, at, per * count)
                     assert statuses == {200: count}, statuses
                     assert stored == per * count, (stored, per * count)
                     row[name] = stored / elapsed
+                cpu = cpu_seconds(pid)
                 row["mqtt"] = await mqtt_run(
                     mqtt_url, prefix, db_url, len(devices), args.messages, base_ms + one + many
                 )
+                row["mqtt_cpu"] = (cpu_seconds(pid) - cpu) / args.messages * 1e6
                 rows.append(row)
                 print(
                     f"run {run + 1}: http x1 {row['http_1']:,.0f} readings/s, "
@@ -212,11 +217,17 @@ def main() -> int:
         f"http x1000: {args.batches} requests at concurrency {args.batch_concurrency}; "
         f"mqtt: {args.messages:,} QoS 1 messages"
     )
-    print(f"{'run':>4} {'http x1 readings/s':>19} {'http x1000 readings/s':>22} {'mqtt readings/s':>16}")
+    print("readings/s (ingest CPU us/reading)")
+    print(f"{'run':>4} {'http x1':>20} {'http x1000':>20} {'mqtt':>20}")
+    keys = ("http_1", "http_1000", "mqtt")
+
+    def cell(values: dict[str, float], key: str) -> str:
+        return f"{values[key]:,.0f} ({values[key + '_cpu']:.0f} us)"
+
     for i, row in enumerate(rows, 1):
-        print(f"{i:>4} {row['http_1']:>19,.0f} {row['http_1000']:>22,.0f} {row['mqtt']:>16,.0f}")
-    med = {k: statistics.median(r[k] for r in rows) for k in ("http_1", "http_1000", "mqtt")}
-    print(f"{'med':>4} {med['http_1']:>19,.0f} {med['http_1000']:>22,.0f} {med['mqtt']:>16,.0f}")
+        print(f"{i:>4} " + " ".join(f"{cell(row, k):>20}" for k in keys))
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    print(f"{'med':>4} " + " ".join(f"{cell(med, k):>20}" for k in keys))
     return 0
 
 
