@@ -258,6 +258,14 @@ async def test_readings_posted_with_the_device_credential_are_stored_published_a
                 headers={**basic(device, secret), "Content-Type": "text/plain"},
             )
             assert text.status_code == 415
+            # aiohttp's own refusals under /ingest/ are problem details too; /metrics is not under it.
+            wrong_method = await http.get(url(p.ingest_base, device), headers=basic(device, secret))
+            assert wrong_method.status_code == 405
+            assert wrong_method.headers["content-type"].startswith("application/problem+json")
+            assert wrong_method.headers["allow"] == "POST"
+            nowhere = await http.post(f"{p.ingest_base}/ingest/v1/devices/{device}/other", json={})
+            assert nowhere.status_code == 404
+            assert nowhere.json()["status"] == 404
 
             # Revocation through the API is honoured within the credential cache's TTL (1 s here).
             assert (await p.api.delete(f"/api/v1/devices/{device}/credentials")).status_code == 204

@@ -192,7 +192,12 @@ async def run(parts: Parts, stop: asyncio.Event) -> None:
     as the module says and close the parts."""
     settings, consumer, batcher = parts.settings, parts.consumer, parts.batcher
     ready = health.checks(consumer, parts.pool, parts.redis, stuck_after_s=settings.ingest_stuck_after_s)
-    app = health.create_app(ready, alive=lambda: not stop.is_set(), routes=parts.http.routes())
+    app = health.create_app(
+        ready,
+        alive=lambda: not stop.is_set(),
+        routes=parts.http.routes(),
+        middlewares=[parts.http.problems],
+    )
     # Bodies are decompressed by the HTTP ingest itself, within its limit (a gzip bomb stops there).
     runner = web.AppRunner(app, access_log=None, auto_decompress=False)
     await runner.setup()

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from iot_common.health import Check, postgres_check, redis_check
 from iot_common.web import health_routes
@@ -45,12 +46,15 @@ def checks(
 
 
 def create_app(
-    ready_checks: dict[str, Check], alive: Callable[[], bool], routes: Sequence[web.RouteDef] = ()
+    ready_checks: dict[str, Check],
+    alive: Callable[[], bool],
+    routes: Sequence[web.RouteDef] = (),
+    middlewares: Sequence[Middleware] = (),
 ) -> web.Application:
     """The aiohttp application; ``/healthz`` fails once ``alive()`` is false (the service is stopping).
 
     ``routes``: more routes on the same port (HTTP device ingest, :mod:`iot_ingest.http_ingest`)."""
-    app = web.Application()
+    app = web.Application(middlewares=middlewares)
     app.add_routes(health_routes(lambda: ready_checks, alive=alive))
     app.add_routes(routes)
     return app

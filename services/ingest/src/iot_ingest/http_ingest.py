@@ -193,6 +193,22 @@ class HttpIngest:
     def routes(self) -> list[web.RouteDef]:
         return [web.post(f"{PREFIX}/telemetry", self._route("telemetry", self.telemetry))]
 
+    @staticmethod
+    @web.middleware
+    async def problems(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """aiohttp's own refusals under ``/ingest/`` (no such route, wrong method) as problem details."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if not request.path.startswith("/ingest/") or exc.status < 400:
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return Refused(exc.status, exc.reason, exc.text or exc.reason, headers=headers).response(
+                request.path
+            )
+
     def telemetry(self, device_id: str, path: str, body: bytes, received_at: datetime) -> Converted:
         """A telemetry body: one reading, flat, or an array (backfill) of them."""
         if self._quota is not None and self._quota.exhausted(device_id):
