@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import gzip
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from iot_common.messages import METRIC_NAME_PATTERN, Reading
+from iot_ingest.batcher import Batcher
+from iot_ingest.consumer import DeviceQuota
 from iot_ingest.device_auth import BadAuthorization, DeviceAuth, Presented, hash_secret, parse_authorization
 from iot_ingest.devices import TenantLimits
-from iot_ingest.http_ingest import Refused, Rejected, decode_body, rejected_items
+from iot_ingest.http_ingest import HttpIngest, Refused, Rejected, decode_body, rejected_items
 from iot_ingest.payload import Limits, Reject, parse_telemetry
 from iot_ingest.plan import Delivery, Outcome, Refusal, plan_batch
 from iot_ingest.tenant_quota import admit
+from iot_testkit.waiting import wait_for
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 TENANT = "00000000-0000-0000-0000-00000000000a"
@@ -166,3 +174,123 @@ def test_outcomes_are_filled_only_when_the_plan_is_settled() -> None:
     assert over.refusal is not None
     assert over.refusal.reason == "tenant_quota"
     assert [r.device_id for r in plan.readings] == ["a", "a"]
+
+
+class Edge:
+    """The HTTP routes on a real aiohttp server, feeding a real batcher whose flush the test controls."""
+
+    def __init__(
+        self, *, max_concurrent: int = 8, timeout_s: float = 5.0, quota: DeviceQuota | None = None
+    ) -> None:
+        self.release = asyncio.Event()
+        self.failing = False
+        self.flushed: list[Delivery] = []
+        creds = Credentials()
+        creds.rows = {"a": (hash_secret("sa"), True), "b": (hash_secret("sb"), True)}
+        self.batcher: Batcher[Delivery] = Batcher(self._flush, max_size=100, max_delay=0)
+        self.http = HttpIngest(
+            auth=DeviceAuth(creds.lookup, ttl_s=60),
+            batcher=self.batcher,
+            limits=Limits(),
+            quota=quota,
+            storage_failing=lambda: self.failing,
+            accepting=lambda: True,
+            timeout_s=timeout_s,
+            max_concurrent=max_concurrent,
+            max_body_bytes=4096,
+            max_readings=100,
+        )
+
+    async def _flush(self, batch: list[Delivery]) -> None:
+        await self.release.wait()
+        for delivery in batch:
+            assert delivery.outcome is not None
+            delivery.outcome.stored = len(delivery.readings)
+        self.flushed += batch
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+        app = web.Application(middlewares=[self.http.problems])
+        app.add_routes(self.http.routes())
+        self.batcher.start()
+        async with TestClient(TestServer(app)) as client:
+            yield client
+        self.release.set()
+        await self.batcher.close()
+
+
+def auth(device: str, secret: str) -> dict[str, str]:
+    return {"Authorization": basic(f"{device}:{secret}")}
+
+
+PATH = "/ingest/v1/devices/a/telemetry"
+
+
+async def test_the_answer_waits_for_the_commit_and_is_503_past_the_deadline() -> None:
+    edge = Edge(timeout_s=0.3)
+    async with edge.client() as client:
+        late = await client.post(PATH, json={"t": 1}, headers=auth("a", "sa"))
+        assert late.status == 503
+        assert late.headers["Retry-After"] == "5"
+        assert late.content_type == "application/problem+json"
+        edge.release.set()
+        ok = await client.post(PATH, json=[{"t": 1}, {"t": "x" * 100}], headers=auth("a", "sa"))
+        assert ok.status == 200
+        assert await ok.json() == {
+            "stored": 1,
+            "rejected": [{"index": 1, "reason": "text_too_long", "detail": "t: 100 characters, limit 64"}],
+        }
+    # The request answered 503 was still committed later: posting it again is a no-op by primary key.
+    assert len(edge.flushed) == 2
+
+
+async def test_storage_failing_or_too_many_requests_are_503_at_once() -> None:
+    edge = Edge(max_concurrent=1)
+    async with edge.client() as client:
+        edge.failing = True
+        down = await client.post(PATH, json={"t": 1}, headers=auth("a", "sa"))
+        assert (down.status, down.headers["Retry-After"]) == (503, "5")
+        edge.failing = False
+        waiting = asyncio.ensure_future(client.post(PATH, json={"t": 1}, headers=auth("a", "sa")))
+        await wait_for(lambda: _true(edge.http.active == 1), 5, "one request in")
+        busy = await client.post(PATH, json={"t": 2}, headers=auth("a", "sa"))
+        assert (busy.status, busy.headers["Retry-After"]) == (503, "1")
+        edge.release.set()
+        assert (await waiting).status == 200
+    assert len(edge.flushed) == 1
+
+
+async def test_credentials_limits_and_media_types_are_4xx() -> None:
+    quota = DeviceQuota(rate=10, burst=20)
+    edge = Edge(quota=quota)
+    edge.release.set()
+    async with edge.client() as client:
+        assert (await client.post(PATH, json={"t": 1})).status == 401
+        assert (await client.post(PATH, json={"t": 1}, headers=auth("a", "sb"))).status == 401
+        assert (await client.post(PATH, json={"t": 1}, headers=auth("b", "sb"))).status == 403
+        bearer = {"Authorization": "Bearer sa"}
+        assert (await client.post(PATH, json={"t": 1}, headers=bearer)).status == 200
+        too_big = await client.post(
+            PATH,
+            data=b"[" + b" " * 5000 + b"]",
+            headers={**auth("a", "sa"), "Content-Type": "application/json"},
+        )
+        assert too_big.status == 413
+        text = await client.post(
+            PATH, data=b'{"t": 1}', headers={**auth("a", "sa"), "Content-Type": "text/plain"}
+        )
+        assert text.status == 415
+        bad_id = await client.post("/ingest/v1/devices/-x/telemetry", json={"t": 1}, headers=auth("a", "sa"))
+        assert bad_id.status == 404
+        # The device quota (shared with MQTT): 20 readings at once, then 429 with a wait.
+        full = await client.post(PATH, json=[{"t": i} for i in range(19)], headers=auth("a", "sa"))
+        assert full.status == 200
+        over = await client.post(PATH, json=[{"t": i} for i in range(5)], headers=auth("a", "sa"))
+        assert over.status == 429
+        assert over.headers["Retry-After"] == "1"
+        assert (await over.json())["reason"] == "rate_limited"
+        assert edge.http.max_readings == 20, "capped at the bucket"
+
+
+async def _true(value: bool) -> bool:
+    return value

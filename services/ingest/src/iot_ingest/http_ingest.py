@@ -190,6 +190,11 @@ class HttpIngest:
         )
         self._active = 0
 
+    @property
+    def active(self) -> int:
+        """Requests being handled (past authentication, before their answer)."""
+        return self._active
+
     def routes(self) -> list[web.RouteDef]:
         return [web.post(f"{PREFIX}/telemetry", self._route("telemetry", self.telemetry))]
 
