@@ -294,3 +294,20 @@ async def test_credentials_limits_and_media_types_are_4xx() -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_parser_failure_is_a_dead_letter_and_a_422_not_a_5xx(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr("iot_ingest.http_ingest.parse_telemetry", broken)
+    edge = Edge()
+    edge.release.set()
+    async with edge.client() as client:
+        answer = await client.post(PATH, json={"t": 1}, headers=auth("a", "sa"))
+        assert answer.status == 422
+        problem = await answer.json()
+        assert problem["rejected"] == [
+            {"index": None, "reason": "handler_error", "detail": "RuntimeError: parser bug"}
+        ]
+    assert [d.rejects[0].reason for d in edge.flushed] == ["handler_error"]

@@ -322,7 +322,22 @@ class HttpIngest:
         except TimeoutError:
             raise Refused(408, "Request Timeout", f"body not received within {self.timeout_s:g} s") from None
         body = decode_body(raw, encoding, self.max_body_bytes)
-        converted = convert(device_id, request.path, body, datetime.now(UTC))
+        received_at = datetime.now(UTC)
+        try:
+            converted = convert(device_id, request.path, body, received_at)
+        except Refused:
+            raise
+        except Exception as exc:
+            # As for MQTT (consumer.translate): a body that makes the parser fail is a dead letter, never
+            # a 5xx nor a lost request.
+            metrics.HANDLER_ERRORS.labels("translate").inc()
+            detail = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("HTTP ingest body failed to parse, dead-lettered", device_id=device_id, error=detail)
+            reject = Reject("handler_error", detail)
+            delivery = Delivery(
+                request.path, device_id, received_at, body, rejects=[reject], outcome=Outcome()
+            )
+            converted = Converted(delivery, [Rejected(None, reject.reason, detail)])
         delivery, rejected = converted.delivery, converted.rejected
         outcome = delivery.outcome
         assert outcome is not None
