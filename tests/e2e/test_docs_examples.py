@@ -5,8 +5,7 @@ The ```sh blocks of the pages are run one after the other, each by its own ``bas
 ``set -euo pipefail``, and each starts with the variables the blocks before it defined (the page's own
 walk-through: log in, make a key, create a device, publish its readings, ...). The page reads its base
 URL, broker, ingest service and admin password from ``API``, ``MQTT_HOST``, ``MQTT_PORT``, ``INGEST`` and
-``ADMIN_PASSWORD`` when
-they are set, which is how the test points it at private processes.
+``ADMIN_PASSWORD`` when they are set, which is how the test points it at private processes.
 
 Every ``curl`` of the examples is checked, whatever its options: it must answer 2xx, unless the line
 before it says ``# expect <status>``, and then exactly that status. A block that fails fails the test
