@@ -192,7 +192,7 @@ class HttpIngest:
 
     @property
     def active(self) -> int:
-        """Requests being handled (past authentication, before their answer)."""
+        """Requests being handled (from before their authentication to their answer)."""
         return self._active
 
     def routes(self) -> list[web.RouteDef]:
@@ -255,11 +255,7 @@ class HttpIngest:
             raise Refused(
                 404, "Not Found", "no such device: device ids match [A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
             )
-        await self._authenticate(request, device_id)
-        if not self._accepting():
-            raise unavailable("the service is stopping")
-        if self._storage_failing():
-            raise unavailable("storage unavailable (PostgreSQL): nothing stored")
+        # Counted before authentication: a flood of bad credentials (each a look-up) is bounded too.
         if self._active >= self.max_concurrent:
             raise Refused(
                 503,
@@ -270,6 +266,11 @@ class HttpIngest:
         self._active += 1
         metrics.HTTP_ACTIVE.inc()
         try:
+            await self._authenticate(request, device_id)
+            if not self._accepting():
+                raise unavailable("the service is stopping")
+            if self._storage_failing():
+                raise unavailable("storage unavailable (PostgreSQL): nothing stored")
             return await self._store(request, device_id, convert, deadline)
         finally:
             self._active -= 1
@@ -281,6 +282,8 @@ class HttpIngest:
         except BadAuthorization as exc:
             raise self._unauthenticated(str(exc)) from None
         claimed = presented.device_id or device_id
+        if not is_valid_device_id(claimed):
+            raise self._unauthenticated("the Basic user name is not a device id")
         try:
             ok = await self._auth.verify(claimed, presented.secret)
         except Exception as exc:
