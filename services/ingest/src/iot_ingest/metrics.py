@@ -24,7 +24,7 @@ TENANT_QUOTA_UNCHECKED = Counter(
 )
 BATCH_SIZE = Histogram(
     "iot_ingest_batch_size",
-    "MQTT messages per committed batch",
+    "Deliveries (MQTT messages, HTTP ingest requests) per committed batch",
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
 COMMIT_SECONDS = Histogram(

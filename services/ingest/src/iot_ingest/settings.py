@@ -13,7 +13,8 @@ from iot_common.tenancy import TENANT_NAME_PATTERN
 class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     ingest_http_port: Port = 8002
     bind_host: BindHost = "0.0.0.0"
-    """Address of the health and metrics listener (``IOT_BIND_HOST``); ``make run`` sets 127.0.0.1."""
+    """Address of the HTTP listener: health, metrics and HTTP device ingest (``IOT_BIND_HOST``); ``make run``
+    sets 127.0.0.1."""
     mqtt_share_group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}(?!\n)$")] = "ingest"
     """MQTT 5 shared-subscription group (``$share/{group}/...``); empty: plain subscriptions, for a broker
     without shared subscriptions (then run a single ingest process: each one would get every message)."""
