@@ -180,7 +180,12 @@ class Edge:
     """The HTTP routes on a real aiohttp server, feeding a real batcher whose flush the test controls."""
 
     def __init__(
-        self, *, max_concurrent: int = 8, timeout_s: float = 5.0, quota: DeviceQuota | None = None
+        self,
+        *,
+        max_concurrent: int = 8,
+        timeout_s: float = 5.0,
+        quota: DeviceQuota | None = None,
+        max_body_bytes: int = 4096,
     ) -> None:
         self.release = asyncio.Event()
         self.failing = False
@@ -197,7 +202,7 @@ class Edge:
             accepting=lambda: True,
             timeout_s=timeout_s,
             max_concurrent=max_concurrent,
-            max_body_bytes=4096,
+            max_body_bytes=max_body_bytes,
             max_readings=100,
         )
 
@@ -311,3 +316,16 @@ async def test_a_parser_failure_is_a_dead_letter_and_a_422_not_a_5xx(monkeypatch
             {"index": None, "reason": "handler_error", "detail": "RuntimeError: parser bug"}
         ]
     assert [d.rejects[0].reason for d in edge.flushed] == ["handler_error"]
+
+
+async def test_bodies_above_aiohttp_s_default_size_are_read_up_to_the_setting() -> None:
+    edge = Edge(max_body_bytes=4 * 1024 * 1024)
+    edge.release.set()
+    body = b'[{"t": 1}' + b" " * (3 * 1024 * 1024) + b"]"
+    async with edge.client() as client:
+        headers = {**auth("a", "sa"), "Content-Type": "application/json"}
+        answer = await client.post(PATH, data=body, headers=headers)
+        assert answer.status == 200, await answer.text()
+        assert await answer.json() == {"stored": 1, "rejected": []}
+        too_big = await client.post(PATH, data=body + b" " * (2 * 1024 * 1024), headers=headers)
+        assert too_big.status == 413
