@@ -275,7 +275,9 @@ def _route(ingress: dict[str, Any], path: str) -> str | None:
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS, ids=lambda p: p.name)
-def test_the_ingress_routes_only_the_api_the_websocket_and_the_dashboard(kustomization: Path) -> None:
+def test_the_ingress_routes_only_the_api_the_websocket_the_dashboard_and_device_ingest(
+    kustomization: Path,
+) -> None:
     from iot_api.app import OPENAPI_PATH
 
     ingresses = [doc for doc in render(kustomization) if doc["kind"] == "Ingress"]
@@ -292,6 +294,7 @@ def test_the_ingress_routes_only_the_api_the_websocket_and_the_dashboard(kustomi
         "/dashboard": "iot-api",
         "/dashboard/": "iot-api",
         "/dashboard/assets/index.js": "iot-api",
+        "/ingest/v1/devices/boiler-1/telemetry": "iot-ingest-http",
     }
     internal = [
         "/metrics",
@@ -305,6 +308,8 @@ def test_the_ingress_routes_only_the_api_the_websocket_and_the_dashboard(kustomi
         "/ws/other",
         "/wsx",
         "/dashboardx",
+        "/ingest",
+        "/ingest/v10/devices/x/telemetry",
         "/",
     ]
     for path, service in public.items():

@@ -1,11 +1,11 @@
-"""Every shell example of docs/api.md, then of docs/tenancy.md, runs, in order, against a live API and
-ingest service.
+"""Every shell example of docs/api.md, then of docs/tenancy.md, then of docs/http-ingest.md, runs, in
+order, against a live API and ingest service.
 
 The ```sh blocks of the pages are run one after the other, each by its own ``bash`` with
 ``set -euo pipefail``, and each starts with the variables the blocks before it defined (the page's own
 walk-through: log in, make a key, create a device, publish its readings, ...). The page reads its base
-URL, broker and admin password from ``API``, ``MQTT_HOST``, ``MQTT_PORT`` and ``ADMIN_PASSWORD`` when
-they are set, which is how the test points it at private processes.
+URL, broker, ingest service and admin password from ``API``, ``MQTT_HOST``, ``MQTT_PORT``, ``INGEST`` and
+``ADMIN_PASSWORD`` when they are set, which is how the test points it at private processes.
 
 Every ``curl`` of the examples is checked, whatever its options: it must answer 2xx, unless the line
 before it says ``# expect <status>``, and then exactly that status. A block that fails fails the test
@@ -37,8 +37,9 @@ from tests.e2e.broker_support import PASSWORDS, shipped_broker
 Start = Callable[[str, Mapping[str, str]], ServiceProcess]
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "api.md"
-DOCS = [DOC, ROOT / "docs" / "tenancy.md"]
-"""The pages run, in this order: tenancy.md continues the walk-through of api.md (its log-in, its devices)."""
+DOCS = [DOC, ROOT / "docs" / "tenancy.md", ROOT / "docs" / "http-ingest.md"]
+"""The pages run, in this order: tenancy.md and http-ingest.md continue the walk-through of api.md (its
+log-in, its key, its devices)."""
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 EXPECT = re.compile(r"^\s*# expect (\d{3})\b")
 BLOCK_TIMEOUT_S = 90
@@ -184,6 +185,7 @@ def test_every_shell_example_of_the_api_and_tenancy_pages_runs_against_the_live_
         "API": base,
         "MQTT_HOST": "127.0.0.1",
         "MQTT_PORT": str(broker.port),
+        "INGEST": f"http://127.0.0.1:{ingest_port}",
         "ADMIN_PASSWORD": password,
         "IOT_MQTT_HOOK_SECRET": hook_secret,
         "DOC_STATE": str(tmp_path / "state.sh"),

@@ -28,7 +28,7 @@ from iot_common.topics import RedisNames
 from iot_ingest import writer as writer_module
 from iot_ingest.devices import KnownDevices
 from iot_ingest.payload import Reject
-from iot_ingest.plan import DeadLetter, Delivery
+from iot_ingest.plan import DeadLetter, Delivery, Outcome
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.tenant_quota import TenantQuota
 from iot_ingest.writer import BatchWriter
@@ -254,3 +254,47 @@ async def test_without_the_tenant_auto_registration_names_unknown_devices_are_de
     assert [e["event"] for e in logs if e["log_level"] == "error"] == [
         "IOT_INGEST_AUTO_REGISTER_TENANT names no tenant: unknown devices are not registered"
     ]
+
+
+async def test_outcomes_tell_the_waiting_sender_what_was_stored_and_why_not(
+    writer: BatchWriter, db: asyncpg.Connection[Any]
+) -> None:
+    """HTTP ingest's answer: the writer fills each delivery's outcome from the committed transaction."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    stored, unknown, broken, storing_failed = Outcome(), Outcome(), Outcome(), Outcome()
+    batch = [
+        Delivery(
+            "/ingest/v1/devices/good/telemetry",
+            "good",
+            now,
+            b"[]",
+            [Reading("good", now, {"t": 1.0}), Reading("good", now + timedelta(seconds=1), {"t": 2.0})],
+            [Reject("invalid_value", "[2] t: x")],
+            outcome=stored,
+        ),
+        Delivery("/p", "ghost", now, b"{}", [Reading("ghost", now, {"t": 1.0})], outcome=unknown),
+        Delivery("/p", "good", now, b"{", rejects=[Reject("malformed_json", "x")], outcome=broken),
+        Delivery("/p", "odd", now, b"{}", [Reading("odd", now, {"t": object()})], outcome=storing_failed),
+    ]
+    await asyncio.wait_for(writer(batch), 60)
+    assert (stored.stored, stored.refusal) == (2, None)
+    assert unknown.stored == 0
+    assert unknown.refusal is not None
+    assert unknown.refusal.reason == "unknown_device"
+    assert (broken.stored, broken.refusal) == (0, Reject("malformed_json", "x"))
+    assert storing_failed.stored == 0
+    assert storing_failed.refusal is not None
+    assert storing_failed.refusal.reason == "handler_error"
+    assert await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id = 'good'") == 2
+    reasons = await db.fetch("SELECT reason FROM ingest_rejects ORDER BY reason")
+    assert [r["reason"] for r in reasons] == [
+        "handler_error",
+        "invalid_value",
+        "malformed_json",
+        "unknown_device",
+    ]
+    # Posted again (an answer lost, or a 503 after which it was committed all the same): stored once.
+    again = Outcome()
+    await writer([Delivery("/p", "good", now, b"[]", batch[0].readings, outcome=again)])
+    assert again.stored == 2
+    assert await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id = 'good'") == 2

@@ -28,8 +28,10 @@ from iot_ingest.actions import ActionRunner
 from iot_ingest.alerts import AlertService
 from iot_ingest.batcher import Batcher
 from iot_ingest.consumer import Consumer, DeviceQuota, default_client_id
+from iot_ingest.device_auth import DeviceAuth, pool_lookup
 from iot_ingest.devices import KnownDevices
 from iot_ingest.expiry import expire_due_commands
+from iot_ingest.http_ingest import HttpIngest
 from iot_ingest.membership import Adoptions, Membership, leave_group
 from iot_ingest.payload import Limits
 from iot_ingest.plan import Delivery
@@ -60,6 +62,7 @@ class Parts:
     membership: Membership | None
     """None without a share group (a single ingest process)."""
     adoptions: Adoptions | None
+    http: HttpIngest
 
 
 def limits_from(settings: IngestSettings) -> Limits:
@@ -153,6 +156,18 @@ async def build(settings: IngestSettings) -> Parts:
     client_id = settings.mqtt_client_id or default_client_id(settings.mqtt_share_group, settings.database_url)
     consumer = consumer_for(client_id)
     metrics.OLDEST_IN_FLIGHT.set_function(consumer.oldest_in_flight_s)
+    http = HttpIngest(
+        auth=DeviceAuth(pool_lookup(pool), ttl_s=settings.ingest_http_auth_cache_s),
+        batcher=batcher,
+        limits=limits_from(settings),
+        quota=quota,
+        storage_failing=lambda: writer.failing,
+        accepting=lambda: consumer.accepting,
+        timeout_s=settings.ingest_http_timeout_s,
+        max_concurrent=settings.ingest_http_max_concurrent,
+        max_body_bytes=settings.ingest_http_max_body_bytes,
+        max_readings=settings.ingest_http_max_readings,
+    )
     membership = adoptions = None
     if settings.mqtt_share_group:
         membership = Membership(redis, names, client_id, dead_after_s=settings.ingest_peer_dead_after_s)
@@ -171,6 +186,7 @@ async def build(settings: IngestSettings) -> Parts:
         consumer,
         membership,
         adoptions,
+        http,
     )
 
 
@@ -222,7 +238,14 @@ async def run(parts: Parts, stop: asyncio.Event) -> None:
     as the module says and close the parts."""
     settings, consumer, batcher = parts.settings, parts.consumer, parts.batcher
     ready = health.checks(consumer, parts.pool, parts.redis, stuck_after_s=settings.ingest_stuck_after_s)
-    runner = web.AppRunner(health.create_app(ready, alive=lambda: not stop.is_set()), access_log=None)
+    app = health.create_app(
+        ready,
+        alive=lambda: not stop.is_set(),
+        routes=parts.http.routes(),
+        middlewares=[parts.http.problems],
+    )
+    # Bodies are decompressed by the HTTP ingest itself, within its limit (a gzip bomb stops there).
+    runner = web.AppRunner(app, access_log=None, auto_decompress=False)
     await runner.setup()
     await web.TCPSite(runner, settings.bind_host, settings.ingest_http_port).start()
     log_listening(log, settings.bind_host, settings.ingest_http_port)

@@ -320,6 +320,11 @@ class Consumer:
         """Connect, retrying with backoff until it works or ``stop`` is set; False when stopped."""
         return await self.mqtt.connect(stop)
 
+    @property
+    def accepting(self) -> bool:
+        """False once the service stops: no new message (nor HTTP request) is taken."""
+        return self._accepting
+
     def stop_accepting(self) -> None:
         """New messages are left unacknowledged (the broker keeps them for this session or redelivers)."""
         self._accepting = False

@@ -24,7 +24,7 @@ TENANT_QUOTA_UNCHECKED = Counter(
 )
 BATCH_SIZE = Histogram(
     "iot_ingest_batch_size",
-    "MQTT messages per committed batch",
+    "Deliveries (MQTT messages, HTTP ingest requests) per committed batch",
     buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
 COMMIT_SECONDS = Histogram(
@@ -87,3 +87,9 @@ QUEUED_COMMANDS = Counter(
 ONLINE_HOOK_ERRORS = Counter(
     "iot_ingest_online_hook_errors", "Device-came-online hooks that raised, by hook", ["hook"]
 )
+HTTP_REQUESTS = Counter(
+    "iot_ingest_http_requests",
+    "HTTP ingest requests (POST /ingest/v1/devices/{id}/...), by route and answer status",
+    ["route", "status"],
+)
+HTTP_ACTIVE = Gauge("iot_ingest_http_active", "HTTP ingest requests being handled")

@@ -77,6 +77,9 @@ class Parsed(msgspec.Struct, frozen=True):
 
     readings: list[Reading]
     rejects: list[Reject]
+    indices: list[int | None] = msgspec.field(default_factory=list)
+    """Beside each reject: the position of the refused reading (0 for a body of one reading), None
+    when it concerns the whole payload (malformed JSON, too many readings...)."""
 
 
 class _Invalid(Exception):
@@ -124,30 +127,32 @@ def parse_telemetry(device_id: str, payload: bytes, received_at: datetime, limit
     """Validate and normalize one telemetry payload of ``device_id`` received at ``received_at`` (UTC)."""
     if len(payload) > limits.max_payload_bytes:
         detail = f"{len(payload)} bytes, limit {limits.max_payload_bytes}"
-        return Parsed([], [Reject("payload_too_large", detail)])
+        return Parsed([], [Reject("payload_too_large", detail)], [None])
     try:
         document = decode_json(payload)
     except _Invalid as exc:
-        return Parsed([], [Reject(exc.reason, exc.detail)])
+        return Parsed([], [Reject(exc.reason, exc.detail)], [None])
     bounds = (oldest_accepted(received_at, limits.retention_days), received_at + limits.max_future)
     if isinstance(document, list):
         if not document:
-            return Parsed([], [Reject("empty_reading", "empty array")])
+            return Parsed([], [Reject("empty_reading", "empty array")], [None])
         if len(document) > limits.max_readings:
             detail = f"{len(document)} readings, limit {limits.max_readings}"
-            return Parsed([], [Reject("too_many_readings", detail)])
+            return Parsed([], [Reject("too_many_readings", detail)], [None])
         readings: list[Reading] = []
         rejects: list[Reject] = []
+        indices: list[int | None] = []
         for index, element in enumerate(document):
             try:
                 readings.append(_reading(device_id, element, received_at, bounds, limits))
             except _Invalid as exc:
                 rejects.append(Reject(exc.reason, f"[{index}] {exc.detail}"))
-        return Parsed(readings, rejects)
+                indices.append(index)
+        return Parsed(readings, rejects, indices)
     try:
         return Parsed([_reading(device_id, document, received_at, bounds, limits)], [])
     except _Invalid as exc:
-        return Parsed([], [Reject(exc.reason, exc.detail)])
+        return Parsed([], [Reject(exc.reason, exc.detail)], [0])
 
 
 def _reading(

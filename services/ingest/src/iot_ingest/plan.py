@@ -14,8 +14,21 @@ PAYLOAD_EXCERPT_CHARS = 1024
 
 
 @dataclass(slots=True)
+class Outcome:
+    """What became of a delivery whose sender waits for the answer (an HTTP request): filled by the writer
+    once the batch is committed, never by an attempt that was rolled back."""
+
+    stored: int = 0
+    """Readings of the delivery in the committed batch (a duplicate of a stored reading counts: it is
+    stored)."""
+    refusal: Reject | None = None
+    """Why its readings were not stored, when they were refused whole after parsing (``unknown_device``,
+    ``tenant_quota``, ``storage_error``); its dead letters are in the same transaction."""
+
+
+@dataclass(slots=True)
 class Delivery:
-    """One MQTT message, already parsed: what the handler hands to the batcher."""
+    """One MQTT message or HTTP request, already parsed: what the edge hands to the batcher."""
 
     topic: str
     device_id: str | None
@@ -25,6 +38,8 @@ class Delivery:
     rejects: list[Reject] = field(default_factory=list)
     status: DeviceStatus | None = None
     ack: CommandAck | None = None
+    outcome: Outcome | None = None
+    """Set by an edge that answers after the commit (HTTP); None for MQTT (its answer is the PUBACK)."""
 
     @property
     def needs_device(self) -> bool:
@@ -75,6 +90,9 @@ class Plan:
     came_online: list[str] = field(default_factory=list)
     """Filled by the writer: devices the batch set ``online`` (an ``online`` status, or a reading of a
     device marked ``offline``), for the "device came online" hooks (:mod:`iot_ingest.presence`)."""
+    outcomes: list[tuple[Outcome, int, Reject | None]] = field(default_factory=list)
+    """(outcome, readings stored, refusal) of the deliveries that carry an :class:`Outcome`; the writer
+    copies them into the outcomes once the plan is committed."""
 
     def merge(self, other: Plan) -> None:
         """Add ``other`` (a later part of the batch, written on its own) to this plan."""
@@ -87,6 +105,13 @@ class Plan:
         self.tenants.update(other.tenants)
         self.new_rows += other.new_rows
         self.came_online += [d for d in other.came_online if d not in self.came_online]
+        self.outcomes += other.outcomes
+
+    def settle(self) -> None:
+        """The plan is committed: tell the deliveries' senders what became of them."""
+        for outcome, stored, refusal in self.outcomes:
+            outcome.stored = stored
+            outcome.refusal = refusal
 
 
 def payload_excerpt(payload: bytes) -> str:
@@ -140,12 +165,21 @@ def plan_batch(batch: list[Delivery], refused: Mapping[str, Refusal], tenants: M
             plan.dead_letters.append(dead_letter(delivery, reject.reason, reject.detail, tenant_id))
         if delivery.ack is not None and device_id is not None:
             plan.acks.append((device_id, delivery.ack))
+        outcome = delivery.outcome
         if not delivery.needs_device:
+            if outcome is not None:
+                # Nothing left to store: refused before the plan (its last reject says why, e.g. a
+                # tenant_quota refusal appended to the parse rejects), or nothing valid to begin with.
+                plan.outcomes.append((outcome, 0, delivery.rejects[-1] if delivery.rejects else None))
             continue
         assert device_id is not None
         if refusal is not None:
             plan.dead_letters.append(dead_letter(delivery, refusal.reason, refusal.detail, tenant_id))
+            if outcome is not None:
+                plan.outcomes.append((outcome, 0, Reject(refusal.reason, refusal.detail)))
             continue
+        if outcome is not None:
+            plan.outcomes.append((outcome, len(delivery.readings), None))
         plan.tenants[device_id] = tenants[device_id]
         plan.readings.extend(delivery.readings)
         if delivery.status is not None:

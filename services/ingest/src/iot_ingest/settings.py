@@ -13,7 +13,8 @@ from iot_common.tenancy import TENANT_NAME_PATTERN
 class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     ingest_http_port: Port = 8002
     bind_host: BindHost = "0.0.0.0"
-    """Address of the health and metrics listener (``IOT_BIND_HOST``); ``make run`` sets 127.0.0.1."""
+    """Address of the HTTP listener: health, metrics and HTTP device ingest (``IOT_BIND_HOST``); ``make run``
+    sets 127.0.0.1."""
     mqtt_share_group: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}(?!\n)$")] = "ingest"
     """MQTT 5 shared-subscription group (``$share/{group}/...``); empty: plain subscriptions, for a broker
     without shared subscriptions (then run a single ingest process: each one would get every message)."""
@@ -52,6 +53,16 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     """How often a replica records in Redis that it is alive (the share group's membership)."""
     ingest_peer_dead_after_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 15.0
     """A replica silent this long is taken as gone: a peer adopts its MQTT session and empties it."""
+    ingest_http_max_readings: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10_000
+    """Readings in one HTTP ingest request (``POST /ingest/v1/devices/{id}/telemetry``), for backfill."""
+    ingest_http_max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
+    """Bytes of an HTTP ingest body, as sent and once decompressed (gzip)."""
+    ingest_http_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    """Time an HTTP ingest request may take: reading the body, then waiting for the commit (503 after)."""
+    ingest_http_max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
+    """HTTP ingest requests handled at once; more are answered 503 with ``Retry-After``."""
+    ingest_http_auth_cache_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
+    """How long a device credential looked up in PostgreSQL is trusted (a revocation takes this long)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

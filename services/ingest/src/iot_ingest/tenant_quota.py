@@ -106,6 +106,7 @@ def refused(delivery: Delivery, tenant: TenantLimits, readings: int, left: int) 
         delivery.received_at,
         delivery.payload,
         rejects=[*delivery.rejects, Reject("tenant_quota", detail)],
+        outcome=delivery.outcome,
     )
 
 

@@ -24,7 +24,7 @@ from iot_common.resilience import Backoff, retry
 from iot_ingest import metrics
 from iot_ingest.devices import KnownDevices
 from iot_ingest.errors import message_fault
-from iot_ingest.payload import RejectReason
+from iot_ingest.payload import Reject, RejectReason
 from iot_ingest.plan import DeadLetter, Delivery, Plan, dead_letter, payload_excerpt, plan_batch, safe_text
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.telemetry import insert_telemetry
@@ -115,6 +115,9 @@ class BatchWriter:
         self._retry_max_s = retry_max_s
         self._on_commit = on_commit
         self._on_online = on_online
+        self.failing = False
+        """True while a batch's transaction is being retried (PostgreSQL unreachable or failing): the HTTP
+        edge then answers 503 at once instead of queueing more."""
 
     async def __call__(self, batch: list[Delivery]) -> asyncio.Task[None]:
         """Commit ``batch``, then start its Redis step; the returned task is that step.
@@ -160,6 +163,7 @@ class BatchWriter:
             return await self._commit(batch, isolate, admitted), started
 
         def failed(exc: Exception, delay: float) -> None:
+            self.failing = True
             metrics.STORAGE_RETRIES.inc()
             log.warning(
                 "batch write failed, retrying",
@@ -171,6 +175,8 @@ class BatchWriter:
         plan, started = await retry(
             attempt, Backoff(self._retry_initial_s, self._retry_max_s), on_retry=failed
         )
+        self.failing = False
+        plan.settle()
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(batch))
         metrics.READINGS_STORED.inc(len(plan.readings))
@@ -248,6 +254,8 @@ class BatchWriter:
                     raise
                 detail = f"{type(again).__name__}: {again}"
                 continue
+            if delivery.outcome is not None:
+                one.outcomes.append((delivery.outcome, 0, Reject(reason, letter.detail)))
             return one
         metrics.HANDLER_ERRORS.labels("store").inc()
         log.error(
@@ -257,7 +265,10 @@ class BatchWriter:
             payload=payload_excerpt(delivery.payload),
             error=detail[:500],
         )
-        return Plan()
+        dropped = Plan()
+        if delivery.outcome is not None:
+            dropped.outcomes.append((delivery.outcome, 0, Reject(reason, safe_text(detail[:1000]))))
+        return dropped
 
     async def _write(self, conn: Conn, plan: Plan) -> None:
         plan.new_rows = await insert_telemetry(conn, plan.readings)
