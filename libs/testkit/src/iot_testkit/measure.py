@@ -52,11 +52,3 @@ def postgres_aux_pids() -> list[int]:
         if cmd.startswith("postgres:") and any(n in cmd for n in names):
             pids.append(proc.pid)
     return pids
-
-
-def system_redis_pid(port: int) -> int | None:
-    """The pid of the redis-server listening on ``port`` of this machine, if one runs here."""
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        if proc.info["name"] == "redis-server" and f":{port}" in " ".join(proc.info["cmdline"] or []):
-            return int(proc.pid)
-    return None
