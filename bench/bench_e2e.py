@@ -1,14 +1,15 @@
 """End-to-end benchmark: MQTT publish -> iot-ingest -> PostgreSQL + Redis -> iot-realtime -> WebSocket.
 
-Everything on 127.0.0.1: a private Mosquitto (the tests' configuration), a database created and migrated
-here on the local PostgreSQL, a private redis-server, ``iot-ingest`` and ``iot-realtime`` as processes, the
-publisher in its own process (open loop: a fixed offered rate, QoS 1, PUBACKs counted; ``ts`` = the time
-the message was scheduled to go out) and WebSocket clients in another, subscribed to every device and
-timing publish -> receipt. Per offered rate: delivered msg/s, publish rate, loss as set differences
-(PUBACKed vs stored vs received), p50/p95/p99/max delay, CPU of each process and per delivered message.
-The knee is bisected between the grid's points. Baselines measured first in the same run: the raw broker
-rate (same publisher into a bare subscriber) and the raw PostgreSQL COPY rate (asyncpg
-``copy_records_to_table``, 3 rows per message, into a telemetry-shaped table).
+Everything on 127.0.0.1: a private Mosquitto (the tests' configuration), a private PostgreSQL cluster
+(``initdb`` with the machine's binaries; ``--postgres shared`` for a database on the local server instead)
+and a private redis-server, so that only the run's processes are counted; ``iot-ingest`` and
+``iot-realtime`` as processes; the publisher in its own process (open loop: a fixed offered rate, QoS 1,
+PUBACKs counted; ``ts`` = the time the message was scheduled to go out) and WebSocket clients in another,
+subscribed to every device and timing publish -> receipt. Per offered rate: delivered msg/s, publish rate,
+loss as set differences (PUBACKed vs stored vs received), p50/p95/p99/max delay, CPU of each process and
+per delivered message. The knee is bisected between the grid's points. Baselines measured first in the
+same run: the raw broker rate (same publisher into a bare subscriber) and the raw PostgreSQL COPY rate
+(asyncpg ``copy_records_to_table``, 3 rows per message, into a telemetry-shaped table).
 
     uv run python bench/bench_e2e.py                              # sweep 1k..20k msg/s, ~4 minutes
     uv run python bench/bench_e2e.py --rates 1000,5000,10000,20000,40000 --duration 20
@@ -45,7 +46,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import drop_database, prepare_database, raw_run  # noqa: E402
+from bench.bench_ingest import POSTGRES, drop_database, prepare_database, raw_run  # noqa: E402
 from iot_testkit.fleet import ClientFleet, Samples  # noqa: E402
 from iot_testkit.loadgen import device_ids  # noqa: E402
 from iot_testkit.measure import (  # noqa: E402
@@ -56,7 +57,14 @@ from iot_testkit.measure import (  # noqa: E402
     rss_mib,
 )
 from iot_testkit.metrics import metric  # noqa: E402
-from iot_testkit.processes import BIN, Broker, RedisServer, ServiceProcess, free_port  # noqa: E402
+from iot_testkit.processes import (  # noqa: E402
+    BIN,
+    Broker,
+    PostgresServer,
+    RedisServer,
+    ServiceProcess,
+    free_port,
+)
 from iot_testkit.publisher import read_published, start_publisher  # noqa: E402
 from iot_testkit.sweep import bisect_knee, cpu_us_per_message, handled, losses  # noqa: E402
 from iot_testkit.waiting import WaitTimeout, wait_until  # noqa: E402
@@ -207,10 +215,17 @@ class Bench:
     """The running platform and the instruments around it."""
 
     def __init__(
-        self, args: argparse.Namespace, db_url: str, broker: Broker, redis: RedisServer, devices: list[str]
+        self,
+        args: argparse.Namespace,
+        db_url: str,
+        broker: Broker,
+        redis: RedisServer,
+        devices: list[str],
+        postgres: PostgresServer | None,
     ) -> None:
         self.args = args
         self.db_url = db_url
+        self.postgres = postgres
         self.broker = broker
         self.redis = redis
         self.devices = devices
@@ -295,7 +310,11 @@ class Bench:
         assert self.fleet is not None
         return {
             "broker": [self.broker.pid],
-            "postgres": asyncio.run(backend_pids(self.db_url)) + self.pg_aux,
+            "postgres": (
+                self.postgres.pids()
+                if self.postgres is not None
+                else asyncio.run(backend_pids(self.db_url)) + self.pg_aux
+            ),
             "redis": [self.redis.pid],
             "ingest": [self.service_pid("iot-ingest")],
             "realtime": [self.service_pid("iot-realtime")],
@@ -504,6 +523,12 @@ def main() -> int:
         "--out", type=Path, default=ROOT / "artifacts" / "bench_e2e", help="where results and plots go"
     )
     parser.add_argument("--publish", action="store_true", help="also write the results and plots to docs/img")
+    parser.add_argument(
+        "--postgres",
+        choices=("private", "shared"),
+        default="private",
+        help="a private PostgreSQL cluster (only its processes counted), or the IOT_TEST_DATABASE_URL server",
+    )
     parser.add_argument("--knee-probes", type=int, default=3, help="bisection steps for the knee (0: none)")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r]
@@ -515,7 +540,14 @@ def main() -> int:
     print(f"end-to-end benchmark on {run.machine} (shared machine: figures are noisy)", flush=True)
     prefix = f"e2e{uuid.uuid4().hex[:6]}"
     devices = device_ids(prefix, args.devices)
-    db_url = asyncio.run(prepare_database(devices))
+    postgres = PostgresServer().start() if args.postgres == "private" else None
+    server = postgres.url if postgres is not None else POSTGRES
+    try:
+        db_url = asyncio.run(prepare_database(devices, server=server))
+    except BaseException:
+        if postgres is not None:
+            postgres.stop()
+        raise
     broker = Broker().start()
     redis = RedisServer().start()
     bench: Bench | None = None
@@ -533,7 +565,7 @@ def main() -> int:
                 f"{[round(r) for r in copies]} (3 rows each)",
                 flush=True,
             )
-        bench = Bench(args, db_url, broker, redis, devices)
+        bench = Bench(args, db_url, broker, redis, devices, postgres)
         bench.start(profile=bool(args.profile_rate))
         print(HEADER, flush=True)
         for rate in rates:
@@ -567,7 +599,9 @@ def main() -> int:
             run.received_per_s = sorted(per_s.items())
         broker.close()
         redis.stop()
-        asyncio.run(drop_database(db_url))
+        asyncio.run(drop_database(db_url, server))
+        if postgres is not None:
+            postgres.stop()
     summary(run, args)
     return 0
 

@@ -136,12 +136,15 @@ def ingest_run(
     }
 
 
-async def prepare_database(devices: list[str], rules: int = 0, tenant_limit: int | None = None) -> str:
+async def prepare_database(
+    devices: list[str], rules: int = 0, tenant_limit: int | None = None, server: str = POSTGRES
+) -> str:
+    """A new database on ``server``, migrated, with ``devices`` registered; its URL."""
     name = f"iot_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(POSTGRES)
+    admin = await asyncpg.connect(server)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    url = with_database(POSTGRES, name)
+    url = with_database(server, name)
     env = {**os.environ, "IOT_DATABASE_URL": url, "IOT_LOG_FORMAT": "json"}
     migrate = await asyncio.create_subprocess_exec(str(BIN / "iot-migrate"), env=env, stderr=subprocess.PIPE)
     if await migrate.wait() != 0:
@@ -163,8 +166,8 @@ async def prepare_database(devices: list[str], rules: int = 0, tenant_limit: int
     return url
 
 
-async def drop_database(url: str) -> None:
-    admin = await asyncpg.connect(POSTGRES)
+async def drop_database(url: str, server: str = POSTGRES) -> None:
+    admin = await asyncpg.connect(server)
     await admin.execute(f'DROP DATABASE IF EXISTS "{urlsplit(url).path[1:]}" WITH (FORCE)')
     await admin.close()
 

@@ -138,6 +138,8 @@ async def build(settings: IngestSettings) -> Parts:
         quota=quota,
     )
     metrics.OLDEST_IN_FLIGHT.set_function(consumer.oldest_in_flight_s)
+    # Read when scraped, not counted up and down on every message (a lock each time).
+    metrics.IN_FLIGHT.set_function(consumer.in_flight)
     return Parts(settings, pool, redis, quota_redis, known, actions, alerts, writer, batcher, consumer)
 
 
