@@ -363,7 +363,8 @@ class Bench:
         with contextlib.suppress(WaitTimeout):
             wait_until(all_received, 10, "every reading on the WebSocket", interval=0.1)
         t_end = time.time()
-        used = {g: cpu_used(cpu0[g], cpu_seconds(p)) for g, p in pids.items()}
+        # Enumerated again: processes started during the step (new backends) count too.
+        used = {g: cpu_used(cpu0[g], cpu_seconds(p)) for g, p in self.pids().items()}
         cpu = {g: 100 * s / (t_end - t0) for g, s in used.items()}
         cpu["loadgen"] = 100 * published.cpu_s / (t_end - t0)
         stored = asyncio.run(stored_between(self.db_url, lo, hi))

@@ -78,3 +78,11 @@ def test_stamped_payload_carries_the_scheduled_time_not_the_write_time() -> None
     later = msgspec.json.decode(payload(1000, 0))
     assert later["ts"] - first["ts"] == 1000.0
     assert later["metrics"]["seq"] == 1500
+
+
+def test_cpu_used_counts_processes_started_in_between_and_never_negative_time() -> None:
+    from iot_testkit.measure import cpu_used
+
+    before = {1: 10.0, 2: 5.0}  # 2 exits in between
+    after = {1: 12.5, 3: 0.75}  # 3 starts in between (a new backend): all its time is in the interval
+    assert cpu_used(before, after) == 3.25
