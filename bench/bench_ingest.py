@@ -86,19 +86,24 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 async def wait_stored(db_url: str, devices: list[str], base_ms: int, messages: int, timeout: float) -> float:
-    """Poll the database until the ``messages`` of a run (``ts >= base_ms``) are stored; the time then.
+    """Poll the database until the ``messages`` of a run are stored; the time then.
 
-    Counts the run's ``seq`` rows through the primary key (device, metric, ts), so polling stays cheap.
+    Counts the run's ``seq`` rows (``ts`` from ``base_ms`` to ``base_ms + messages`` ms: not the raw
+    baseline's, which the service stores too) through the primary key (device, metric, ts), so polling
+    stays cheap.
     """
     conn = await asyncpg.connect(db_url)
     since = datetime.fromtimestamp(base_ms / 1000, UTC)
+    until = datetime.fromtimestamp((base_ms + messages) / 1000, UTC)
     deadline = time.monotonic() + timeout
     try:
         while True:
             stored = await conn.fetchval(
-                "SELECT count(*) FROM telemetry WHERE device_id = ANY($1) AND metric = 'seq' AND ts >= $2",
+                "SELECT count(*) FROM telemetry "
+                "WHERE device_id = ANY($1) AND metric = 'seq' AND ts >= $2 AND ts < $3",
                 devices,
                 since,
+                until,
             )
             if stored >= messages:
                 return time.time()
