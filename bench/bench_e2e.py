@@ -1,20 +1,23 @@
 """End-to-end benchmark: MQTT publish -> iot-ingest -> PostgreSQL + Redis -> iot-realtime -> WebSocket.
 
-Everything on 127.0.0.1: a private Mosquitto (the tests' configuration), a database created and migrated
-here on the local PostgreSQL, the local Redis (device ids unique to the run), ``iot-ingest`` and
-``iot-realtime`` as processes, the publisher in its own process (open loop: a fixed offered rate, QoS 1,
-PUBACKs counted; ``ts`` = publish time) and WebSocket clients in another, subscribed to every device and
-timing publish -> receipt. Per offered rate: delivered msg/s, loss (stored vs PUBACKed, WebSocket vs
-stored), p50/p95/p99/max delay, CPU of each process. Baselines measured first in the same run: the raw
-broker rate (same publisher into a bare subscriber) and the raw PostgreSQL COPY rate (asyncpg
-``copy_records_to_table``, 3 rows per message, into a telemetry-shaped table).
+Everything on 127.0.0.1: a private Mosquitto (the tests' configuration), a private PostgreSQL cluster
+(``initdb`` with the machine's binaries; ``--postgres shared`` for a database on the local server instead)
+and a private redis-server, so that only the run's processes are counted; ``iot-ingest`` and
+``iot-realtime`` as processes; the publisher in its own process (open loop: a fixed offered rate, QoS 1,
+PUBACKs counted; ``ts`` = the time the message was scheduled to go out) and WebSocket clients in another,
+subscribed to every device and timing publish -> receipt. Per offered rate: delivered msg/s, publish rate,
+loss as set differences (PUBACKed vs stored vs received), p50/p95/p99/max delay, CPU of each process and
+per delivered message. The knee is bisected between the grid's points. Baselines measured first in the
+same run: the raw broker rate (same publisher into a bare subscriber) and the raw PostgreSQL COPY rate
+(asyncpg ``copy_records_to_table``, 3 rows per message, into a telemetry-shaped table).
 
     uv run python bench/bench_e2e.py                              # sweep 1k..20k msg/s, ~4 minutes
     uv run python bench/bench_e2e.py --rates 1000,5000,10000,20000,40000 --duration 20
     uv run python bench/bench_e2e.py --soak 600 --soak-rate 3000  # 10 minutes at a fixed rate
     uv run python bench/bench_e2e.py --profile-rate 8000          # py-spy the services at one rate
 
-Writes docs/img/e2e_*.png and docs/img/e2e_results.json (``--out`` elsewhere) and prints a markdown table.
+Writes e2e_*.png and e2e_results.json under ``--out`` (default artifacts/bench_e2e; docs/img as well with
+``--publish``) and prints a markdown table.
 The machine has 2 cores shared by all of the above (and by other people's tests): figures are noisy.
 """
 
@@ -36,7 +39,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -44,7 +46,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import REDIS, drop_database, prepare_database, raw_run  # noqa: E402
+from bench.bench_ingest import POSTGRES, drop_database, prepare_database, raw_run  # noqa: E402
 from iot_testkit.fleet import ClientFleet, Samples  # noqa: E402
 from iot_testkit.loadgen import device_ids  # noqa: E402
 from iot_testkit.measure import (  # noqa: E402
@@ -53,14 +55,23 @@ from iot_testkit.measure import (  # noqa: E402
     percentile,
     postgres_aux_pids,
     rss_mib,
-    system_redis_pid,
 )
 from iot_testkit.metrics import metric  # noqa: E402
-from iot_testkit.processes import BIN, Broker, ServiceProcess, free_port  # noqa: E402
+from iot_testkit.processes import (  # noqa: E402
+    BIN,
+    Broker,
+    PostgresServer,
+    RedisServer,
+    ServiceProcess,
+    free_port,
+)
 from iot_testkit.publisher import read_published, start_publisher  # noqa: E402
+from iot_testkit.sweep import bisect_knee, cpu_us_per_message, handled, losses  # noqa: E402
 from iot_testkit.waiting import WaitTimeout, wait_until  # noqa: E402
 
 GROUPS = ("broker", "postgres", "redis", "ingest", "realtime", "loadgen", "clients")
+PLATFORM = ("broker", "postgres", "redis", "ingest", "realtime")
+"""The processes whose CPU a reading costs end to end (``cpu_us_per_msg``)."""
 
 
 @dataclass
@@ -69,10 +80,17 @@ class Step:
     sent: int
     acked: int
     stored: int
-    duplicates: int
     ws_received: int
     delivered_rate: float
+    """Distinct readings received by the WebSocket clients / time from the first publish to the last."""
     publish_rate: float
+    """PUBACKed messages / time from the first publish to the last PUBACK: what the publisher achieved."""
+    lost_stored: int
+    """PUBACKed, never stored."""
+    lost_ws: int
+    """Stored, never received on a WebSocket."""
+    stored_unacked: int
+    """Stored although the publisher saw no PUBACK (allowed with QoS 1; not a loss)."""
     p50_ms: float
     p95_ms: float
     p99_ms: float
@@ -80,18 +98,18 @@ class Step:
     drain_s: float
     """From the last publish until the last reading reached the WebSocket clients."""
     cpu_pct: dict[str, float]
+    cpu_us_per_msg: float
+    """CPU of broker + PostgreSQL + Redis + ingest + realtime over the step, per delivered reading."""
     rss_start_mb: dict[str, float]
     rss_mb: dict[str, float]
     started_at: float
     ended_at: float
+    probe: bool = False
+    """A step of the knee's bisection (not a point of the grid)."""
 
     @property
-    def loss_stored(self) -> int:
-        return self.acked - self.stored
-
-    @property
-    def loss_ws(self) -> int:
-        return self.stored - self.ws_received
+    def handled(self) -> bool:
+        return handled(self.offered, self.delivered_rate, self.p99_ms)
 
 
 @dataclass
@@ -100,9 +118,10 @@ class Run:
     command: str
     raw_broker_rate: float = 0.0
     raw_copy_rate: float = 0.0
+    knee_rate: float = 0.0
+    """The highest offered rate handled (see :func:`iot_testkit.sweep.handled`), bisected."""
     steps: list[Step] = field(default_factory=list)
     soak: list[Step] = field(default_factory=list)
-    knee: float = 0.0
     timeline: list[tuple[float, float]] = field(default_factory=list)
     """(time, readings stored so far) sampled from iot-ingest's /metrics."""
     received_per_s: list[tuple[int, int]] = field(default_factory=list)
@@ -151,17 +170,16 @@ async def copy_rate(db_url: str, messages: int) -> float:
         await conn.close()
 
 
-async def stored_between(db_url: str, lo: int, hi: int) -> tuple[int, int]:
-    """Readings stored with ``lo <= seq < hi``: (distinct, rows): rows above distinct are duplicates."""
+async def stored_between(db_url: str, lo: int, hi: int) -> set[int]:
+    """The sequence numbers ``lo <= seq < hi`` of the readings stored."""
     conn = await asyncpg.connect(db_url)
     try:
-        row = await conn.fetchrow(
-            "SELECT count(DISTINCT value) AS d, count(*) AS n FROM telemetry "
-            "WHERE metric = 'seq' AND value >= $1 AND value < $2",
+        rows = await conn.fetch(
+            "SELECT DISTINCT value FROM telemetry WHERE metric = 'seq' AND value >= $1 AND value < $2",
             float(lo),
             float(hi),
         )
-        return int(row["d"]), int(row["n"])
+        return {int(r["value"]) for r in rows}
     finally:
         await conn.close()
 
@@ -196,10 +214,20 @@ async def backend_pids(db_url: str) -> list[int]:
 class Bench:
     """The running platform and the instruments around it."""
 
-    def __init__(self, args: argparse.Namespace, db_url: str, broker: Broker, devices: list[str]) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        db_url: str,
+        broker: Broker,
+        redis: RedisServer,
+        devices: list[str],
+        postgres: PostgresServer | None,
+    ) -> None:
         self.args = args
         self.db_url = db_url
+        self.postgres = postgres
         self.broker = broker
+        self.redis = redis
         self.devices = devices
         self.prefix = devices[0].rsplit("-", 1)[0]
         self.artifacts = ROOT / "artifacts"
@@ -208,7 +236,6 @@ class Bench:
         self.ingest_port, self.realtime_port = free_port(), free_port()
         self.ingest_base = f"http://127.0.0.1:{self.ingest_port}"
         self.seq = 0
-        self.redis_pid = system_redis_pid(urlsplit(REDIS).port or 6379)
         self.pg_aux = postgres_aux_pids()
         self.timeline: list[tuple[float, float]] = []
         self.received = Samples.empty()
@@ -217,7 +244,11 @@ class Bench:
         self.fleet: ClientFleet | None = None
 
     def start(self, profile: bool = False) -> None:
-        common = {"IOT_DATABASE_URL": self.db_url, "IOT_REDIS_URL": REDIS, "IOT_LOG_LEVEL": "warning"}
+        common = {
+            "IOT_DATABASE_URL": self.db_url,
+            "IOT_REDIS_URL": self.redis.url,
+            "IOT_LOG_LEVEL": "warning",
+        }
         envs = {
             "iot-ingest": {
                 **common,
@@ -279,8 +310,12 @@ class Bench:
         assert self.fleet is not None
         return {
             "broker": [self.broker.pid],
-            "postgres": asyncio.run(backend_pids(self.db_url)) + self.pg_aux,
-            "redis": [self.redis_pid] if self.redis_pid else [],
+            "postgres": (
+                self.postgres.pids()
+                if self.postgres is not None
+                else asyncio.run(backend_pids(self.db_url)) + self.pg_aux
+            ),
+            "redis": [self.redis.pid],
             "ingest": [self.service_pid("iot-ingest")],
             "realtime": [self.service_pid("iot-realtime")],
             "clients": [self.fleet.pid],
@@ -293,7 +328,7 @@ class Bench:
             "broker": rss_mib(self.broker.pid),
         }
 
-    def step(self, rate: float, duration: float) -> Step:
+    def step(self, rate: float, duration: float, probe: bool = False) -> Step:
         """Publish at ``rate`` for ``duration`` s; wait until all is stored and delivered; measure."""
         assert self.fleet is not None
         messages = int(rate * duration)
@@ -328,36 +363,42 @@ class Bench:
         with contextlib.suppress(WaitTimeout):
             wait_until(all_received, 10, "every reading on the WebSocket", interval=0.1)
         t_end = time.time()
-        cpu = {g: 100 * cpu_used(cpu0[g], cpu_seconds(p)) / (t_end - t0) for g, p in pids.items()}
+        # Enumerated again: processes started during the step (new backends) count too.
+        used = {g: cpu_used(cpu0[g], cpu_seconds(p)) for g, p in self.pids().items()}
+        cpu = {g: 100 * s / (t_end - t0) for g, s in used.items()}
         cpu["loadgen"] = 100 * published.cpu_s / (t_end - t0)
-        stored, rows = asyncio.run(stored_between(self.db_url, lo, hi))
-        mine = [
-            (at, d)
-            for at, d, s in zip(samples.received_at, samples.delay, samples.seq, strict=True)
-            if lo <= s < hi
-        ]
-        delays = sorted(d for _, d in mine)
-        last_at = max((at for at, _ in mine), default=t_end)
+        stored = asyncio.run(stored_between(self.db_url, lo, hi))
+        mine: dict[int, tuple[float, float]] = {}
+        for at, d, s in zip(samples.received_at, samples.delay, samples.seq, strict=True):
+            if lo <= s < hi and s not in mine:
+                mine[s] = (at, d)
+        delays = sorted(d for _, d in mine.values())
+        last_at = max((at for at, _ in mine.values()), default=t_end)
         publish_end = published.started_at + published.elapsed_s
+        lost = losses(published.acked_seqs, stored, mine)
         step = Step(
             offered=rate,
             sent=published.sent,
             acked=published.acked,
-            stored=stored,
-            duplicates=rows - stored,
-            ws_received=len({s for s in samples.seq if lo <= s < hi}),
+            stored=len(stored),
+            ws_received=len(mine),
             delivered_rate=len(mine) / (last_at - published.started_at) if mine else 0.0,
             publish_rate=published.acked / published.elapsed_s if published.elapsed_s else 0.0,
+            lost_stored=lost.lost_stored,
+            lost_ws=lost.lost_ws,
+            stored_unacked=lost.stored_unacked,
             p50_ms=percentile(delays, 0.50) * 1000,
             p95_ms=percentile(delays, 0.95) * 1000,
             p99_ms=percentile(delays, 0.99) * 1000,
             max_ms=(delays[-1] if delays else float("nan")) * 1000,
             drain_s=max(0.0, last_at - publish_end),
             cpu_pct=cpu,
+            cpu_us_per_msg=cpu_us_per_message(used, PLATFORM, len(mine)),
             rss_start_mb=rss_start,
             rss_mb=self.rss(),
             started_at=t0,
             ended_at=t_end,
+            probe=probe,
         )
         print(format_step(step), flush=True)
         return step
@@ -378,26 +419,21 @@ class Bench:
 
 
 HEADER = (
-    "| offered msg/s | delivered msg/s | acked | lost (stored) | lost (WS) | dup rows | p50 ms | p95 ms "
-    "| p99 ms | max ms | drain s | CPU % broker / pg / redis / ingest / realtime / loadgen / clients |\n"
-    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    "| offered msg/s | publish msg/s | delivered msg/s | acked | lost (stored) | lost (WS) | p50 ms | p95 ms "
+    "| p99 ms | max ms | drain s | CPU µs/msg | CPU % broker / pg / redis / ingest / realtime / loadgen / "
+    "clients |\n"
+    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
 )
 
 
 def format_step(s: Step) -> str:
     cpu = " / ".join(f"{s.cpu_pct.get(g, 0):.0f}" for g in GROUPS)
+    offered = f"{s.offered:,.0f}" + (" (probe)" if s.probe else "")
     return (
-        f"| {s.offered:,.0f} | {s.delivered_rate:,.0f} | {s.acked:,} | {s.loss_stored} | {s.loss_ws} "
-        f"| {s.duplicates} | {s.p50_ms:.1f} | {s.p95_ms:.1f} | {s.p99_ms:.1f} | {s.max_ms:.0f} "
-        f"| {s.drain_s:.1f} | {cpu} |"
+        f"| {offered} | {s.publish_rate:,.0f} | {s.delivered_rate:,.0f} | {s.acked:,} | {s.lost_stored} "
+        f"| {s.lost_ws} | {s.p50_ms:.1f} | {s.p95_ms:.1f} | {s.p99_ms:.1f} | {s.max_ms:.0f} "
+        f"| {s.drain_s:.1f} | {s.cpu_us_per_msg:.0f} | {cpu} |"
     )
-
-
-def knee(steps: list[Step]) -> float:
-    """The highest offered rate still delivered in full and on time: delivered >= 95 % of offered and
-    p99 under one second (beyond it the backlog grows for as long as the load lasts)."""
-    ok = [s.offered for s in steps if s.delivered_rate >= 0.95 * s.offered and s.p99_ms < 1000]
-    return max(ok, default=0.0)
 
 
 def plots(run: Run, out: Path) -> list[Path]:
@@ -409,15 +445,16 @@ def plots(run: Run, out: Path) -> list[Path]:
     files = []
     if run.steps:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        rates = [s.offered for s in run.steps]
+        grid = sorted(run.steps, key=lambda s: s.offered)
+        rates = [s.offered for s in grid]
         for attr, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99"), ("max_ms", "max")):
-            ax.plot(rates, [getattr(s, attr) for s in run.steps], marker="o", label=label)
+            ax.plot(rates, [getattr(s, attr) for s in grid], marker="o", label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("offered rate (messages/s)")
         ax.set_ylabel("publish -> WebSocket delay (ms)")
-        if run.knee:
-            ax.axvline(run.knee, color="grey", linestyle=":", label=f"knee {run.knee:,.0f}/s")
+        if run.knee_rate:
+            ax.axvline(run.knee_rate, color="grey", linestyle=":", label=f"knee {run.knee_rate:,.0f}/s")
         ax.axhline(25, color="red", linestyle="--", linewidth=0.8, label="25 ms goal")
         ax.set_title(f"End-to-end delay vs offered rate ({run.machine['nproc']} shared cores)")
         ax.grid(True, which="both", alpha=0.3)
@@ -483,7 +520,17 @@ def main() -> int:
     parser.add_argument(
         "--env", action="append", default=[], metavar="IOT_X=V", help="extra setting for iot-ingest"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "artifacts" / "bench_e2e", help="where results and plots go"
+    )
+    parser.add_argument("--publish", action="store_true", help="also write the results and plots to docs/img")
+    parser.add_argument(
+        "--postgres",
+        choices=("private", "shared"),
+        default="private",
+        help="a private PostgreSQL cluster (only its processes counted), or the IOT_TEST_DATABASE_URL server",
+    )
+    parser.add_argument("--knee-probes", type=int, default=3, help="bisection steps for the knee (0: none)")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r]
     if args.soak and args.soak_rate:
@@ -494,8 +541,16 @@ def main() -> int:
     print(f"end-to-end benchmark on {run.machine} (shared machine: figures are noisy)", flush=True)
     prefix = f"e2e{uuid.uuid4().hex[:6]}"
     devices = device_ids(prefix, args.devices)
-    db_url = asyncio.run(prepare_database(devices))
+    postgres = PostgresServer().start() if args.postgres == "private" else None
+    server = postgres.url if postgres is not None else POSTGRES
+    try:
+        db_url = asyncio.run(prepare_database(devices, server=server))
+    except BaseException:
+        if postgres is not None:
+            postgres.stop()
+        raise
     broker = Broker().start()
+    redis = RedisServer().start()
     bench: Bench | None = None
     try:
         if rates and not args.profile_rate:
@@ -511,14 +566,23 @@ def main() -> int:
                 f"{[round(r) for r in copies]} (3 rows each)",
                 flush=True,
             )
-        bench = Bench(args, db_url, broker, devices)
+        bench = Bench(args, db_url, broker, redis, devices, postgres)
         bench.start(profile=bool(args.profile_rate))
         print(HEADER, flush=True)
         for rate in rates:
             run.steps.append(bench.step(rate, args.duration))
-        run.knee = knee(run.steps)
+
+        def probe(rate: float) -> bool:
+            assert bench is not None
+            run.steps.append(bench.step(rate, args.duration, probe=True))
+            return run.steps[-1].handled
+
+        if run.steps and not args.profile_rate:
+            run.knee_rate, _ = bisect_knee(
+                {s.offered: s.handled for s in run.steps}, probe, max_probes=args.knee_probes
+            )
         if args.soak:
-            rate = args.soak_rate or max(run.knee / 2, 500)
+            rate = args.soak_rate or max(run.knee_rate / 2, 500)
             print(f"soak: {args.soak:.0f} s at {rate:,.0f} msg/s, 60 s per row", flush=True)
             left = args.soak
             while left > 0:
@@ -535,19 +599,23 @@ def main() -> int:
                 per_s[int(at)] = per_s.get(int(at), 0) + 1
             run.received_per_s = sorted(per_s.items())
         broker.close()
-        asyncio.run(drop_database(db_url))
+        redis.stop()
+        asyncio.run(drop_database(db_url, server))
+        if postgres is not None:
+            postgres.stop()
     summary(run, args)
     return 0
 
 
 def summary(run: Run, args: argparse.Namespace) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
     if not args.profile_rate:
-        for path in plots(run, args.out):
-            print(f"plot: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-        name = "e2e_soak.json" if run.soak and not run.steps else "e2e_results.json"
-        data = asdict(run)
-        (args.out / name).write_text(json.dumps(data, indent=1, default=str))
+        for out in [args.out, *([ROOT / "docs" / "img"] if args.publish else [])]:
+            out.mkdir(parents=True, exist_ok=True)
+            for path in plots(run, out):
+                print(f"plot: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+            name = "e2e_soak.json" if run.soak and not run.steps else "e2e_results.json"
+            (out / name).write_text(json.dumps(asdict(run), indent=1, default=str))
+            print(f"results: {out / name}")
     print(f"\n{run.command}\n")
     if run.raw_broker_rate:
         print(f"raw broker: {run.raw_broker_rate:,.0f} msg/s; raw COPY: {run.raw_copy_rate:,.0f} msg/s\n")
@@ -555,13 +623,14 @@ def summary(run: Run, args: argparse.Namespace) -> None:
     for s in run.steps:
         print(format_step(s))
     if run.steps:
-        print(f"\nknee: {run.knee:,.0f} msg/s offered", end="")
+        print(f"\nknee: {run.knee_rate:,.0f} msg/s offered", end="")
         best = max(s.delivered_rate for s in run.steps)
         if run.raw_broker_rate:
             print(
                 f"; best delivered {best:,.0f} msg/s = {best / run.raw_broker_rate:.2f} x raw broker, "
-                f"{best / run.raw_copy_rate:.2f} x raw COPY; knee = {run.knee / run.raw_broker_rate:.2f} x "
-                f"raw broker, {run.knee / run.raw_copy_rate:.2f} x raw COPY"
+                f"{best / run.raw_copy_rate:.2f} x raw COPY; "
+                f"knee = {run.knee_rate / run.raw_broker_rate:.2f} x raw broker, "
+                f"{run.knee_rate / run.raw_copy_rate:.2f} x raw COPY"
             )
         else:
             print()
@@ -575,7 +644,7 @@ def summary(run: Run, args: argparse.Namespace) -> None:
             "\nRSS MB start -> end: "
             + ", ".join(f"{k} {first.rss_start_mb[k]:.0f} -> {last.rss_mb[k]:.0f}" for k in first.rss_mb)
         )
-        lost = sum(s.loss_stored + s.loss_ws for s in run.soak)
+        lost = sum(s.lost_stored + s.lost_ws for s in run.soak)
         print(f"soak loss: {lost}")
 
 

@@ -50,6 +50,21 @@ async def test_a_partial_batch_is_flushed_after_the_delay() -> None:
     await batcher.close()
 
 
+async def test_without_a_delay_an_idle_batcher_flushes_at_once_what_arrived_in_the_same_turn() -> None:
+    flush = Recorder()
+    batcher: Batcher[int] = Batcher(flush, max_size=100, max_delay=0)
+    batcher.start()
+    # Submitted in one turn of the event loop (as gmqtt hands over the messages of one socket read): one
+    # batch, flushed without any timer.
+    futures = [batcher.submit_nowait(i) for i in range(3)]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert flush.batches == [[0, 1, 2]]
+    assert loop.time() - began < 0.5
+    await batcher.close()
+
+
 async def test_items_arriving_during_a_flush_form_the_next_batches_in_order() -> None:
     flush = Recorder()
     flush.release.clear()

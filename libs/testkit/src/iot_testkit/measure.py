@@ -28,9 +28,11 @@ def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
 
 
 def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds spent between two :func:`cpu_seconds` readings, by the processes in both: a process
-    that exited in between (a PostgreSQL backend, say) must not count as negative time."""
-    return sum(after[pid] - before[pid] for pid in after.keys() & before.keys())
+    """CPU seconds spent between two :func:`cpu_seconds` readings. A process in both counts its
+    difference; one only in ``after`` started in between, so all its time counts (a PostgreSQL backend a
+    pool opened under load); one only in ``before`` exited in between and its last stretch is lost (it
+    must not count as negative time)."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -52,11 +54,3 @@ def postgres_aux_pids() -> list[int]:
         if cmd.startswith("postgres:") and any(n in cmd for n in names):
             pids.append(proc.pid)
     return pids
-
-
-def system_redis_pid(port: int) -> int | None:
-    """The pid of the redis-server listening on ``port`` of this machine, if one runs here."""
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        if proc.info["name"] == "redis-server" and f":{port}" in " ".join(proc.info["cmdline"] or []):
-            return int(proc.pid)
-    return None

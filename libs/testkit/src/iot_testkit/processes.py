@@ -1,4 +1,5 @@
-"""Running the platform's console scripts and private brokers (Mosquitto, redis-server) as processes."""
+"""Running the platform's console scripts and private servers (Mosquitto, redis-server, PostgreSQL) as
+processes."""
 
 from __future__ import annotations
 
@@ -288,6 +289,89 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(30)
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster (``initdb``) on a free port of 127.0.0.1, trust authentication, the
+    server's default settings (``fsync`` and ``synchronous_commit`` on), from the machine's binaries
+    (the newest ``/usr/lib/postgresql/*/bin``, else ``PATH``); as root, it runs as the ``postgres`` user.
+    For the benchmarks: the CPU of its processes is the run's alone, not that of a server shared with
+    other databases."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.directory = Path(tempfile.mkdtemp(prefix="iot-pg-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def bindir() -> Path | None:
+        found = sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"),
+            key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        )
+        if found:
+            return found[-1]
+        initdb = shutil.which("initdb")
+        return Path(initdb).parent if initdb else None
+
+    def postmaster_pid(self) -> int:
+        """The postmaster's pid (``postmaster.pid``; as root, it is a child of ``runuser``)."""
+        return int((self.directory / "data" / "postmaster.pid").read_text().split()[0])
+
+    def pids(self) -> list[int]:
+        """Every process of the cluster now: the postmaster, its backends and auxiliary processes."""
+        import psutil
+
+        postmaster = self.postmaster_pid()
+        with contextlib.suppress(psutil.Error):
+            return [postmaster, *(c.pid for c in psutil.Process(postmaster).children(recursive=True))]
+        return []
+
+    def start(self) -> PostgresServer:
+        bindir = self.bindir()
+        if bindir is None:
+            raise RuntimeError("no PostgreSQL binaries (initdb, postgres) on this machine")
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.directory, "postgres", "postgres")
+        data = self.directory / "data"
+        subprocess.run(
+            [
+                *as_user,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        args = ["-D", str(data), "-p", str(self.port), "-k", str(self.directory)]
+        args += ["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"]
+        self.proc = start_listening(
+            [*as_user, str(bindir / "postgres"), *args], self.port, "postgres", self.directory / "log", 60
+        )
+        isready = [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        wait_until(lambda: subprocess.run(isready, check=False).returncode == 0, 60, "PostgreSQL ready")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(self.postmaster_pid(), signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

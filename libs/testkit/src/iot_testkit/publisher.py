@@ -1,9 +1,10 @@
 """An open-loop QoS 1 publisher of stamped readings, run as its own process by the end-to-end benchmark,
 the chaos script and the chaos test.
 
-:class:`StampedPayload`: telemetry whose ``ts`` is the publish time (microseconds, as fractional epoch
-milliseconds, strictly increasing within a publisher) and whose ``seq`` metric names the message, so a
-WebSocket client can time publish -> receipt and anyone can match stored rows to PUBACKed messages.
+:class:`StampedPayload`: telemetry whose ``ts`` is the time the message was *scheduled* to be published
+(microseconds, as fractional epoch milliseconds, strictly increasing within a publisher) and whose ``seq``
+metric names the message, so a WebSocket client can time publish -> receipt and anyone can match stored
+rows to PUBACKed messages.
 :func:`start_publisher` runs ``python -m iot_testkit.publisher publish ...`` (the PUBACK-counting client of
 :mod:`iot_testkit.loadgen`, paced at a fixed rate), which writes the acknowledged sequence numbers to a file.
 """
@@ -24,14 +25,28 @@ from iot_testkit.loadgen import device_ids, publish_async
 
 
 class StampedPayload:
-    """Three metrics, ``ts`` = publish time in microseconds (unique: bumped by 1 us on a tie)."""
+    """Three metrics, ``ts`` in microseconds (unique: bumped by 1 us on a tie).
 
-    def __init__(self, seq_offset: int = 0) -> None:
+    With a ``rate``, ``ts`` is the time message ``seq`` was scheduled to go out (the first message's
+    publish time + ``seq / rate``), not the time it was written: a publisher held up (by its own CPU, or
+    the socket) would otherwise stamp the delay away and hide it from the measured tail (coordinated
+    omission). Without a rate, the time it is written.
+    """
+
+    def __init__(self, seq_offset: int = 0, rate: float = 0.0) -> None:
         self.offset = seq_offset
+        self.rate = rate
+        self.start_us = 0
         self.last_us = 0
 
     def __call__(self, seq: int, _base: int) -> bytes:
-        us = time.time_ns() // 1000
+        now = time.time_ns() // 1000
+        if self.rate > 0:
+            if not self.start_us:
+                self.start_us = now - int(seq * 1e6 / self.rate)
+            us = self.start_us + int(seq * 1e6 / self.rate)
+        else:
+            us = now
         if us <= self.last_us:
             us = self.last_us + 1
         self.last_us = us
@@ -64,7 +79,7 @@ async def publish_stamped(
         url,
         devices,
         messages,
-        payload=StampedPayload(seq_offset),
+        payload=StampedPayload(seq_offset, rate),
         rate=rate,
         max_inflight=60_000,
         timeout_s=timeout_s,

@@ -156,6 +156,8 @@ async def build(settings: IngestSettings) -> Parts:
     client_id = settings.mqtt_client_id or default_client_id(settings.mqtt_share_group, settings.database_url)
     consumer = consumer_for(client_id)
     metrics.OLDEST_IN_FLIGHT.set_function(consumer.oldest_in_flight_s)
+    # Read when scraped, not counted up and down on every message (a lock each time).
+    metrics.IN_FLIGHT.set_function(consumer.in_flight)
     http = HttpIngest(
         auth=DeviceAuth(pool_lookup(pool), ttl_s=settings.ingest_http_auth_cache_s),
         batcher=batcher,

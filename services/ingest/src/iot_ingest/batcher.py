@@ -1,8 +1,12 @@
 """Group commit: items wait in a batch that is flushed at a size limit or a time limit, whichever first.
 
-At low rates an item waits at most ``max_delay`` seconds; at high rates batches fill up, so one database
-round trip carries many messages. Flushes run one at a time: the next batch fills while one is written,
-which makes batches grow with load by themselves, and keeps commits in arrival order.
+Flushes run one at a time: the next batch fills while one is written, which makes batches grow with load
+by themselves, and keeps commits in arrival order. With ``max_delay`` 0 (the ingest default) that is the
+whole rule, adaptive batching: a batch is flushed as soon as the previous flush is done (up to
+``max_size`` items), so an item arriving at an idle batcher is flushed at once (after the items already
+received with it in the same turn of the event loop), and under load each batch holds what arrived
+during the previous flush. A positive ``max_delay`` makes a batch also wait up to that long after its
+first item for more: fewer, larger commits, at the price of that delay at low rates.
 
 A flush may return a *release* future: the batch's submitters are then answered when it finishes, while
 the next batch is already being flushed (ingest acknowledges a message only once its event is published,

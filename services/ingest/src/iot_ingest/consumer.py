@@ -336,6 +336,10 @@ class Consumer:
         for _ in range(2):
             await asyncio.sleep(0)
 
+    def in_flight(self) -> int:
+        """Messages received and not yet acknowledged (the ``iot_ingest_in_flight`` gauge)."""
+        return len(self._in_flight)
+
     def oldest_in_flight_s(self) -> float:
         """Seconds the oldest message still unacknowledged has been in this process; 0 when none."""
         for started in self._in_flight.values():
@@ -491,12 +495,10 @@ class Consumer:
             return 0
         token = next(self._tokens)
         self._in_flight[token] = time.monotonic()
-        metrics.IN_FLIGHT.inc()
         self._idle.clear()
         try:
             await self._store(delivery)
         finally:
-            metrics.IN_FLIGHT.dec()
             del self._in_flight[token]
             if not self._in_flight:
                 self._idle.set()

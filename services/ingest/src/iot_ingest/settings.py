@@ -24,7 +24,9 @@ class IngestSettings(BaseSettings, frozen=True, kw_only=True):
     ingest_auto_register_tenant: Annotated[str, msgspec.Meta(pattern=TENANT_NAME_PATTERN)] = "default"
     """Name of the tenant that devices registered by ``IOT_INGEST_AUTO_REGISTER`` join."""
     ingest_batch_size: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 2000
-    ingest_batch_delay_ms: Annotated[int, msgspec.Meta(ge=0, le=60000)] = 20
+    ingest_batch_delay_ms: Annotated[int, msgspec.Meta(ge=0, le=60000)] = 0
+    """0: adaptive batching (a batch is committed as soon as the previous commit is done); more: a batch
+    also waits up to this long after its first message for more (fewer, larger commits)."""
     ingest_max_in_flight: Annotated[int, msgspec.Meta(ge=2, le=65535)] = 20000
     ingest_max_payload_bytes: Annotated[int, msgspec.Meta(ge=64, le=16 * 1024 * 1024)] = 65536
     ingest_max_readings: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1000
