@@ -6,6 +6,7 @@ of each daily partition the time range touches and nothing else.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -169,6 +170,26 @@ class TelemetryRepository:
                 query += f" LIMIT ${len(args)}"
             rows = await conn.fetch(query, *args)
         return [Bucket(r["b"], r["count"], r["sum"], r["min"], r["max"]) for r in rows]
+
+    async def stream_raw(
+        self, device_id: str, metric: str, start: datetime, end: datetime, batch: int = 5000
+    ) -> AsyncIterator[list[asyncpg.Record]]:
+        """Every point of one metric in the range, oldest first, in lists of ``batch`` rows at most.
+
+        A server-side cursor in a read-only transaction on a connection held until the iteration ends:
+        at most ``batch`` rows are in memory, whatever the range.
+        """
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(
+                "SELECT ts, value, value_text FROM telemetry"
+                " WHERE device_id = $1 AND metric = $2 AND ts >= $3 AND ts < $4 ORDER BY ts",
+                device_id,
+                metric,
+                start,
+                end,
+            )
+            while rows := await cursor.fetch(batch):
+                yield rows
 
     async def latest(self, device_id: str) -> dict[str, tuple[float | str, datetime]]:
         """Latest value and time of every metric of a device, from the table."""
