@@ -24,9 +24,7 @@ def credentials_of(text: str) -> list[dict[str, str]]:
 
 async def test_csv_import_with_attribute_columns(client: Client, writer: dict[str, str], unique: str) -> None:
     body = (
-        "id,name,type,attributes.room,floor\n"
-        f"{unique}-a,Boiler,thermo,b1,2\n"
-        f'{unique}-b,"Pump, west",pump,,\n'
+        f'id,name,type,attributes.room,floor\n{unique}-a,Boiler,thermo,b1,2\n{unique}-b,"Pump, west",pump,,\n'
     )
     response = await client.post("/api/v1/devices/import", content=body, headers={**writer, **CSV})
     assert response.status_code == 201, response.text

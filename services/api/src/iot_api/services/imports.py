@@ -38,7 +38,8 @@ from iot_common.topics import DEVICE_TYPE_PATTERN, is_valid_device_id
 log = structlog.stdlib.get_logger("iot_api.imports")
 
 CSV_TYPES = ("text/csv",)
-NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/json")
+"""A single JSON object (``application/json``) is an NDJSON body of one line."""
 KNOWN_COLUMNS = ("id", "name", "type")
 MAX_REPORTED_ROWS = 1000
 MAX_ATTRIBUTES_BYTES = 16_384
