@@ -119,9 +119,11 @@ async def test_bad_requests_name_what_is_wrong(
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == "Content-Type"
     response = await client.post(url, content="name\nx\n", headers={**writer, **CSV})
-    assert response.status_code == 422 and "id" in response.json()["detail"]
+    assert response.status_code == 422
+    assert "id" in response.json()["detail"]
     response = await client.post(url, content="id\n", headers={**writer, **CSV})
-    assert response.status_code == 422 and "no device" in response.json()["detail"]
+    assert response.status_code == 422
+    assert "no device" in response.json()["detail"]
     # A read-only key may not import.
     response = await client.post(url, content=f"id\n{unique}\n", headers={**reader, **CSV})
     assert response.status_code == 403
@@ -134,14 +136,16 @@ async def test_limits_rows_bytes_and_the_tenant_device_limit(
     url = "/api/v1/devices/import"
     rows = "".join(f"{unique}-{i}\n" for i in range(4))
     response = await client.post(url, content="id\n" + rows, headers={**admin, **CSV})
-    assert response.status_code == 422 and "more than 3 rows" in response.json()["detail"]
+    assert response.status_code == 422
+    assert "more than 3 rows" in response.json()["detail"]
     response = await client.post(url, content="id\n" + "x" * 3000, headers={**admin, **CSV})
     assert response.status_code == 413, response.text
     tenant_id = await new_tenant(client, admin, f"t-{unique}", max_devices=2)
     key = await tenant_key(client, admin, tenant_id, "write")
     body = "id\n" + "".join(f"{unique}-t{i}\n" for i in range(3))
     response = await client.post(url, content=body, headers={**key, **CSV})
-    assert response.status_code == 409 and "max_devices" in response.json()["detail"]
+    assert response.status_code == 409
+    assert "max_devices" in response.json()["detail"]
     body = "id\n" + "".join(f"{unique}-t{i}\n" for i in range(2))
     assert (await client.post(url, content=body, headers={**key, **CSV})).status_code == 201
 
@@ -166,6 +170,8 @@ async def test_ten_thousand_devices_with_credentials_in_one_request(
     )
     assert response.status_code == 201, response.text
     rows = credentials_of(response.text)
-    assert len(rows) == n and len({r["password"] for r in rows}) == n
+    assert len(rows) == n
+    assert len({r["password"] for r in rows}) == n
     listed = await client.get(f"/api/v1/devices?q={unique}&limit=1", headers=writer)
-    assert listed.status_code == 200 and listed.json()["items"][0]["id"] == f"{unique}-000000"
+    assert listed.status_code == 200
+    assert listed.json()["items"][0]["id"] == f"{unique}-000000"

@@ -1,7 +1,8 @@
 """Telemetry export: ``GET /api/v1/telemetry/export``, one metric of one device as a streamed CSV or NDJSON.
 
-Constant memory whatever the range: raw points come from a server-side cursor, a few thousand rows at a
-time, and each batch is formatted (and gzip-compressed when asked) and sent before the next is read.
+Constant memory whatever the range: raw points are formatted by PostgreSQL (``COPY (SELECT ...) TO
+STDOUT``) and each chunk is sent (gzip-compressed when asked) before more is read: a slow client slows
+the copy down, never fills the API's memory.
 Buckets (``bucket``, ``agg``) go through the history's aggregate query
 (:meth:`~iot_api.repositories.telemetry.TelemetryRepository.aggregate`, which picks the rollup level),
 page by page. Checks happen before the answer starts: a wrong parameter is a 4xx naming it, another
@@ -105,27 +106,10 @@ class ExportService:
             self.active.discard(principal)
 
     async def _raw(self, query: ExportQuery, start: datetime, end: datetime) -> AsyncIterator[bytes]:
-        device, metric = query.device_id, query.metric
         if query.format == "csv":
-            prefix = f",{_csv_field(device)},{_csv_field(metric)},"
             yield b"ts,device_id,metric,value\n"
-            async for rows in self.repo.stream_raw(device, metric, start, end, BATCH_ROWS):
-                yield "".join(
-                    f"{_iso(r[0])}{prefix}{_csv_field(r[1] if r[1] is not None else r[2])}\n" for r in rows
-                ).encode()
-        else:
-            async for rows in self.repo.stream_raw(device, metric, start, end, BATCH_ROWS):
-                yield _encoder.encode_lines(
-                    [
-                        {
-                            "ts": r[0],
-                            "device_id": device,
-                            "metric": metric,
-                            "value": r[1] if r[1] is not None else r[2],
-                        }
-                        for r in rows
-                    ]
-                )
+        async for chunk in self.repo.copy_raw(query.device_id, query.metric, start, end, query.format):
+            yield chunk
 
     async def _buckets(
         self, query: ExportQuery, start: datetime, end: datetime, step: timedelta
