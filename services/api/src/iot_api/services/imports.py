@@ -46,6 +46,7 @@ MAX_ATTRIBUTES_BYTES = 16_384
 MAX_NAME = 200
 _TYPE_RE = re.compile(DEVICE_TYPE_PATTERN)
 _AT_RE = re.compile(r" - at `\$\.?([^`]*)`$")
+_FIELD_RE = re.compile(r"field `([^`]*)`")
 _row_decoder = msgspec.json.Decoder(ImportRow)
 
 
@@ -121,7 +122,8 @@ def parse_ndjson(data: bytes, errors: list[RowError], max_rows: int) -> list[Par
         except msgspec.ValidationError as exc:
             message = str(exc)
             at = _AT_RE.search(message)
-            field = (at.group(1) if at else "") or "row"
+            named = _FIELD_RE.search(message)
+            field = (at.group(1) if at else "") or (named.group(1) if named else "row")
             errors.append(RowError(number, None, field.split(".")[0].split("[")[0], _AT_RE.sub("", message)))
             continue
         except (msgspec.DecodeError, RecursionError):
