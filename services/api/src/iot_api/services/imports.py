@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import msgspec
 import structlog
 
@@ -259,6 +260,9 @@ class ImportService:
                 raise Conflict(
                     f"the import would pass the tenant's device limit ({exc.limit} devices, max_devices)"
                 ) from None
+            except asyncpg.UniqueViolationError:
+                # A device of the body was created by another request between the check and the insert.
+                raise Conflict("a device of the import was created meanwhile; nothing was imported") from None
             except BaseException:
                 if broker is not None and created:
                     await broker.delete_many(created)
