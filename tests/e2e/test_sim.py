@@ -171,3 +171,36 @@ async def test_one_connection_as_the_sim_service_user_answers_for_every_device(
         unknown = await command(platform, f"{prefix}-0001", "self_destruct")
         assert (unknown["state"], unknown["error"]) == ("failed", UNKNOWN)
     await platform.stop()
+
+
+async def test_register_imports_the_fleet_in_one_request_and_each_device_publishes_with_its_own_login(
+    broker: int,
+    service: Start,
+    database_url: str,
+    redis_url: str,
+    db: asyncpg.Connection[Any],
+    unique: str,
+    artifacts_dir: Path,
+) -> None:
+    platform = start_platform(broker, service, database_url, redis_url, f"reg-{unique}", BOOTSTRAP_KEY)
+    prefix, log = f"r{unique}", artifacts_dir / "sim-register.log"
+    # One device of the fleet exists already: it gets new credentials, the others are imported.
+    existing = await platform.http.post("/api/v1/devices", json={"id": f"{prefix}-0001"})
+    assert existing.status_code == 201, existing.text
+    args = ["--devices", "3", "--rate", "2", "--prefix", prefix, "--duration", "30"]
+    args += ["--mqtt-url", f"mqtt://127.0.0.1:{broker}", "--api-url", platform.api_base]
+    args += ["--api-key", BOOTSTRAP_KEY, "--register"]
+    with simulator(args, log):
+        for i in range(3):
+            await wait_for_readings(db, f"{prefix}-{i:04d}", 2, log)
+    text = log.read_text()
+    assert "registered 3 devices through the import endpoint" in text, text[-2000:]
+    devices = (await platform.http.get("/api/v1/devices", params={"q": prefix})).json()["items"]
+    # The existing device keeps its type; the imported ones have the simulator's.
+    types = {d["id"]: d["type"] for d in devices}
+    assert types == {
+        f"{prefix}-0000": DEVICE_TYPE,
+        f"{prefix}-0001": "generic",
+        f"{prefix}-0002": DEVICE_TYPE,
+    }
+    await platform.stop()

@@ -148,6 +148,7 @@ RULES: dict[str, Rule] = {
     "GET /api/v1/devices": Rule("listed", query=lambda a: {"q": a.ids["device"]}),
     "GET /api/v1/device/list": Rule("listed"),
     "POST /api/v1/devices": Rule("refused", body=lambda a, u: {"id": a.ids["device"]}, status=409),
+    "POST /api/v1/devices/import": Rule("refused", body=lambda a, u: {"id": a.ids["device"]}, status=422),
     "GET /api/v1/devices/{device_id:str}": Rule("hidden", path=DEVICE),
     "PATCH /api/v1/devices/{device_id:str}": Rule("hidden", path=DEVICE, body=lambda a, u: {"name": "taken"}),
     "DELETE /api/v1/devices/{device_id:str}": Rule("hidden", path=DEVICE),
@@ -162,6 +163,9 @@ RULES: dict[str, Rule] = {
     ),
     "GET /api/v1/telemetry/history": Rule(
         "listed", query=lambda a: {"device_id": a.ids["device"], "metric": "temp"}, check=_no_points
+    ),
+    "GET /api/v1/telemetry/export": Rule(
+        "hidden", query=lambda a: {"device_id": a.ids["device"], "metric": "temp"}
     ),
     "GET /api/v1/ingest/rejects": Rule("listed"),
     # Alerts and commands.

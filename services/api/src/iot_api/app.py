@@ -51,7 +51,9 @@ from iot_api.services.auth import AuthService
 from iot_api.services.broker import DynsecProvisioner
 from iot_api.services.commands import CommandService
 from iot_api.services.devices import DeviceService
+from iot_api.services.exports import ExportService
 from iot_api.services.identity import IdentityService, parse_service_users
+from iot_api.services.imports import ImportService
 from iot_api.services.operations import HealthService
 from iot_api.services.rejects import RejectService
 from iot_api.services.telemetry import TelemetryService
@@ -113,23 +115,33 @@ def build_services(
     events = EventPublisher(cache, names)
     accounts = AccountRepository(pool)
     auth = AuthService(accounts, cache, settings)
+    identity = IdentityService(
+        CredentialRepository(pool),
+        devices,
+        broker,
+        parse_service_users(settings.mqtt_service_users),
+        settings.mqtt_hook_secret,
+    )
+    telemetry = TelemetryService(
+        TelemetryRepository(pool),
+        devices,
+        cache,
+        names,
+        max_points=settings.api_max_points_per_response,
+        heavy_reads_per_principal=settings.api_max_heavy_reads_per_principal,
+    )
     return Services(
         devices=devices,
-        identity=IdentityService(
-            CredentialRepository(pool),
-            devices,
-            broker,
-            parse_service_users(settings.mqtt_service_users),
-            settings.mqtt_hook_secret,
+        identity=identity,
+        telemetry=telemetry,
+        imports=ImportService(
+            DeviceRepository(pool),
+            identity,
+            max_rows=settings.api_import_max_rows,
+            max_bytes=settings.api_import_max_bytes,
+            max_broker_devices=settings.api_import_max_broker_devices,
         ),
-        telemetry=TelemetryService(
-            TelemetryRepository(pool),
-            devices,
-            cache,
-            names,
-            max_points=settings.api_max_points_per_response,
-            heavy_reads_per_principal=settings.api_max_heavy_reads_per_principal,
-        ),
+        exports=ExportService(telemetry, max_days=settings.api_export_max_days),
         rejects=RejectService(RejectRepository(pool)),
         alert_rules=AlertRuleService(AlertRuleRepository(pool), events),
         alerts=AlertService(AlertRepository(pool), events),

@@ -34,6 +34,32 @@ class Invalid(DomainError):
         self.source = source
 
 
+class RowError:
+    """One refused row of an import: its line in the body, its id when it has one, the field and why."""
+
+    __slots__ = ("field", "id", "line", "reason")
+
+    def __init__(self, line: int, id_: str | None, field: str, reason: str) -> None:
+        self.line = line
+        self.id = id_
+        self.field = field
+        self.reason = reason
+
+
+class RowsInvalid(Invalid):
+    """Rows of an import are wrong (nothing was imported): ``rows`` lists each, ``total`` counts them."""
+
+    def __init__(self, rows: list[RowError], total: int) -> None:
+        super().__init__("body", f"{total} row(s) are invalid; nothing was imported", "body")
+        self.detail = self.message
+        self.rows = rows
+        self.total = total
+
+
+class TooLarge(DomainError):
+    """The request body is larger than its limit."""
+
+
 class Unauthenticated(DomainError):
     """No credential, or one that is malformed, expired, revoked or unknown."""
 

@@ -25,6 +25,8 @@ from iot_api.errors import (
     Invalid,
     NotFound,
     RateLimited,
+    RowsInvalid,
+    TooLarge,
     Unauthenticated,
     Unavailable,
 )
@@ -41,6 +43,15 @@ class FieldError(msgspec.Struct, frozen=True, omit_defaults=True):
     source: str | None = None
 
 
+class RowProblem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A refused row of an import: its line in the body (a CSV's header is line 1), id, field and why."""
+
+    line: int
+    field: str
+    reason: str
+    id: str | None = None
+
+
 class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
     """RFC 9457 problem details."""
 
@@ -51,12 +62,16 @@ class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
     instance: str | None = None
     request_id: str | None = None
     errors: list[FieldError] = msgspec.field(default_factory=list)
+    rows: list[RowProblem] | None = None
+    """An import's refused rows (``POST /api/v1/devices/import``), the first ones when there are many."""
+    rows_total: int | None = None
 
 
 _STATUS: dict[type[DomainError], int] = {
     NotFound: 404,
     Conflict: 409,
     Invalid: 422,
+    TooLarge: 413,
     Unauthenticated: 401,
     Forbidden: 403,
     RateLimited: 429,
@@ -100,6 +115,11 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
     detail = ""
     errors: list[FieldError] = []
     headers: dict[str, str] = {}
+    rows: list[RowProblem] | None = None
+    rows_total: int | None = None
+    if isinstance(exc, RowsInvalid):
+        rows = [RowProblem(r.line, r.field, r.reason, r.id) for r in exc.rows]
+        rows_total = exc.total
     if isinstance(exc, ValidationException):
         # Litestar refuses unparsable or out-of-schema input with 400; we say 422 and name the field.
         status = 422
@@ -169,6 +189,8 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
         instance=request.url.path,
         request_id=state.get("request_id"),
         errors=errors,
+        rows=rows,
+        rows_total=rows_total,
     )
     return Response(problem, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 

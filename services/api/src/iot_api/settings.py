@@ -70,6 +70,14 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     ] = msgspec.field(default_factory=list)
     api_max_points_per_response: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 20_000
     api_max_heavy_reads_per_principal: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    api_import_max_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100_000
+    """Devices per ``POST /api/v1/devices/import``."""
+    api_import_max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1_000_000_000)] = 64 * 1024 * 1024
+    """Body of ``POST /api/v1/devices/import`` (other requests: ``IOT_API_MAX_BODY_BYTES``)."""
+    api_import_max_broker_devices: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 1000
+    """Devices with credentials per import while the API provisions Mosquitto (``IOT_MQTT_ADMIN_URL``)."""
+    api_export_max_days: Annotated[int, msgspec.Meta(ge=1, le=3660)] = 366
+    """Longest time range of one ``GET /api/v1/telemetry/export``."""
     api_command_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=7 * 86400)] = 300
     api_command_puback_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 5.0
     mqtt_admin_url: Annotated[

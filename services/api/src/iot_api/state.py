@@ -15,7 +15,9 @@ from iot_api.services.audit import AuditService
 from iot_api.services.auth import AuthService
 from iot_api.services.commands import CommandService
 from iot_api.services.devices import DeviceService
+from iot_api.services.exports import ExportService
 from iot_api.services.identity import IdentityService
+from iot_api.services.imports import ImportService
 from iot_api.services.operations import HealthService
 from iot_api.services.rejects import RejectService
 from iot_api.services.telemetry import TelemetryService
@@ -40,6 +42,8 @@ class Services:
     tenants: TenantService
     audit: AuditService
     health: HealthService
+    imports: ImportService
+    exports: ExportService
 
 
 def services_of(state: State) -> Services:

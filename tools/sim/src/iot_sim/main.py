@@ -2,12 +2,14 @@
 
     iot-sim --devices 10 --metrics 3 --rate 1
     iot-sim --devices 5 --api-url http://127.0.0.1:8000 --api-key iotk_... --will
+    iot-sim --devices 10000 --api-key iotk_... --register
     iot-sim --credentials devices.csv
     iot-sim --api-key iotk_... --seed-demo-rule --spike-probability 0.01
 
 The broker URL comes from ``--mqtt-url`` or ``IOT_MQTT_URL``. With ``--api-key`` the devices are
 registered through the API first, and each connects with the MQTT credentials the API returned (a device
-that already existed gets its credentials rotated). With ``--credentials FILE`` (lines
+that already existed gets its credentials rotated); ``--register`` does it in one request for the whole
+fleet (``POST /api/v1/devices/import``). With ``--credentials FILE`` (lines
 ``device_id,username,password``) the devices are those of the file, each with its credentials. With
 per-device credentials or ``--will`` each device has its own connection; ``--will`` also announces
 ``online`` on ``devices/status/{id}`` once subscribed to its commands (after every connection, so the
@@ -22,6 +24,8 @@ Every device answers the commands it receives on ``devices/commands/{id}`` (``pi
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import os
 import signal
 import sys
@@ -172,6 +176,44 @@ def register_devices(api_url: str, api_key: str, device_ids: list[str]) -> Crede
     return found
 
 
+def import_devices(api_url: str, api_key: str, device_ids: list[str]) -> Credentials:
+    """Register the fleet in one request (``POST /api/v1/devices/import?credentials=true``) and return the
+    MQTT credentials of the answer's CSV. The import is all or nothing: when some ids exist already, the
+    others are imported and the existing ones get new credentials
+    (``POST /api/v1/devices/{id}/credentials``)."""
+    found: Credentials = {}
+    with httpx.Client(base_url=api_url, headers={"X-API-Key": api_key}, timeout=600) as http:
+        todo = list(device_ids)
+        while todo:  # each refusal names up to 1,000 existing ids: those are rotated, the rest sent again
+            body = "id,name,type\n" + "".join(f"{d},{d},{DEVICE_TYPE}\n" for d in todo)
+            response = http.post(
+                "/api/v1/devices/import?credentials=true",
+                content=body.encode(),
+                headers={"Content-Type": "text/csv"},
+            )
+            if response.status_code == 201:
+                for row in csv.DictReader(io.StringIO(response.text)):
+                    found[row["id"]] = (row["username"], row["password"])
+                break
+            rows = response.json().get("rows") if response.status_code == 422 else None
+            existing = {r.get("id") for r in rows or [] if r.get("reason") == "already exists"}
+            if not rows or len(existing) != len(rows):
+                raise SystemExit(
+                    f"iot-sim: importing the devices failed: {response.status_code} {response.text}"
+                )
+            for device_id in sorted(existing):
+                rotated = http.post(f"/api/v1/devices/{device_id}/credentials")
+                if rotated.status_code != 201:
+                    raise SystemExit(
+                        f"iot-sim: new credentials for {device_id} failed:"
+                        f" {rotated.status_code} {rotated.text}"
+                    )
+                found[device_id] = (rotated.json()["username"], rotated.json()["password"])
+            todo = [d for d in todo if d not in existing]
+    _say(f"registered {len(device_ids)} devices through the import endpoint")
+    return found
+
+
 def read_credentials(path: str) -> Credentials:
     """``device_id,username,password`` lines (blank lines and ``#`` comments skipped)."""
     found: Credentials = {}
@@ -217,7 +259,9 @@ class Simulator:
         if args.credentials:
             logins = read_credentials(args.credentials)
             device_ids = list(logins)
-        if args.api_key:
+        if args.api_key and args.register:
+            logins = import_devices(args.api_url, args.api_key, device_ids)
+        elif args.api_key:
             logins = register_devices(args.api_url, args.api_key, device_ids)
         if args.seed_demo_rule:
             try:
@@ -365,6 +409,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--api-key", default=os.environ.get("IOT_SIM_API_KEY", ""), help="register devices first"
     )
     parser.add_argument(
+        "--register",
+        action="store_true",
+        help="with --api-key: register the whole fleet in one request (POST /api/v1/devices/import)",
+    )
+    parser.add_argument(
         "--credentials",
         default=os.environ.get("IOT_SIM_CREDENTIALS", ""),
         metavar="FILE",
@@ -377,6 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--devices and --metrics must be at least 1 and --rate above 0")
     if not 0 <= args.spike_probability <= 1:
         parser.error("--spike-probability must be from 0 to 1")
+    if args.register and not args.api_key:
+        parser.error("--register needs --api-key (or IOT_SIM_API_KEY)")
     if args.seed_demo_rule and not args.api_key:
         parser.error("--seed-demo-rule needs --api-key (or IOT_SIM_API_KEY)")
     return args

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, delete, get, patch, post
+from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, JSONBody, QueryParameter
 
@@ -76,6 +76,44 @@ class DeviceController(Controller):
         tenants; the answer does not say whose it is) or the tenant's device limit is reached. ``mqtt`` holds
         its MQTT credentials, shown once."""
         return await services.identity.register(tenant, data)
+
+    @post(
+        "/devices/import",
+        operation_id="importDevices",
+        permission="write",
+        status_code=201,
+        request_max_body_size=None,  # IOT_API_IMPORT_MAX_BYTES, checked while reading
+        responses=problem_responses(409, 413, 503),
+    )
+    async def import_devices(
+        self,
+        services: AppServices,
+        tenant: Tenant,
+        request: Request[Any, Any, Any],
+        credentials: Annotated[
+            bool,
+            QueryParameter(description="Issue MQTT credentials; the answer is the CSV id,username,password"),
+        ] = False,
+    ) -> Response[Any]:
+        """Register up to 100,000 devices from a CSV (``text/csv``: header ``id,name,type`` and attribute
+        columns) or NDJSON (``application/x-ndjson``) body, all or none: with any wrong row the answer is 422
+        and ``rows`` names each (line, id, field, reason); nothing is stored. With ``credentials=true`` the
+        answer is ``text/csv`` ``id,username,password``, shown once; else ``{"imported": n}``."""
+        body = await services.imports.read_body(request.stream(), request.content_length)
+        result, table = await services.imports.import_devices(
+            tenant, body, request.headers.get("content-type", ""), credentials=credentials
+        )
+        if table is not None:
+            return Response(
+                table,
+                status_code=201,
+                media_type="text/csv; charset=utf-8",
+                headers={
+                    "Cache-Control": "no-store",
+                    "Content-Disposition": "attachment; filename=credentials.csv",
+                },
+            )
+        return Response(result, status_code=201)
 
     @get("/devices/{device_id:str}", operation_id="getDevice", responses=problem_responses(404))
     async def get_device(self, services: AppServices, tenant: Tenant, device_id: DeviceIdPath) -> Device:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, get
+from litestar import Controller, Request, get
 from litestar.params import QueryParameter
+from litestar.response import Stream
 
 from iot_api.controllers.params import Cursor, DeviceIdPath, From, To
 from iot_api.problems import problem_responses
 from iot_api.schemas.telemetry import DeviceLatest, History, LatestList, TelemetryAggregate, TelemetryPage
+from iot_api.services.exports import ExportQuery
 from iot_api.services.telemetry import AGG_PATTERN, BUCKET_PATTERN, DeviceQuery
 from iot_api.state import AppServices
 from iot_api.tenancy import Tenant
@@ -81,6 +83,40 @@ class TelemetryController(Controller):
         """Latest values of several devices in one call (a device without data, unknown or of another
         tenant has no metrics)."""
         return await services.telemetry.latest_many(tenant, device_id)
+
+    @get(
+        "/telemetry/export",
+        operation_id="exportTelemetry",
+        responses=problem_responses(404),
+        response_description="The rows, streamed: CSV (header ts,device_id,metric,value) or NDJSON",
+    )
+    async def export(
+        self,
+        services: AppServices,
+        tenant: Tenant,
+        request: Request[Any, Any, Any],
+        device_id: Annotated[str, QueryParameter(pattern=DEVICE_ID_PATTERN, description="The device")],
+        metric: Annotated[str, QueryParameter(pattern=METRIC_NAME_PATTERN, description="The metric")],
+        from_: From = None,
+        to: To = None,
+        format_: Annotated[
+            str, QueryParameter(name="format", max_length=16, description="csv or ndjson")
+        ] = "csv",
+        bucket: Bucket = None,
+        agg: Agg = "avg",
+    ) -> Stream:
+        """Every point of one metric of one device in the range (default: the last 24 hours, at most
+        ``IOT_API_EXPORT_MAX_DAYS``), oldest first, streamed in constant memory; with ``bucket`` one row per
+        bucket with the ``agg`` columns, as in the history. Compressed when the request accepts gzip. One
+        export at a time per credential (else 429)."""
+        accepts = request.headers.get("accept-encoding", "")
+        gzip = any(part.split(";")[0].strip() == "gzip" for part in accepts.split(","))
+        query = ExportQuery(device_id, metric, from_, to, format_, bucket, agg, gzip)
+        chunks, media_type, name = await services.exports.open(tenant, query)
+        headers = {"Content-Disposition": f'attachment; filename="{name}"', "Vary": "Accept-Encoding"}
+        if gzip:
+            headers["Content-Encoding"] = "gzip"
+        return Stream(chunks, media_type=media_type, headers=headers)
 
     @get("/telemetry/history", operation_id="getHistory", responses=problem_responses())
     async def history(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,10 @@ _COLUMNS = "id, name, type, status, attributes, last_seen, created_at, updated_a
 def _like(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
+
+
+ImportRecord = tuple[int, str, str, str, str, str | None]
+"""A row of an import: line, id, name, type, attributes (JSON text), secret hash (None: no credential)."""
 
 
 class DeviceLimitReached(Exception):
@@ -71,6 +76,48 @@ class DeviceRepository:
                 attributes,
             )
         return None if row is None else Device(**row)
+
+    async def import_many(
+        self,
+        tenant_id: uuid.UUID,
+        rows: list[ImportRecord],
+        before_commit: Callable[[], Awaitable[None]],
+    ) -> list[tuple[int, str]]:
+        """Insert all ``rows`` (and the credentials of those with a secret hash) in one transaction, or none.
+
+        Returns the (line, id) of the rows whose id is taken (by any tenant), and then inserts nothing.
+        Raises :class:`DeviceLimitReached` when the rows would take the tenant past its ``max_devices``
+        (its row is locked for the transaction, as in :meth:`create`). The rows go through ``COPY`` into a
+        temporary table, then one ``INSERT ... SELECT`` per table. ``before_commit`` runs last, inside the
+        transaction (the broker's provisioning): if it raises, nothing is stored.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            limit = await conn.fetchval("SELECT max_devices FROM tenants WHERE id = $1 FOR UPDATE", tenant_id)
+            if limit is not None:
+                count = await conn.fetchval("SELECT count(*) FROM devices WHERE tenant_id = $1", tenant_id)
+                if count + len(rows) > limit:
+                    raise DeviceLimitReached(limit)
+            await conn.execute(
+                "CREATE TEMPORARY TABLE device_import (line int, id text, name text, type text,"
+                " attributes text, secret_hash text) ON COMMIT DROP"
+            )
+            await conn.copy_records_to_table("device_import", records=rows)
+            taken = await conn.fetch(
+                "SELECT i.line, i.id FROM device_import i JOIN devices d ON d.id = i.id ORDER BY i.line"
+            )
+            if taken:
+                return [(r["line"], r["id"]) for r in taken]
+            await conn.execute(
+                "INSERT INTO devices (tenant_id, id, name, type, attributes)"
+                " SELECT $1, id, name, type, attributes::jsonb FROM device_import",
+                tenant_id,
+            )
+            await conn.execute(
+                "INSERT INTO device_credentials (device_id, secret_hash)"
+                " SELECT id, secret_hash FROM device_import WHERE secret_hash IS NOT NULL"
+            )
+            await before_commit()
+        return []
 
     async def update(self, tenant_id: uuid.UUID, device_id: str, changes: dict[str, Any]) -> Device | None:
         """Set the given columns (names come from the service, never from the client)."""

@@ -6,6 +6,9 @@ of each daily partition the time range touches and nothing else.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -169,6 +172,77 @@ class TelemetryRepository:
                 query += f" LIMIT ${len(args)}"
             rows = await conn.fetch(query, *args)
         return [Bucket(r["b"], r["count"], r["sum"], r["min"], r["max"]) for r in rows]
+
+    async def stream_raw(
+        self, device_id: str, metric: str, start: datetime, end: datetime, batch: int = 5000
+    ) -> AsyncIterator[list[asyncpg.Record]]:
+        """Every point of one metric in the range, oldest first, in lists of ``batch`` rows at most.
+
+        A server-side cursor in a read-only transaction on a connection held until the iteration ends:
+        at most ``batch`` rows are in memory, whatever the range.
+        """
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(
+                "SELECT ts, value, value_text FROM telemetry"
+                " WHERE device_id = $1 AND metric = $2 AND ts >= $3 AND ts < $4 ORDER BY ts",
+                device_id,
+                metric,
+                start,
+                end,
+            )
+            while rows := await cursor.fetch(batch):
+                yield rows
+
+    async def copy_raw(
+        self, device_id: str, metric: str, start: datetime, end: datetime, fmt: str, queued: int = 8
+    ) -> AsyncIterator[bytes]:
+        """Every point of one metric in the range, oldest first, formatted by PostgreSQL (``COPY ... TO
+        STDOUT``): ``csv`` lines ``ts,device_id,metric,value`` or ``ndjson`` objects, in chunks as they
+        arrive.
+
+        At most ``queued`` chunks wait for the consumer: past that the copy stops reading from the socket,
+        so memory stays constant whatever the range. Times are RFC 3339 in UTC (``Z``), the fraction of a
+        second only when there is one.
+        """
+        ts = "rtrim(rtrim(to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US'), '0'), '.') || 'Z'"
+        where = "WHERE device_id = $1 AND metric = $2 AND ts >= $3 AND ts < $4 ORDER BY ts"
+        if fmt == "csv":
+            query = (
+                f"SELECT {ts}, device_id, metric, coalesce(value::text, value_text) FROM telemetry {where}"
+            )
+            options: dict[str, Any] = {"format": "csv"}
+        else:
+            query = f"""SELECT '{{"ts":"' || {ts} || '","device_id":' || to_json(device_id)::text
+                || ',"metric":' || to_json(metric)::text
+                || ',"value":' || coalesce(value::text, to_json(value_text)::text) || '}}'
+                FROM telemetry {where}"""
+            # CSV with a delimiter and a quote that JSON text never holds raw (it escapes control
+            # characters): each line is the JSON as PostgreSQL wrote it, nothing escaped twice.
+            options = {"format": "csv", "delimiter": "\x01", "quote": "\x02"}
+        chunks: asyncio.Queue[bytes | Exception | None] = asyncio.Queue(maxsize=queued)
+
+        async def copy() -> None:
+            try:
+                async with self.pool.acquire() as conn:
+                    await conn.copy_from_query(
+                        query, device_id, metric, start, end, output=chunks.put, **options
+                    )
+            except Exception as exc:  # the consumer is there to take it (else this task is cancelled)
+                await chunks.put(exc)
+                return
+            await chunks.put(None)
+
+        task = asyncio.create_task(copy())
+        try:
+            while (chunk := await chunks.get()) is not None:
+                if isinstance(chunk, Exception):
+                    raise chunk
+                yield bytes(chunk)
+        finally:
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def latest(self, device_id: str) -> dict[str, tuple[float | str, datetime]]:
         """Latest value and time of every metric of a device, from the table."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import structlog
 from prometheus_client import Counter
@@ -97,6 +98,47 @@ class DynsecProvisioner:
         roles = {r.get("rolename") for r in client.get("roles", [])}
         if roles != {device_role(device_id)}:
             raise Conflict(f"MQTT user {device_id!r} exists on the broker and is not this device's")
+
+    async def provision_many(self, devices: list[tuple[str, str]]) -> list[str]:
+        """Provision many new devices (an import) in batched messages; a user that exists already is
+        checked and re-keyed like :meth:`provision`. Returns the ids whose users this call created; when it
+        raises (like :meth:`provision`), it has tried to delete them again."""
+        admin = await self._connected()
+        existing: set[str] = set()
+        try:
+            existing = set(await admin.create_devices(devices))
+            for device_id, password in devices:
+                if device_id in existing:
+                    await self._refuse_foreign_user(admin, device_id)
+                    await admin.provision_device(device_id, password)
+        except BaseException as exc:
+            await self.delete_many([d for d, _ in devices if d not in existing])
+            if isinstance(exc, DynsecError):
+                BROKER_CALLS.labels("refused").inc()
+            if isinstance(exc, TimeoutError | OSError | ConnectionError):
+                BROKER_CALLS.labels("unavailable").inc()
+                log.warning(
+                    "dynsec import failed", devices=len(devices), error=f"{type(exc).__name__}: {exc}"
+                )
+                await self.close()
+                raise BrokerUnavailable(
+                    "the MQTT broker did not answer; the import was rolled back, retry later",
+                    retry_after_s=RETRY_AFTER_S,
+                ) from None
+            raise
+        BROKER_CALLS.labels("ok").inc()
+        return [d for d, _ in devices if d not in existing]
+
+    async def delete_many(self, device_ids: list[str]) -> None:
+        """Best effort: remove the users and roles of devices whose import was rolled back."""
+        with contextlib.suppress(Exception):
+            admin = await self._connected()
+            for start in range(0, len(device_ids), 200):
+                commands: list[dict[str, Any]] = []
+                for device_id in device_ids[start : start + 200]:
+                    commands.append({"command": "deleteClient", "username": device_id})
+                    commands.append({"command": "deleteRole", "rolename": device_role(device_id)})
+                await admin.run(*commands, ignore=("not found",), timeout=120.0)
 
     async def provision(self, device_id: str, password: str) -> None:
         await self._call("provision", device_id, password)

@@ -163,6 +163,10 @@ class DeviceService:
         if not await self.cache.delete(self.names.latest_key(device_id)):
             log.warning("device deleted but its latest values could not be deleted", device_id=device_id)
 
+    async def invalidate_list(self, tenant: TenantScope) -> None:
+        """Pages of the tenant's device list cached before a change are no longer read."""
+        await self.cache.pipeline(lambda p: p.incr(self._generation_key(tenant)))
+
     async def _invalidate(self, tenant: TenantScope, device_id: str) -> None:
         await self.cache.pipeline(
             lambda p: (p.delete(self.device_key(tenant, device_id)), p.incr(self._generation_key(tenant)))

@@ -97,11 +97,12 @@ class IdentityService:
         if given is None or not hmac.compare_digest(given.encode(), self.hook_secret.encode()):
             raise Unauthenticated(f"wrong or missing {HOOK_SECRET_HEADER}")
 
-    def _cache_key(self, device_id: str) -> str:
+    def cache_key(self, device_id: str) -> str:
+        """The hooks' cache entry of a device's credential."""
         return self.cache.key("mqtt", "cred", device_id)
 
     async def _forget_cached(self, device_id: str) -> None:
-        if not await self.cache.delete(self._cache_key(device_id)):
+        if not await self.cache.delete(self.cache_key(device_id)):
             log.warning("credential changed but its cache entry could not be deleted", device_id=device_id)
 
     def _refuse_reserved(self, device_id: str) -> None:
@@ -168,7 +169,7 @@ class IdentityService:
         )
 
     async def _credential(self, device_id: str) -> _Cached:
-        key = self._cache_key(device_id)
+        key = self.cache_key(device_id)
         cached = await self.cache.get(key)
         if cached is not None:
             try:
