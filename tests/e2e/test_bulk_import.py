@@ -1,7 +1,7 @@
 """Bulk provisioning end to end: ``POST /api/v1/devices/import?credentials=true`` on ``iot-api`` provisioning
 a Mosquitto with the dynamic security plugin (the shipped configuration); an imported device connects with
-the password of the answer's CSV and its reading is stored by ``iot-ingest``. The 100,000-device run, with
-the API checking credentials itself (the EMQX hooks), is ``bench/bench_import.py``."""
+the password of the answer's CSV and its reading is stored by ``iot-ingest``, over MQTT and over HTTP. The
+100,000-device run, with the API checking credentials itself (the EMQX hooks), is ``bench/bench_import.py``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from iot_common.topics import telemetry_topic
@@ -68,6 +69,23 @@ async def test_imported_devices_connect_and_publish_with_their_credentials(
 
     await wait_for(stored, 15, "the imported device's reading in the database")
     await device.client.disconnect()
+
+    # The same credential over HTTP ingest (answered after the commit).
+    async with httpx.AsyncClient(base_url=platform.ingest_base) as device_http:
+        answer = await device_http.post(
+            f"/ingest/v1/devices/{last['id']}/telemetry",
+            json={"ts": now_ms + 1000, "metrics": {"kwh": 2.5}},
+            auth=(last["username"], last["password"]),
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["stored"] == 1
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM telemetry WHERE device_id = $1 AND metric = 'kwh' AND value = 2.5",
+            last["id"],
+        )
+        == 1
+    )
 
     # A second import naming one of these ids is refused whole, and creates no broker user either.
     again = await http.post(
