@@ -111,6 +111,12 @@ def test_messages_and_topics() -> None:
     assert desired == {"version": 4, "desired": {"a": 1}, "delta": {"a": 1}}
     event = StateEvent("dev-1", {"a": 1}, {"a": 1}, {}, 5)
     frame = msgspec.json.decode(encode_event(event))
-    assert frame == {"type": "state", "device_id": "dev-1", "desired": {"a": 1}, "reported": {"a": 1},
-                     "delta": {}, "version": 5}
+    assert frame == {
+        "type": "state",
+        "device_id": "dev-1",
+        "desired": {"a": 1},
+        "reported": {"a": 1},
+        "delta": {},
+        "version": 5,
+    }
     assert decode_event(encode_event(event)) == event

@@ -38,6 +38,7 @@ from iot_api.problems import EXCEPTION_HANDLERS
 from iot_api.repositories.accounts import AccountRepository
 from iot_api.repositories.alerts import AlertRepository, AlertRuleRepository
 from iot_api.repositories.commands import CommandRepository
+from iot_api.repositories.state import StateRepository
 from iot_api.repositories.credentials import CredentialRepository
 from iot_api.repositories.devices import DeviceRepository
 from iot_api.repositories.rejects import RejectRepository
@@ -50,6 +51,7 @@ from iot_api.services.audit import log as audit_log
 from iot_api.services.auth import AuthService
 from iot_api.services.broker import DynsecProvisioner
 from iot_api.services.commands import CommandService
+from iot_api.services.state import StateService
 from iot_api.services.devices import DeviceService
 from iot_api.services.identity import IdentityService, parse_service_users
 from iot_api.services.operations import HealthService
@@ -90,6 +92,7 @@ def _openapi() -> OpenAPIConfig:
             Tag(name="ingest"),
             Tag(name="alerts"),
             Tag(name="commands"),
+            Tag(name="state", description="Desired and reported state of a device (docs/device-state.md)"),
             Tag(name="auth"),
             Tag(name="tenants"),
             Tag(name="operations"),
@@ -134,6 +137,7 @@ def build_services(
         alert_rules=AlertRuleService(AlertRuleRepository(pool), events),
         alerts=AlertService(AlertRepository(pool), events),
         commands=CommandService(CommandRepository(pool), devices, mqtt, events, settings.api_command_ttl_s),
+        state=StateService(StateRepository(pool), devices, mqtt, cache, names),
         auth=auth,
         users=UserService(accounts, auth),
         tenants=TenantService(TenantRepository(pool), auth),
