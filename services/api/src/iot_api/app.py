@@ -38,10 +38,10 @@ from iot_api.problems import EXCEPTION_HANDLERS
 from iot_api.repositories.accounts import AccountRepository
 from iot_api.repositories.alerts import AlertRepository, AlertRuleRepository
 from iot_api.repositories.commands import CommandRepository
-from iot_api.repositories.state import StateRepository
 from iot_api.repositories.credentials import CredentialRepository
 from iot_api.repositories.devices import DeviceRepository
 from iot_api.repositories.rejects import RejectRepository
+from iot_api.repositories.state import StateRepository
 from iot_api.repositories.telemetry import TelemetryRepository
 from iot_api.repositories.tenants import AuditRepository, TenantRepository
 from iot_api.security import OPENAPI_PATH, AuthMiddleware, permission_guard
@@ -51,11 +51,11 @@ from iot_api.services.audit import log as audit_log
 from iot_api.services.auth import AuthService
 from iot_api.services.broker import DynsecProvisioner
 from iot_api.services.commands import CommandService
-from iot_api.services.state import StateService
 from iot_api.services.devices import DeviceService
 from iot_api.services.identity import IdentityService, parse_service_users
 from iot_api.services.operations import HealthService
 from iot_api.services.rejects import RejectService
+from iot_api.services.state import StateService
 from iot_api.services.telemetry import TelemetryService
 from iot_api.services.tenants import TenantService
 from iot_api.services.users import UserService
