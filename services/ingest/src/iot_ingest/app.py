@@ -33,6 +33,7 @@ from iot_ingest.payload import Limits
 from iot_ingest.plan import Delivery
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.settings import IngestSettings
+from iot_ingest.state import DesiredRepublisher
 from iot_ingest.tenant_quota import TenantQuota, quota_client
 from iot_ingest.writer import BatchWriter
 
@@ -51,6 +52,7 @@ class Parts:
     actions: ActionRunner
     alerts: AlertService
     writer: BatchWriter
+    republisher: DesiredRepublisher
     batcher: Batcher[Delivery]
     consumer: Consumer
 
@@ -104,6 +106,12 @@ async def build(settings: IngestSettings) -> Parts:
     )
     await alerts.reload()
     quota_redis = quota_client(settings.redis_url)
+
+    async def publish_retained(topic: str, payload: bytes) -> None:
+        assert consumer is not None
+        await consumer.publish(topic, payload, retain=True)
+
+    republisher = DesiredRepublisher(pool, publish_retained)
     writer = BatchWriter(
         pool,
         known,
@@ -111,6 +119,7 @@ async def build(settings: IngestSettings) -> Parts:
         auto_register=settings.ingest_auto_register,
         quota=TenantQuota(quota_redis, names),
         on_commit=alerts.submit,
+        on_online=republisher.submit,
     )
     batcher: Batcher[Delivery] = Batcher(
         writer, max_size=settings.ingest_batch_size, max_delay=settings.ingest_batch_delay_ms / 1000
@@ -138,7 +147,9 @@ async def build(settings: IngestSettings) -> Parts:
         quota=quota,
     )
     metrics.OLDEST_IN_FLIGHT.set_function(consumer.oldest_in_flight_s)
-    return Parts(settings, pool, redis, quota_redis, known, actions, alerts, writer, batcher, consumer)
+    return Parts(
+        settings, pool, redis, quota_redis, known, actions, alerts, writer, republisher, batcher, consumer
+    )
 
 
 def background(parts: Parts) -> list[Coroutine[Any, Any, object]]:
@@ -169,6 +180,7 @@ def background(parts: Parts) -> list[Coroutine[Any, Any, object]]:
             log=log,
         ),
         parts.actions.run(),
+        parts.republisher.run(),
     ]
 
 

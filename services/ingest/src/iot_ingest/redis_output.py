@@ -15,6 +15,7 @@ import structlog
 
 from iot_common.commands import publish_command_event
 from iot_common.messages import LatestValue, StatusEvent, TelemetryEvent, encode_event
+from iot_common.state import STATE_COPY_SCRIPT
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.plan import Plan, latest_values, ts_sort_key
@@ -55,6 +56,7 @@ class RedisOutput:
         self._redis = redis_client
         self._names = names
         self._latest_script = redis_client.register_script(LATEST_SCRIPT)
+        self._state_script = redis_client.register_script(STATE_COPY_SCRIPT)
         self._tail: asyncio.Task[None] | None = None
 
     def submit(self, plan: Plan) -> asyncio.Task[None]:
@@ -76,7 +78,7 @@ class RedisOutput:
         if previous is not None:
             with contextlib.suppress(Exception):
                 await previous
-        if not plan.readings and not plan.statuses and not plan.command_events:
+        if not plan.readings and not plan.statuses and not plan.command_events and not plan.state_events:
             return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -98,6 +100,17 @@ class RedisOutput:
                     )
                 for tenant_id, command in plan.command_events:
                     publish_command_event(pipe, self._names, tenant_id, command)
+                for tenant_id, state in plan.state_events:
+                    # The copy realtime's `latest` reads and the `state` event, only when newer.
+                    await self._state_script(
+                        keys=[self._names.state_key(state.device_id)],
+                        args=[
+                            state.version,
+                            encode_event(state.event()),
+                            channel(tenant_id, state.device_id),
+                        ],
+                        client=pipe,
+                    )
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.REDIS_FAILURES.inc()

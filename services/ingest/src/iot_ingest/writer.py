@@ -21,12 +21,14 @@ import structlog
 from iot_common.commands import APPLY_ACKS, ack_columns, command_event
 from iot_common.messages import Reading
 from iot_common.resilience import Backoff, retry
+from iot_common.state import StateProblem, apply_change
 from iot_ingest import metrics
 from iot_ingest.devices import KnownDevices
 from iot_ingest.errors import message_fault
 from iot_ingest.payload import RejectReason
 from iot_ingest.plan import DeadLetter, Delivery, Plan, dead_letter, payload_excerpt, plan_batch, safe_text
 from iot_ingest.redis_output import RedisOutput
+from iot_ingest.state import online_devices
 from iot_ingest.telemetry import insert_telemetry
 from iot_ingest.tenant_quota import TenantQuota
 
@@ -97,6 +99,7 @@ class BatchWriter:
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
         on_commit: Callable[[list[Reading]], None] | None = None,
+        on_online: Callable[[list[str]], None] | None = None,
     ) -> None:
         self._pool = pool
         self._known = known
@@ -106,6 +109,7 @@ class BatchWriter:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._on_commit = on_commit
+        self._on_online = on_online
 
     async def __call__(self, batch: list[Delivery]) -> asyncio.Task[None]:
         """Commit ``batch``, then start its Redis step; the returned task is that step.
@@ -119,6 +123,9 @@ class BatchWriter:
         if self._on_commit is not None and plan.readings:
             # Alert rules: only queued here, so that the batch's PUBACKs do not wait for them.
             self._on_commit(plan.readings)
+        if self._on_online is not None and plan.statuses:
+            # Devices that came online get their desired state again (docs/device-state.md).
+            self._on_online(online_devices(plan.statuses))
         return task
 
     async def drain(self) -> None:
@@ -208,6 +215,33 @@ class BatchWriter:
             known.forget(registered)
             raise
 
+    async def _apply_reports(self, conn: Conn, plan: Plan) -> None:
+        """Merge each state report into its device's reported state (devices in id order, so concurrent
+        replicas lock rows in one order; a device's reports in arrival order). A report that would make
+        the reported state too large becomes a dead letter; one that changes nothing makes no version."""
+        order = sorted(range(len(plan.reports)), key=lambda i: plan.reports[i][0])
+        events: dict[str, tuple[str, Any]] = {}
+        for index in order:
+            device_id, report, delivery = plan.reports[index]
+            tenant_id = plan.tenants[device_id]
+            try:
+                state = await apply_change(
+                    conn,
+                    tenant_id,
+                    device_id,
+                    "reported",
+                    report.reported,
+                    "device",
+                    at=delivery.received_at,
+                    applied_version=report.version,
+                )
+            except StateProblem as exc:
+                plan.dead_letters.append(dead_letter(delivery, "state_too_large", str(exc), tenant_id))
+                continue
+            if state is not None:
+                events[device_id] = (tenant_id, state)
+        plan.state_events = list(events.values())
+
     async def _write_instead(self, conn: Conn, delivery: Delivery, exc: Exception) -> Plan:
         """A dead letter for a message that could not be stored; if even that is refused, a bare one
         (no payload, no device); if that is refused too, the message is only logged and counted."""
@@ -249,6 +283,8 @@ class BatchWriter:
 
     async def _write(self, conn: Conn, plan: Plan) -> None:
         plan.new_rows = await insert_telemetry(conn, plan.readings)
+        if plan.reports:
+            await self._apply_reports(conn, plan)
         if plan.dead_letters:
             letters = plan.dead_letters
             await conn.execute(
