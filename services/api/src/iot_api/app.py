@@ -259,8 +259,15 @@ def create_app(settings: ApiSettings) -> Litestar:
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID", TENANT_HEADER],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-API-Key",
+                "X-Request-ID",
+                "If-Match",
+                TENANT_HEADER,
+            ],
+            expose_headers=["X-Request-ID", "Retry-After", "ETag"],
             max_age=600,
         ),
         middleware=[_Middleware(), AuditMiddleware()],
