@@ -126,7 +126,11 @@ async def test_patch_reaches_the_device_and_the_channel(
 
 
 async def test_stale_if_match_is_412_and_changes_nothing(
-    client: Client, writer: dict[str, str], device_id: str, db: asyncpg.Connection[Any]
+    client: Client,
+    writer: dict[str, str],
+    admin: dict[str, str],
+    device_id: str,
+    db: asyncpg.Connection[Any],
 ) -> None:
     path = f"/api/v1/devices/{device_id}/state"
     first = await client.patch(path, json={"desired": {"a": 1}}, headers={**writer, "If-Match": '"0"'})
@@ -142,6 +146,10 @@ async def test_stale_if_match_is_412_and_changes_nothing(
     )
     assert ok.status_code == 200
     assert ok.json()["version"] == 2
+    # Every PATCH is in the audit log, the refused one too.
+    events = (await client.get("/api/v1/audit", headers=admin)).json()["items"]
+    mine = [(e["action"], e["status"]) for e in events if e["target"] == f"devices/{device_id}/state"]
+    assert mine == [("patchDesiredState", 200), ("patchDesiredState", 412), ("patchDesiredState", 200)]
 
 
 async def test_concurrent_patches_serialize(client: Client, writer: dict[str, str], device_id: str) -> None:
