@@ -177,7 +177,12 @@ async def test_concurrent_patches_serialize(client: Client, writer: dict[str, st
 
 
 async def test_a_device_that_connects_later_gets_only_the_latest(
-    client: Client, writer: dict[str, str], device_id: str, mqtt_url: str
+    client: Client,
+    writer: dict[str, str],
+    admin: dict[str, str],
+    device_id: str,
+    mqtt_url: str,
+    redis: aioredis.Redis,
 ) -> None:
     path = f"/api/v1/devices/{device_id}/state"
     for i in range(3):
@@ -190,6 +195,17 @@ async def test_a_device_that_connects_later_gets_only_the_latest(
     with pytest.raises(TimeoutError):
         await device.next(timeout=0.5)  # nothing older follows
     await device.client.disconnect()
+
+    # Deleted, then created again: no retained desired message, no state, no Redis copy left behind.
+    assert (await client.delete(f"/api/v1/devices/{device_id}", headers=admin)).status_code == 204
+    assert await redis.exists(NAMES.state_key(device_id)) == 0
+    await make_device(client, writer, device_id)
+    assert (await client.get(path, headers=writer)).json()["version"] == 0
+    again = StateDevice(device_id)
+    await again.connect(mqtt_url)
+    with pytest.raises(TimeoutError):
+        await again.next(timeout=1.0)
+    await again.client.disconnect()
 
 
 async def test_bad_input_is_a_named_4xx(

@@ -313,3 +313,12 @@ encoded ``StateEvent``) and publishes the event on the device's channel, only wh
 than the copy's: a copy never goes back, and no subscriber sees an older state after a newer one.
 
 KEYS: the state key. ARGV: the version, the encoded event, the device channel."""
+
+
+async def clear_desired(pool: asyncpg.Pool[Any], device_id: str, publish: Publish) -> None:
+    """Remove the retained desired message of a deleted device (an empty retained payload), under the
+    device's advisory lock so that no publication of its old state can follow it. A later device with the
+    same id then starts with no desired message (and at version 0)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(PUBLISH_LOCK, device_id)
+        await publish(state_desired_topic(device_id), b"")

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from iot_api.schemas.state import StateChange
-from iot_common.state import DeviceState, Publish, apply_change, publish_desired, read_state
+from iot_common.state import DeviceState, Publish, apply_change, clear_desired, publish_desired, read_state
 
 
 class StateRepository:
@@ -63,6 +63,10 @@ class StateRepository:
             limit,
         )
         return [StateChange(**r) for r in rows]
+
+    async def clear_desired(self, device_id: str, publish: Publish) -> None:
+        """Remove the device's retained desired message (see :func:`iot_common.state.clear_desired`)."""
+        await clear_desired(self.pool, device_id, publish)
 
     async def publish_desired(self, device_id: str, publish: Publish) -> int:
         """Publish the device's current desired message under its advisory lock (see

@@ -114,6 +114,21 @@ class StateService:
             )
         await store_state_copy(self.cache, self.names, str(tenant.tenant_id), state)
 
+    async def forget(self, device_id: str) -> None:
+        """After the device's deletion: its retained desired message is removed (best effort, logged)."""
+
+        async def publish(topic: str, payload: bytes) -> None:
+            await self.publisher.publish(topic, payload, retain=True)
+
+        try:
+            await self.repo.clear_desired(device_id, publish)
+        except PublishError as exc:
+            log.warning(
+                "device deleted but its retained desired state could not be removed",
+                device_id=device_id,
+                error=str(exc),
+            )
+
     async def history(self, tenant: TenantScope, device_id: str, page: PageRequest) -> StateHistoryPage:
         async def fetch(after: tuple[Any, ...] | None, n: int) -> list[Any]:
             await self.devices.require(tenant, device_id)
