@@ -120,3 +120,17 @@ def test_messages_and_topics() -> None:
         "version": 5,
     }
     assert decode_event(encode_event(event)) == event
+
+
+def test_if_match_names_a_version() -> None:
+    from iot_api.errors import Invalid
+    from iot_api.services.state import etag, parse_if_match
+
+    assert parse_if_match(None) is None
+    assert parse_if_match("*") is None
+    assert parse_if_match('"7"') == 7
+    assert parse_if_match('W/"7"') == 7
+    assert parse_if_match(etag(12)) == 12
+    for bad in ("7", '"x"', '"-1"', '"1", "2"', '"' + "9" * 19 + '"'):
+        with pytest.raises(Invalid):
+            parse_if_match(bad)
