@@ -18,18 +18,22 @@ export class Api {
     return headers;
   }
 
-  async request(method, path, body, retry = true) {
+  async request(method, path, body, retry = true, extraHeaders = {}) {
     const response = await fetch(this.base + path, {
       method,
-      headers: this.headers(),
+      headers: { ...this.headers(), ...extraHeaders },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     if (response.status === 401 && retry && this.refreshToken) {
       await this.refresh();
-      return this.request(method, path, body, false);
+      return this.request(method, path, body, false, extraHeaders);
     }
     const data = response.status === 204 ? null : await response.json();
-    if (!response.ok) throw new Error(data?.detail || data?.title || `${method} ${path}: ${response.status}`);
+    if (!response.ok) {
+      const error = new Error(data?.detail || data?.title || `${method} ${path}: ${response.status}`);
+      error.status = response.status;
+      throw error;
+    }
     return data;
   }
 
@@ -65,6 +69,16 @@ export class Api {
 
   async recentAlerts() {
     return (await this.request("GET", "/api/v1/alerts?limit=20")).items;
+  }
+
+  async state(deviceId) {
+    return this.request("GET", `/api/v1/devices/${encodeURIComponent(deviceId)}/state`);
+  }
+
+  // A merge patch of the desired state, only if the state is still at `version` (412 otherwise).
+  async patchDesired(deviceId, desired, version) {
+    const path = `/api/v1/devices/${encodeURIComponent(deviceId)}/state`;
+    return this.request("PATCH", path, { desired }, true, { "If-Match": `"${version}"` });
   }
 
   async sendCommand(deviceId, name, params) {

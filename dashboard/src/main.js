@@ -1,4 +1,5 @@
-// The dashboard: signs in, lists devices, charts a device live, shows alerts, sends commands.
+// The dashboard: signs in, lists devices, charts a device live, shows alerts, sends commands, shows and
+// edits a device's state (desired vs reported, the delta highlighted).
 // It talks to the API and the realtime endpoint on their own origins, as any external frontend would.
 // The API is the page's origin unless ?api=https://api.example.com says otherwise. The realtime endpoint
 // is ?ws=wss://rt.example.com/ws if given, else `realtime_url` of config.json next to the page (the API
@@ -39,6 +40,7 @@ let selected = null;
 // The newest `ts` seen of the selected device, as received (microseconds kept): on reconnect the
 // subscription resumes after it, so readings published while the connection was down are not lost.
 let lastSeen = null;
+let state = null; // the chosen device's state, as the API or the last `state` event gave it
 const charts = new Map(); // metric -> {plot, xs, ys}
 const devices = new Map(); // id -> device
 const alerts = new Map(); // id -> alert
@@ -131,7 +133,35 @@ async function selectDevice(id) {
   const now = Date.now();
   const points = await api.history(id, new Date(now - HISTORY_MS), new Date(now));
   for (const point of points) addPoint(point.metric, Date.parse(point.ts), point.value);
+  state = null;
+  $("state").hidden = false;
+  $("state-message").textContent = "";
+  showState(await api.state(id));
   if (realtime) realtime.subscribe([id]);
+}
+
+// Desired vs reported, one row per top-level key; keys in the delta are highlighted. A state older than
+// the one shown (a snapshot after a live event) is ignored.
+function showState(next) {
+  if (!next || next.device_id !== selected || (state && next.version < state.version)) return;
+  state = next;
+  $("state-version").textContent = `version ${next.version}`;
+  const rows = $("state-rows");
+  rows.replaceChildren();
+  const keys = [...new Set([...Object.keys(next.desired), ...Object.keys(next.reported)])].sort();
+  for (const key of keys) {
+    const row = document.createElement("tr");
+    row.dataset.key = key;
+    row.className = key in next.delta ? "delta" : "";
+    row.innerHTML = "<th scope='row'></th><td></td><td></td>";
+    row.cells[0].textContent = key;
+    row.cells[1].textContent = key in next.desired ? JSON.stringify(next.desired[key]) : "";
+    row.cells[2].textContent = key in next.reported ? JSON.stringify(next.reported[key]) : "";
+    if (key in next.delta) row.title = "not applied yet: reported differs from desired";
+    rows.append(row);
+  }
+  $("state").dataset.version = String(next.version);
+  $("state").dataset.delta = String(Object.keys(next.delta).length);
 }
 
 function chartFor(metric) {
@@ -188,6 +218,9 @@ function handleEvent(event) {
       addPoint(metric, Date.parse(latest.ts), latest.value);
       if (!lastSeen) seen(latest.ts); // an anchor until the first live reading
     }
+    if (event.state) showState({ device_id: event.device_id, ...event.state });
+  } else if (event.type === "state") {
+    showState(event);
   } else if (event.type === "alert") {
     alerts.set(event.id, event);
     renderAlerts();
@@ -258,6 +291,28 @@ $("command-form").addEventListener("submit", async (e) => {
     showCommand(await api.sendCommand(selected, form.get("name"), params));
   } catch (err) {
     showCommand({ id: "error", name: form.get("name"), state: err.message });
+  }
+});
+
+$("state-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  let patch;
+  try {
+    patch = JSON.parse(new FormData(e.target).get("patch") || "{}");
+  } catch {
+    $("state-message").textContent = "Not JSON";
+    return;
+  }
+  try {
+    showState(await api.patchDesired(selected, patch, state ? state.version : 0));
+    $("state-message").textContent = "Applied";
+  } catch (err) {
+    if (err.status === 412) {
+      $("state-message").textContent = "The state changed meanwhile: reloaded, check and apply again";
+      showState(await api.state(selected));
+    } else {
+      $("state-message").textContent = err.message;
+    }
   }
 });
 

@@ -73,8 +73,8 @@ service_user() {
     ctl addClientRole "$name" "service-$name"
 }
 
-# Ingest reads every device's telemetry, status and command answers through its shared subscription,
-# and sends the commands of alert-rule actions.
+# Ingest reads every device's telemetry, status, command answers and state reports through its shared
+# subscription, sends the commands of alert-rule actions and re-publishes desired states (retained).
 service_user ingest "$MQTT_INGEST_PASSWORD" \
     subscribePattern '$share/+/devices/telemetry/+' \
     subscribePattern '$share/+/devices/status/+' \
@@ -82,13 +82,18 @@ service_user ingest "$MQTT_INGEST_PASSWORD" \
     subscribePattern 'devices/telemetry/+' \
     subscribePattern 'devices/status/+' \
     subscribePattern 'devices/commands/+/ack' \
+    subscribePattern '$share/+/devices/state/+/reported' \
+    subscribePattern 'devices/state/+/reported' \
     publishClientReceive 'devices/telemetry/+' \
     publishClientReceive 'devices/status/+' \
     publishClientReceive 'devices/commands/+/ack' \
-    publishClientSend 'devices/commands/+'
-# The API sends commands to devices and reads their answers.
+    publishClientReceive 'devices/state/+/reported' \
+    publishClientSend 'devices/commands/+' \
+    publishClientSend 'devices/state/+/desired'
+# The API sends commands and desired states (retained) to devices and reads command answers.
 service_user api "$MQTT_API_PASSWORD" \
     publishClientSend 'devices/commands/+' \
+    publishClientSend 'devices/state/+/desired' \
     subscribePattern '$share/+/devices/commands/+/ack' \
     subscribePattern 'devices/commands/+/ack' \
     publishClientReceive 'devices/commands/+/ack'
@@ -98,8 +103,11 @@ if [ -n "${MQTT_SIM_PASSWORD:-}" ]; then
         publishClientSend 'devices/telemetry/+' \
         publishClientSend 'devices/status/+' \
         publishClientSend 'devices/commands/+/ack' \
+        publishClientSend 'devices/state/+/reported' \
         subscribePattern 'devices/commands/+' \
-        publishClientReceive 'devices/commands/+'
+        publishClientReceive 'devices/commands/+' \
+        subscribePattern 'devices/state/+/desired' \
+        publishClientReceive 'devices/state/+/desired'
 fi
 
 kill "$BROKER"

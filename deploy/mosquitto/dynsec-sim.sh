@@ -54,6 +54,9 @@ case $ACTION in
             ctl addRoleACL service-sim publishClientSend 'devices/commands/+/ack' allow
             ctl addRoleACL service-sim subscribePattern 'devices/commands/+' allow
             ctl addRoleACL service-sim publishClientReceive 'devices/commands/+' allow
+            ctl addRoleACL service-sim publishClientSend 'devices/state/+/reported' allow
+            ctl addRoleACL service-sim subscribePattern 'devices/state/+/desired' allow
+            ctl addRoleACL service-sim publishClientReceive 'devices/state/+/desired' allow
         fi
         if exists getClient sim "Username: sim"; then
             ctl setClientPassword sim "$MQTT_SIM_PASSWORD"

@@ -1,7 +1,7 @@
 """Bulk provisioning end to end: ``POST /api/v1/devices/import?credentials=true`` on ``iot-api`` provisioning
 a Mosquitto with the dynamic security plugin (the shipped configuration); an imported device connects with
 the password of the answer's CSV and its reading is stored by ``iot-ingest``, over MQTT and over HTTP. The
-100,000-device run, with the API checking credentials itself (the EMQX hooks), is ``bench/bench_import.py``."""
+100,000-device run, with the API checking credentials itself (EMQX hooks), is ``bench/bench_import.py``."""
 
 from __future__ import annotations
 

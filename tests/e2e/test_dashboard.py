@@ -291,6 +291,17 @@ def run_browser(
             page.get_by_role("button", name="Send").click()
             expect(page.locator('#commands li[data-state="acked"]')).to_be_visible(timeout=20_000)
             page.screenshot(path=str(artifacts / "4-command.png"), full_page=True)
+            # Device state: a desired value set in the editor reaches the simulated device, which reports
+            # it: the row shows it in the delta, then (the report pushed as a `state` frame) no delta.
+            page.get_by_label("Change desired").fill('{"target_temperature": 30}')
+            page.get_by_role("button", name="Apply").click()
+            target = page.locator('#state tr[data-key="target_temperature"]')
+            expect(target).to_be_visible(timeout=20_000)
+            expect(target.locator("td").first).to_have_text("30")
+            expect(page.locator('#state[data-delta="0"]')).to_be_attached(timeout=20_000)
+            expect(target.locator("td").nth(1)).to_have_text("30")
+            expect(target).not_to_have_class("delta")
+            page.screenshot(path=str(artifacts / "5-state.png"), full_page=True)
             browser.close()
             assert not [url for url in requested if ADMIN[1] in url or "password" in url.lower()]
             assert sockets

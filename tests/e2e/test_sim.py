@@ -91,6 +91,19 @@ async def command(platform: Platform, device_id: str, name: str, **params: Any) 
     return result
 
 
+async def desired_applied(platform: Platform, device_id: str, desired: dict[str, Any]) -> dict[str, Any]:
+    """PATCH the desired state and wait until the device reported it (empty delta); the state."""
+    patched = await platform.http.patch(f"/api/v1/devices/{device_id}/state", json={"desired": desired})
+    assert patched.status_code == 200, patched.text
+
+    async def applied() -> dict[str, Any] | None:
+        state: dict[str, Any] = (await platform.http.get(f"/api/v1/devices/{device_id}/state")).json()
+        return state if state["version"] > patched.json()["version"] and not state["delta"] else None
+
+    result: dict[str, Any] = await wait_for(applied, 30, f"{device_id} to apply {desired}")
+    return result
+
+
 async def test_simulated_devices_with_their_own_credentials_answer_commands_and_spikes_trip_the_demo_rule(
     broker: int,
     service: Start,
@@ -121,6 +134,12 @@ async def test_simulated_devices_with_their_own_credentials_answer_commands_and_
         invalid = await command(platform, device, "set_interval", interval_s=-1)
         assert invalid["state"] == "failed"
         assert "interval_s" in invalid["error"]
+
+        # Device state, through the device's own ACLs: applied and reported with the version.
+        state = await desired_applied(platform, device, {"target_temperature": 35})
+        assert state["reported"] == {"target_temperature": 35}
+        history = (await platform.http.get(f"/api/v1/devices/{device}/state/history")).json()["items"]
+        assert (history[0]["actor"], history[0]["applied_version"]) == ("device", history[1]["version"])
 
         # Every 5 s, then every 0.05 s: 40 more readings arrive long before 5 s x 40 have passed.
         before = await reading_count(db, device)
@@ -170,6 +189,8 @@ async def test_one_connection_as_the_sim_service_user_answers_for_every_device(
             assert (ping["state"], ping["result"]["pong"]) == ("acked", True), ping
         unknown = await command(platform, f"{prefix}-0001", "self_destruct")
         assert (unknown["state"], unknown["error"]) == ("failed", UNKNOWN)
+        state = await desired_applied(platform, f"{prefix}-0001", {"target_temperature": 18})
+        assert state["reported"] == {"target_temperature": 18}
     await platform.stop()
 
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 import gmqtt
 import pytest
 
-from iot_api.dynsec import DynsecAdmin
-from iot_common.topics import command_topic, telemetry_topic
+from iot_api.dynsec import DynsecAdmin, device_acls
+from iot_common.topics import command_topic, state_desired_topic, state_reported_topic, telemetry_topic
 from iot_testkit.processes import dynsec_mosquitto
 
 ADMIN_PASSWORD = "admin-secret-for-tests"
@@ -121,3 +121,48 @@ async def test_a_disabled_device_is_cut_and_cannot_reconnect(
     await admin.provision_device("dev-r", "new-secret")
     again = await connect(dynsec_broker[1], "dev-r", "new-secret")
     await again.disconnect()
+
+
+async def test_a_device_reads_only_its_own_desired_state_and_reports_only_its_own(
+    admin: DynsecAdmin, dynsec_broker: tuple[str, str]
+) -> None:
+    # dev-s's role as an older version created it (no state ACLs): provisioning again adds them.
+    await admin.run(
+        {
+            "command": "createRole",
+            "rolename": "device-dev-s",
+            "acls": [a for a in device_acls("dev-s") if "/state/" not in a["topic"]],
+        }
+    )
+    await admin.provision_device("dev-s", "secret-s")
+    await admin.provision_device("dev-t", "secret-t")
+    await admin.ensure_service_user(
+        "observer2",
+        "observer-secret",
+        [
+            {"acltype": "subscribePattern", "topic": "devices/#", "allow": True},
+            {"acltype": "publishClientReceive", "topic": "devices/#", "allow": True},
+            {"acltype": "publishClientSend", "topic": "devices/#", "allow": True},
+        ],
+    )
+    seen: asyncio.Queue[str] = asyncio.Queue()
+    observer = await connect(dynsec_broker[1], "observer2", "observer-secret")
+    observer.on_message = lambda _c, topic, payload, _q, _p: seen.put_nowait(f"{topic}={payload.decode()}")
+    assert await subscribed(observer, "devices/state/+/reported") == (1,)
+    device = await connect(dynsec_broker[1], "dev-s", "secret-s")
+    got: asyncio.Queue[str] = asyncio.Queue()
+    device.on_message = lambda _c, topic, payload, _q, _p: got.put_nowait(f"{topic}={payload.decode()}")
+    (refused,) = await subscribed(device, state_desired_topic("dev-t"))
+    assert refused >= 0x80, "the broker let a device subscribe to another device's desired state"
+    (wildcard,) = await subscribed(device, "devices/state/+/desired")
+    assert wildcard >= 0x80
+    assert await subscribed(device, state_desired_topic("dev-s")) == (1,)
+    device.publish(state_reported_topic("dev-t"), b"spoofed", qos=1)
+    device.publish(state_reported_topic("dev-s"), b"mine", qos=1)
+    observer.publish(state_desired_topic("dev-t"), b"for-t", qos=1)
+    observer.publish(state_desired_topic("dev-s"), b"for-s", qos=1)
+    # In order per sender: "spoofed" would arrive before "mine", "for-t" before "for-s".
+    assert await asyncio.wait_for(seen.get(), 5) == f"{state_reported_topic('dev-s')}=mine"
+    assert await asyncio.wait_for(got.get(), 5) == f"{state_desired_topic('dev-s')}=for-s"
+    await device.disconnect()
+    await observer.disconnect()

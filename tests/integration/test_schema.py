@@ -40,6 +40,9 @@ EXPECTED_TABLES = {
     # 0010: tenants and the audit log of the API
     "tenants",
     "audit_events",
+    # 0011: device state (desired/reported, versioned) and its history
+    "device_state",
+    "device_state_history",
 }
 
 

@@ -186,11 +186,13 @@ def test_an_empty_share_group_subscribes_without_share_for_a_broker_lacking_shar
         "$share/g/devices/telemetry/+",
         "$share/g/devices/status/+",
         "$share/g/devices/commands/+/ack",
+        "$share/g/devices/state/+/reported",
     ]
     assert [s.topic for s in consumer("").subscriptions] == [
         "devices/telemetry/+",
         "devices/status/+",
         "devices/commands/+/ack",
+        "devices/state/+/reported",
     ]
     assert load_settings(IngestSettings, {"IOT_MQTT_SHARE_GROUP": ""}).mqtt_share_group == ""
     assert default_client_id("", "postgresql://h/db") != default_client_id("unshared", "postgresql://h/db")

@@ -8,11 +8,13 @@ import pytest
 from iot_common.alerts import AlertRuleDefinition
 from iot_common.commands import decode_ack
 from iot_common.messages import CommandMessage
+from iot_common.state import DesiredMessage, ReportedMessage, decode_reported
 from iot_ingest.rules import Rule
 from iot_sim.commands import SimulatedDevice, answer, encode_ack
 from iot_sim.demo import DEVICE_TYPE, demo_rule
 from iot_sim.main import parse_args
 from iot_sim.model import fleet
+from iot_sim.state import apply_desired, encode_report
 
 COMMAND_ID = "0b0e4f8e-7e53-4d6e-8a43-6f3c1c6d2a10"
 
@@ -107,3 +109,27 @@ def test_spike_probability_is_a_probability() -> None:
             parse_args(["--spike-probability", bad])
     with pytest.raises(SystemExit):
         parse_args(["--seed-demo-rule", "--api-key", ""])
+
+
+def desired(version: int, **values: object) -> bytes:
+    return msgspec.json.encode(DesiredMessage(version, dict(values), dict(values)))
+
+
+def test_desired_target_temperature_steers_the_temperature_and_is_reported() -> None:
+    sim = device()
+    before = [sim.model.sample()["temperature"] for _ in range(5)]
+    assert all(15 < t < 27 for t in before)
+    report = apply_desired(sim, desired(3, target_temperature=60, colour="blue"))
+    assert report == ReportedMessage({"target_temperature": 60}, 3)
+    assert decode_reported(encode_report(report)) == report  # what ingest reads
+    after = [sim.model.sample()["temperature"] for _ in range(80)]
+    assert after[-1] > 55, after[-10:]
+    # The same version again (retained on subscribe, then re-published on online), or an older one: ignored.
+    assert apply_desired(sim, desired(3, target_temperature=10)) is None
+    assert apply_desired(sim, desired(2, target_temperature=10)) is None
+    assert apply_desired(sim, b"not json") is None
+    # Out of range: not applied, not reported (it stays in the delta).
+    assert apply_desired(sim, desired(4, target_temperature=1e9)) == ReportedMessage({}, 4)
+    # Removed from desired: the target is dropped and reported removed.
+    assert apply_desired(sim, desired(5)) == ReportedMessage({"target_temperature": None}, 5)
+    assert "temperature" not in sim.model.targets

@@ -137,8 +137,15 @@ async def test_emqx_authorisation_confines_devices_and_services_to_their_topics(
         ("publish", f"devices/status/{me}"),
         ("publish", f"devices/commands/{me}/ack"),
         ("subscribe", f"devices/commands/{me}"),
+        ("publish", f"devices/state/{me}/reported"),
+        ("subscribe", f"devices/state/{me}/desired"),
     ]
     denied = [
+        ("publish", f"devices/state/{other}/reported"),
+        ("publish", f"devices/state/{me}/desired"),
+        ("subscribe", f"devices/state/{other}/desired"),
+        ("subscribe", "devices/state/+/desired"),
+        ("subscribe", f"devices/state/{me}/reported"),
         ("publish", f"devices/telemetry/{other}"),
         ("publish", f"devices/commands/{me}"),
         ("publish", "devices/telemetry/+"),
@@ -170,6 +177,11 @@ async def test_emqx_authorisation_confines_devices_and_services_to_their_topics(
     assert await authz(client, "api-1", "publish", f"devices/commands/{me}") == "allow"
     assert await authz(client, "api-1", "subscribe", "$share/api/devices/commands/+/ack") == "allow"
     assert await authz(client, "api-1", "publish", f"devices/telemetry/{me}") == "deny"
+    # Device state: the API publishes desired states, ingest reads reports and re-publishes desired states.
+    assert await authz(client, "api-1", "publish", f"devices/state/{me}/desired") == "allow"
+    assert await authz(client, "ingest", "subscribe", "$share/ingest/devices/state/+/reported") == "allow"
+    assert await authz(client, "ingest", "publish", f"devices/state/{me}/desired") == "allow"
+    assert await authz(client, "ingest", "publish", f"devices/state/{me}/reported") == "deny"
 
 
 async def test_hooks_need_the_shared_secret(make_client: ClientFactory, unique: str) -> None:

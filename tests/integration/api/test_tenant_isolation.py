@@ -196,6 +196,12 @@ RULES: dict[str, Rule] = {
     "GET /api/v1/devices/{device_id:str}/commands/{command_id:str}": Rule(
         "hidden", path={**DEVICE, "command_id": "command"}
     ),
+    # Device state.
+    "GET /api/v1/devices/{device_id:str}/state": Rule("hidden", path=DEVICE),
+    "PATCH /api/v1/devices/{device_id:str}/state": Rule(
+        "hidden", path=DEVICE, body=lambda a, u: {"desired": {"mode": f"b-{u}"}}
+    ),
+    "GET /api/v1/devices/{device_id:str}/state/history": Rule("hidden", path=DEVICE),
 }
 
 _PARAM = re.compile(r"\{(\w+):\w+\}")
@@ -253,6 +259,10 @@ async def seed_tenant_a(
         f"/api/v1/devices/{device}/commands", json={"name": "reboot"}, headers=headers
     )
     assert command.status_code == 201, command.text
+    state = await client.patch(
+        f"/api/v1/devices/{device}/state", json={"desired": {"mode": f"state-{unique}"}}, headers=headers
+    )
+    assert state.status_code == 200, state.text
     now = datetime.now(UTC)
     await db.execute(
         "INSERT INTO telemetry (device_id, metric, ts, value) VALUES ($1, 'temp', $2, 42.5)", device, now
@@ -281,6 +291,7 @@ async def seed_tenant_a(
         f"rule-{unique}",
         f"alert-{unique}",
         f"payload-{unique}",
+        f"state-{unique}",
         a.tenant_id,
     ]
     markers += (
@@ -295,7 +306,16 @@ async def snapshot(db: asyncpg.Connection[Any], tenant_id: str) -> list[Any]:
     t = uuid.UUID(tenant_id)
     return [
         await db.fetch(f"SELECT * FROM {table} WHERE tenant_id = $1 ORDER BY 1", t)
-        for table in ("devices", "alert_rules", "alerts", "commands", "api_keys", "users")
+        for table in (
+            "devices",
+            "alert_rules",
+            "alerts",
+            "commands",
+            "api_keys",
+            "users",
+            "device_state",
+            "device_state_history",
+        )
     ] + [
         await db.fetch("SELECT * FROM tenants WHERE id = $1", t),
         await db.fetch(

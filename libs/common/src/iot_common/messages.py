@@ -78,7 +78,17 @@ class CommandEvent(msgspec.Struct, frozen=True, tag="command", tag_field="type")
     updated_at: datetime | None = None
 
 
-DeviceEvent = TelemetryEvent | StatusEvent | AlertEvent | CommandEvent
+class StateEvent(msgspec.Struct, frozen=True, tag="state", tag_field="type"):
+    """A device's state after a change (docs/device-state.md)."""
+
+    device_id: str
+    desired: dict[str, Any]
+    reported: dict[str, Any]
+    delta: dict[str, Any]
+    version: int
+
+
+DeviceEvent = TelemetryEvent | StatusEvent | AlertEvent | CommandEvent | StateEvent
 """Everything published on a device's Redis channel."""
 
 event_encoder = msgspec.json.Encoder()

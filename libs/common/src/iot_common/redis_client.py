@@ -149,3 +149,22 @@ def pubsub_client(url: str, node: tuple[str, int] | None = None, **options: Any)
         ssl=parts.scheme == "rediss+cluster",
         **options,
     )
+
+
+async def copy_state(
+    client: aioredis.Redis, names: RedisNames, tenant_id: str, device_id: str, version: int, event: bytes
+) -> bool:
+    """Keep the Redis copy of a device's state and publish its ``state`` event, unless the copy already
+    holds this version or a newer one (:data:`iot_common.state.STATE_COPY_SCRIPT`); whether it was newer.
+    On a cluster the script (one key, one shard) publishes nothing and the event goes by sharded pub/sub."""
+    from iot_common.state import STATE_COPY_SCRIPT
+
+    key = names.state_key(device_id)
+    cluster = as_cluster(client)
+    if cluster is None:
+        channel = names.device_channel(tenant_id, device_id)
+        return bool(await client.eval(STATE_COPY_SCRIPT, 1, key, str(version), event, channel))
+    if not await cluster.eval(STATE_COPY_SCRIPT, 1, key, str(version), event, ""):
+        return False
+    await spublish_device_events(cluster, names, [(tenant_id, device_id, event)])
+    return True

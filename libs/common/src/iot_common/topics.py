@@ -36,10 +36,14 @@ TELEMETRY_PREFIX = "devices/telemetry/"
 STATUS_PREFIX = "devices/status/"
 COMMAND_PREFIX = "devices/commands/"
 COMMAND_ACK_SUFFIX = "/ack"
+STATE_PREFIX = "devices/state/"
+STATE_DESIRED_SUFFIX = "/desired"
+STATE_REPORTED_SUFFIX = "/reported"
 
 TELEMETRY_FILTER = TELEMETRY_PREFIX + "+"
 STATUS_FILTER = STATUS_PREFIX + "+"
 COMMAND_ACK_FILTER = COMMAND_PREFIX + "+" + COMMAND_ACK_SUFFIX
+STATE_REPORTED_FILTER = STATE_PREFIX + "+" + STATE_REPORTED_SUFFIX
 
 REDIS_PREFIX_PATTERN = r"\A[A-Za-z0-9_.-]{1,32}\Z"
 """``IOT_REDIS_PREFIX``: no ``:`` (so one prefix never starts another's names) and no glob character
@@ -67,6 +71,16 @@ def command_topic(device_id: str) -> str:
 
 def command_ack_topic(device_id: str) -> str:
     return COMMAND_PREFIX + device_id + COMMAND_ACK_SUFFIX
+
+
+def state_desired_topic(device_id: str) -> str:
+    """Where a device receives its desired state (retained, QoS 1)."""
+    return STATE_PREFIX + device_id + STATE_DESIRED_SUFFIX
+
+
+def state_reported_topic(device_id: str) -> str:
+    """Where a device reports its state (QoS 1), read by ingest."""
+    return STATE_PREFIX + device_id + STATE_REPORTED_SUFFIX
 
 
 def shared_subscription(group: str, topic_filter: str) -> str:
@@ -134,6 +148,11 @@ class RedisNames:
     def latest_key(self, device_id: str) -> str:
         """Hash of a device's latest values: field = metric, value = encoded ``LatestValue``."""
         return self._latest + device_id
+
+    def state_key(self, device_id: str) -> str:
+        """A copy of a device's current state (an encoded ``StateEvent``), written after each commit by
+        whoever changed it, never to an older version: what realtime's ``latest`` frame includes."""
+        return f"{self.prefix}:state:{device_id}"
 
     @property
     def rules_changed(self) -> str:

@@ -41,6 +41,7 @@ from iot_api.repositories.commands import CommandRepository
 from iot_api.repositories.credentials import CredentialRepository
 from iot_api.repositories.devices import DeviceRepository
 from iot_api.repositories.rejects import RejectRepository
+from iot_api.repositories.state import StateRepository
 from iot_api.repositories.telemetry import TelemetryRepository
 from iot_api.repositories.tenants import AuditRepository, TenantRepository
 from iot_api.security import OPENAPI_PATH, AuthMiddleware, permission_guard
@@ -56,6 +57,7 @@ from iot_api.services.identity import IdentityService, parse_service_users
 from iot_api.services.imports import ImportService
 from iot_api.services.operations import HealthService
 from iot_api.services.rejects import RejectService
+from iot_api.services.state import StateService
 from iot_api.services.telemetry import TelemetryService
 from iot_api.services.tenants import TenantService
 from iot_api.services.users import UserService
@@ -92,6 +94,7 @@ def _openapi() -> OpenAPIConfig:
             Tag(name="ingest"),
             Tag(name="alerts"),
             Tag(name="commands"),
+            Tag(name="state", description="Desired and reported state of a device (docs/device-state.md)"),
             Tag(name="auth"),
             Tag(name="tenants"),
             Tag(name="operations"),
@@ -146,6 +149,7 @@ def build_services(
         alert_rules=AlertRuleService(AlertRuleRepository(pool), events),
         alerts=AlertService(AlertRepository(pool), events),
         commands=CommandService(CommandRepository(pool), devices, mqtt, events, settings.api_command_ttl_s),
+        state=StateService(StateRepository(pool), devices, mqtt, cache, names),
         auth=auth,
         users=UserService(accounts, auth),
         tenants=TenantService(TenantRepository(pool), auth),
@@ -267,8 +271,15 @@ def create_app(settings: ApiSettings) -> Litestar:
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID", TENANT_HEADER],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-API-Key",
+                "X-Request-ID",
+                "If-Match",
+                TENANT_HEADER,
+            ],
+            expose_headers=["X-Request-ID", "Retry-After", "ETag"],
             max_age=600,
         ),
         middleware=[_Middleware(), AuditMiddleware()],

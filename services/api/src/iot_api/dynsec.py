@@ -18,7 +18,14 @@ import gmqtt
 import msgspec
 
 from iot_common.mqtt import MqttEndpoint
-from iot_common.topics import command_ack_topic, command_topic, status_topic, telemetry_topic
+from iot_common.topics import (
+    command_ack_topic,
+    command_topic,
+    state_desired_topic,
+    state_reported_topic,
+    status_topic,
+    telemetry_topic,
+)
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
@@ -33,13 +40,17 @@ def device_role(device_id: str) -> str:
 
 
 def device_acls(device_id: str) -> list[dict[str, Any]]:
-    """What a device may do: publish its telemetry, status and command answers; read its commands."""
+    """What a device may do: publish its telemetry, status, command answers and state reports; read its
+    commands and its desired state."""
     allow = [
         ("publishClientSend", telemetry_topic(device_id)),
         ("publishClientSend", status_topic(device_id)),
         ("publishClientSend", command_ack_topic(device_id)),
+        ("publishClientSend", state_reported_topic(device_id)),
         ("subscribeLiteral", command_topic(device_id)),
         ("publishClientReceive", command_topic(device_id)),
+        ("subscribeLiteral", state_desired_topic(device_id)),
+        ("publishClientReceive", state_desired_topic(device_id)),
     ]
     return [{"acltype": kind, "topic": topic, "priority": 0, "allow": True} for kind, topic in allow]
 
@@ -126,6 +137,12 @@ class DynsecAdmin:
                 "password": password,
                 "roles": [{"rolename": role}],
             },
+            ignore=("already exists",),
+        )
+        # A role created by an older version lacks the ACLs added since (device state): add what is
+        # missing; those it has are answered "already exists".
+        await self.run(
+            *({"command": "addRoleACL", "rolename": role, **acl} for acl in device_acls(device_id)),
             ignore=("already exists",),
         )
         # An existing user keeps its old password unless it is set again.

@@ -24,6 +24,10 @@ class Conflict(DomainError):
     """The resource, or the name it would take, exists already."""
 
 
+class PreconditionFailed(DomainError):
+    """A conditional request (``If-Match``) names another version than the current one."""
+
+
 class Invalid(DomainError):
     """One input is wrong: ``field`` names it, ``source`` says where it is (query, body, path, header)."""
 

@@ -71,13 +71,15 @@ class CommandPublisher:
     def is_connected(self) -> bool:
         return self.mqtt.is_connected
 
-    async def publish(self, topic: str, payload: bytes, expiry_s: int | None = None) -> None:
+    async def publish(
+        self, topic: str, payload: bytes, expiry_s: int | None = None, *, retain: bool = False
+    ) -> None:
         """Publish at QoS 1 and wait for the PUBACK; :class:`PublishError` (or :class:`PublishRefused`)
         unless the broker accepted the message."""
         if not self.is_connected:
             COMMANDS_PUBLISHED.labels("not_connected").inc()
             raise PublishError("not connected to the MQTT broker", "not_connected")
-        properties: dict[str, Any] = {}
+        properties: dict[str, Any] = {"retain": True} if retain else {}
         if expiry_s is not None:
             # The broker drops the message instead of delivering it to a device that reconnects too late.
             properties["message_expiry_interval"] = expiry_s

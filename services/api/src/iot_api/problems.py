@@ -24,6 +24,7 @@ from iot_api.errors import (
     Forbidden,
     Invalid,
     NotFound,
+    PreconditionFailed,
     RateLimited,
     RowsInvalid,
     TooLarge,
@@ -70,6 +71,7 @@ class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
 _STATUS: dict[type[DomainError], int] = {
     NotFound: 404,
     Conflict: 409,
+    PreconditionFailed: 412,
     Invalid: 422,
     TooLarge: 413,
     Unauthenticated: 401,
@@ -206,6 +208,7 @@ _DESCRIPTIONS = {
     403: "The credential lacks the permission this operation needs (or is not a platform admin's).",
     404: "The resource does not exist in the caller's tenant.",
     409: "A resource with this id or name already exists, or a limit of the tenant is reached.",
+    412: "`If-Match` names another version than the current one; nothing was changed.",
     413: "The request body is larger than IOT_API_MAX_BODY_BYTES.",
     422: "An input is invalid; `errors` names each wrong field.",
     429: "Too many requests for this principal; retry after `Retry-After` seconds.",

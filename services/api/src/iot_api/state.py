@@ -20,6 +20,7 @@ from iot_api.services.identity import IdentityService
 from iot_api.services.imports import ImportService
 from iot_api.services.operations import HealthService
 from iot_api.services.rejects import RejectService
+from iot_api.services.state import StateService
 from iot_api.services.telemetry import TelemetryService
 from iot_api.services.tenants import TenantService
 from iot_api.services.users import UserService
@@ -37,6 +38,7 @@ class Services:
     alert_rules: AlertRuleService
     alerts: AlertService
     commands: CommandService
+    state: StateService
     auth: AuthService
     users: UserService
     tenants: TenantService

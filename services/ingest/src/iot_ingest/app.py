@@ -38,6 +38,7 @@ from iot_ingest.plan import Delivery
 from iot_ingest.presence import Presence, QueueFlush
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.settings import IngestSettings
+from iot_ingest.state import DesiredRepublisher
 from iot_ingest.tenant_quota import TenantQuota, quota_client
 from iot_ingest.writer import BatchWriter
 
@@ -114,8 +115,15 @@ async def build(settings: IngestSettings) -> Parts:
     )
     await alerts.reload()
     quota_redis = quota_client(settings.redis_url)
-    # The "device came online" hooks, in order: publish the device's queued commands.
-    presence = Presence([QueueFlush(pool, redis, names, publish_command)])
+
+    async def publish_retained(topic: str, payload: bytes) -> None:
+        assert consumer is not None
+        await consumer.publish(topic, payload, retain=True)
+
+    # The "device came online" hooks, in order: publish the device's queued commands, then its desired
+    # state once more (docs/device-state.md).
+    republisher = DesiredRepublisher(pool, publish_retained)
+    presence = Presence([QueueFlush(pool, redis, names, publish_command), republisher.republish_desired])
     writer = BatchWriter(
         pool,
         known,

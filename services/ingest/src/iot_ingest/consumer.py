@@ -25,15 +25,20 @@ from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+import msgspec
 import structlog
 from gmqtt import Client, Subscription
 
 from iot_common.commands import InvalidAck, decode_ack
 from iot_common.mqtt import MqttConnection, PublishError, reason_text
+from iot_common.state import StateProblem, decode_reported
 from iot_common.topics import (
     COMMAND_ACK_FILTER,
     COMMAND_ACK_SUFFIX,
     COMMAND_PREFIX,
+    STATE_PREFIX,
+    STATE_REPORTED_FILTER,
+    STATE_REPORTED_SUFFIX,
     STATUS_FILTER,
     STATUS_PREFIX,
     TELEMETRY_FILTER,
@@ -52,6 +57,7 @@ log = structlog.stdlib.get_logger(__name__)
 _RECEIVED_TELEMETRY: Final = metrics.MESSAGES_RECEIVED.labels("telemetry")
 _RECEIVED_STATUS: Final = metrics.MESSAGES_RECEIVED.labels("status")
 _RECEIVED_ACK: Final = metrics.MESSAGES_RECEIVED.labels("command_ack")
+_RECEIVED_STATE: Final = metrics.MESSAGES_RECEIVED.labels("state_reported")
 SUBSCRIBE_RETRY_S: Final = 30.0
 CLIENT_ID_MAX: Final = 64
 
@@ -156,6 +162,7 @@ def _any_device_id(topic: str) -> str | None:
         device_id_from_topic(topic, TELEMETRY_PREFIX)
         or device_id_from_topic(topic, STATUS_PREFIX)
         or device_id_from_topic(topic, COMMAND_PREFIX, COMMAND_ACK_SUFFIX)
+        or device_id_from_topic(topic, STATE_PREFIX, STATE_REPORTED_SUFFIX)
     )
 
 
@@ -235,12 +242,36 @@ def _translate(
         except InvalidAck as exc:
             return Delivery(topic, device_id, received_at, payload, rejects=[Reject(exc.reason, str(exc))])
         return Delivery(topic, device_id, received_at, payload, ack=ack)
+    device_id = device_id_from_topic(topic, STATE_PREFIX, STATE_REPORTED_SUFFIX)
+    if device_id is not None:
+        _RECEIVED_STATE.inc()
+        if quota is not None and not quota.take(device_id, 1):
+            return _rate_limited(topic, device_id, received_at, payload, quota, 1)
+        return _state_report(topic, device_id, received_at, payload)
     metrics.MESSAGES_RECEIVED.labels("other").inc()
     reject = Reject(
         "invalid_topic",
-        "expected devices/telemetry/{id}, devices/status/{id} or devices/commands/{id}/ack",
+        "expected devices/telemetry/{id}, devices/status/{id}, devices/commands/{id}/ack"
+        " or devices/state/{id}/reported",
     )
     return Delivery(topic, None, received_at, payload, rejects=[reject])
+
+
+def _state_report(topic: str, device_id: str, received_at: datetime, payload: bytes) -> Delivery:
+    """A state report (``{"reported": {...}, "version": N}``), or its dead letter naming what is wrong."""
+    try:
+        report = decode_reported(payload)
+    except StateProblem as exc:
+        reason: RejectReason = "invalid_state_report"
+        if exc.code == "too_large":
+            reason = "payload_too_large"
+        elif exc.code == "too_deep":
+            reason = "too_deep"
+        return Delivery(topic, device_id, received_at, payload, rejects=[Reject(reason, str(exc))])
+    except msgspec.DecodeError as exc:
+        reason = "invalid_state_report" if isinstance(exc, msgspec.ValidationError) else "malformed_json"
+        return Delivery(topic, device_id, received_at, payload, rejects=[Reject(reason, str(exc)[:500])])
+    return Delivery(topic, device_id, received_at, payload, report=report)
 
 
 def _rate_limited(
@@ -293,7 +324,7 @@ class Consumer:
         # ingest process only, as every subscriber gets every message).
         self.subscriptions = [
             Subscription(shared_subscription(share_group, f) if share_group else f, qos=1)
-            for f in (TELEMETRY_FILTER, STATUS_FILTER, COMMAND_ACK_FILTER)
+            for f in (TELEMETRY_FILTER, STATUS_FILTER, COMMAND_ACK_FILTER, STATE_REPORTED_FILTER)
         ]
         self.mqtt = MqttConnection(
             mqtt_url,
@@ -356,7 +387,7 @@ class Consumer:
             count += 1
         return count
 
-    async def publish(self, topic: str, payload: bytes) -> None:
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish at QoS 1 on this client's connection (commands to devices) and wait for the PUBACK.
 
         Waits up to the publish timeout for a connection, then as long again for the PUBACK. Raises
@@ -368,7 +399,8 @@ class Consumer:
             await asyncio.wait_for(self.connected.wait(), self._publish_timeout_s)
         except TimeoutError:
             raise PublishError("not connected to the MQTT broker", "not_connected") from None
-        await self.mqtt.publish(topic, payload, self._publish_timeout_s)
+        properties = {"retain": True} if retain else {}
+        await self.mqtt.publish(topic, payload, self._publish_timeout_s, **properties)
 
     def check_subscriptions(self) -> None:
         """Readiness: raises unless the broker granted every subscription (its SUBACK was < 0x80)."""

@@ -41,6 +41,8 @@ RejectReason = Literal[
     "invalid_topic",
     "storage_error",
     "invalid_command_ack",
+    "invalid_state_report",
+    "state_too_large",
     "too_deep",
     "retained",
     "rate_limited",

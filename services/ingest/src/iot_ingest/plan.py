@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from iot_common.messages import CommandAck, CommandEvent, DeviceStatus, MetricValue, Reading
+from iot_common.state import DeviceState, ReportedMessage
 from iot_ingest.payload import Reject, RejectReason
 
 PAYLOAD_EXCERPT_CHARS = 1024
@@ -40,11 +41,14 @@ class Delivery:
     ack: CommandAck | None = None
     outcome: Outcome | None = None
     """Set by an edge that answers after the commit (HTTP); None for MQTT (its answer is the PUBACK)."""
+    report: ReportedMessage | None = None
 
     @property
     def needs_device(self) -> bool:
         """Whether something of it is stored against its device (so the device must be known)."""
-        return self.device_id is not None and (bool(self.readings) or self.status is not None)
+        return self.device_id is not None and (
+            bool(self.readings) or self.status is not None or self.report is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,11 @@ class Plan:
     """(device id, answer) of command acks; applied to ``commands`` in the same transaction."""
     command_events: list[tuple[str, CommandEvent]] = field(default_factory=list)
     """Filled by the writer: the commands an ack changed (with their tenant), to publish after the commit."""
+    reports: list[tuple[str, ReportedMessage, Delivery]] = field(default_factory=list)
+    """(device id, report, its message) of state reports, in arrival order; applied in the transaction."""
+    state_events: list[tuple[str, DeviceState]] = field(default_factory=list)
+    """Filled by the writer: (tenant, new state) of each report that changed a state, to publish after
+    the commit."""
     tenants: dict[str, str] = field(default_factory=dict)
     """Tenant of each device with readings or a status in the plan: where its events are published."""
     new_rows: int = 0
@@ -102,6 +111,8 @@ class Plan:
         self.statuses.update(other.statuses)
         self.acks += other.acks
         self.command_events += other.command_events
+        self.reports += other.reports
+        self.state_events += other.state_events
         self.tenants.update(other.tenants)
         self.new_rows += other.new_rows
         self.came_online += [d for d in other.came_online if d not in self.came_online]
@@ -182,9 +193,11 @@ def plan_batch(batch: list[Delivery], refused: Mapping[str, Refusal], tenants: M
             plan.outcomes.append((outcome, len(delivery.readings), None))
         plan.tenants[device_id] = tenants[device_id]
         plan.readings.extend(delivery.readings)
+        if delivery.report is not None:
+            plan.reports.append((device_id, delivery.report, delivery))
         if delivery.status is not None:
             plan.statuses[device_id] = (delivery.status, delivery.received_at)
-        if delivery.readings or delivery.status == "online":
+        if delivery.readings or delivery.report is not None or delivery.status == "online":
             seen = plan.last_seen.get(device_id)
             if seen is None or delivery.received_at > seen:
                 plan.last_seen[device_id] = delivery.received_at

@@ -21,7 +21,14 @@ import structlog
 
 from iot_common.commands import publish_command_event
 from iot_common.messages import LatestValue, StatusEvent, TelemetryEvent, encode_event
-from iot_common.redis_client import PUBLISH_CONCURRENCY, DeviceEventOut, as_cluster, publish_device_events
+from iot_common.redis_client import (
+    PUBLISH_CONCURRENCY,
+    DeviceEventOut,
+    as_cluster,
+    copy_state,
+    publish_device_events,
+)
+from iot_common.state import STATE_COPY_SCRIPT
 from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.plan import Plan, latest_values, ts_sort_key
@@ -80,6 +87,7 @@ class RedisOutput:
         self._names = names
         self._latest_script = redis_client.register_script(LATEST_SCRIPT)
         self._publish_script = redis_client.register_script(PUBLISH_SCRIPT)
+        self._state_script = redis_client.register_script(STATE_COPY_SCRIPT)
         self._tail: asyncio.Task[None] | None = None
 
     def submit(self, plan: Plan) -> asyncio.Task[None]:
@@ -101,7 +109,7 @@ class RedisOutput:
         if previous is not None:
             with contextlib.suppress(Exception):
                 await previous
-        if not plan.readings and not plan.statuses and not plan.command_events:
+        if not plan.readings and not plan.statuses and not plan.command_events and not plan.state_events:
             return
         try:
             if as_cluster(self._redis) is not None:
@@ -132,6 +140,17 @@ class RedisOutput:
                     await self._publish_script(args=events[lo : lo + 2 * PUBLISH_CHUNK], client=pipe)
                 for tenant_id, command in plan.command_events:
                     publish_command_event(pipe, self._names, tenant_id, command)
+                for tenant_id, state in plan.state_events:
+                    # The copy realtime's `latest` reads and the `state` event, only when newer.
+                    await self._state_script(
+                        keys=[self._names.state_key(state.device_id)],
+                        args=[
+                            state.version,
+                            encode_event(state.event()),
+                            channel(tenant_id, state.device_id),
+                        ],
+                        client=pipe,
+                    )
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.REDIS_FAILURES.inc()
@@ -165,3 +184,12 @@ class RedisOutput:
         ]
         events += [(tenant_id, c.device_id, encode_event(c)) for tenant_id, c in plan.command_events]
         await publish_device_events(self._redis, self._names, events)
+        for tenant_id, state in plan.state_events:
+            await copy_state(
+                self._redis,
+                self._names,
+                tenant_id,
+                state.device_id,
+                state.version,
+                encode_event(state.event()),
+            )

@@ -21,6 +21,7 @@ import structlog
 from iot_common.commands import APPLY_ACKS, ack_columns, command_event
 from iot_common.messages import Reading
 from iot_common.resilience import Backoff, retry
+from iot_common.state import StateProblem, apply_change
 from iot_ingest import metrics
 from iot_ingest.devices import KnownDevices
 from iot_ingest.errors import message_fault
@@ -226,6 +227,33 @@ class BatchWriter:
             known.forget(registered)
             raise
 
+    async def _apply_reports(self, conn: Conn, plan: Plan) -> None:
+        """Merge each state report into its device's reported state (devices in id order, so concurrent
+        replicas lock rows in one order; a device's reports in arrival order). A report that would make
+        the reported state too large becomes a dead letter; one that changes nothing makes no version."""
+        order = sorted(range(len(plan.reports)), key=lambda i: plan.reports[i][0])
+        events: dict[str, tuple[str, Any]] = {}
+        for index in order:
+            device_id, report, delivery = plan.reports[index]
+            tenant_id = plan.tenants[device_id]
+            try:
+                state = await apply_change(
+                    conn,
+                    tenant_id,
+                    device_id,
+                    "reported",
+                    report.reported,
+                    "device",
+                    at=delivery.received_at,
+                    applied_version=report.version,
+                )
+            except StateProblem as exc:
+                plan.dead_letters.append(dead_letter(delivery, "state_too_large", str(exc), tenant_id))
+                continue
+            if state is not None:
+                events[device_id] = (tenant_id, state)
+        plan.state_events = list(events.values())
+
     async def _write_instead(self, conn: Conn, delivery: Delivery, exc: Exception) -> Plan:
         """A dead letter for a message that could not be stored; if even that is refused, a bare one
         (no payload, no device); if that is refused too, the message is only logged and counted."""
@@ -272,6 +300,8 @@ class BatchWriter:
 
     async def _write(self, conn: Conn, plan: Plan) -> None:
         plan.new_rows = await insert_telemetry(conn, plan.readings)
+        if plan.reports:
+            await self._apply_reports(conn, plan)
         if plan.dead_letters:
             letters = plan.dead_letters
             await conn.execute(

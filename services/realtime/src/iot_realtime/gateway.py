@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -27,7 +28,7 @@ from iot_common.auth import (
     verify_api_key,
 )
 from iot_common.logging import get_logger
-from iot_common.messages import LatestValue
+from iot_common.messages import LatestValue, StateEvent
 from iot_common.net import address_key
 from iot_common.topics import RedisNames
 from iot_realtime import metrics
@@ -58,6 +59,7 @@ from iot_realtime.protocol import (
     FrameError,
     Latest,
     LatestMetric,
+    LatestState,
     Ping,
     Pong,
     Subscribe,
@@ -82,6 +84,18 @@ are 48 random bits, so a key created meanwhile is never one remembered; short al
 bootstrap key may be tried before the API has stored it."""
 
 _latest_decoder = msgspec.json.Decoder(LatestValue)
+_state_decoder = msgspec.json.Decoder(StateEvent)
+
+
+def _state(raw: bytes | None) -> LatestState | None:
+    """The state in the Redis copy (an encoded ``StateEvent``); None when there is none (or unreadable)."""
+    if raw is None:
+        return None
+    try:
+        event = _state_decoder.decode(raw)
+    except msgspec.MsgspecError:
+        return None
+    return LatestState(event.desired, event.reported, event.delta, event.version)
 
 
 class Refused(Exception):
@@ -382,12 +396,15 @@ class Gateway:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for device_id in devices:
                     pipe.hgetall(self.names.latest_key(device_id))
-                hashes: list[dict[bytes, bytes]] = await pipe.execute()
+                    pipe.hget(self.names.state_key(device_id), "event")
+                answers: list[Any] = await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("latest values unavailable", error=str(exc))
             return []
         frames = []
-        for device_id, fields in zip(devices, hashes, strict=True):
+        hashes: list[dict[bytes, bytes]] = answers[0::2]
+        states: list[bytes | None] = answers[1::2]
+        for device_id, fields, state_raw in zip(devices, hashes, states, strict=True):
             values: dict[str, LatestMetric] = {}
             for name_bytes, raw in fields.items():
                 name = name_bytes.decode()
@@ -398,7 +415,7 @@ class Gateway:
                 except msgspec.MsgspecError:
                     continue
                 values[name] = LatestMetric(value=value.value, ts=value.ts)
-            frames.append(encode(Latest(device_id=device_id, metrics=values)))
+            frames.append(encode(Latest(device_id=device_id, metrics=values, state=_state(state_raw))))
         return frames
 
     # -- lifecycle -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Every frame is a JSON text frame with a ``type``. Device events are not defined 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -113,11 +113,22 @@ class LatestMetric(msgspec.Struct, frozen=True):
     ts: datetime
 
 
-class Latest(msgspec.Struct, frozen=True, tag="latest", tag_field="type"):
-    """A device's latest value of each metric, sent on subscribe before any live event."""
+class LatestState(msgspec.Struct, frozen=True):
+    """A device's current state (docs/device-state.md), as the last ``state`` event gave it."""
+
+    desired: dict[str, Any]
+    reported: dict[str, Any]
+    delta: dict[str, Any]
+    version: int
+
+
+class Latest(msgspec.Struct, frozen=True, tag="latest", tag_field="type", omit_defaults=True):
+    """A device's latest value of each metric and its current state (``state``, absent when the device
+    never had one), sent on subscribe before any live event."""
 
     device_id: str
     metrics: dict[str, LatestMetric]
+    state: LatestState | None = None
 
 
 class BackfillTelemetry(msgspec.Struct, frozen=True, tag="telemetry", tag_field="type"):

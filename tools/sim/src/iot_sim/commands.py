@@ -46,6 +46,8 @@ class SimulatedDevice:
     interval_s: float
     next_due: float
     booted_at: float
+    state_version: int = 0
+    """The last desired-state version applied (:mod:`iot_sim.state`)."""
 
 
 def answer(device: SimulatedDevice, payload: bytes, now: float) -> CommandAck | None:

@@ -44,15 +44,20 @@ from tqdm import tqdm
 
 from iot_common.topics import (
     COMMAND_PREFIX,
+    STATE_DESIRED_SUFFIX,
+    STATE_PREFIX,
     command_ack_topic,
     command_topic,
     device_id_from_topic,
+    state_desired_topic,
+    state_reported_topic,
     status_topic,
     telemetry_topic,
 )
 from iot_sim.commands import SimulatedDevice, answer, encode_ack
 from iot_sim.demo import DEMO_RULE_NAME, DEVICE_TYPE, ApiRefused, seed_demo_rule
 from iot_sim.model import fleet
+from iot_sim.state import apply_desired, encode_report
 
 
 @dataclass
@@ -298,13 +303,13 @@ class Simulator:
                     counter,
                     will,
                     logins.get(d),
-                    [command_topic(d)],
-                    self._on_command,
+                    [command_topic(d), state_desired_topic(d)],
+                    self._on_message,
                 )
                 clients[d] = client
                 waits.append(subscribed)
         else:
-            topics = [command_topic(d) for d in device_ids]
+            topics = [command_topic(d) for d in device_ids] + [state_desired_topic(d) for d in device_ids]
             shared, subscribed = _client(
                 args.mqtt_url,
                 f"sim-{args.prefix}-{os.getpid()}",
@@ -312,7 +317,7 @@ class Simulator:
                 None,
                 None,
                 topics,
-                self._on_command,
+                self._on_message,
             )
             clients = dict.fromkeys(device_ids, shared)
             waits.append(subscribed)
@@ -349,6 +354,30 @@ class Simulator:
                 self._wake.clear()
         finally:
             progress.close()
+
+    def _on_message(self, client: mqtt.Client, topic: str, payload: bytes) -> None:
+        if topic.startswith(STATE_PREFIX):
+            self._on_desired(client, topic, payload)
+        else:
+            self._on_command(client, topic, payload)
+
+    def _on_desired(self, client: mqtt.Client, topic: str, payload: bytes) -> None:
+        """Apply a desired state and report it (on a paho network thread)."""
+        device_id = device_id_from_topic(topic, STATE_PREFIX, STATE_DESIRED_SUFFIX)
+        device = self.devices.get(device_id or "")
+        if device is None:
+            return
+        try:
+            with self._lock:
+                report = apply_desired(device, payload)
+        except Exception as exc:  # a bug here must not stop the device's client
+            _say(f"{topic}: desired state not handled: {exc!r}")
+            return
+        if report is None:
+            return
+        client.publish(state_reported_topic(device.device_id), encode_report(report), qos=1)
+        self.counter.published()
+        _say(f"{device.device_id}: desired state version {report.version} applied: {report.reported}")
 
     def _on_command(self, client: mqtt.Client, topic: str, payload: bytes) -> None:
         """Answer a command (on a paho network thread; an exception there would stop that client)."""

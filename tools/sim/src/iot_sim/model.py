@@ -28,6 +28,10 @@ KNOWN_METRICS = (
 )
 
 
+STEER = 0.1
+"""Share of the gap between a metric's mean and its target closed at each sample."""
+
+
 def metric_specs(count: int) -> list[MetricSpec]:
     """The first ``count`` known metrics, then generic ``metric_N`` ones."""
     specs = list(KNOWN_METRICS[:count])
@@ -44,6 +48,10 @@ class DeviceModel:
     rng: random.Random
     spike_probability: float = 0.002
     offsets: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)
+    """Desired values (device state, e.g. ``temperature`` from ``target_temperature``): the metric's
+    mean moves towards its target by :data:`STEER` of the gap at each sample."""
+    means: dict[str, float] = field(default_factory=dict)
 
     def sample(self) -> dict[str, float]:
         values = {}
@@ -52,7 +60,12 @@ class DeviceModel:
             # Mean reversion keeps the drift bounded; noise is added on top of it.
             offset = offset * 0.995 + self.rng.gauss(0.0, spec.drift)
             self.offsets[spec.name] = offset
-            value = spec.mean + offset + self.rng.gauss(0.0, spec.noise)
+            mean = self.means.get(spec.name, spec.mean)
+            target = self.targets.get(spec.name)
+            if target is not None:
+                mean += (target - mean) * STEER
+                self.means[spec.name] = mean
+            value = mean + offset + self.rng.gauss(0.0, spec.noise)
             if self.rng.random() < self.spike_probability:
                 value += spec.spike
             values[spec.name] = round(value, spec.decimals)

@@ -17,6 +17,7 @@ from iot_api.controllers.devices import DeviceController
 from iot_api.controllers.identity import CredentialController, MqttHookController
 from iot_api.controllers.operations import healthz, metrics, readyz
 from iot_api.controllers.rejects import RejectController
+from iot_api.controllers.state import StateController
 from iot_api.controllers.telemetry import TelemetryController
 from iot_api.controllers.tenants import AuditController, TenantController
 
@@ -35,6 +36,7 @@ CONTROLLERS: list[ControllerRouterHandler] = [
     AlertRuleController,
     AlertController,
     CommandController,
+    StateController,
     CredentialController,
     MqttHookController,
     dashboard_config,

@@ -140,3 +140,4 @@ class DeviceController(Controller):
         """Delete the device, its MQTT credentials and its telemetry (a later device with the same id, in
         any tenant, starts with no history)."""
         await services.identity.delete_device(tenant, device_id)
+        await services.state.forget(device_id)

@@ -155,13 +155,16 @@ class DeviceService:
         return device
 
     async def delete(self, tenant: TenantScope, device_id: str) -> None:
-        """Delete the device with its telemetry and latest values (a later device with this id, of any
-        tenant, starts with no history)."""
+        """Delete the device with its telemetry, latest values and state copy (a later device with this
+        id, of any tenant, starts with no history)."""
         if not await self.repo.delete(tenant.tenant_id, device_id):
             raise not_found(device_id)
         await self._invalidate(tenant, device_id)
-        if not await self.cache.delete(self.names.latest_key(device_id)):
-            log.warning("device deleted but its latest values could not be deleted", device_id=device_id)
+        if not await self.cache.delete(self.names.latest_key(device_id), self.names.state_key(device_id)):
+            log.warning(
+                "device deleted but its latest values and state copy could not be deleted",
+                device_id=device_id,
+            )
 
     async def invalidate_list(self, tenant: TenantScope) -> None:
         """Pages of the tenant's device list cached before a change are no longer read."""

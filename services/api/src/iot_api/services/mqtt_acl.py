@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from iot_common.topics import command_ack_topic, command_topic, status_topic, telemetry_topic
+from iot_common.topics import (
+    command_ack_topic,
+    command_topic,
+    state_desired_topic,
+    state_reported_topic,
+    status_topic,
+    telemetry_topic,
+)
 
 Action = Literal["publish", "subscribe"]
 Rule = tuple[Action, str]
@@ -21,11 +28,15 @@ SERVICE_ROLES: dict[str, tuple[Rule, ...]] = {
         ("subscribe", "devices/telemetry/+"),
         ("subscribe", "devices/status/+"),
         ("subscribe", "devices/commands/+/ack"),
-        # Commands of alert-rule actions.
+        ("subscribe", "$share/+/devices/state/+/reported"),
+        ("subscribe", "devices/state/+/reported"),
+        # Commands of alert-rule actions; desired state again when a device comes online.
         ("publish", "devices/commands/+"),
+        ("publish", "devices/state/+/desired"),
     ),
     "api": (
         ("publish", "devices/commands/+"),
+        ("publish", "devices/state/+/desired"),
         ("subscribe", "$share/+/devices/commands/+/ack"),
         ("subscribe", "devices/commands/+/ack"),
     ),
@@ -34,6 +45,8 @@ SERVICE_ROLES: dict[str, tuple[Rule, ...]] = {
         ("publish", "devices/status/+"),
         ("publish", "devices/commands/+/ack"),
         ("subscribe", "devices/commands/+"),
+        ("publish", "devices/state/+/reported"),
+        ("subscribe", "devices/state/+/desired"),
     ),
 }
 """Platform service roles (``IOT_MQTT_SERVICE_USERS`` names one per user)."""
@@ -65,12 +78,15 @@ def covers(pattern: str, topic: str) -> bool:
 
 
 def device_rules(device_id: str) -> tuple[Rule, ...]:
-    """A device may publish its telemetry, status and command answers and subscribe to its commands."""
+    """A device may publish its telemetry, status, command answers and state reports, and subscribe to
+    its commands and its desired state."""
     return (
         ("publish", telemetry_topic(device_id)),
         ("publish", status_topic(device_id)),
         ("publish", command_ack_topic(device_id)),
+        ("publish", state_reported_topic(device_id)),
         ("subscribe", command_topic(device_id)),
+        ("subscribe", state_desired_topic(device_id)),
     )
 
 
