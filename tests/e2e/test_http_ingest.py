@@ -396,3 +396,38 @@ async def test_postgres_cut_answers_503_and_acknowledges_nothing_that_is_not_sto
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_device_reports_its_state_over_http(
+    service: Start, database_url: str, redis_url: str, broker: str, unique: str
+) -> None:
+    async with platform(service, database_url, redis_url, broker) as p:
+        device = f"thermo-{unique}"
+        secret = await new_device(p.api, device)
+        patched = await p.api.patch(
+            f"/api/v1/devices/{device}/state", json={"desired": {"target_temperature": 21}}
+        )
+        assert patched.status_code == 200, patched.text
+        version = patched.json()["version"]
+        state_url = f"{p.ingest_base}/ingest/v1/devices/{device}/state/reported"
+        headers = {**basic(device, secret), "Content-Type": "application/json"}
+        async with httpx.AsyncClient(timeout=15) as http:
+            answer = await http.post(
+                state_url, json={"reported": {"target_temperature": 21}, "version": version}, headers=headers
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == {"stored": 1, "rejected": []}
+            # Answered after the commit: the API reads it now, and the delta is empty.
+            state = (await p.api.get(f"/api/v1/devices/{device}/state")).json()
+            assert state["reported"] == {"target_temperature": 21}
+            assert state["delta"] == {}
+
+            bad = await http.post(state_url, json={"reported": "warm"}, headers=headers)
+            assert bad.status_code == 422, bad.text
+            assert bad.json()["rejected"][0]["reason"] == "invalid_state_report"
+            other = await http.post(
+                f"{p.ingest_base}/ingest/v1/devices/{device}-x/state/reported",
+                json={"reported": {}},
+                headers=headers,
+            )
+            assert other.status_code == 403, other.text

@@ -49,7 +49,7 @@ from iot_common.topics import (
 from iot_ingest import metrics
 from iot_ingest.batcher import Batcher, BatcherClosed
 from iot_ingest.payload import Limits, Reject, RejectReason, parse_status, parse_telemetry
-from iot_ingest.plan import Delivery, payload_excerpt
+from iot_ingest.plan import Delivery, Outcome, payload_excerpt
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -247,7 +247,7 @@ def _translate(
         _RECEIVED_STATE.inc()
         if quota is not None and not quota.take(device_id, 1):
             return _rate_limited(topic, device_id, received_at, payload, quota, 1)
-        return _state_report(topic, device_id, received_at, payload)
+        return state_report(topic, device_id, received_at, payload)
     metrics.MESSAGES_RECEIVED.labels("other").inc()
     reject = Reject(
         "invalid_topic",
@@ -257,8 +257,11 @@ def _translate(
     return Delivery(topic, None, received_at, payload, rejects=[reject])
 
 
-def _state_report(topic: str, device_id: str, received_at: datetime, payload: bytes) -> Delivery:
-    """A state report (``{"reported": {...}, "version": N}``), or its dead letter naming what is wrong."""
+def state_report(
+    topic: str, device_id: str, received_at: datetime, payload: bytes, outcome: Outcome | None = None
+) -> Delivery:
+    """A state report (``{"reported": {...}, "version": N}``), or its dead letter naming what is wrong
+    (MQTT ``devices/state/{id}/reported``; HTTP ingest, with the ``outcome`` its answer waits for)."""
     try:
         report = decode_reported(payload)
     except StateProblem as exc:
@@ -267,11 +270,15 @@ def _state_report(topic: str, device_id: str, received_at: datetime, payload: by
             reason = "payload_too_large"
         elif exc.code == "too_deep":
             reason = "too_deep"
-        return Delivery(topic, device_id, received_at, payload, rejects=[Reject(reason, str(exc))])
+        return Delivery(
+            topic, device_id, received_at, payload, rejects=[Reject(reason, str(exc))], outcome=outcome
+        )
     except msgspec.DecodeError as exc:
         reason = "invalid_state_report" if isinstance(exc, msgspec.ValidationError) else "malformed_json"
-        return Delivery(topic, device_id, received_at, payload, rejects=[Reject(reason, str(exc)[:500])])
-    return Delivery(topic, device_id, received_at, payload, report=report)
+        return Delivery(
+            topic, device_id, received_at, payload, rejects=[Reject(reason, str(exc)[:500])], outcome=outcome
+        )
+    return Delivery(topic, device_id, received_at, payload, report=report, outcome=outcome)
 
 
 def _rate_limited(

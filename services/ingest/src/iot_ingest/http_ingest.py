@@ -16,7 +16,7 @@ While PostgreSQL is unreachable the answer is 503 with ``Retry-After``, never a 
 reading is keyed by (device, metric, ts): a duplicate is a no-op (send ``ts`` with each reading for that:
 a reading without one is stamped with the time of receipt, which differs on each attempt).
 
-Another kind of request (a device's reported state) is one more :data:`Convert` function and one route
+Each kind of request (telemetry, a device's reported state) is a :data:`Convert` function and a route
 in :meth:`HttpIngest.routes`: authentication, limits, the commit and the answer are shared.
 """
 
@@ -38,7 +38,7 @@ from aiohttp import web
 from iot_common.topics import is_valid_device_id
 from iot_ingest import metrics
 from iot_ingest.batcher import Batcher, BatcherClosed
-from iot_ingest.consumer import DeviceQuota
+from iot_ingest.consumer import DeviceQuota, state_report
 from iot_ingest.device_auth import BadAuthorization, DeviceAuth, parse_authorization
 from iot_ingest.payload import Limits, Reject, parse_telemetry
 from iot_ingest.plan import Delivery, Outcome
@@ -196,7 +196,10 @@ class HttpIngest:
         return self._active
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post(f"{PREFIX}/telemetry", self._route("telemetry", self.telemetry))]
+        return [
+            web.post(f"{PREFIX}/telemetry", self._route("telemetry", self.telemetry)),
+            web.post(f"{PREFIX}/state/reported", self._route("state_reported", self.reported_state)),
+        ]
 
     @staticmethod
     @web.middleware
@@ -226,6 +229,15 @@ class HttpIngest:
             path, device_id, received_at, body, parsed.readings, parsed.rejects, outcome=Outcome()
         )
         return Converted(delivery, rejected_items(parsed.rejects, parsed.indices))
+
+    def reported_state(self, device_id: str, path: str, body: bytes, received_at: datetime) -> Converted:
+        """A state report, as on ``devices/state/{id}/reported``: ``{"reported": {...}, "version": N}``
+        (a JSON merge patch of the device's reported state; docs/device-state.md). It counts as one
+        reading against the per-device quota."""
+        if self._quota is not None and not self._quota.take(device_id, 1):
+            raise self._over_quota(1)
+        delivery = state_report(path, device_id, received_at, body, Outcome())
+        return Converted(delivery, [Rejected(None, r.reason, r.detail) for r in delivery.rejects])
 
     def _over_quota(self, readings: int) -> Refused:
         assert self._quota is not None

@@ -190,7 +190,7 @@ def plan_batch(batch: list[Delivery], refused: Mapping[str, Refusal], tenants: M
                 plan.outcomes.append((outcome, 0, Reject(refusal.reason, refusal.detail)))
             continue
         if outcome is not None:
-            plan.outcomes.append((outcome, len(delivery.readings), None))
+            plan.outcomes.append((outcome, len(delivery.readings) + (delivery.report is not None), None))
         plan.tenants[device_id] = tenants[device_id]
         plan.readings.extend(delivery.readings)
         if delivery.report is not None:
