@@ -89,15 +89,8 @@ HEALTHY_SERVICES = ("postgres", "redis", "mosquitto", "api", "realtime", "ingest
 DEVICE = "image-smoke-1"
 # Packages of the development group that must not be in the image (tools and test libraries).
 DEV_MODULES = (
-    "pytest",
-    "mypy",
-    "ruff",
-    "playwright",
-    "hypothesis",
-    "schemathesis",
-    "httpx",
-    "testcontainers",
-)
+    "pytest", "mypy", "ruff", "playwright", "hypothesis", "schemathesis", "testcontainers", "iot_testkit",
+)  # fmt: skip
 BUILD_TOOLS = ("gcc", "cc", "c++", "make", "uv", "npm", "node", "git")
 
 
@@ -407,7 +400,7 @@ def build_project(engine: Engine, logs: Path) -> dict[str, Any]:
     probe = (
         f"for t in {' '.join(BUILD_TOOLS)}; do command -v $t; done; "
         "python -c 'import importlib.util,sys; "
-        f"print(*[m for m in {list(DEV_MODULES)!r} if importlib.util.find_spec(m)])'"
+        f"print(*[m for m in {json.dumps(DEV_MODULES)} if importlib.util.find_spec(m)])'"
     )
     found = engine.cli("run", "--rm", "--network", "none", "--entrypoint", "sh", PROJECT_IMAGE, "-c", probe)
     check(not found.stdout.strip(), f"the image has build tools or development packages: {found.stdout!r}")
