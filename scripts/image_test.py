@@ -684,8 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutil.rmtree(args.artifacts, ignore_errors=True)
     args.artifacts.mkdir(parents=True, exist_ok=True)
     failed: BaseException | None = None
-    with machine_lock(args.cache), tempfile.TemporaryDirectory(prefix="iot-image-") as tmp_name:
-        tmp = Path(tmp_name)
+    with machine_lock(args.cache):
+        tmp = Path(tempfile.mkdtemp(prefix="iot-image-"))
         logs = tmp / "logs"
         logs.mkdir()
         engine: Engine | None = None
@@ -704,9 +704,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             with timings.step("compose down"):
                 compose_down(stack)
             stack = None
-        except (CheckFailed, Unavailable, subprocess.TimeoutExpired, OSError) as exc:
+        except Exception as exc:
             failed = exc
-            log(f"FAILED: {exc}")
+            log(f"FAILED: {type(exc).__name__}: {exc}")
             if stack is not None:
                 stack.save_logs(args.artifacts)
                 stack.compose("down", "-v", "--remove-orphans", check=False, timeout=300)
@@ -719,6 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if failed is not None:
                 for path in logs.iterdir():
                     shutil.copy(path, args.artifacts / path.name)
+            with timings.step("remove the engine's folder"):
+                shutil.rmtree(tmp, ignore_errors=True)
     report["total_s"] = round(time.monotonic() - started, 1)
     report["ok"] = failed is None
     log(json.dumps(report))
