@@ -4,9 +4,9 @@ UV ?= uv
 PYTEST := $(UV) run --frozen pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help install run clean-local compose-env up down test test-unit test-integration test-e2e lint fmt migrate bench bench-e2e chaos scale-test clean
+.PHONY: help install run clean-local compose-env up down image-test test test-unit test-integration test-e2e lint fmt migrate bench bench-e2e chaos scale-test clean
 # Compose reads its secrets from the environment or deploy/.env (git-ignored; `make compose-env`).
-COMPOSE := docker compose -f deploy/compose.yml $(if $(wildcard deploy/.env),--env-file deploy/.env)
+COMPOSE := docker compose -p iot-platform -f deploy/compose.yml $(if $(wildcard deploy/.env),--env-file deploy/.env)
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ up: ## Run the whole platform in Docker Compose (needs a Docker engine and the s
 
 down: ## Stop the Compose stack
 	$(COMPOSE) down
+
+image-test: ## As root: build the image and run the Compose stack on a private dockerd, smoke-test it (docs/deploy.md)
+	$(UV) run --frozen python scripts/image_test.py
 
 test: ## Run every test suite (unit, integration, end-to-end)
 	$(PYTEST)
