@@ -10,7 +10,6 @@ from iot_common.state import ReportedMessage
 from iot_ingest.consumer import translate
 from iot_ingest.payload import Limits
 from iot_ingest.plan import Refusal, plan_batch
-from iot_ingest.state import online_devices
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 LIMITS = Limits()
@@ -56,6 +55,3 @@ def test_reports_are_planned_in_order_and_refused_devices_dead_lettered() -> Non
     assert refused.reports == []
     assert [d.reason for d in refused.dead_letters] == ["unknown_device"]
 
-
-def test_online_devices() -> None:
-    assert online_devices({"a": ("online", NOW), "b": ("offline", NOW)}) == ["a"]
