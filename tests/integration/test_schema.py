@@ -40,6 +40,10 @@ EXPECTED_TABLES = {
     # 0010: tenants and the audit log of the API
     "tenants",
     "audit_events",
+    # 0013: minute and day rollups, minutes that received late readings
+    "telemetry_minutely",
+    "telemetry_daily",
+    "telemetry_rollup_dirty",
 }
 
 

@@ -104,7 +104,7 @@ def _segments_query(query: Query, segments: list[Segment]) -> str:
             )
         else:
             parts.append(
-                f"""SELECT date_bin($3::interval, bucket, {_ORIGIN}), sum, min, max, count
+                f"""SELECT date_bin($3::interval, bucket, {_ORIGIN}) AS b, sum, min, max, count
                 FROM {segment.level.table}
                 WHERE device_id = $1 AND metric = $2 AND bucket >= {lo} AND bucket < {hi}"""
             )
