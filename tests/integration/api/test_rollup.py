@@ -167,7 +167,9 @@ async def test_a_mark_touched_by_an_open_transaction_waits_for_it(database_url: 
         await job
         await roll_up(conn, now=NOW, lag=LAG, retention_days=2)
         row = await conn.fetchrow(
-            "SELECT count, sum FROM telemetry_minutely WHERE device_id = $1 AND bucket = $2", device_id, minute
+            "SELECT count, sum FROM telemetry_minutely WHERE device_id = $1 AND bucket = $2",
+            device_id,
+            minute,
         )
         assert row is not None
         assert (row["count"], row["sum"]) == (3, 7.0)
@@ -199,7 +201,9 @@ async def test_each_level_keeps_its_rows_for_its_own_retention(database_url: str
             assert {r["bucket"] for r in kept} == {b for b in inserted[level.name] if b >= cutoff}, level
             deleted[level.name] = len([b for b in inserted[level.name] if b < cutoff])
         assert deleted == {"minute": 9, "hour": 7, "day": 3}
-        logged = {e["level"]: e["rows"] for e in logs if e["event"] == "telemetry rollup past retention deleted"}
+        logged = {
+            e["level"]: e["rows"] for e in logs if e["event"] == "telemetry rollup past retention deleted"
+        }
         assert logged == deleted
     finally:
         await conn.close()
