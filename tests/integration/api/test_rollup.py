@@ -229,3 +229,36 @@ async def test_a_first_run_catching_up_the_whole_retention_logs_one_line(
         assert await hourly(conn, f"r-{unique}") == [(HOUR, 1, 2.0)]
     finally:
         await conn.close()
+
+
+async def test_a_late_reading_past_the_finer_levels_retention_recomputes_from_raw_rows(
+    database_url: str, unique: str
+) -> None:
+    """Minutes kept 2 days and hours 3: a late reading 4 days back (its raw partition is kept) must not
+    recompute its hour from minutes already deleted, nor its day from deleted hours."""
+    device_id = f"o-{unique}"
+    retention = RollupRetention(minute_days=2, hour_days=3, day_days=3650)
+    hour = floor_to(NOW - timedelta(days=4), timedelta(hours=1))
+    day = floor_to(hour, DAY)
+    conn = await connect(database_url)
+    try:
+        await insert_telemetry(
+            conn, [Reading(device_id, hour + timedelta(minutes=m), {"v": 1.0}) for m in range(6)]
+        )
+        await roll_up(conn, now=NOW, lag=LAG, retention_days=6, retention=retention)
+        assert (
+            await conn.fetchval("SELECT count(*) FROM telemetry_minutely WHERE device_id = $1", device_id)
+            == 0
+        )
+        assert (
+            await conn.fetchval("SELECT count(*) FROM telemetry_hourly WHERE device_id = $1", device_id) == 0
+        )
+        await insert_telemetry(conn, [Reading(device_id, hour + timedelta(minutes=30), {"v": 3.0})])
+        await roll_up(conn, now=NOW, lag=LAG, retention_days=6, retention=retention)
+        daily = await conn.fetchrow(
+            "SELECT count, sum FROM telemetry_daily WHERE device_id = $1 AND bucket = $2", device_id, day
+        )
+        assert daily is not None
+        assert (daily["count"], daily["sum"]) == (7, 9.0)
+    finally:
+        await conn.close()

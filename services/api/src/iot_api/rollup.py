@@ -160,13 +160,14 @@ WHERE ctid = ANY(ARRAY(SELECT ctid FROM telemetry_rollup_dirty LIMIT $1))
 RETURNING device_id, metric, bucket
 """
 
-# Marked buckets of one level, recomputed: (device, metric, bucket) arrays in $1..$3.
-_REDO_MINUTES = """
-INSERT INTO telemetry_minutely (device_id, metric, bucket, count, sum, min, max)
+# Marked buckets of one level recomputed from raw rows: (device, metric, bucket) arrays in $1..$3, the
+# level's width in $4. Minutes always; an hour whose minutes are past their retention, a day whose hours are.
+_REDO_FROM_RAW = """
+INSERT INTO {table} (device_id, metric, bucket, count, sum, min, max)
 SELECT m.device_id, m.metric, m.bucket, count(t.value), sum(t.value), min(t.value), max(t.value)
 FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS m(device_id, metric, bucket)
 JOIN telemetry t ON t.device_id = m.device_id AND t.metric = m.metric
-                AND t.ts >= m.bucket AND t.ts < m.bucket + interval '1 minute'
+                AND t.ts >= m.bucket AND t.ts < m.bucket + $4::interval
 WHERE t.value IS NOT NULL
 GROUP BY 1, 2, 3
 ON CONFLICT (device_id, metric, bucket) DO UPDATE
@@ -224,7 +225,12 @@ async def roll_up(
                 until=rolled[-1][1].isoformat(),
                 batches=len(rolled),
             )
-    if until is None or not await _redo_late(conn) or not await _apply_retention(conn, now, retention):
+    retention = retention or RollupRetention()
+    if (
+        until is None
+        or not await _redo_late(conn, now, retention)
+        or not await _apply_retention(conn, now, retention)
+    ):
         return None
     return until
 
@@ -273,9 +279,15 @@ def _columns(keys: set[tuple[str, str, datetime]]) -> tuple[list[str], list[str]
     return [k[0] for k in ordered], [k[1] for k in ordered], [k[2] for k in ordered]
 
 
-async def _redo_late(conn: Conn) -> bool:
+async def _redo_late(conn: Conn, now: datetime, retention: RollupRetention) -> bool:
     """Recompute the minutes marked late (and their hours and days), a chunk of marks per transaction;
-    False if another replica holds the lock."""
+    False if another replica holds the lock.
+
+    An hour starting before the minutes' retention is recomputed from raw rows rather than from its
+    minutes (some may be deleted already), and so is a day starting before the hours' retention: a raw
+    partition holds a whole day, so a day that still has a late reading has all its raw rows."""
+    minutes_from = now - retention.of("minute")
+    hours_from = now - retention.of("hour")
     redone = 0
     for _ in range(MAX_CHUNKS_PER_RUN):
         async with conn.transaction():
@@ -290,13 +302,11 @@ async def _redo_late(conn: Conn) -> bool:
             minutes = {(r["device_id"], r["metric"], r["bucket"]) for r in taken if r["bucket"] < rolled}
             if minutes:
                 hours = {(d, m, floor_to(b, HOUR)) for d, m, b in minutes}
-                days = {(d, m, floor_to(b, DAY)) for d, m, b in minutes}
-                await conn.execute(_REDO_MINUTES, *_columns(minutes))
-                await conn.execute(_REDO_HOURS, *_columns({h for h in hours if h[2] < rolled}))
                 day_until = marks.day or _EPOCH
-                late_days = {d for d in days if d[2] < day_until}
-                if late_days:
-                    await conn.execute(_REDO_DAYS, *_columns(late_days))
+                days = {(d, m, floor_to(b, DAY)) for d, m, b in minutes if floor_to(b, DAY) < day_until}
+                await _redo(conn, "telemetry_minutely", MINUTE, minutes, None)
+                await _redo(conn, "telemetry_hourly", HOUR, hours, (minutes_from, _REDO_HOURS))
+                await _redo(conn, "telemetry_daily", DAY, days, (hours_from, _REDO_DAYS))
                 redone += len(minutes)
         if len(taken) < MARKS_PER_TRANSACTION:
             break
@@ -305,9 +315,24 @@ async def _redo_late(conn: Conn) -> bool:
     return True
 
 
-async def _apply_retention(conn: Conn, now: datetime, retention: RollupRetention | None) -> bool:
+async def _redo(
+    conn: Conn,
+    table: str,
+    width: timedelta,
+    keys: set[tuple[str, str, datetime]],
+    finer: tuple[datetime, str] | None,
+) -> None:
+    """Recompute ``keys`` of ``table``: from the finer level (``finer``: where it starts to be whole, and
+    the statement) when it is whole for the bucket, else from raw rows."""
+    from_raw = keys if finer is None else {k for k in keys if k[2] < finer[0]}
+    if from_raw:
+        await conn.execute(_REDO_FROM_RAW.format(table=table), *_columns(from_raw), width)
+    if finer is not None and len(from_raw) < len(keys):
+        await conn.execute(finer[1], *_columns(keys - from_raw))
+
+
+async def _apply_retention(conn: Conn, now: datetime, retention: RollupRetention) -> bool:
     """Delete each level's rows past its retention, in chunks; False if another replica holds the lock."""
-    retention = retention or RollupRetention()
     for level in LEVELS:
         cutoff = now - retention.of(level.name)
         deleted = 0
