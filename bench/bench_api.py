@@ -41,7 +41,7 @@ NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE = "iot_bench_api"
-SEED_VERSION = 1
+SEED_VERSION = 2  # 2: rollups at minute, hour and day (migration 0013)
 DEVICES = 1000
 HOT_DEVICE = "bench-0000"
 METRICS = ("temp", "hum", "press")
@@ -63,7 +63,10 @@ async def seed() -> tuple[datetime, datetime]:
             return row["start"], row["stop"]
         stop = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         start = stop - timedelta(days=DAYS)
-        await conn.execute("TRUNCATE devices, telemetry, telemetry_hourly, telemetry_rollup_state CASCADE")
+        await conn.execute(
+            "TRUNCATE devices, telemetry, telemetry_minutely, telemetry_hourly, telemetry_daily,"
+            " telemetry_rollup_dirty, telemetry_rollup_state CASCADE"
+        )
         await ensure_partitions(conn, start.date() - timedelta(days=1), stop.date() + timedelta(days=7))
         await conn.execute(
             """
