@@ -164,6 +164,7 @@ def main() -> None:
             "IOT_BOOTSTRAP_API_KEY": API_KEY,
             "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
             "IOT_TELEMETRY_RETENTION_DAYS": str(DAYS + 5),
+            "IOT_ROLLUP_RETENTION_DAYS_MINUTE": str(DAYS + 5),  # at least the raw retention
             "IOT_DATABASE_POOL_MAX": "20",
         }
         with api_process(env) as api:
