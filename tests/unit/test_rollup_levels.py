@@ -1,4 +1,4 @@
-"""Which rollup level serves which part of an aggregate's range, and which readings ingest marks late."""
+"""Which rollup level serves which part of an aggregate's range,"""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from datetime import UTC, datetime, timedelta
 
 from iot_api.repositories.telemetry import Segment, plan_segments
 from iot_api.rollup import LEVELS, RollupRetention, Watermarks
-from iot_common.messages import Reading
-from iot_ingest.telemetry import late_minutes
 
 MINUTE, HOUR, DAY = LEVELS
 NOW = datetime(2026, 6, 15, 10, 30, 20, tzinfo=UTC)
@@ -57,20 +55,3 @@ def test_a_level_past_its_retention_leaves_the_range_to_coarser_or_finer_ones() 
 def test_nothing_rolled_up_reads_raw_rows() -> None:
     none = Watermarks(None, None, None)
     assert plan_segments(t(1), NOW, timedelta(days=1), none, RETENTION, NOW) == [Segment(None, t(1), NOW)]
-
-
-def test_ingest_marks_each_late_minute_of_numeric_values_once() -> None:
-    now = t(15, 12)
-    readings = [
-        Reading("a", t(15, 11, 58, 59), {"v": 1.0, "s": "text"}),  # 61 s old: late
-        Reading("a", t(15, 11, 58, 30), {"v": 2.0}),  # same minute
-        Reading("b", t(15, 11, 59, 30), {"v": 3.0}),  # 30 s old: not late
-        Reading("a", t(15, 11, 0), {"s": "text only"}),  # nothing to roll up
-        Reading("b", t(1, 0, 0, 1), {"w": 4, "v": 5.0}),
-    ]
-    assert late_minutes(readings, now) == (
-        ["a", "b", "b"],
-        ["v", "v", "w"],
-        [t(15, 11, 58), t(1), t(1)],
-    )
-    assert late_minutes(readings[2:4], now) is None

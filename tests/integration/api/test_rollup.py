@@ -119,7 +119,16 @@ async def test_levels_match_raw_one_worker_at_a_time_and_late_readings_correct_t
         ]
         before_day = await level_rows(conn, "telemetry_daily", device_id, TODAY)
         await insert_telemetry(conn, late)
-        assert await conn.fetchval("SELECT count(*) FROM telemetry_rollup_dirty") == 3
+        # One mark per minute of a late numeric value; the first reading's minute was marked by the first
+        # insert (every reading here is late) and taken by the job since.
+        marks = await conn.fetch(
+            "SELECT device_id, metric, bucket FROM telemetry_rollup_dirty ORDER BY bucket"
+        )
+        assert [tuple(r) for r in marks] == [
+            (device_id, "v", start + timedelta(hours=5, minutes=14)),
+            (device_id, "v", TODAY + timedelta(minutes=1)),
+            (device_id, "v", TODAY + timedelta(minutes=2)),
+        ]
         assert await roll_up(conn, now=NOW + timedelta(minutes=6), lag=LAG, retention_days=2) == until
         await assert_levels_match_raw(conn, device_id)
         assert await conn.fetchval("SELECT count(*) FROM telemetry_rollup_dirty") == 0

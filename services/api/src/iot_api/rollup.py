@@ -17,7 +17,7 @@ the others skip), one transaction per step:
   the job takes the marks (a bounded chunk per transaction), recomputes each marked minute already rolled
   up from raw rows, its hour from its minutes and its day (if rolled up) from its hours. A mark the job
   deletes was committed with its reading, so the recomputation sees it; a mark touched by a transaction
-  still open is skipped until the next run (``MARK_LATE`` updates it, and the delete waits for that row
+  still open is skipped until the next run (ingest updates it, and the delete waits for that row
   lock). When the watermark advances, the ``refresh`` hours before it are also recomputed from raw rows:
   a safety net, as in the hourly-only job before.
 - **retention**: rows of each level older than its retention are deleted in bounded chunks.

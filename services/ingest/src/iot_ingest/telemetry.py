@@ -1,7 +1,7 @@
 """Writing telemetry rows: one round trip per batch, and a reading delivered twice is stored once.
 
 Readings older than :data:`~iot_common.db.rollups.LATE_AFTER` also mark their minute for the API's rollup
-job (one more statement, only in a batch that has such readings), so that rollups of hours and days
+job, in the same statement (only in a batch that has such readings), so that rollups of hours and days
 already rolled up are corrected.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from iot_common.db.rollups import LATE_AFTER, MARK_LATE
+from iot_common.db.rollups import LATE_AFTER
 from iot_common.messages import Reading
 
 if TYPE_CHECKING:
@@ -25,6 +25,25 @@ INSERT INTO telemetry (device_id, metric, ts, value, value_text)
 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[], $5::text[])
 ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
+INSERT_TELEMETRY_MARKING_LATE = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[], $5::text[])
+        AS u(device_id, metric, ts, value, value_text)
+), marked AS (
+    INSERT INTO telemetry_rollup_dirty (device_id, metric, bucket)
+    SELECT DISTINCT device_id, metric, date_bin('1 minute', ts, TIMESTAMPTZ '1970-01-01 00:00:00+00')
+    FROM batch WHERE value IS NOT NULL AND ts < $6
+    ORDER BY 1, 2, 3
+    ON CONFLICT (device_id, metric, bucket) DO UPDATE SET marked_at = now()
+)
+INSERT INTO telemetry (device_id, metric, ts, value, value_text)
+SELECT * FROM batch
+ON CONFLICT (device_id, metric, ts) DO NOTHING
+"""
+""":data:`INSERT_TELEMETRY` for a batch with late readings (``$6``: the cutoff), in the same statement:
+their minutes are marked in ``telemetry_rollup_dirty`` (each once, in key order: concurrent replicas lock
+marks in the same order). ``DO UPDATE`` rather than ``DO NOTHING``: the row lock makes the rollup job's
+delete of a mark wait for the transaction that touched it, so the job's recomputation sees the reading."""
 
 
 def telemetry_columns(
@@ -50,27 +69,6 @@ def telemetry_columns(
     return devices, metrics, stamps, values, texts
 
 
-def late_minutes(
-    readings: Iterable[Reading], now: datetime
-) -> tuple[list[str], list[str], list[datetime]] | None:
-    """Column arrays for :data:`~iot_common.db.rollups.MARK_LATE`: each (device, metric, minute) of the
-    numeric values of readings older than ``now - LATE_AFTER``, once, sorted (concurrent replicas lock
-    marks in the same order); None when there are none (the usual case: one comparison per reading)."""
-    cutoff = now - LATE_AFTER
-    marks: set[tuple[str, str, datetime]] = set()
-    for reading in readings:
-        if reading.ts >= cutoff:
-            continue
-        minute = reading.ts.replace(second=0, microsecond=0)
-        for metric, value in reading.metrics.items():
-            if not isinstance(value, str):
-                marks.add((reading.device_id, metric, minute))
-    if not marks:
-        return None
-    ordered = sorted(marks)
-    return [m[0] for m in ordered], [m[1] for m in ordered], [m[2] for m in ordered]
-
-
 async def insert_telemetry(conn: Conn, readings: Iterable[Reading], *, now: datetime | None = None) -> int:
     """Insert the readings' rows, skipping rows already stored, and mark the minutes of late readings for
     the rollup job; return the number of new rows."""
@@ -78,8 +76,9 @@ async def insert_telemetry(conn: Conn, readings: Iterable[Reading], *, now: date
     columns = telemetry_columns(batch)
     if not columns[0]:
         return 0
-    status = await conn.execute(INSERT_TELEMETRY, *columns)
-    late = late_minutes(batch, now or datetime.now(UTC))
-    if late is not None:
-        await conn.execute(MARK_LATE, *late)
+    cutoff = (now or datetime.now(UTC)) - LATE_AFTER
+    if any(reading.ts < cutoff for reading in batch):
+        status = await conn.execute(INSERT_TELEMETRY_MARKING_LATE, *columns, cutoff)
+    else:
+        status = await conn.execute(INSERT_TELEMETRY, *columns)
     return int(status.rsplit(" ", 1)[1])

@@ -14,12 +14,3 @@ from typing import Final
 
 LATE_AFTER: Final = timedelta(seconds=60)
 """A reading this much older than the moment ingest stores it has its minute marked for the rollup job."""
-
-MARK_LATE: Final = """
-INSERT INTO telemetry_rollup_dirty AS d (device_id, metric, bucket)
-SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
-ON CONFLICT (device_id, metric, bucket) DO UPDATE SET marked_at = now()
-"""
-"""Marks minutes (``$3``, whole minutes, each (device, metric, minute) once). ``DO UPDATE`` rather than
-``DO NOTHING``: the row lock makes the job's delete of a mark wait for the transaction that touched it,
-so the job's recomputation always sees the reading (iot_api.rollup)."""
