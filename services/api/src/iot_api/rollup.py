@@ -311,7 +311,7 @@ async def _redo_late(conn: Conn, now: datetime, retention: RollupRetention) -> b
         if len(taken) < MARKS_PER_TRANSACTION:
             break
     if redone:
-        log.info("late telemetry rolled up", minutes=redone)
+        log.info("late readings rolled up", minutes=redone)
     return True
 
 
