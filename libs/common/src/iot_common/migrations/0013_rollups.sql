@@ -33,7 +33,7 @@ ALTER TABLE telemetry_rollup_state
     ADD COLUMN hour_until timestamptz,
     ADD COLUMN day_until timestamptz;
 
--- Minutes that received a reading late (older than ingest's late threshold, iot_common.rollups): ingest
+-- Minutes that received a reading late (older than ingest's late threshold, iot_common.db.rollups): ingest
 -- adds them in the batch's transaction, the rollup job recomputes them (and their hour and day) from raw
 -- rows, then deletes them. marked_at is touched on every mark, so that a mark the job is taking waits for
 -- the transaction that touched it (see iot_api.rollup).
