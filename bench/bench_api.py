@@ -41,7 +41,7 @@ NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE = "iot_bench_api"
-SEED_VERSION = 1
+SEED_VERSION = 2  # 2: rollups at minute, hour and day (migration 0013)
 DEVICES = 1000
 HOT_DEVICE = "bench-0000"
 METRICS = ("temp", "hum", "press")
@@ -63,7 +63,10 @@ async def seed() -> tuple[datetime, datetime]:
             return row["start"], row["stop"]
         stop = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         start = stop - timedelta(days=DAYS)
-        await conn.execute("TRUNCATE devices, telemetry, telemetry_hourly, telemetry_rollup_state CASCADE")
+        await conn.execute(
+            "TRUNCATE devices, telemetry, telemetry_minutely, telemetry_hourly, telemetry_daily,"
+            " telemetry_rollup_dirty, telemetry_rollup_state CASCADE"
+        )
         await ensure_partitions(conn, start.date() - timedelta(days=1), stop.date() + timedelta(days=7))
         await conn.execute(
             """
@@ -161,6 +164,7 @@ def main() -> None:
             "IOT_BOOTSTRAP_API_KEY": API_KEY,
             "IOT_API_RATE_LIMIT_PER_MINUTE": "100000000",
             "IOT_TELEMETRY_RETENTION_DAYS": str(DAYS + 5),
+            "IOT_ROLLUP_RETENTION_DAYS_MINUTE": str(DAYS + 5),  # at least the raw retention
             "IOT_DATABASE_POOL_MAX": "20",
         }
         with api_process(env) as api:

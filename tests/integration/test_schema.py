@@ -43,6 +43,10 @@ EXPECTED_TABLES = {
     # 0011: device state (desired/reported, versioned) and its history
     "device_state",
     "device_state_history",
+    # 0013: minute and day rollups, minutes that received late readings
+    "telemetry_minutely",
+    "telemetry_daily",
+    "telemetry_rollup_dirty",
 }
 
 

@@ -23,7 +23,7 @@ from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.devices import KnownDevices, TenantLimits
 from iot_ingest.plan import Delivery, Plan
-from iot_ingest.telemetry import INSERT_TELEMETRY
+from iot_ingest.telemetry import INSERT_TELEMETRY, INSERT_TELEMETRY_MARKING_LATE
 from iot_ingest.tenant_quota import TenantQuota
 from iot_ingest.writer import INSERT_DEAD_LETTERS, MARK_ONLINE_BY_READING, BatchWriter
 from tests.unit.test_tenant_quota import FakeCounters
@@ -79,8 +79,8 @@ class FakeDatabase:
         self.statements += 1
         if self.faults:
             raise self.faults.pop(0)
-        if query == INSERT_TELEMETRY:
-            devices, names, _, values, _ = args
+        if query in (INSERT_TELEMETRY, INSERT_TELEMETRY_MARKING_LATE):  # readings in the past: the latter
+            devices, names, _, values, _ = args[:5]
             for device in devices:
                 if device in self.refuses:
                     raise self.refuses[device]()

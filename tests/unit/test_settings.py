@@ -4,6 +4,7 @@ import secrets
 
 import pytest
 
+from iot_api.rollup import RollupRetention
 from iot_api.settings import ApiSettings
 from iot_common.settings import BaseSettings, SettingsError, load_settings
 from iot_common.topics import RedisNames
@@ -241,3 +242,37 @@ def test_a_malformed_public_realtime_url_stops_start_up_naming_the_variable(valu
         assert "expected a ws:// or wss:// URL" in message
         assert "a path on the dashboard's own host such as /ws" in message
     assert "user:pass" not in message
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"IOT_TELEMETRY_RETENTION_DAYS": "90"}, "IOT_ROLLUP_RETENTION_DAYS_MINUTE=30 is less than"),
+        ({"IOT_ROLLUP_RETENTION_DAYS_HOUR": "20"}, "IOT_ROLLUP_RETENTION_DAYS_HOUR=20 is less than"),
+        ({"IOT_ROLLUP_RETENTION_DAYS_DAY": "365"}, "IOT_ROLLUP_RETENTION_DAYS_DAY=365 is less than"),
+        ({"IOT_ROLLUP_RETENTION_DAYS_MINUTE": "0"}, "IOT_ROLLUP_RETENTION_DAYS_MINUTE: Expected `int` >= 1"),
+        ({"IOT_ROLLUP_RETENTION_DAYS_DAY": "ten"}, "IOT_ROLLUP_RETENTION_DAYS_DAY"),
+        ({"IOT_API_ROLLUP_LAG_S": "30"}, "IOT_API_ROLLUP_LAG_S=30 is less than 60"),
+    ],
+)
+def test_rollup_settings_that_make_no_sense_stop_start_up(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(ApiSettings, {**SECRET, **env})
+    assert named in str(err.value)
+
+
+def test_rollup_retention_comes_from_its_variables() -> None:
+    settings = load_settings(
+        ApiSettings,
+        {
+            **SECRET,
+            "IOT_TELEMETRY_RETENTION_DAYS": "7",
+            "IOT_ROLLUP_RETENTION_DAYS_MINUTE": "7",
+            "IOT_ROLLUP_RETENTION_DAYS_HOUR": "90",
+            "IOT_ROLLUP_RETENTION_DAYS_DAY": "1000",
+        },
+    )
+    assert settings.rollup_retention() == RollupRetention(7, 90, 1000)
+    assert ApiSettings(jwt_secret=SECRET["IOT_JWT_SECRET"]).rollup_retention() == RollupRetention(
+        30, 400, 3650
+    )

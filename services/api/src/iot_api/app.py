@@ -126,7 +126,7 @@ def build_services(
         settings.mqtt_hook_secret,
     )
     telemetry = TelemetryService(
-        TelemetryRepository(pool),
+        TelemetryRepository(pool, settings.rollup_retention()),
         devices,
         cache,
         names,
@@ -240,6 +240,7 @@ def create_app(settings: ApiSettings) -> Litestar:
                             lag=timedelta(seconds=settings.api_rollup_lag_s),
                             refresh=timedelta(hours=settings.api_rollup_refresh_hours),
                             retention_days=settings.telemetry_retention_days,
+                            retention=settings.rollup_retention(),
                         ),
                         log=rollup_job.log,
                         run_first=True,

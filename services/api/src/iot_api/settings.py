@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Annotated
 from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from iot_api.rollup import RollupRetention
+from iot_common.db.rollups import LATE_AFTER
 from iot_common.settings import Port, WebSettings
 from iot_common.weak_secrets import is_placeholder
 
@@ -53,6 +56,12 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
     api_rollup_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     api_rollup_lag_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 120
     api_rollup_refresh_hours: Annotated[int, msgspec.Meta(ge=0, le=168)] = 1
+    rollup_retention_days_minute: Annotated[int, msgspec.Meta(ge=1, le=36500)] = 30
+    """Days the minute rollup keeps its rows: at least ``IOT_TELEMETRY_RETENTION_DAYS``."""
+    rollup_retention_days_hour: Annotated[int, msgspec.Meta(ge=1, le=36500)] = 400
+    """Days the hour rollup keeps its rows: at least the minute rollup's."""
+    rollup_retention_days_day: Annotated[int, msgspec.Meta(ge=1, le=36500)] = 3650
+    """Days the day rollup keeps its rows: at least the hour rollup's."""
     audit_retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 90
     """How long the audit log (``GET /api/v1/audit``) keeps each event."""
     dashboard_dir: str = ""
@@ -100,6 +109,7 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_rollups()
         users = [entry.split(":", 1)[0] for entry in self.mqtt_service_users]
         if len(set(users)) != len(users):
             raise ValueError("mqtt_service_users names a user twice")
@@ -118,6 +128,33 @@ class ApiSettings(WebSettings, frozen=True, kw_only=True):
             raise ValueError("IOT_MQTT_ADMIN_URL has a published placeholder or example password")
         if self.public_realtime_url:
             _check_public_realtime_url(self.public_realtime_url)
+
+    def _check_rollups(self) -> None:
+        """Each rollup level keeps at least what it is computed from; the job's lag leaves ingest time to
+        mark late readings (``iot_common.db.rollups``)."""
+        chain = [
+            ("IOT_TELEMETRY_RETENTION_DAYS", self.telemetry_retention_days),
+            ("IOT_ROLLUP_RETENTION_DAYS_MINUTE", self.rollup_retention_days_minute),
+            ("IOT_ROLLUP_RETENTION_DAYS_HOUR", self.rollup_retention_days_hour),
+            ("IOT_ROLLUP_RETENTION_DAYS_DAY", self.rollup_retention_days_day),
+        ]
+        for (finer, finer_days), (coarser, coarser_days) in itertools.pairwise(chain):
+            if coarser_days < finer_days:
+                raise ValueError(
+                    f"{coarser}={coarser_days} is less than {finer}={finer_days}: a rollup level must keep"
+                    f" its rows at least as long as the level it is computed from; raise {coarser}"
+                )
+        late = int(LATE_AFTER.total_seconds())
+        if self.api_rollup_lag_s < late:
+            raise ValueError(
+                f"IOT_API_ROLLUP_LAG_S={self.api_rollup_lag_s} is less than {late}: ingest marks readings"
+                f" late for the rollup only when they are {late} s old"
+            )
+
+    def rollup_retention(self) -> RollupRetention:
+        return RollupRetention(
+            self.rollup_retention_days_minute, self.rollup_retention_days_hour, self.rollup_retention_days_day
+        )
 
     def realtime_url(self) -> str | None:
         """The realtime endpoint the dashboard connects to: ``IOT_PUBLIC_REALTIME_URL``, given the service's

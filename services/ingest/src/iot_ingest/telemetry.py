@@ -1,11 +1,17 @@
-"""Writing telemetry rows: one round trip per batch, and a reading delivered twice is stored once."""
+"""Writing telemetry rows: one round trip per batch, and a reading delivered twice is stored once.
+
+Readings older than :data:`~iot_common.db.rollups.LATE_AFTER` also mark their minute for the API's rollup
+job, in the same statement (only in a batch that has such readings), so that rollups of hours and days
+already rolled up are corrected.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from iot_common.db.rollups import LATE_AFTER
 from iot_common.messages import Reading
 
 if TYPE_CHECKING:
@@ -19,6 +25,25 @@ INSERT INTO telemetry (device_id, metric, ts, value, value_text)
 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[], $5::text[])
 ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
+INSERT_TELEMETRY_MARKING_LATE = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::float8[], $5::text[])
+        AS u(device_id, metric, ts, value, value_text)
+), marked AS (
+    INSERT INTO telemetry_rollup_dirty (device_id, metric, bucket)
+    SELECT DISTINCT device_id, metric, date_bin('1 minute', ts, TIMESTAMPTZ '1970-01-01 00:00:00+00')
+    FROM batch WHERE value IS NOT NULL AND ts < $6
+    ORDER BY 1, 2, 3
+    ON CONFLICT (device_id, metric, bucket) DO UPDATE SET marked_at = now()
+)
+INSERT INTO telemetry (device_id, metric, ts, value, value_text)
+SELECT * FROM batch
+ON CONFLICT (device_id, metric, ts) DO NOTHING
+"""
+""":data:`INSERT_TELEMETRY` for a batch with late readings (``$6``: the cutoff), in the same statement:
+their minutes are marked in ``telemetry_rollup_dirty`` (each once, in key order: concurrent replicas lock
+marks in the same order). ``DO UPDATE`` rather than ``DO NOTHING``: the row lock makes the rollup job's
+delete of a mark wait for the transaction that touched it, so the job's recomputation sees the reading."""
 
 
 def telemetry_columns(
@@ -44,10 +69,16 @@ def telemetry_columns(
     return devices, metrics, stamps, values, texts
 
 
-async def insert_telemetry(conn: Conn, readings: Iterable[Reading]) -> int:
-    """Insert the readings' rows, skipping rows already stored; return the number of new rows."""
-    columns = telemetry_columns(readings)
+async def insert_telemetry(conn: Conn, readings: Iterable[Reading], *, now: datetime | None = None) -> int:
+    """Insert the readings' rows, skipping rows already stored, and mark the minutes of late readings for
+    the rollup job; return the number of new rows."""
+    batch = readings if isinstance(readings, list) else list(readings)
+    columns = telemetry_columns(batch)
     if not columns[0]:
         return 0
-    status = await conn.execute(INSERT_TELEMETRY, *columns)
+    cutoff = (now or datetime.now(UTC)) - LATE_AFTER
+    if any(reading.ts < cutoff for reading in batch):
+        status = await conn.execute(INSERT_TELEMETRY_MARKING_LATE, *columns, cutoff)
+    else:
+        status = await conn.execute(INSERT_TELEMETRY, *columns)
     return int(status.rsplit(" ", 1)[1])

@@ -130,9 +130,9 @@ class DeviceRepository:
         return None if row is None else Device(**row)
 
     async def delete(self, tenant_id: uuid.UUID, device_id: str) -> bool:
-        """Delete the tenant's device and its stored telemetry (raw and hourly), in one transaction: device
-        ids are global, so a later device with the same id, in any tenant, must not inherit its history.
-        False when the device is not the tenant's."""
+        """Delete the tenant's device and its stored telemetry (raw and every rollup level), in one
+        transaction: device ids are global, so a later device with the same id, in any tenant, must not
+        inherit its history. False when the device is not the tenant's."""
         async with self.pool.acquire() as conn, conn.transaction():
             status = await conn.execute(
                 "DELETE FROM devices WHERE tenant_id = $1 AND id = $2", tenant_id, device_id
@@ -141,7 +141,13 @@ class DeviceRepository:
                 return False
             # One index range per daily partition (the primary key starts with device_id): no scan.
             await conn.execute("DELETE FROM telemetry WHERE device_id = $1", device_id)
-            await conn.execute("DELETE FROM telemetry_hourly WHERE device_id = $1", device_id)
+            for table in (
+                "telemetry_minutely",
+                "telemetry_hourly",
+                "telemetry_daily",
+                "telemetry_rollup_dirty",
+            ):
+                await conn.execute(f"DELETE FROM {table} WHERE device_id = $1", device_id)
         return True
 
     async def list(

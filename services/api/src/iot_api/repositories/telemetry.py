@@ -1,4 +1,4 @@
-"""Telemetry reads: raw points, bucketed aggregates (over the hourly rollup where it helps), latest values.
+"""Telemetry reads: raw points, bucketed aggregates (over the rollups where they serve), latest values.
 
 Every query names ``device_id`` and ``metric``, so it walks the primary key ``(device_id, metric, ts)``
 of each daily partition the time range touches and nothing else.
@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from iot_api.rollup import HOUR, ceil_to, floor_to, rolled_until
+from iot_api.repositories.sql import Query
+from iot_api.rollup import LEVELS, Level, RollupRetention, Watermarks, ceil_to, floor_to, watermarks
 
 # Distinct metrics of one device, one index probe per metric (a loose index scan), never a full scan.
 _METRICS_CTE = """
@@ -42,28 +43,79 @@ WHERE m.metric IS NOT NULL
 _ORIGIN = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
 
 _RAW_AGGREGATE = f"""
-SELECT date_bin($5::interval, ts, {_ORIGIN}) AS b,
+SELECT date_bin($3::interval, ts, {_ORIGIN}) AS b,
        count(value) AS count, sum(value) AS sum, min(value) AS min, max(value) AS max
 FROM telemetry
-WHERE device_id = $1 AND metric = $2 AND ts >= $3 AND ts < $4 AND value IS NOT NULL
+WHERE device_id = $1 AND metric = $2 AND ts >= {{start}} AND ts < {{end}} AND value IS NOT NULL
 GROUP BY b
 """
 
-_ROLLUP_AGGREGATE = f"""
-WITH parts AS (
-    SELECT date_bin($5::interval, ts, {_ORIGIN}) AS b,
-           value AS sum, value AS min, value AS max, 1::bigint AS count
-    FROM telemetry
-    WHERE device_id = $1 AND metric = $2 AND value IS NOT NULL
-      AND ((ts >= $3 AND ts < $6) OR (ts >= $7 AND ts < $4))
-    UNION ALL
-    SELECT date_bin($5::interval, bucket, {_ORIGIN}), sum, min, max, count
-    FROM telemetry_hourly
-    WHERE device_id = $1 AND metric = $2 AND bucket >= $6 AND bucket < $7
-)
-SELECT b, sum(count)::bigint AS count, sum(sum) AS sum, min(min) AS min, max(max) AS max
-FROM parts GROUP BY b
-"""
+
+@dataclass(frozen=True)
+class Segment:
+    """A part [start, end) of an aggregate's range and where it is read from (None: raw rows)."""
+
+    level: Level | None
+    start: datetime
+    end: datetime
+
+
+def plan_segments(
+    start: datetime,
+    end: datetime,
+    bucket: timedelta,
+    marks: Watermarks,
+    retention: RollupRetention,
+    now: datetime,
+) -> list[Segment]:
+    """Split [start, end) over the rollup levels, coarsest first: a level whose width divides ``bucket``
+    serves the whole buckets of it that are rolled up (before its watermark) and still kept (its
+    retention); the edges left over go to the next finer level, and at last to raw rows. So a year of
+    ``1d`` buckets reads ~365 daily rows, the current day's closed hours from the hourly rows and only the
+    open hour from raw rows."""
+    usable = [level for level in reversed(LEVELS) if bucket % level.width == timedelta(0)]
+
+    def split(lo: datetime, hi: datetime, levels: list[Level]) -> list[Segment]:
+        if lo >= hi:
+            return []
+        if not levels:
+            return [Segment(None, lo, hi)]
+        level, finer = levels[0], levels[1:]
+        until = marks.of(level.name)
+        if until is None:
+            return split(lo, hi, finer)
+        first = ceil_to(max(lo, now - retention.of(level.name)), level.width)
+        last = min(floor_to(hi, level.width), until)
+        if first >= last:
+            return split(lo, hi, finer)
+        return [*split(lo, first, finer), Segment(level, first, last), *split(last, hi, finer)]
+
+    return split(start, end, usable)
+
+
+def _segments_query(query: Query, segments: list[Segment]) -> str:
+    """count/sum/min/max per bucket (``$3``) of device ``$1``, metric ``$2`` over ``segments``."""
+    parts = []
+    for segment in segments:
+        lo, hi = query.arg(segment.start), query.arg(segment.end)
+        if segment.level is None:
+            parts.append(
+                f"""SELECT date_bin($3::interval, ts, {_ORIGIN}) AS b,
+                       value AS sum, value AS min, value AS max, 1::bigint AS count
+                FROM telemetry
+                WHERE device_id = $1 AND metric = $2 AND value IS NOT NULL AND ts >= {lo} AND ts < {hi}"""
+            )
+        else:
+            parts.append(
+                f"""SELECT date_bin($3::interval, bucket, {_ORIGIN}) AS b, sum, min, max, count
+                FROM {segment.level.table}
+                WHERE device_id = $1 AND metric = $2 AND bucket >= {lo} AND bucket < {hi}"""
+            )
+    return (
+        "WITH parts AS (" + "\nUNION ALL\n".join(parts) + ")\n"
+        "SELECT b, sum(count)::bigint AS count, sum(sum) AS sum, min(min) AS min, max(max) AS max\n"
+        "FROM parts GROUP BY b"
+    )
 
 
 @dataclass(frozen=True)
@@ -88,8 +140,9 @@ def _value(row: asyncpg.Record) -> float | str:
 
 
 class TelemetryRepository:
-    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+    def __init__(self, pool: asyncpg.Pool[Any], retention: RollupRetention | None = None) -> None:
         self.pool = pool
+        self.retention = retention or RollupRetention()
 
     async def metrics(self, device_id: str) -> list[str]:
         rows = await self.pool.fetch(
@@ -150,27 +203,22 @@ class TelemetryRepository:
         """count/sum/min/max of numeric values per bucket (aligned on the Unix epoch), oldest first;
         the first ``limit`` buckets when given.
 
-        Buckets of whole hours read closed hours from ``telemetry_hourly`` and only the edges (the part of
-        the range before the first whole hour, after the last one, and after the rollup watermark) from
-        raw rows; smaller buckets read raw rows.
+        Each part of the range is read from the coarsest rollup level that serves it (see
+        :func:`plan_segments`), the rest (not rolled up yet, or past every level's retention) from raw
+        rows.
         """
         async with self.pool.acquire() as conn:
-            mid_start = mid_end = None
-            if bucket % HOUR == timedelta(0):
-                until = await rolled_until(conn)
-                if until is not None:
-                    mid_start, mid_end = ceil_to(start, HOUR), min(floor_to(end, HOUR), until)
-            args: list[Any] = [device_id, metric, start, end, bucket]
-            if mid_start is not None and mid_end is not None and mid_start < mid_end:
-                query = _ROLLUP_AGGREGATE
-                args += [mid_start, mid_end]
+            marks = await watermarks(conn)
+            segments = plan_segments(start, end, bucket, marks, self.retention, datetime.now(UTC))
+            query = Query(device_id, metric, bucket)
+            if len(segments) == 1 and segments[0].level is None:
+                sql = _RAW_AGGREGATE.format(start=query.arg(start), end=query.arg(end))
             else:
-                query = _RAW_AGGREGATE
-            query += " ORDER BY b"
+                sql = _segments_query(query, segments)
+            sql += " ORDER BY b"
             if limit is not None:
-                args.append(limit)
-                query += f" LIMIT ${len(args)}"
-            rows = await conn.fetch(query, *args)
+                sql += f" LIMIT {query.arg(limit)}"
+            rows = await conn.fetch(sql, *query.args)
         return [Bucket(r["b"], r["count"], r["sum"], r["min"], r["max"]) for r in rows]
 
     async def stream_raw(
