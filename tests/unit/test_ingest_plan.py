@@ -144,3 +144,16 @@ def test_plans_of_single_messages_merge_into_the_plan_of_the_batch() -> None:
     whole = plan_batch(batch, {"c": Refusal("unknown_device", "no")}, TENANTS)
     whole.new_rows = 1
     assert merged == whole
+
+
+def test_a_redelivered_reading_is_stored_once_and_not_published_again() -> None:
+    old = Reading("d", datetime(2026, 1, 1, tzinfo=UTC), {"t": 1.0})
+    new = Reading("d", datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC), {"t": 2.0})
+    plan = Plan(readings=[old, new])
+    assert plan.published() == [old, new]
+    plan.fresh = {("d", new.ts)}
+    assert plan.published() == [new]
+    # A later part of the batch, written on its own with every reading new, keeps them all.
+    other = Plan(readings=[Reading("e", old.ts, {"t": 3.0})])
+    plan.merge(other)
+    assert plan.published() == [new, other.readings[0]]

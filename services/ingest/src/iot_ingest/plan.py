@@ -95,6 +95,9 @@ class Plan:
     tenants: dict[str, str] = field(default_factory=dict)
     """Tenant of each device with readings or a status in the plan: where its events are published."""
     new_rows: int = 0
+    fresh: set[tuple[str, datetime]] | None = None
+    """Filled by the writer when some rows of the batch were stored before (a redelivered message): the
+    (device, ts) of the readings with a new row. None: every reading is new."""
     """Filled by the writer: telemetry rows that were not stored before (duplicates excluded)."""
     came_online: list[str] = field(default_factory=list)
     """Filled by the writer: devices the batch set ``online`` (an ``online`` status, or a reading of a
@@ -105,6 +108,8 @@ class Plan:
 
     def merge(self, other: Plan) -> None:
         """Add ``other`` (a later part of the batch, written on its own) to this plan."""
+        if self.fresh is not None or other.fresh is not None:
+            self.fresh = _fresh_keys(self) | _fresh_keys(other)
         self.readings += other.readings
         self.dead_letters += other.dead_letters
         self.last_seen.update(other.last_seen)
@@ -118,11 +123,25 @@ class Plan:
         self.came_online += [d for d in other.came_online if d not in self.came_online]
         self.outcomes += other.outcomes
 
+    def published(self) -> list[Reading]:
+        """The readings to publish after the commit: those stored now, not those a redelivered message
+        repeats (WebSocket clients would get them twice)."""
+        if self.fresh is None:
+            return self.readings
+        fresh = self.fresh
+        return [r for r in self.readings if (r.device_id, r.ts) in fresh]
+
     def settle(self) -> None:
         """The plan is committed: tell the deliveries' senders what became of them."""
         for outcome, stored, refusal in self.outcomes:
             outcome.stored = stored
             outcome.refusal = refusal
+
+
+def _fresh_keys(plan: Plan) -> set[tuple[str, datetime]]:
+    if plan.fresh is not None:
+        return plan.fresh
+    return {(r.device_id, r.ts) for r in plan.readings}
 
 
 def payload_excerpt(payload: bytes) -> str:

@@ -116,7 +116,8 @@ class RedisOutput:
                 await self._update_cluster(plan)
                 return
             async with self._redis.pipeline(transaction=False) as pipe:
-                latest = latest_values(plan.readings)
+                published = plan.published()
+                latest = latest_values(published)
                 if latest:
                     keys: list[str] = []
                     args: list[str | bytes | int] = []
@@ -128,7 +129,7 @@ class RedisOutput:
                     await self._latest_script(keys=keys, args=args, client=pipe)
                 tenants, channel = plan.tenants, self._names.device_channel
                 events: list[str | bytes] = []
-                for reading in plan.readings:
+                for reading in published:
                     event = TelemetryEvent(reading.device_id, reading.ts, reading.metrics)
                     events += (channel(tenants[reading.device_id], reading.device_id), encode_event(event))
                 for device_id, (status, at) in plan.statuses.items():
@@ -165,7 +166,8 @@ class RedisOutput:
         latest-values script once per device (each hash is one key, so one shard), concurrently, then the
         events by sharded pub/sub (:func:`iot_common.redis_client.spublish_device_events`)."""
         calls = []
-        for device_id, values in latest_values(plan.readings).items():
+        published = plan.published()
+        for device_id, values in latest_values(published).items():
             # One key per call: ARGV starts with its metric count, as in a whole batch's call.
             args: list[str | bytes | int] = [len(values)]
             for name, (ts, value) in values.items():
@@ -176,7 +178,7 @@ class RedisOutput:
         tenants = plan.tenants
         events: list[DeviceEventOut] = [
             (tenants[r.device_id], r.device_id, encode_event(TelemetryEvent(r.device_id, r.ts, r.metrics)))
-            for r in plan.readings
+            for r in published
         ]
         events += [
             (tenants[device_id], device_id, encode_event(StatusEvent(device_id, status, at)))

@@ -299,7 +299,7 @@ class BatchWriter:
         return dropped
 
     async def _write(self, conn: Conn, plan: Plan) -> None:
-        plan.new_rows = await insert_telemetry(conn, plan.readings)
+        plan.new_rows, plan.fresh = await insert_telemetry(conn, plan.readings)
         if plan.reports:
             await self._apply_reports(conn, plan)
         if plan.dead_letters:
