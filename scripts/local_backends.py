@@ -203,7 +203,9 @@ def _run_as_postgres_user(folder: Path) -> str | None:
     try:
         pwd.getpwnam(POSTGRES_USER_WHEN_ROOT)
     except KeyError:
-        useradd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+        # useradd lives in /usr/sbin, which a minimal PATH (a CI runner's, a test's) may leave out.
+        command = shutil.which("useradd") or shutil.which("useradd", path="/usr/sbin:/sbin") or "useradd"
+        useradd = [command, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
         subprocess.run(
             [*useradd, POSTGRES_USER_WHEN_ROOT],
             check=True,

@@ -157,3 +157,13 @@ def test_a_redelivered_reading_is_stored_once_and_not_published_again() -> None:
     other = Plan(readings=[Reading("e", old.ts, {"t": 3.0})])
     plan.merge(other)
     assert plan.published() == [new, other.readings[0]]
+
+
+def test_a_redelivered_message_is_published_even_if_its_rows_were_stored() -> None:
+    # Its first delivery may have been committed by a replica killed before publishing it.
+    ts = datetime(2026, 1, 1, tzinfo=UTC)
+    delivery = Delivery("devices/telemetry/d", "d", ts, b"{}", readings=[Reading("d", ts, {"t": 1.0})])
+    delivery.redelivered = True
+    plan = plan_batch([delivery], {}, {"d": "tenant"})
+    plan.fresh = set()
+    assert plan.published() == delivery.readings

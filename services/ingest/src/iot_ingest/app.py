@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -43,6 +43,13 @@ from iot_ingest.tenant_quota import TenantQuota, quota_client
 from iot_ingest.writer import BatchWriter
 
 log = structlog.stdlib.get_logger("iot_ingest")
+
+IDLE_IN_TRANSACTION_MS: Final = 15_000
+"""PostgreSQL ends an ingest session left idle inside a transaction this long. Ingest's transactions run
+their statements back to back (the longest wait inside one is a desired-state publication's PUBACK, at
+most ``IOT_INGEST_COMMAND_PUBACK_TIMEOUT_S``); a session idle longer belongs to a replica that froze or
+whose host was cut off mid-transaction. Ending it releases the rows it locked (``devices``), which
+the other replicas' batches, and the peer adopting its MQTT session, wait for (docs/scaling.md)."""
 
 
 @dataclass
@@ -86,6 +93,7 @@ async def build(settings: IngestSettings) -> Parts:
         max_size=settings.database_pool_max,
         timeout=10,
         command_timeout=60,
+        server_settings={"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)},
     )
     redis = create_redis(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
     names = settings.redis_names()

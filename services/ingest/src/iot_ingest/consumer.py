@@ -517,6 +517,8 @@ class Consumer:
         delivery = translate(
             topic, payload, datetime.now(UTC), self._limits, retained=retained, quota=self._quota
         )
+        if isinstance(properties, dict) and properties.get("dup"):
+            delivery.redelivered = True
         if (
             delivery.rejects
             and delivery.rejects[0].reason == "rate_limited"

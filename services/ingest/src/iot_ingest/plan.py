@@ -42,6 +42,8 @@ class Delivery:
     outcome: Outcome | None = None
     """Set by an edge that answers after the commit (HTTP); None for MQTT (its answer is the PUBACK)."""
     report: ReportedMessage | None = None
+    redelivered: bool = False
+    """The broker sent it before (MQTT DUP): its readings may be stored but not yet published."""
 
     @property
     def needs_device(self) -> bool:
@@ -98,6 +100,8 @@ class Plan:
     fresh: set[tuple[str, datetime]] | None = None
     """Filled by the writer when some rows of the batch were stored before (a redelivered message): the
     (device, ts) of the readings with a new row. None: every reading is new."""
+    redelivered: set[tuple[str, datetime]] = field(default_factory=set)
+    """(device, ts) of the readings of redelivered messages (MQTT DUP)."""
     """Filled by the writer: telemetry rows that were not stored before (duplicates excluded)."""
     came_online: list[str] = field(default_factory=list)
     """Filled by the writer: devices the batch set ``online`` (an ``online`` status, or a reading of a
@@ -110,6 +114,7 @@ class Plan:
         """Add ``other`` (a later part of the batch, written on its own) to this plan."""
         if self.fresh is not None or other.fresh is not None:
             self.fresh = _fresh_keys(self) | _fresh_keys(other)
+        self.redelivered |= other.redelivered
         self.readings += other.readings
         self.dead_letters += other.dead_letters
         self.last_seen.update(other.last_seen)
@@ -124,12 +129,15 @@ class Plan:
         self.outcomes += other.outcomes
 
     def published(self) -> list[Reading]:
-        """The readings to publish after the commit: those stored now, not those a redelivered message
-        repeats (WebSocket clients would get them twice)."""
+        """The readings to publish after the commit: those stored now, and those of a message the broker
+        redelivered (its first delivery may have been stored by a replica that died before publishing it:
+        at least once); not a reading stored before by another delivery of the same message that was
+        itself published, e.g. the original a replica cut off from the network stores after the peer that
+        adopted its session stored the redelivered copy (WebSocket clients would get it twice)."""
         if self.fresh is None:
             return self.readings
-        fresh = self.fresh
-        return [r for r in self.readings if (r.device_id, r.ts) in fresh]
+        keep = self.fresh | self.redelivered
+        return [r for r in self.readings if (r.device_id, r.ts) in keep]
 
     def settle(self) -> None:
         """The plan is committed: tell the deliveries' senders what became of them."""
@@ -212,6 +220,8 @@ def plan_batch(batch: list[Delivery], refused: Mapping[str, Refusal], tenants: M
             plan.outcomes.append((outcome, len(delivery.readings) + (delivery.report is not None), None))
         plan.tenants[device_id] = tenants[device_id]
         plan.readings.extend(delivery.readings)
+        if delivery.redelivered:
+            plan.redelivered.update((r.device_id, r.ts) for r in delivery.readings)
         if delivery.report is not None:
             plan.reports.append((device_id, delivery.report, delivery))
         if delivery.status is not None:
