@@ -284,9 +284,12 @@ async def test_readings_posted_with_the_device_credential_are_stored_published_a
 async def test_a_backfill_of_10000_readings_posted_twice_is_stored_once(
     service: Start, database_url: str, redis_url: str, broker: str, db: asyncpg.Connection[Any], unique: str
 ) -> None:
-    # The second post comes at once: a device quota refilling 10,000 readings/s lets it through (the
-    # default, 1,000/s, answers 429 until the bucket is full again).
-    quota = {"IOT_INGEST_MAX_READINGS_PER_DEVICE_S": "10000"}
+    # The second post comes at once: a device bucket of 20,000 readings takes both (the default, 10,000
+    # refilled at 1,000/s, answers 429 with Retry-After until it is full again).
+    quota = {
+        "IOT_INGEST_MAX_READINGS_PER_DEVICE_S": "10000",
+        "IOT_INGEST_MAX_READINGS_PER_DEVICE_BURST": "20000",
+    }
     async with platform(service, database_url, redis_url, broker, **quota) as p:
         device = f"meter-{unique}"
         secret = await new_device(p.api, device)
