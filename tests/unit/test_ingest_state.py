@@ -54,4 +54,3 @@ def test_reports_are_planned_in_order_and_refused_devices_dead_lettered() -> Non
     refused = plan_batch([first], {"dev-1": Refusal("unknown_device", "not registered")}, {})
     assert refused.reports == []
     assert [d.reason for d in refused.dead_letters] == ["unknown_device"]
-
