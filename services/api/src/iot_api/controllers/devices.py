@@ -16,7 +16,7 @@ from iot_api.problems import problem_responses
 from iot_api.queries import PageRequest
 from iot_api.schemas.devices import Device, DeviceCreate, DevicePage, DeviceUpdate
 from iot_api.schemas.identity import DeviceCreated
-from iot_api.schemas.imports import ImportPhase
+from iot_api.schemas.imports import ImportLine, ImportResult
 from iot_api.services.imports import STREAM_MEDIA_TYPE
 from iot_api.state import AppServices
 from iot_api.tenancy import Tenant
@@ -96,8 +96,16 @@ class DeviceController(Controller):
         request_max_body_size=None,  # IOT_API_IMPORT_MAX_BYTES, checked while reading
         responses={
             **problem_responses(409, 413, 503),
+            201: ResponseSpec(
+                data_container=ImportResult,
+                description=(
+                    "Every device was stored. With `credentials=true` the answer is instead `text/csv`"
+                    " (`id,username,password`, one line per device, shown once)."
+                ),
+                generate_examples=False,
+            ),
             200: ResponseSpec(
-                data_container=ImportPhase,
+                data_container=ImportLine,
                 media_type=STREAM_MEDIA_TYPE,
                 description=(
                     "With `Accept: application/x-ndjson`: the import's progress, one JSON object a line (a"

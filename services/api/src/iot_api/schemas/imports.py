@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from iot_api.problems import FieldError
+from iot_api.problems import FieldError, RowProblem
 
 
 class ImportRow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -87,3 +87,8 @@ class ImportCredential(msgspec.Struct, frozen=True):
     id: str
     username: str
     password: str
+
+
+ImportLine = ImportPhase | RowProblem | ImportCredential
+"""Any line of the streamed answer: a phase, a refused row (before ``failed``) or a device's credentials
+(after ``done``)."""
