@@ -218,3 +218,17 @@ async def test_lines_arrive_while_the_import_runs_and_it_ends_without_its_reader
             return response.status_code == 201
 
         await wait_for(released, 30, "the credential's import slot to be released")
+        # Audited once each with its outcome: the refused one (429) too.
+        conn = await asyncpg.connect(database_url)
+        try:
+            statuses = [
+                r["status"]
+                for r in await conn.fetch(
+                    "SELECT status FROM audit_events WHERE tenant_id = $1 AND action = 'importDevices'",
+                    tenant_id,
+                )
+            ]
+        finally:
+            await conn.close()
+        assert statuses.count(201) == 2, statuses
+        assert 429 in statuses, statuses

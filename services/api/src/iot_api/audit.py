@@ -113,17 +113,16 @@ def _uuid(value: str) -> uuid.UUID | None:
         return None
 
 
-def defer_audit(request: Request[Any, Any, Any], tenant: TenantScope) -> Callable[[int], Awaitable[None]]:
-    """For a handler whose outcome is known only after its answer started (a streamed import): the
-    middleware records nothing for this request, and the handler awaits the returned function once, with
-    the status the outcome would have had as a plain answer."""
+def audit_recorder(request: Request[Any, Any, Any], tenant: TenantScope) -> Callable[[int], Awaitable[None]]:
+    """For a handler whose outcome is known only after its answer started (a streamed import): a function
+    that records the request's event with the status the outcome would have had as a plain answer, to be
+    awaited once. :func:`defer_audit` then tells the middleware to record nothing itself."""
     handler = request.scope.get("route_handler")
     operation = handler.operation_id if isinstance(handler, HTTPRouteHandler) else None
     action = operation if isinstance(operation, str) else str(getattr(handler, "handler_name", ""))
     path = request.url.path
     request_id = str(request.scope.get("state", {}).get("request_id", ""))
     audit = services_of(request.app.state).audit
-    request.scope.setdefault("state", {})[DEFERRED] = True
 
     async def record(status: int) -> None:
         await audit.record(
@@ -138,3 +137,9 @@ def defer_audit(request: Request[Any, Any, Any], tenant: TenantScope) -> Callabl
         )
 
     return record
+
+
+def defer_audit(request: Request[Any, Any, Any]) -> None:
+    """The middleware records nothing for this request: the handler's :func:`audit_recorder` does (call it
+    only once the handler cannot answer anything else, so that a refusal is still recorded)."""
+    request.scope.setdefault("state", {})[DEFERRED] = True

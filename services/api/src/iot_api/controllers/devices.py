@@ -10,7 +10,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 
-from iot_api.audit import defer_audit
+from iot_api.audit import audit_recorder, defer_audit
 from iot_api.controllers.params import PAGE, DeviceIdPath
 from iot_api.problems import problem_responses
 from iot_api.queries import PageRequest
@@ -148,8 +148,9 @@ class DeviceController(Controller):
                 credentials=credentials,
                 instance=request.url.path,
                 request_id=request.scope.get("state", {}).get("request_id"),
-                audit=defer_audit(request, tenant),
+                audit=audit_recorder(request, tenant),
             )
+            defer_audit(request)  # recorded when the import ends, with its outcome
             return Stream(
                 lines,
                 status_code=200,
