@@ -16,6 +16,7 @@ from litestar.testing import AsyncTestClient
 from iot_testkit.waiting import wait_for
 from tests.integration.api.conftest import BOOTSTRAP_KEY
 from tests.integration.api.tenants import new_tenant, tenant_key
+from tests.integration.api.test_hostile_input import HOSTILE_BYTES
 
 Client = AsyncTestClient[Any]
 URL = "/api/v1/devices/import"
@@ -232,3 +233,20 @@ async def test_lines_arrive_while_the_import_runs_and_it_ends_without_its_reader
             await conn.close()
         assert statuses.count(201) == 2, statuses
         assert 429 in statuses, statuses
+
+
+async def test_hostile_bodies_stream_a_refusal_never_a_server_error(
+    client: Client, writer: dict[str, str]
+) -> None:
+    """The hostile bodies of the API's other routes, sent as NDJSON and as CSV with the stream asked for:
+    each ends with a 4xx ``failed`` line (or ``done``), never a 5xx one."""
+    bodies = [*HOSTILE_BYTES, b"id\n\x00\n", b'id,name\n"unclosed\n', b"\xef\xbb\xbfid\n" + b"a" * 70 + b"\n"]
+    for body in bodies:
+        for media in ("application/x-ndjson", "text/csv"):
+            response = await client.post(
+                URL, content=body, headers={**writer, **STREAM, "Content-Type": media}
+            )
+            assert response.status_code == 200, (body, media, response.text)
+            last = lines_of(response.text)[-1]
+            assert last["phase"] in ("done", "failed"), (body, media, last)
+            assert last.get("status", 201) < 500, (body, media, last)
