@@ -74,7 +74,7 @@ async def test_streamed_import_reports_each_phase_then_the_credentials(
 async def test_clients_that_do_not_ask_for_the_stream_get_the_plain_answers(
     client: Client, writer: dict[str, str], unique: str
 ) -> None:
-    for accept in ("*/*", "application/json", "text/csv, application/json;q=0.5"):
+    for accept in ("*/*", "application/json", "text/csv, application/json;q=0.5", "application/x-ndjson;q=0"):
         body = f"id\n{unique}-{len(accept)}\n"
         response = await client.post(URL, content=body, headers={**writer, **CSV, "Accept": accept})
         assert response.status_code == 201, response.text

@@ -36,9 +36,18 @@ Search = Annotated[
 
 
 def _accepts_stream(accept: str) -> bool:
-    """The client asks for the streamed answer of an import (``Accept`` names ``application/x-ndjson``;
-    ``*/*`` does not: the plain answer stays the default)."""
-    return any(part.split(";")[0].strip().lower() == STREAM_MEDIA_TYPE for part in accept.split(","))
+    """The client asks for the streamed answer of an import: ``Accept`` names ``application/x-ndjson``
+    (not with ``q=0``; ``*/*`` does not name it: the plain answer stays the default)."""
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        if media.strip().lower() != STREAM_MEDIA_TYPE:
+            continue
+        weights = [p.strip()[2:] for p in params if p.strip().lower().startswith("q=")]
+        try:
+            return not weights or float(weights[0]) > 0
+        except ValueError:
+            return False
+    return False
 
 
 class DeviceController(Controller):
