@@ -6,6 +6,8 @@ Two runs, each on a fresh database (``iot_bench_import``) with ``iot-api`` as a 
 1. ``--devices`` (100,000) devices, the API checking credentials itself (the EMQX hooks,
    ``IOT_MQTT_HOOK_SECRET``, no ``IOT_MQTT_ADMIN_URL``): import time and rate; then the authentication hook
    answers ``allow`` to the last device's password from the answer's CSV and ``deny`` to a wrong one.
+   Then the same number of other devices streamed (``Accept: application/x-ndjson``): when each phase
+   line arrived, and the last byte.
 2. ``--broker-devices`` (1,000) devices with the API provisioning a private Mosquitto with the dynamic
    security plugin (``IOT_MQTT_ADMIN_URL``): import time and rate; then the last device connects with its
    password and publishes its telemetry, which an observer (the admin user) receives through the broker.
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import csv
 import io
+import json
 import sys
 import time
 import uuid
@@ -63,6 +66,36 @@ def import_devices(base: str, count: int, prefix: str) -> tuple[list[dict[str, s
     return rows, seconds, len(body)
 
 
+def import_streamed(base: str, count: int, prefix: str) -> tuple[list[tuple[str, float]], float, int]:
+    """The same import with ``Accept: application/x-ndjson``: (each phase line and the seconds it arrived
+    after the request, seconds to the last byte, credential lines)."""
+    body = "id,name,type,site\n" + "".join(
+        f"{prefix}-{i:06d},meter {i},meter,s{i % 50}\n" for i in range(count)
+    )
+    phases: list[tuple[str, float]] = []
+    credentials = 0
+    began = time.monotonic()
+    with httpx.stream(
+        "POST",
+        f"{base}/api/v1/devices/import?credentials=true",
+        content=body,
+        headers={"X-API-Key": API_KEY, "Content-Type": "text/csv", "Accept": "application/x-ndjson"},
+        timeout=1800,
+    ) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"streamed import failed: {response.status_code} {response.read()[:500]!r}")
+        for line in response.iter_lines():
+            item = json.loads(line)
+            if "phase" in item:
+                phases.append((item["phase"], time.monotonic() - began))
+            elif "password" in item:
+                credentials += 1
+    seconds = time.monotonic() - began
+    if phases[-1][0] != "done" or credentials != count:
+        raise SystemExit(f"streamed import: {phases}, {credentials} credentials")
+    return phases, seconds, credentials
+
+
 def hooks_run(count: int) -> None:
     url = asyncio.run(migrated_database(DATABASE, fresh=True))
     env = {
@@ -77,6 +110,7 @@ def hooks_run(count: int) -> None:
         before = rss_mib(api.pid)
         rows, seconds, size = import_devices(api.base, count, "bulk")
         after = rss_mib(api.pid, "VmHWM")
+        phases, streamed_s, _ = import_streamed(api.base, count, "stream")
         last = rows[-1]
         answers = []
         for password in (last["password"], last["password"] + "x"):
@@ -91,6 +125,8 @@ def hooks_run(count: int) -> None:
         f" {seconds:.1f} s, {count / seconds:,.0f} devices/s; iot-api RSS {before:.0f} MiB before,"
         f" peak {after:.0f} MiB"
     )
+    steps = ", ".join(f"{name} {at:.1f} s" for name, at in phases)
+    print(f"  the same import streamed (Accept: application/x-ndjson): {steps}; last byte {streamed_s:.1f} s")
     print(f"  authn hook for {last['id']}: its password -> {answers[0]}, a wrong one -> {answers[1]}")
     if answers != ["allow", "deny"]:
         raise SystemExit("the imported credential is not accepted by the authentication hook")

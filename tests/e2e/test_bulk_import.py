@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,8 @@ from tests.e2e.test_device_identity import REFUSED, connect
 
 BOOTSTRAP_KEY = "iotk_bulkimport01_" + "b" * 24
 DEVICES = 500
+STREAMED = 201
+"""Devices of the streamed import: two batches of broker users (200 a message)."""
 
 
 @pytest.fixture
@@ -41,6 +44,32 @@ async def test_imported_devices_connect_and_publish_with_their_credentials(
 ) -> None:
     platform = start_platform(broker, service, database_url, redis_url, f"imp-{unique}", BOOTSTRAP_KEY)
     http = platform.http
+
+    # The streamed answer (Accept: application/x-ndjson) tells each batch of broker users as it is made;
+    # a device connects with the password of its line.
+    streamed = "id\n" + "".join(f"{unique}-s{i:03d}\n" for i in range(STREAMED))
+    response = await http.post(
+        "/api/v1/devices/import?credentials=true",
+        content=streamed,
+        headers={"Content-Type": "text/csv", "Accept": "application/x-ndjson"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert [line.get("phase") for line in lines[:6]] == [
+        "parsed",
+        "validated",
+        "stored",
+        "broker",
+        "broker",
+        "done",
+    ]
+    assert [(line["done"], line["total"]) for line in lines[3:5]] == [(200, STREAMED), (STREAMED, STREAMED)]
+    assert len(lines) == 6 + STREAMED
+    mine = lines[-1]
+    device = await connect(broker, mine["username"], mine["password"])
+    await device.client.disconnect()
+
     body = "id,name,type\n" + "".join(f"{unique}-{i:04d},meter {i},meter\n" for i in range(DEVICES))
     response = await http.post(
         "/api/v1/devices/import?credentials=true",

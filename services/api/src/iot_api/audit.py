@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import msgspec
+from litestar import Request
 from litestar.enums import ScopeType
 from litestar.handlers import HTTPRouteHandler
 from litestar.middleware import ASGIMiddleware
@@ -17,6 +19,8 @@ from iot_api.tenancy import TenantScope
 
 AUDITED_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 API_PREFIX = "/api/v1/"
+DEFERRED = "audit_deferred"
+"""Set in the request's state by a handler that records its own event (:func:`defer_audit`)."""
 
 
 class _Created(msgspec.Struct):
@@ -71,6 +75,9 @@ class AuditMiddleware(ASGIMiddleware):
         async def send_after_record(message: Message) -> None:
             nonlocal start, recorded
             event = cast("dict[str, Any]", message)
+            if http.get("state", {}).get(DEFERRED):
+                await send(message)  # the handler records the event itself, when its outcome is known
+                return
             if event["type"] == "http.response.start":
                 start = message  # held until the body is known (a creation's id is in it)
                 return
@@ -104,3 +111,35 @@ def _uuid(value: str) -> uuid.UUID | None:
         return uuid.UUID(value)
     except ValueError:
         return None
+
+
+def audit_recorder(request: Request[Any, Any, Any], tenant: TenantScope) -> Callable[[int], Awaitable[None]]:
+    """For a handler whose outcome is known only after its answer started (a streamed import): a function
+    that records the request's event with the status the outcome would have had as a plain answer, to be
+    awaited once. :func:`defer_audit` then tells the middleware to record nothing itself."""
+    handler = request.scope.get("route_handler")
+    operation = handler.operation_id if isinstance(handler, HTTPRouteHandler) else None
+    action = operation if isinstance(operation, str) else str(getattr(handler, "handler_name", ""))
+    path = request.url.path
+    request_id = str(request.scope.get("state", {}).get("request_id", ""))
+    audit = services_of(request.app.state).audit
+
+    async def record(status: int) -> None:
+        await audit.record(
+            tenant,
+            also=None,
+            action=action,
+            method=request.method,
+            path=path,
+            target=target_of(path, None),
+            request_id=request_id,
+            status=status,
+        )
+
+    return record
+
+
+def defer_audit(request: Request[Any, Any, Any]) -> None:
+    """The middleware records nothing for this request: the handler's :func:`audit_recorder` does (call it
+    only once the handler cannot answer anything else, so that a refusal is still recorded)."""
+    request.scope.setdefault("state", {})[DEFERRED] = True

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import gmqtt
@@ -152,9 +153,14 @@ class DynsecAdmin:
         )
 
     async def create_devices(
-        self, devices: list[tuple[str, str]], batch: int = 200, timeout: float = 120.0
+        self,
+        devices: list[tuple[str, str]],
+        batch: int = 200,
+        timeout: float = 120.0,
+        progress: Callable[[int], None] | None = None,
     ) -> list[str]:
-        """Create the users and roles of many new devices (id, password), ``batch`` devices per message.
+        """Create the users and roles of many new devices (id, password), ``batch`` devices per message;
+        ``progress`` is told the number of devices sent so far after each answered message.
 
         Returns the ids whose user existed already (left unchanged: the caller checks and re-keys them one
         by one). Mosquitto's plugin saves its whole file after every command, so each command costs time
@@ -179,6 +185,8 @@ class DynsecAdmin:
                 index = int(str(answer.get("correlationData", ":0")).split(":")[1])
                 if answer.get("error") and commands[index]["command"] == "createClient":
                     existing.append(str(commands[index]["username"]))
+            if progress is not None:
+                progress(min(start + batch, len(devices)))
         return existing
 
     async def disable_device(self, device_id: str) -> None:

@@ -113,6 +113,16 @@ def _type_uri(status: int) -> str:
 
 def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     """Translate any exception raised while serving ``request`` into a problem-details response."""
+    state = request.scope.get("state", {})
+    problem, headers = problem_of(exc, request.url.path, state.get("request_id"))
+    return Response(problem, status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def problem_of(
+    exc: Exception, instance: str | None, request_id: str | None
+) -> tuple[Problem, dict[str, str]]:
+    """The problem details (and headers) of any exception raised while serving a request: also for an
+    answer that is already under way (a streamed import's last line)."""
     status = 500
     detail = ""
     errors: list[FieldError] = []
@@ -182,19 +192,18 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
         log.warning("request refused", status=status, detail=detail, error=type(exc).__name__)
     if status == 401:
         headers.setdefault("WWW-Authenticate", 'Bearer realm="iot", ApiKey header="X-API-Key"')
-    state = request.scope.get("state", {})
     problem = Problem(
         type=_type_uri(status),
         title=HTTPStatus(status).phrase,
         status=status,
         detail=detail,
-        instance=request.url.path,
-        request_id=state.get("request_id"),
+        instance=instance,
+        request_id=request_id,
         errors=errors,
         rows=rows,
         rows_total=rows_total,
     )
-    return Response(problem, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+    return problem, headers
 
 
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {

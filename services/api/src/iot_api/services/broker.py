@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -99,14 +100,17 @@ class DynsecProvisioner:
         if roles != {device_role(device_id)}:
             raise Conflict(f"MQTT user {device_id!r} exists on the broker and is not this device's")
 
-    async def provision_many(self, devices: list[tuple[str, str]]) -> list[str]:
-        """Provision many new devices (an import) in batched messages; a user that exists already is
-        checked and re-keyed like :meth:`provision`. Returns the ids whose users this call created; when it
-        raises (like :meth:`provision`), it has tried to delete them again."""
+    async def provision_many(
+        self, devices: list[tuple[str, str]], progress: Callable[[int], None] | None = None
+    ) -> list[str]:
+        """Provision many new devices (an import) in batched messages (``progress``: the devices sent so
+        far, after each); a user that exists already is checked and re-keyed like :meth:`provision`.
+        Returns the ids whose users this call created; when it raises (like :meth:`provision`), it has
+        tried to delete them again."""
         admin = await self._connected()
         existing: set[str] = set()
         try:
-            existing = set(await admin.create_devices(devices))
+            existing = set(await admin.create_devices(devices, progress=progress))
             for device_id, password in devices:
                 if device_id in existing:
                     await self._refuse_foreign_user(admin, device_id)

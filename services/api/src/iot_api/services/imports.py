@@ -10,6 +10,11 @@ With ``credentials``, each device gets an MQTT secret (only its SHA-256 is store
 CSV ``id,username,password``, shown once. With ``IOT_MQTT_ADMIN_URL`` the broker users are created in
 batched messages inside the transaction (at most ``IOT_API_IMPORT_MAX_BROKER_DEVICES`` per import: the
 plugin saves its whole file after every command, see docs/device-identity.md).
+
+Progress: a client that accepts ``application/x-ndjson`` gets the answer as a stream of lines, one per
+phase (parsed, validated, stored, broker batches, then done or failed; see :mod:`iot_api.schemas.imports`).
+The import then runs in a task of its own, so that it ends (committed or rolled back, audited, the
+principal's slot released) whether or not the client reads its answer to the end.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import io
 import re
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,8 +35,20 @@ import msgspec
 import structlog
 
 from iot_api.errors import Conflict, Invalid, RateLimited, RowError, RowsInvalid, TooLarge
+from iot_api.problems import problem_of
 from iot_api.repositories.devices import DeviceLimitReached, DeviceRepository, ImportRecord
-from iot_api.schemas.imports import ImportResult, ImportRow
+from iot_api.schemas.imports import (
+    ImportBroker,
+    ImportCredential,
+    ImportDone,
+    ImportFailed,
+    ImportParsed,
+    ImportPhase,
+    ImportResult,
+    ImportRow,
+    ImportStored,
+    ImportValidated,
+)
 from iot_api.services.identity import SECRET_PREFIX, IdentityService
 from iot_api.tenancy import TenantScope
 from iot_common.db.jsonb import unstorable_json
@@ -50,6 +67,16 @@ _TYPE_RE = re.compile(DEVICE_TYPE_PATTERN)
 _AT_RE = re.compile(r" - at `\$\.?([^`]*)`$")
 _FIELD_RE = re.compile(r"field `([^`]*)`")
 _row_decoder = msgspec.json.Decoder(ImportRow)
+_encoder = msgspec.json.Encoder()
+LINES_PER_CHUNK = 1000
+"""Data lines (refused rows, credentials) sent together in one piece of a streamed answer."""
+STREAM_MEDIA_TYPE = "application/x-ndjson"
+
+Progress = Callable[[ImportPhase], None]
+
+
+def _ignore(_: ImportPhase) -> None:
+    """The progress of an import whose answer is not streamed."""
 
 
 class ParsedRow(msgspec.Struct):
@@ -157,17 +184,24 @@ class Imports:
     def __init__(self) -> None:
         self.active: set[str] = set()
 
-    @asynccontextmanager
-    async def hold(self, principal: str) -> AsyncIterator[None]:
+    def acquire(self, principal: str) -> None:
+        """Take the principal's slot (429 when an import of it runs); :meth:`release` gives it back."""
         if principal in self.active:
             raise RateLimited(
                 "an import of this credential is running; retry when it is done", retry_after_s=5
             )
         self.active.add(principal)
+
+    def release(self, principal: str) -> None:
+        self.active.discard(principal)
+
+    @asynccontextmanager
+    async def hold(self, principal: str) -> AsyncIterator[None]:
+        self.acquire(principal)
         try:
             yield
         finally:
-            self.active.discard(principal)
+            self.release(principal)
 
 
 class ImportService:
@@ -187,6 +221,8 @@ class ImportService:
         self.max_bytes = max_bytes
         self.max_broker_devices = max_broker_devices
         self.running = Imports()
+        self.streams: set[asyncio.Task[None]] = set()
+        """The streamed imports running (a reference each, so that none is collected before it ends)."""
 
     async def read_body(self, chunks: AsyncIterator[bytes], content_length: int | None) -> bytes:
         """The body, refused with 413 past ``IOT_API_IMPORT_MAX_BYTES`` (before reading when announced)."""
@@ -202,9 +238,19 @@ class ImportService:
             parts.append(chunk)
         return b"".join(parts)
 
-    def parse(self, data: bytes, content_type: str) -> tuple[list[ParsedRow], list[RowError]]:
-        """Rows of the body by its media type, and the rows refused while reading them."""
+    @staticmethod
+    def media_of(content_type: str) -> str:
+        """The body's media type, one the import reads (else 422 naming ``Content-Type``)."""
         media = content_type.split(";")[0].strip().lower()
+        if media not in CSV_TYPES and media not in NDJSON_TYPES:
+            raise Invalid(
+                "Content-Type", "text/csv or application/x-ndjson (one JSON object a line)", "header"
+            )
+        return media
+
+    def parse(self, data: bytes, content_type: str) -> tuple[list[ParsedRow], list[RowError]]:
+        """Rows of the body by its media type, and the rows refused while reading them (one each)."""
+        media = self.media_of(content_type)
         errors: list[RowError] = []
         if media in CSV_TYPES:
             try:
@@ -215,12 +261,8 @@ class ImportService:
                 rows = parse_csv(text, errors, self.max_rows)
             except csv.Error as exc:
                 raise Invalid("body", f"the CSV cannot be read: {exc}", "body") from None
-        elif media in NDJSON_TYPES:
-            rows = parse_ndjson(data, errors, self.max_rows)
         else:
-            raise Invalid(
-                "Content-Type", "text/csv or application/x-ndjson (one JSON object a line)", "header"
-            )
+            rows = parse_ndjson(data, errors, self.max_rows)
         return rows, errors
 
     def check(self, rows: list[ParsedRow], errors: list[RowError]) -> None:
@@ -240,46 +282,7 @@ class ImportService:
         """Store every device of the body, or none (422 naming each wrong row); with ``credentials``,
         the CSV ``id,username,password`` too."""
         async with self.running.hold(tenant.principal.subject):
-            # Reading 100,000 rows takes a few CPU seconds: in a thread, so that the event loop keeps
-            # serving the process's other requests meanwhile.
-            rows, errors = await asyncio.to_thread(self._read, data, content_type)
-            if errors:
-                self._refuse(errors)
-            if not rows:
-                raise Invalid("body", "no device to import", "body")
-            broker = self.identity.broker if credentials else None
-            if broker is not None and len(rows) > self.max_broker_devices:
-                raise Invalid(
-                    "credentials",
-                    f"at most {self.max_broker_devices} devices with credentials per import while the API"
-                    " provisions Mosquitto's dynamic security (IOT_API_IMPORT_MAX_BROKER_DEVICES); split it",
-                )
-            records, secrets_ = await asyncio.to_thread(_records, rows, credentials)
-            created: list[str] = []
-
-            async def provision() -> None:
-                if broker is not None:
-                    created.extend(
-                        await broker.provision_many([(r.id, s) for r, s in zip(rows, secrets_, strict=True)])
-                    )
-
-            try:
-                taken = await self.repo.import_many(tenant.tenant_id, records, provision)
-            except DeviceLimitReached as exc:
-                raise Conflict(
-                    f"the import would pass the tenant's device limit ({exc.limit} devices, max_devices)"
-                ) from None
-            except asyncpg.UniqueViolationError:
-                # A device of the body was created by another request between the check and the insert.
-                raise Conflict("a device of the import was created meanwhile; nothing was imported") from None
-            except BaseException:
-                if broker is not None and created:
-                    await broker.delete_many(created)
-                raise
-            if taken:
-                self._refuse([RowError(line, id_, "id", "already exists") for line, id_ in taken])
-            await self._invalidate(tenant, [r.id for r in rows])
-        log.info("devices imported", tenant=str(tenant.tenant_id), devices=len(rows), credentials=credentials)
+            rows, secrets_ = await self._import(tenant, data, content_type, credentials, _ignore)
         answer = None
         if credentials:
             lines = ["id,username,password"] + [
@@ -288,10 +291,138 @@ class ImportService:
             answer = ("\r\n".join(lines) + "\r\n").encode()
         return ImportResult(imported=len(rows), credentials=credentials), answer
 
-    def _read(self, data: bytes, content_type: str) -> tuple[list[ParsedRow], list[RowError]]:
-        rows, errors = self.parse(data, content_type)
-        self.check(rows, errors)
-        return rows, errors
+    def stream_import(
+        self,
+        tenant: TenantScope,
+        data: bytes,
+        content_type: str,
+        *,
+        credentials: bool,
+        instance: str,
+        request_id: str | None,
+        audit: Callable[[int], Awaitable[None]],
+    ) -> AsyncIterator[bytes]:
+        """Start the import in a task of its own and return its answer as NDJSON lines: the phases as they
+        pass, then ``done`` and the credentials, or the refused rows and ``failed``. The principal's slot
+        is taken now (429 while another import of it runs); ``audit`` is awaited once with the status the
+        plain answer would have had (201, or the problem's), before the last phase line."""
+        principal = tenant.principal.subject
+        self.running.acquire(principal)
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        task = asyncio.create_task(
+            self._run_streamed(tenant, data, content_type, credentials, queue, instance, request_id, audit)
+        )
+        self.streams.add(task)
+        task.add_done_callback(self.streams.discard)
+        return _lines(queue)
+
+    async def _run_streamed(
+        self,
+        tenant: TenantScope,
+        data: bytes,
+        content_type: str,
+        credentials: bool,
+        queue: asyncio.Queue[bytes | None],
+        instance: str,
+        request_id: str | None,
+        audit: Callable[[int], Awaitable[None]],
+    ) -> None:
+        def emit(phase: ImportPhase) -> None:
+            queue.put_nowait(_encoder.encode(phase) + b"\n")
+
+        try:
+            try:
+                rows, secrets_ = await self._import(tenant, data, content_type, credentials, emit)
+            except Exception as exc:
+                problem, headers = problem_of(exc, instance, request_id)
+                for start in range(0, len(problem.rows or ()), LINES_PER_CHUNK):
+                    chunk = (problem.rows or [])[start : start + LINES_PER_CHUNK]
+                    queue.put_nowait(b"".join(_encoder.encode(r) + b"\n" for r in chunk))
+                await audit(problem.status)
+                retry = headers.get("Retry-After")
+                emit(
+                    ImportFailed(
+                        status=problem.status,
+                        title=problem.title,
+                        detail=problem.detail,
+                        errors=problem.errors,
+                        rows_total=problem.rows_total,
+                        retry_after_s=int(retry) if retry else None,
+                    )
+                )
+                return
+            await audit(201)
+            emit(ImportDone(created=len(rows), credentials=credentials))
+            for start in range(0, len(secrets_), LINES_PER_CHUNK):
+                queue.put_nowait(
+                    b"".join(
+                        _encoder.encode(ImportCredential(r.id, r.id, secret)) + b"\n"
+                        for r, secret in zip(
+                            rows[start : start + LINES_PER_CHUNK],
+                            secrets_[start : start + LINES_PER_CHUNK],
+                            strict=True,
+                        )
+                    )
+                )
+        finally:
+            self.running.release(tenant.principal.subject)
+            queue.put_nowait(None)
+
+    async def _import(
+        self, tenant: TenantScope, data: bytes, content_type: str, credentials: bool, progress: Progress
+    ) -> tuple[list[ParsedRow], list[str]]:
+        """The import (the caller holds the principal's slot): its rows and, with ``credentials``, each
+        one's secret; each phase is told to ``progress`` as it passes."""
+        # Reading 100,000 rows takes a few CPU seconds: in a thread, so that the event loop keeps serving
+        # the process's other requests meanwhile.
+        rows, errors = await asyncio.to_thread(self.parse, data, content_type)
+        read = len(rows) + len(errors)  # one error per row refused while reading
+        progress(ImportParsed(rows=read))
+        await asyncio.to_thread(self.check, rows, errors)
+        progress(ImportValidated(rows=read, invalid=len({e.line for e in errors})))
+        if errors:
+            self._refuse(errors)
+        if not rows:
+            raise Invalid("body", "no device to import", "body")
+        broker = self.identity.broker if credentials else None
+        if broker is not None and len(rows) > self.max_broker_devices:
+            raise Invalid(
+                "credentials",
+                f"at most {self.max_broker_devices} devices with credentials per import while the API"
+                " provisions Mosquitto's dynamic security (IOT_API_IMPORT_MAX_BROKER_DEVICES); split it",
+            )
+        records, secrets_ = await asyncio.to_thread(_records, rows, credentials)
+        created: list[str] = []
+
+        async def provision() -> None:
+            progress(ImportStored(rows=len(rows)))
+            if broker is not None:
+                total = len(rows)
+                created.extend(
+                    await broker.provision_many(
+                        [(r.id, s) for r, s in zip(rows, secrets_, strict=True)],
+                        progress=lambda done: progress(ImportBroker(done=done, total=total)),
+                    )
+                )
+
+        try:
+            taken = await self.repo.import_many(tenant.tenant_id, records, provision)
+        except DeviceLimitReached as exc:
+            raise Conflict(
+                f"the import would pass the tenant's device limit ({exc.limit} devices, max_devices)"
+            ) from None
+        except asyncpg.UniqueViolationError:
+            # A device of the body was created by another request between the check and the insert.
+            raise Conflict("a device of the import was created meanwhile; nothing was imported") from None
+        except BaseException:
+            if broker is not None and created:
+                await broker.delete_many(created)
+            raise
+        if taken:
+            self._refuse([RowError(line, id_, "id", "already exists") for line, id_ in taken])
+        await self._invalidate(tenant, [r.id for r in rows])
+        log.info("devices imported", tenant=str(tenant.tenant_id), devices=len(rows), credentials=credentials)
+        return rows, secrets_
 
     @staticmethod
     def _refuse(errors: list[RowError]) -> None:
@@ -304,3 +435,9 @@ class ImportService:
         for start in range(0, len(device_ids), 10_000):
             keys = [self.identity.cache_key(d) for d in device_ids[start : start + 10_000]]
             await self.devices.cache.delete(*keys)
+
+
+async def _lines(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    """What a streamed import put in ``queue``, until its end (``None``)."""
+    while (chunk := await queue.get()) is not None:
+        yield chunk
