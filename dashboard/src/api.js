@@ -152,14 +152,25 @@ export class Api {
     return this.request("POST", `/api/v1/devices/${enc(deviceId)}/commands`, { name, params });
   }
 
+  // Whether the API offers device state: its OpenAPI document lists the path (asked once; an API without
+  // it would answer each GET with a 404, which a browser logs as an error).
+  async hasState() {
+    if (this.stateSupported === undefined) {
+      try {
+        const response = await fetch(`${this.base}/api/docs/openapi.json`, { credentials: "omit" });
+        const doc = response.ok ? await response.json() : { paths: {} };
+        this.stateSupported = Object.keys(doc.paths || {}).some((path) => /^\/api\/v1\/devices\/\{[^}]+\}\/state$/.test(path));
+      } catch {
+        this.stateSupported = false;
+      }
+    }
+    return this.stateSupported;
+  }
+
   // Desired vs reported state (docs/device-state.md); null when the API has no state endpoint.
   async state(deviceId) {
-    try {
-      return await this.request("GET", `/api/v1/devices/${enc(deviceId)}/state`);
-    } catch (err) {
-      if (err.status === 404 || err.status === 405) return null;
-      throw err;
-    }
+    if (!(await this.hasState())) return null;
+    return this.request("GET", `/api/v1/devices/${enc(deviceId)}/state`);
   }
 
   // A merge patch of the desired state, only if the state is still at `version` (412 otherwise).

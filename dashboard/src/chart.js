@@ -102,6 +102,7 @@ export class MetricChart {
   redraw() {
     this.plot.setData([this.xs, this.ys]);
     this.holder.dataset.points = String(this.points);
+    this.holder.dataset.gaps = String(this.ys.length - this.points);
     this.showReadout(null);
   }
 

@@ -217,8 +217,8 @@ async function showDevicesView() {
   await reloadDevicePage();
   const wanted = state.device || $("device-rows").rows[0]?.dataset.device || null;
   if (wanted && wanted !== selected?.id) await selectDevice(wanted, false);
-  else if (wanted) await loadDevice(); // the range may have changed
-  else showNoDevice();
+  else if (wanted && rangeKey() !== loadedRange) await loadDevice(); // back to a view with another range
+  else if (!wanted) showNoDevice();
 }
 
 async function reloadDevicePage() {
@@ -310,6 +310,12 @@ const current = new Map(); // metric -> {value, ts}
 let baseline = new Map(); // metric -> the first value of the range (the trend's reference)
 let range = null; // {fromMs, toMs, live, bucket}
 let loadSeq = 0;
+let loadedRange = null; // rangeKey() of what is shown
+
+function rangeKey() {
+  const state = urlState();
+  return JSON.stringify([state.range, state.from, state.to]);
+}
 
 function showNoDevice() {
   selected = null;
@@ -377,6 +383,7 @@ function showRangePicker(r) {
 async function loadDevice() {
   const seq = ++loadSeq;
   const device = selected;
+  loadedRange = rangeKey();
   range = currentRange();
   showRangePicker(range);
   for (const chart of charts.values()) chart.destroy();
