@@ -70,6 +70,7 @@ function urlState() {
     from: p.get("from"),
     to: p.get("to"),
     q: p.get("q") || "",
+    per: ["50", "100", "500"].includes(p.get("per")) ? p.get("per") : "50",
     status: p.get("status") || "",
     type: p.get("type") || "",
     tenant: p.get("tenant") || "",
@@ -204,17 +205,22 @@ const devices = new Map(); // id -> device (the page shown, plus the chosen one)
 let pageCursors = [null]; // cursor of each page visited; the last is the current page's
 let pageFilters = null;
 
+let viewSeq = 0;
+
 async function showDevicesView() {
+  const seq = ++viewSeq;
   const state = urlState();
   $("device-q").value = state.q;
   $("device-status").value = state.status;
   $("device-type").value = state.type;
-  const filters = JSON.stringify([state.q, state.status, state.type]);
+  $("device-per").value = state.per;
+  const filters = JSON.stringify([state.q, state.status, state.type, state.per]);
   if (filters !== pageFilters) {
     pageFilters = filters;
     pageCursors = [null];
   }
   await reloadDevicePage();
+  if (seq !== viewSeq) return; // superseded (another view, another tenant) while the page loaded
   const wanted = state.device || $("device-rows").rows[0]?.dataset.device || null;
   if (wanted && wanted !== selected?.id) await selectDevice(wanted, false);
   else if (wanted && rangeKey() !== loadedRange) await loadDevice(); // back to a view with another range
@@ -223,7 +229,13 @@ async function showDevicesView() {
 
 async function reloadDevicePage() {
   const state = urlState();
-  const page = await api.devicePage({ q: state.q, status: state.status, type: state.type, cursor: pageCursors.at(-1) });
+  const page = await api.devicePage({
+    q: state.q,
+    status: state.status,
+    type: state.type,
+    cursor: pageCursors.at(-1),
+    limit: Number(state.per),
+  });
   const started = performance.now();
   renderDevices(page);
   await painted();
@@ -287,10 +299,14 @@ let filterTimer = null;
 function filtersChanged() {
   clearTimeout(filterTimer);
   filterTimer = setTimeout(() => {
-    setUrl({ q: $("device-q").value.trim(), status: $("device-status").value, type: $("device-type").value.trim() });
-    pageFilters = null;
+    setUrl({
+      q: $("device-q").value.trim(),
+      status: $("device-status").value,
+      type: $("device-type").value.trim(),
+      per: $("device-per").value === "50" ? null : $("device-per").value,
+    });
     const state = urlState();
-    pageFilters = JSON.stringify([state.q, state.status, state.type]);
+    pageFilters = JSON.stringify([state.q, state.status, state.type, state.per]);
     pageCursors = [null];
     reloadDevicePage().catch(report);
   }, 250);
@@ -298,6 +314,7 @@ function filtersChanged() {
 $("device-q").addEventListener("input", filtersChanged);
 $("device-type").addEventListener("input", filtersChanged);
 $("device-status").addEventListener("change", filtersChanged);
+$("device-per").addEventListener("change", filtersChanged);
 $("device-filters").addEventListener("submit", (e) => e.preventDefault());
 
 // ---------------------------------------------------------------------------------------- device view
@@ -337,6 +354,8 @@ async function selectDevice(id, push) {
   $("device-title").textContent = selected.name && selected.name !== id ? `${selected.name}` : id;
   showDeviceMeta();
   $("commands").replaceChildren();
+  $("cred-secret").textContent = "";
+  $("credentials").hidden = true;
   $("state").hidden = true;
   state = null;
   await loadDevice();
@@ -381,6 +400,21 @@ function showRangePicker(r) {
 
 // History of the chosen device over the range, then live readings keep it going at the right edge.
 async function loadDevice() {
+  const seq = loadSeq + 1;
+  try {
+    await loadHistory();
+  } finally {
+    if (seq === loadSeq && pending) {
+      // It failed: live readings go on at the right edge of whatever is shown.
+      const meanwhile = pending;
+      pending = null;
+      delete $("charts").dataset.loading;
+      for (const [metric, ts, value] of meanwhile) addReading(metric, ts, value);
+    }
+  }
+}
+
+async function loadHistory() {
   const seq = ++loadSeq;
   const device = selected;
   loadedRange = rangeKey();
@@ -392,9 +426,16 @@ async function loadDevice() {
   baseline = new Map();
   $("metrics").replaceChildren();
   $("charts").dataset.loading = "true";
+  pending = [];
   const latest = await api.latest(device.id);
   if (seq !== loadSeq) return;
   for (const [metric, point] of Object.entries(latest.metrics)) current.set(metric, point);
+  const knownMetrics = new Set(current.keys());
+  if (!knownMetrics.size && range.bucket) {
+    // No latest value cached: the metrics are found in the newest readings of the range.
+    for (const item of await api.raw(device.id, new Date(range.fromMs), new Date(range.toMs + 1000), 500)) knownMetrics.add(item.metric);
+    if (seq !== loadSeq) return;
+  }
   const from = new Date(range.fromMs);
   const to = new Date(range.live ? Date.now() + 1000 : range.toMs);
   const series = new Map(); // metric -> [[ms, value]] oldest first
@@ -413,7 +454,7 @@ async function loadDevice() {
   } else {
     stepS = BUCKET_S[range.bucket];
     // One metric per request; one after the other (the API bounds concurrent telemetry reads).
-    for (const metric of [...current.keys()].filter((m) => typeof current.get(m).value === "number").sort()) {
+    for (const metric of [...knownMetrics].filter((m) => typeof (current.get(m)?.value ?? 0) === "number").sort()) {
       const points = await api.buckets(device.id, metric, range.bucket, from, to);
       if (seq !== loadSeq) return;
       series.set(
@@ -437,6 +478,10 @@ async function loadDevice() {
     }
     showMetric(metric);
   }
+  // What came live meanwhile goes after the history (older or equal readings are skipped).
+  const meanwhile = pending;
+  pending = null;
+  for (const [metric, ts, value] of meanwhile) addReading(metric, ts, value);
   await painted();
   const ms = performance.now() - arrived;
   window.consoleTimings.chart = { ms, points: total, range: range.name, bucket: range.bucket || "raw" };
@@ -489,9 +534,15 @@ function showMetric(metric) {
   } else trend.textContent = "";
 }
 
+let pending = null; // live readings that arrive while the history loads: [metric, ts, value]
+
 function addReading(metric, ts, value) {
   const known = current.get(metric);
   if (!known || Date.parse(ts) >= Date.parse(known.ts)) current.set(metric, { value, ts });
+  if (pending) {
+    pending.push([metric, ts, value]);
+    return;
+  }
   if (range?.live && typeof value === "number") {
     let chart = charts.get(metric);
     if (!chart) {
@@ -653,7 +704,6 @@ async function loadCredentials(id) {
   const cred = await api.credentials(id).catch(() => null);
   if (selected?.id !== id) return;
   $("credentials").hidden = !cred;
-  $("cred-secret").textContent = "";
   if (cred) showCredentials(cred);
 }
 
@@ -751,10 +801,12 @@ async function loadRules() {
   const rules = await api.rules();
   $("rule-rows").replaceChildren(
     ...rules.map((rule) => {
-      const toggle = h("input", {
+      // Without the write permission the state is shown, not a control that would be refused.
+      const toggle = !can("write")
+        ? h("span", {}, rule.enabled ? "enabled" : "disabled")
+        : h("input", {
         type: "checkbox",
         checked: rule.enabled,
-        disabled: !can("write"),
         "aria-label": `Rule ${rule.name} enabled`,
         onchange: async (e) => {
           try {
