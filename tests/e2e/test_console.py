@@ -18,8 +18,9 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ class Platform:
     api_key: str
     mqtt_url: str
     database_url: str
+    stop_realtime: Callable[[], None]
+    start_realtime: Callable[[], None]
 
     @property
     def headers(self) -> dict[str, str]:
@@ -106,7 +109,17 @@ def platform(service: Start, database_url: str, redis_url: str, unique: str) -> 
         )
         for proc, port in ((api, api_port), (realtime, rt_port), (ingest, ingest_port)):
             proc.wait_http(f"http://127.0.0.1:{port}/readyz")
-        yield Platform(f"http://127.0.0.1:{api_port}", api_key, mqtt_url, database_url)
+
+        def stop_realtime() -> None:
+            assert realtime.stop() == 0
+
+        def start_realtime() -> None:
+            again = service("iot-realtime", {**common, "IOT_REALTIME_PORT": str(rt_port)})
+            again.wait_http(f"http://127.0.0.1:{rt_port}/readyz")
+
+        yield Platform(
+            f"http://127.0.0.1:{api_port}", api_key, mqtt_url, database_url, stop_realtime, start_realtime
+        )
 
 
 @contextmanager
@@ -246,11 +259,16 @@ def test_console_covers_every_feature(
         assert not errors, f"console errors: {errors}"
 
 
+RESTARTING = threading.Event()
+"""Set while the test has stopped the realtime service: the browser's own log of each refused reconnect
+attempt is expected then (and only then)."""
+
+
 def _new_page(browser: Browser, errors: list[str]) -> Page:
     # axe-core is injected as an inline script: the test (not the page) bypasses the page's CSP for it.
     context = browser.new_context(viewport={"width": 1440, "height": 900}, bypass_csp=True)
     page = context.new_page()
-    page.on("console", lambda m: _keep_error(m, errors, False))
+    page.on("console", lambda m: _keep_error(m, errors, RESTARTING.is_set()))
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("response", lambda r: r.status >= 400 and errors.append(f"{r.status} {r.request.method} {r.url}"))
     return page
@@ -453,6 +471,19 @@ def _admin_walk(
     assert points > 300, timings  # 2-hour buckets over 28 days of readings
     assert gaps >= 1, timings  # the two silent days are a gap, not a line
     _check_page(page, "fleet-30d", artifacts)
+
+    # The connection state: reconnecting, then offline with a retry button; retried at once on demand.
+    RESTARTING.set()
+    p.stop_realtime()
+    expect(page.locator("#connection")).to_have_attribute("data-state", "reconnecting", timeout=10_000)
+    expect(page.locator("#connection")).to_have_attribute("data-state", "offline", timeout=40_000)
+    expect(page.locator("#connection")).to_contain_text("Offline")
+    page.screenshot(path=str(artifacts / "offline-1440.png"))
+    p.start_realtime()
+    # Its backoff is at 8 s or more by now: the button, not the next attempt, brings it back this fast.
+    page.get_by_role("button", name="Retry now").click()
+    expect(page.locator("#connection")).to_have_text("Live", timeout=4_000)
+    RESTARTING.clear()
     page.context.close()
 
 
@@ -486,3 +517,53 @@ def _viewer_walk(browser: Browser, p: Platform, prefix: str, errors: list[str], 
     expect(page.locator("#rule-rows input")).to_have_count(0)
     _check_page(page, "viewer-alerts", artifacts)
     page.context.close()
+
+
+def test_console_state_panel_shows_desired_vs_reported_and_edits_desired(
+    service: Start, database_url: str, redis_url: str, unique: str, artifacts_dir: Path
+) -> None:
+    """Desired vs reported state, the delta highlighted, the editor (docs/device-state.md). Skipped only
+    where the API has no state endpoint (it answers 404)."""
+    device = f"stateful-{unique}"
+    with platform(service, database_url, redis_url, unique) as p:
+        p.post("/api/v1/devices", {"id": device, "name": "Thermostat", "type": "thermo"})
+        probe = httpx.get(f"{p.base}/api/v1/devices/{device}/state", headers=p.headers)
+        if probe.status_code == 404:
+            pytest.skip("this API has no device state endpoint (GET /api/v1/devices/{id}/state answers 404)")
+        errors: list[str] = []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = _new_page(browser, errors)
+                _sign_in(page, f"{p.base}/dashboard/?device={device}", ADMIN)
+                panel = page.locator("#state")
+                expect(panel).to_be_visible(timeout=20_000)
+                page.get_by_label("Desired state change (JSON merge patch)").fill(
+                    '{"target_temperature": 21.5}'
+                )
+                page.locator("#state-form").get_by_role("button", name="Apply").click()
+                expect(page.locator("#state-message")).to_have_text("Applied")
+                row = page.locator('#state-rows tr[data-key="target_temperature"]')
+                expect(row).to_have_class("delta")
+                expect(panel).to_have_attribute("data-delta", "1")
+                # The device reports it: the delta goes, pushed by a state frame.
+                subprocess.run(
+                    [
+                        "mosquitto_pub",
+                        *("-h", "127.0.0.1", "-p", p.mqtt_url.rsplit(":", 1)[1], "-q", "1"),
+                        *(
+                            "-t",
+                            f"devices/state/{device}/reported",
+                            "-m",
+                            '{"reported": {"target_temperature": 21.5}}',
+                        ),
+                    ],
+                    check=True,
+                    timeout=10,
+                )
+                expect(panel).to_have_attribute("data-delta", "0", timeout=20_000)
+                expect(row).not_to_have_class("delta")
+                _check_page(page, "state", artifacts_dir)
+            finally:
+                browser.close()
+        assert not errors, f"console errors: {errors}"
