@@ -284,6 +284,7 @@ function renderDevices(page) {
 function refreshDeviceTimes() {
   for (const cell of $("device-rows").querySelectorAll("td.last-seen")) cell.textContent = relativeTime(cell.dataset.ts || null);
   if (selected) showDeviceMeta();
+  if (!$("view-alerts").hidden) renderAlerts();
 }
 
 $("next-page").addEventListener("click", () => {
