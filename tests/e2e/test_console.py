@@ -447,6 +447,7 @@ def _admin_walk(
     ).to_be_visible(timeout=20_000)
     page.locator("#device-per").select_option("500")
     expect(page.locator("#device-rows tr")).to_have_count(500, timeout=20_000)
+    page.wait_for_function("() => window.consoleTimings.devices?.rows === 500")  # set once painted
     devices_timing = page.evaluate("window.consoleTimings.devices")
     page.get_by_role("button", name="Next").click()
     expect(page.locator("#page-info")).to_have_text("Page 2")
