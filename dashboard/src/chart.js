@@ -33,8 +33,8 @@ export class MetricChart {
         x: { time: true, range: () => [chart.range.fromMs / 1000, chart.range.live ? Date.now() / 1000 : chart.range.toMs / 1000] },
       },
       axes: [
-        { stroke: "#57606a", grid: { stroke: "#eaeef2" }, ticks: { stroke: "#d0d7de" } },
-        { stroke: "#57606a", grid: { stroke: "#eaeef2" }, ticks: { stroke: "#d0d7de" }, size: 56, values: (u, ticks) => ticks.map(formatValue) },
+        { stroke: "#57606a", grid: { stroke: "#eaeef2" }, ticks: { stroke: "#d0d7de" }, space: 80 },
+        { stroke: "#57606a", grid: { stroke: "#eaeef2" }, ticks: { stroke: "#d0d7de" }, size: 60 },
       ],
       series: [{}, { label: metric, stroke: STROKE, fill: FILL, width: 1.5, spanGaps: false, points: { show: false } }],
       hooks: { setCursor: [(u) => chart.showReadout(u.cursor.idx)] },
