@@ -146,12 +146,15 @@ async function startTenant() {
   alerts.clear();
   selected = null;
   await Promise.all([showView(urlState().view), loadAlerts()]);
+  let opened = 0;
   realtime = new Realtime(await realtimeUrl, () => api.realtimeToken(), {
     onState: showConnection,
     onEvent: handleEvent,
     onOpen: () => {
       // Alerts and status changes of every device, without their telemetry; everything of the chosen one.
       realtime.subscribe(["*"], { types: ["alert", "status"] });
+      // `since` resumes readings only: alerts changed while the connection was down are read again.
+      if (opened++) loadAlerts().catch(report);
       if (selected) realtime.subscribe([selected.id], { since: lastSeen?.ts });
     },
   });

@@ -316,6 +316,17 @@ def _admin_walk(
     )
     expect(chart.locator(".readout")).to_contain_text("°C")
 
+    # The keyboard: down the list, Enter opens the device.
+    page.locator(f'#device-rows tr[data-device="{first}"]').focus()
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**device={prefix}-0001**")
+    expect(page.locator(f'#device-rows tr[data-device="{prefix}-0001"]')).to_have_attribute(
+        "aria-selected", "true"
+    )
+    page.go_back()
+    page.wait_for_url(f"**device={first}**")
+
     # Search and filters.
     page.get_by_label("Search").fill("0002")
     expect(page.locator("#device-rows tr")).to_have_count(1)
@@ -366,6 +377,15 @@ def _admin_walk(
     page.once("dialog", lambda d: d.accept())
     page.get_by_role("button", name="Revoke").click()
     expect(page.locator("#credentials")).to_have_attribute("data-active", "false")
+    # A command for an offline device waits (queued), and goes out when it comes online (sent).
+    _publish(p, f"devices/status/{spare}", "offline")
+    expect(page.locator("#device-meta")).to_contain_text("offline", timeout=20_000)  # a status frame
+    page.get_by_label("Command", exact=True).fill("calibrate")
+    page.get_by_role("button", name="Send").click()
+    waiting = page.locator("#commands li", has_text="calibrate").first
+    expect(waiting).to_have_attribute("data-state", "queued")
+    _publish(p, f"devices/status/{spare}", "online")
+    expect(waiting).to_have_attribute("data-state", "sent", timeout=20_000)
     page.go_back()
     page.wait_for_url(f"**device={first}**")
     expect(page.locator(f'#device-rows tr[data-device="{first}"][aria-selected="true"]')).to_be_visible()
@@ -397,15 +417,7 @@ def _admin_walk(
     _check_page(page, "alerts", artifacts)
 
     # Dead letters: a payload that is not JSON, found by reason.
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            *("-h", "127.0.0.1", "-p", p.mqtt_url.rsplit(":", 1)[1]),
-            *("-t", f"devices/telemetry/{prefix}-0001", "-m", "temperature=oops", "-q", "1"),
-        ],
-        check=True,
-        timeout=10,
-    )
+    _publish(p, f"devices/telemetry/{prefix}-0001", "temperature=oops")
     _open(page, "rejects")
     page.locator("#reject-filters select").select_option("malformed_json")
     row = page.locator('#reject-rows tr[data-reason="malformed_json"]').first
@@ -486,6 +498,12 @@ def _admin_walk(
     expect(page.locator("#connection")).to_have_text("Live", timeout=4_000)
     RESTARTING.clear()
     page.context.close()
+
+
+def _publish(p: Platform, topic: str, payload: str) -> None:
+    port = p.mqtt_url.rsplit(":", 1)[1]
+    command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", "-t", topic, "-m", payload]
+    subprocess.run(command, check=True, timeout=10)
 
 
 def _wait_rule(p: Platform, rule_id: str, enabled: bool) -> None:
