@@ -340,10 +340,37 @@ def test_make_run_with_the_system_services_shows_data_reuses_its_key_and_stops_c
                 check(run)
             backends = run.log().split("Backends (")[1].split("Turned on")[0]
             assert "embedded" not in backends
+            screenshot_dashboard(run, artifacts_dir / "dashboard.png")
             assert "revoked 1 API key(s) named 'bootstrap'" in run.log()
             stale = httpx.get(f"{run.api}/api/v1/api-keys/", headers={"X-API-Key": stale_key})
             assert stale.status_code == 401
         stopped_cleanly(run)
+
+
+def screenshot_dashboard(run: Run, path: Path) -> None:
+    """What make run shows at the address it prints, signed in with the login it prints (the README's
+    screenshot, docs/img/dashboard.png, is this one)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.e2e.test_dashboard import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(f"{run.api}/dashboard")
+        page.get_by_label("Email", exact=True).fill(
+            run.saved().get("IOT_BOOTSTRAP_ADMIN_EMAIL", "admin@example.com")
+        )
+        page.get_by_label("Password", exact=True).fill(run.saved()["IOT_BOOTSTRAP_ADMIN_PASSWORD"])
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#connection")).to_have_text("Live", timeout=20_000)
+        page.wait_for_function(
+            "() => Number(document.querySelector('figure[data-metric=temperature]')"
+            "?.dataset.points || 0) > 20",
+            timeout=30_000,
+        )
+        page.screenshot(path=str(path))
+        browser.close()
 
 
 def run_local_until_exit(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

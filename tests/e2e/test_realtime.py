@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from iot_common.auth import generate_api_key
-from iot_common.messages import StatusEvent, TelemetryEvent, encode_event
+from iot_common.messages import AlertEvent, StatusEvent, TelemetryEvent, encode_event
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_testkit.processes import Start, private_redis
 from tests.e2e.realtime_support import (
@@ -126,6 +126,49 @@ async def test_metric_filter_and_wildcard(service: Start, database_url: str, uni
             assert (await recv_json(everything))["metrics"] == {"humidity": 40.0}
             assert await asyncio.wait_for(everything.recv(), 10) == both.decode()
             await assert_nothing_pending(everything)
+        await redis.aclose()
+
+
+async def test_an_event_type_filter_sends_the_tenants_alerts_without_telemetry(
+    service: Start, database_url: str, unique: str
+) -> None:
+    """``"types": ["alert"]`` with ``"*"``: every alert of the tenant, none of its readings (filtered in
+    the gateway, so the telemetry never reaches the client), no snapshot; a device subscribed explicitly
+    keeps its own (unfiltered) subscription."""
+    dev, chosen = f"dev-{unique}", f"chosen-{unique}"
+    await register(database_url, dev, chosen)
+    with private_redis() as server:
+        realtime = start_realtime(service, database_url, server.url)
+        redis = aioredis.from_url(server.url)
+        async with open_ws(realtime.url(token())) as ws:
+            assert (await subscribe(ws, 1, ["*"], types=["alert"])) == [{"type": "ack", "id": 1}]
+            snapshot = await subscribe(ws, 2, [chosen], types=["alert", "status"])
+            assert snapshot == [{"type": "ack", "id": 2}]  # no latest frame without telemetry
+            channel = realtime.names.device_channel(DEFAULT, dev)
+            alert = AlertEvent(
+                "a1", "r1", dev, "temperature", "critical", "open", "hot", 91.0, 90.0, datetime.now(UTC)
+            )
+            await redis.publish(channel, telemetry(dev, temperature=91.0))
+            await redis.publish(channel, encode_event(StatusEvent(dev, "online", datetime.now(UTC))))
+            await redis.publish(channel, encode_event(alert))
+            await redis.publish(
+                realtime.names.device_channel(DEFAULT, chosen), telemetry(chosen, temperature=1.0)
+            )
+            await redis.publish(
+                realtime.names.device_channel(DEFAULT, chosen),
+                encode_event(StatusEvent(chosen, "offline", datetime.now(UTC))),
+            )
+            frame = await recv_json(ws)
+            assert (frame["type"], frame["device_id"], frame["id"]) == ("alert", dev, "a1")
+            frame = await recv_json(ws)
+            assert (frame["type"], frame["device_id"]) == ("status", chosen)
+            await assert_nothing_pending(ws)
+            # Backward compatible: without types, everything again.
+            await subscribe(ws, 3, [chosen])
+            await redis.publish(
+                realtime.names.device_channel(DEFAULT, chosen), telemetry(chosen, temperature=2.0)
+            )
+            assert (await recv_json(ws))["metrics"] == {"temperature": 2.0}
         await redis.aclose()
 
 

@@ -17,10 +17,10 @@ from aiohttp import WSMsgType, web
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from iot_common.auth import Principal
-from iot_common.messages import MetricValue, StatusEvent, TelemetryEvent, encode_event
+from iot_common.messages import AlertEvent, MetricValue, StatusEvent, TelemetryEvent, encode_event
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
-from iot_realtime.connection import Connection, MetricFilter
+from iot_realtime.connection import Connection, EventFilter, MetricFilter
 from iot_realtime.hub import Hub
 from iot_realtime.protocol import CLOSE_TOO_SLOW, WILDCARD
 
@@ -316,7 +316,7 @@ async def test_each_event_reaches_every_subscriber_of_its_device_and_no_one_else
 
 
 async def test_a_metric_filter_narrows_telemetry_and_alerts_but_not_status(hub: Harness) -> None:
-    _, narrow = await hub.client("d1", metrics=frozenset({"temperature"}))
+    _, narrow = await hub.client("d1", metrics=EventFilter(frozenset({"temperature"})))
     _, full = await hub.client("d1")
 
     hub.publish("d1", telemetry("d1", temperature=21.5, humidity=40.0))
@@ -329,10 +329,29 @@ async def test_a_metric_filter_narrows_telemetry_and_alerts_but_not_status(hub: 
     assert (await full.next())["type"] == "status"
 
 
+async def test_a_type_filter_on_the_wildcard_sends_alerts_without_telemetry(hub: Harness) -> None:
+    """The tenant's alerts and status changes, and everything of the one device the client also chose."""
+    conn, socket = await hub.client(WILDCARD, metrics=EventFilter(types=frozenset({"alert", "status"})))
+    await hub.subscribe(conn, "d1")
+    alert = encode_event(
+        AlertEvent("a", "r", "d2", "temperature", "critical", "open", "hot", 91.0, 90.0, datetime.now(UTC))
+    )
+    hub.publish("d2", telemetry("d2", temperature=50.0))
+    hub.publish("d2", alert)
+    hub.publish("d3", status("d3"))
+    hub.publish("d1", telemetry("d1", temperature=20.0))
+    frames = [await socket.next() for _ in range(3)]
+    assert [(f["type"], f["device_id"]) for f in frames] == [
+        ("alert", "d2"),
+        ("status", "d3"),
+        ("telemetry", "d1"),
+    ]
+
+
 async def test_wildcard_clients_share_one_pattern_and_get_each_event_once(hub: Harness) -> None:
     everything, everything_socket = await hub.client(WILDCARD)
     mixed, mixed_socket = await hub.client(WILDCARD)
-    await hub.subscribe(mixed, "d1", metrics=frozenset({"temperature"}))
+    await hub.subscribe(mixed, "d1", metrics=EventFilter(frozenset({"temperature"})))
     pattern = NAMES.tenant_device_pattern(TENANT)
     assert hub.server.subscribed() == {pattern, channel("d1")}
 

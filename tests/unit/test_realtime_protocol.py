@@ -31,6 +31,9 @@ def test_valid_frames_decode_to_their_struct() -> None:
     assert decode_client_frame(
         b'{"type":"subscribe","id":1,"devices":["dev-1","*"],"metrics":["temperature"]}', 1024
     ) == Subscribe(devices=["dev-1", "*"], id=1, metrics=["temperature"])
+    assert decode_client_frame(
+        b'{"type":"subscribe","devices":["*"],"types":["alert","status"]}', 1024
+    ) == Subscribe(devices=["*"], types=["alert", "status"])
     assert decode_client_frame(b'{"type":"unsubscribe","devices":["a:b.c_d"]}', 1024) == Unsubscribe(
         devices=["a:b.c_d"]
     )
@@ -48,6 +51,9 @@ def test_valid_frames_decode_to_their_struct() -> None:
         (b'{"type":"subscribe","id":11,"devices":["a"],"metrics":["temp\\n"]}', "bad_frame", 11),
         (b'{"type":"subscribe","id":4,"devices":["a"],"metrics":["1bad"]}', "bad_frame", 4),
         (b'{"type":"subscribe","id":4,"devices":["a"],"metrics":[]}', "bad_frame", 4),
+        (b'{"type":"subscribe","id":12,"devices":["*"],"types":[]}', "bad_frame", 12),
+        (b'{"type":"subscribe","id":13,"devices":["*"],"types":["Alert"]}', "bad_frame", 13),
+        (b'{"type":"subscribe","id":14,"devices":["*"],"types":["alert\\n"]}', "bad_frame", 14),
         (b'{"type":"ping","id":5,"unknown":1}', "bad_frame", 5),
         (b'{"type":"nope","id":6}', "bad_frame", 6),
         (b'{"id":7}', "bad_frame", 7),
@@ -106,3 +112,23 @@ def test_filter_keeps_wanted_metrics_and_passes_other_events() -> None:
     assert filter_event(alert, frozenset({"temperature"})) is alert
     assert filter_event(alert, frozenset({"humidity"})) is None
     assert filter_event(b"not an event", frozenset({"temperature"})) is None
+
+
+def test_a_type_filter_passes_only_those_event_types() -> None:
+    reading = encode_event(TelemetryEvent("d", TS, {"temperature": 1.0, "humidity": 2.0}))
+    status = encode_event(StatusEvent("d", "online", TS))
+    alert = encode_event(AlertEvent("a", "r", "d", "temperature", "critical", "open", "hot", 91.0, 90.0, TS))
+    alerts_only = frozenset({"alert"})
+    assert filter_event(reading, None, alerts_only) is None
+    assert filter_event(status, None, alerts_only) is None
+    assert filter_event(alert, None, alerts_only) is alert
+    # With a metric filter too: both apply.
+    assert filter_event(alert, frozenset({"humidity"}), alerts_only) is None
+    kept = filter_event(reading, frozenset({"humidity"}), frozenset({"telemetry", "alert"}))
+    assert kept is not None
+    assert decode_event(kept) == TelemetryEvent("d", TS, {"humidity": 2.0})
+    # An event type this service does not know yet passes when it is asked for, by its type alone.
+    future = b'{"type":"state","device_id":"d","desired":{},"reported":{},"delta":{},"version":1}'
+    assert filter_event(future, None, frozenset({"state"})) is future
+    assert filter_event(future, None, alerts_only) is None
+    assert filter_event(b"not an event", None, alerts_only) is None

@@ -82,6 +82,7 @@ async def test_login_bearer_and_wrong_password(client: Client) -> None:
         "role": "admin",
         "platform_admin": True,
         "permissions": ["admin", "operate", "read", "write"],
+        "tenant_name": "default",
     }
     created = await client.post(
         "/api/v1/devices", json={}, headers={"Authorization": f"Bearer {tokens['access_token']}"}

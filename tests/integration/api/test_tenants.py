@@ -47,7 +47,11 @@ async def test_a_platform_team_onboards_a_tenant(client: Client, admin: dict[str
 
     key = await tenant_key(client, admin, tenant["id"], "admin")
     me = (await client.get("/api/v1/auth/me", headers=key)).json()
-    assert (me["tenant_id"], me["platform_admin"]) == (tenant["id"], False)
+    assert (me["tenant_id"], me["tenant_name"], me["platform_admin"]) == (
+        tenant["id"],
+        f"acme-{unique}",
+        False,
+    )
     # The tenant's first key works in the tenant only: it creates the tenant's devices and users.
     assert (await client.post("/api/v1/devices", json={"id": f"a1-{unique}"}, headers=key)).status_code == 201
     _, email = await add_user(client, key, "operator")

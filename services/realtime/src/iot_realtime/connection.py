@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import NamedTuple
 
 from aiohttp import WSMsgType, web
 
@@ -20,8 +21,17 @@ from iot_realtime.protocol import CLOSE_TOO_SLOW
 
 log = get_logger(__name__)
 
-MetricFilter = frozenset[str] | None
-"""Metrics a subscription is limited to; None means every metric."""
+
+class EventFilter(NamedTuple):
+    """What a subscription is limited to: these metrics (None: every metric) and these event types (None:
+    every type)."""
+
+    metrics: frozenset[str] | None = None
+    types: frozenset[str] | None = None
+
+
+MetricFilter = EventFilter | None
+"""A subscription's filter; None means every event in full."""
 
 _MAX_REASON_BYTES = 123  # RFC 6455: a close frame's payload is at most 125 bytes, 2 of them the code
 
@@ -46,7 +56,7 @@ class Connection:
         """The tenant this connection acts in (its credential's, or the one a platform admin chose): it
         sees that tenant's devices only."""
         self.filters: dict[str, MetricFilter] = {}
-        """Subscribed device ids (or ``*``) and the metrics each is limited to."""
+        """Subscribed device ids (or ``*``) and the metrics and event types each is limited to."""
         self.dropped = False
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(queue_size)
         self._held: list[bytes] | None = None

@@ -33,7 +33,7 @@ from iot_common.net import address_key
 from iot_common.topics import RedisNames
 from iot_realtime import metrics
 from iot_realtime.backfill import Seam, stored_readings
-from iot_realtime.connection import Connection, MetricFilter
+from iot_realtime.connection import Connection, EventFilter, MetricFilter
 from iot_realtime.devices import KnownDevices
 from iot_realtime.hub import Hub
 from iot_realtime.limits import ExpiringSet, RateLimiter, client_address
@@ -296,7 +296,16 @@ class Gateway:
         finally:
             if not admitted:
                 self._forget_subscriptions(subject, len(new))
-        wanted: MetricFilter = frozenset(frame.metrics) if frame.metrics else None
+        wanted: MetricFilter = None
+        if frame.metrics or frame.types:
+            wanted = EventFilter(
+                frozenset(frame.metrics) if frame.metrics else None,
+                frozenset(frame.types) if frame.types else None,
+            )
+        # Readings (stored ones and the snapshot) only when telemetry is among the wanted types.
+        readings = frame.types is None or "telemetry" in frame.types
+        snapshot_of = [d for d in devices if d != WILDCARD] if readings else []
+        metric_names = wanted.metrics if wanted is not None else None
         conn.hold()
         try:
             for device_id in devices:
@@ -305,12 +314,15 @@ class Gateway:
             # Live first (held back), then the stored readings and the snapshot: nothing falls in between.
             await self.hub.add(conn, devices)
             if frame.since is None:
-                for snapshot in await self.latest([d for d in devices if d != WILDCARD], wanted):
+                for snapshot in await self.latest(snapshot_of, metric_names):
                     conn.send_now(snapshot)
                 conn.send_now(encode(Ack(id=frame.id)))
             else:
-                ack = await self._backfill(conn, frame, devices, frame.since, wanted)
-                for snapshot in await self.latest([d for d in devices if d != WILDCARD], wanted):
+                if readings:
+                    ack = await self._backfill(conn, frame, devices, frame.since, metric_names)
+                else:
+                    ack = Ack(id=frame.id, backfilled=0, truncated=False)
+                for snapshot in await self.latest(snapshot_of, metric_names):
                     await conn.send_paced(snapshot)
                 await conn.send_paced(encode(ack))
                 await conn.release_paced()
@@ -318,7 +330,12 @@ class Gateway:
             conn.release()
 
     async def _backfill(
-        self, conn: Connection, frame: Subscribe, devices: list[str], since: datetime, wanted: MetricFilter
+        self,
+        conn: Connection,
+        frame: Subscribe,
+        devices: list[str],
+        since: datetime,
+        wanted: frozenset[str] | None,
     ) -> Ack:
         """Send the readings stored after ``since`` (of the connection's tenant only) as ``telemetry``
         frames with ``backfill: true``, remember them for the seam, and return the ``ack`` saying how many."""
@@ -388,7 +405,7 @@ class Gateway:
         else:
             self._subscriptions_of.pop(subject, None)
 
-    async def latest(self, devices: list[str], wanted: MetricFilter) -> list[bytes]:
+    async def latest(self, devices: list[str], wanted: frozenset[str] | None) -> list[bytes]:
         """``latest`` frames from the ``{prefix}:latest:{device_id}`` hashes (one round trip for all)."""
         if not devices:
             return []

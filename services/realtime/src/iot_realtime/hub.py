@@ -35,7 +35,7 @@ from iot_common.redis_client import as_cluster, create_redis, pubsub_client
 from iot_common.resilience import Backoff
 from iot_common.topics import RedisNames
 from iot_realtime import metrics
-from iot_realtime.connection import Connection, MetricFilter
+from iot_realtime.connection import Connection, EventFilter, MetricFilter
 from iot_realtime.protocol import WILDCARD
 
 log = get_logger(__name__)
@@ -49,12 +49,32 @@ _CLIENT_OPTIONS: Final[dict[str, Any]] = {
 }
 
 
-def filter_event(data: bytes, wanted: frozenset[str]) -> bytes | None:
-    """``data`` reduced to the ``wanted`` metrics, or None when nothing of it is wanted.
+class _TypeOf(msgspec.Struct):
+    type: str
 
-    Telemetry keeps only the wanted metrics; an alert passes when its metric is wanted; status and command
-    events pass unchanged. An event that does not decode cannot be filtered and is not forwarded.
+
+_type_decoder = msgspec.json.Decoder(_TypeOf)
+
+
+def filter_event(
+    data: bytes, wanted: frozenset[str] | None, types: frozenset[str] | None = None
+) -> bytes | None:
+    """``data`` reduced to the ``wanted`` metrics and ``types`` of events, or None when nothing of it is
+    wanted (None: no limit).
+
+    An event whose type is not in ``types`` is dropped. Telemetry keeps only the wanted metrics; an alert
+    passes when its metric is wanted; status and command events pass unchanged. An event that does not
+    decode cannot be filtered and is not forwarded.
     """
+    if types is not None:
+        try:
+            kind = _type_decoder.decode(data).type
+        except msgspec.MsgspecError:
+            return None
+        if kind not in types:
+            return None
+    if wanted is None:
+        return data
     try:
         event = decode_event(data)
     except msgspec.MsgspecError:
@@ -266,7 +286,7 @@ class Hub:
         A client subscribed to ``*`` gets each event once, from the pattern subscription, with the filter
         of its explicit subscription to that device if it has one, else that of ``*``.
         """
-        filtered: dict[frozenset[str], bytes | None] = {}
+        filtered: dict[EventFilter, bytes | None] = {}
         for conn in conns:
             wanted: MetricFilter
             if wildcard:
@@ -281,7 +301,7 @@ class Hub:
             if wanted in filtered:
                 frame = filtered[wanted]
             else:
-                frame = filtered[wanted] = filter_event(data, wanted)
+                frame = filtered[wanted] = filter_event(data, wanted.metrics, wanted.types)
             if frame is not None:
                 conn.send(frame)
 

@@ -47,6 +47,12 @@ DeviceSelector = Annotated[
     str, msgspec.Meta(pattern=f"({DEVICE_ID_PATTERN})|(^\\*(?!\\n)$)", description="a device id or '*'")
 ]
 MetricName = Annotated[str, msgspec.Meta(pattern=METRIC_NAME_PATTERN)]
+EventType = Annotated[
+    str,
+    msgspec.Meta(
+        pattern="^[a-z][a-z_]{0,31}(?!\\n)$", description="an event type: telemetry, status, alert, ..."
+    ),
+]
 
 
 class _ClientFrame(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
@@ -67,6 +73,9 @@ class Subscribe(_ClientFrame, frozen=True, tag="subscribe"):
     since: Timestamp | None = None
     """Gap-free resume: the ``ts`` of the last event the client saw; the readings stored after it (of every
     device of the frame) are sent before live events (at most ``IOT_REALTIME_MAX_BACKFILL``)."""
+    types: Annotated[list[EventType], msgspec.Meta(min_length=1, max_length=16)] | None = None
+    """Only events of these types (``telemetry``, ``status``, ``alert``, ``command``, ...); None: all. Without
+    ``telemetry``, no ``latest`` frame and no stored reading is sent either."""
 
 
 class Unsubscribe(_ClientFrame, frozen=True, tag="unsubscribe"):

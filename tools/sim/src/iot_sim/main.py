@@ -56,7 +56,7 @@ from iot_common.topics import (
 )
 from iot_sim.commands import SimulatedDevice, answer, encode_ack
 from iot_sim.demo import DEMO_RULE_NAME, DEVICE_TYPE, ApiRefused, seed_demo_rule
-from iot_sim.model import fleet
+from iot_sim.model import UNITS, fleet, metric_specs
 from iot_sim.state import apply_desired, encode_report
 
 
@@ -161,15 +161,16 @@ def _say(line: str) -> None:
     tqdm.write(f"iot-sim: {line}", file=sys.stderr)
 
 
-def register_devices(api_url: str, api_key: str, device_ids: list[str]) -> Credentials:
-    """Create the devices through the API and return their MQTT credentials; a device that already
-    exists (409) gets new ones (``POST /api/v1/devices/{id}/credentials``)."""
+def register_devices(api_url: str, api_key: str, device_ids: list[str], metrics: int = 3) -> Credentials:
+    """Create the devices through the API (with the units of their metrics in ``attributes.units``) and
+    return their MQTT credentials; a device that already exists (409) gets new ones
+    (``POST /api/v1/devices/{id}/credentials``)."""
     found: Credentials = {}
+    units = {spec.name: UNITS[spec.name] for spec in metric_specs(metrics) if spec.name in UNITS}
     with httpx.Client(base_url=api_url, headers={"X-API-Key": api_key}, timeout=10) as http:
         for device_id in device_ids:
-            response = http.post(
-                "/api/v1/devices", json={"id": device_id, "name": device_id, "type": DEVICE_TYPE}
-            )
+            body = {"id": device_id, "name": device_id, "type": DEVICE_TYPE, "attributes": {"units": units}}
+            response = http.post("/api/v1/devices", json=body)
             if response.status_code == 409:
                 response = http.post(f"/api/v1/devices/{device_id}/credentials")
             if response.status_code not in (200, 201):
@@ -267,7 +268,7 @@ class Simulator:
         if args.api_key and args.register:
             logins = import_devices(args.api_url, args.api_key, device_ids)
         elif args.api_key:
-            logins = register_devices(args.api_url, args.api_key, device_ids)
+            logins = register_devices(args.api_url, args.api_key, device_ids, args.metrics)
         if args.seed_demo_rule:
             try:
                 rule_id, created = seed_demo_rule(args.api_url, args.api_key)

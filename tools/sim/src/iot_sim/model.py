@@ -26,6 +26,8 @@ KNOWN_METRICS = (
     MetricSpec("battery", 90.0, 0.01, 0.05, -60.0, 1),
     MetricSpec("co2", 600.0, 2.0, 5.0, 1500.0, 0),
 )
+UNITS = {"temperature": "°C", "humidity": "%", "pressure": "hPa", "battery": "%", "co2": "ppm"}
+"""The units of the known metrics, registered as the devices' ``attributes.units`` (dashboards show them)."""
 
 
 STEER = 0.1

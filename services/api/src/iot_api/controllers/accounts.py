@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
@@ -82,7 +83,9 @@ class AuthController(Controller):
     async def me(self, services: AppServices, tenant: Tenant) -> Me:
         """The principal of the credential sent: its tenant (the one this request acts in), role and
         permissions."""
-        return services.auth.me(tenant)
+        me = services.auth.me(tenant)
+        row = await services.tenants.repo.get(tenant.tenant_id)
+        return msgspec.structs.replace(me, tenant_name=row.name) if row is not None else me
 
     @post(
         "/realtime/token",

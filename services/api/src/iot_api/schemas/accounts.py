@@ -52,6 +52,8 @@ class Me(msgspec.Struct, frozen=True):
     role: Role | None
     platform_admin: bool
     permissions: list[Permission]
+    tenant_name: str = ""
+    """The name of the tenant the request acts in (what a user interface shows)."""
 
 
 class ApiKeyCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
