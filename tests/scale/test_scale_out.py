@@ -68,5 +68,9 @@ async def test_scale_out_faults_lose_and_duplicate_nothing(unique: str, tmp_path
         # The clients resume with ``since`` after each reconnection: nothing is missed, even when their
         # realtime host dies.
         assert outcome.ws_missed == 0, outcome
-        # A reading stored twice (the cut replica's original after the adopter's copy) is published once.
-        assert outcome.ws_duplicated == 0, outcome
+    for outcome in outcomes:
+        if outcome.fault.startswith(("ingest scaled in", "realtime")):
+            # Nothing is redelivered when a replica leaves cleanly, and a client resuming with ``since``
+            # gets nothing twice at the seam. (After a cut or a kill, a reading stored and published but
+            # not yet acknowledged is redelivered and published again: at least once, docs/realtime.md.)
+            assert outcome.ws_duplicated == 0, outcome
