@@ -124,8 +124,8 @@ export class Api {
     return this.request("GET", `/api/v1/alerts?${query}`);
   }
 
-  ackAlert(id) {
-    return this.request("POST", `/api/v1/alerts/${enc(id)}/ack`);
+  ackAlert(id, note) {
+    return this.request("POST", `/api/v1/alerts/${enc(id)}/ack`, note ? { note } : undefined);
   }
 
   async rules() {

@@ -780,9 +780,15 @@ function renderAlerts() {
           h("time", { datetime: alert.opened_at, title: absoluteTime(alert.opened_at) }, relativeTime(alert.opened_at)),
           alert.state !== "open" ? ` · resolved ${relativeTime(alert.resolved_at)}` : "",
           acked ? ` · acknowledged ${relativeTime(alert.acked_at)}${alert.acked_by ? ` by ${alert.acked_by}` : ""}` : "",
+          acked && alert.ack_note ? h("q", { class: "ack-note" }, alert.ack_note) : "",
         ),
         !acked && can("operate")
-          ? h("button", { type: "button", class: "small", onclick: () => ackAlert(alert.id), "aria-label": `Acknowledge alert ${alert.metric} on ${alert.device_id}` }, "Acknowledge")
+          ? h(
+              "div",
+              { class: "alert-ack" },
+              h("input", { type: "text", class: "ack-note-input", maxlength: "500", placeholder: "Note (optional)", "aria-label": `Note for acknowledging alert ${alert.metric} on ${alert.device_id}` }),
+              h("button", { type: "button", class: "small", onclick: (e) => ackAlert(alert.id, e.currentTarget.previousElementSibling.value.trim()), "aria-label": `Acknowledge alert ${alert.metric} on ${alert.device_id}` }, "Acknowledge"),
+            )
           : null,
       );
     }),
@@ -795,9 +801,9 @@ function openDevice(e, id) {
   showView("devices").catch(report);
 }
 
-async function ackAlert(id) {
+async function ackAlert(id, note) {
   try {
-    const alert = await api.ackAlert(id);
+    const alert = await api.ackAlert(id, note || undefined);
     alerts.set(alert.id, { ...alerts.get(alert.id), ...alert });
     renderAlerts();
   } catch (err) {

@@ -403,10 +403,12 @@ def _admin_walk(
     assert sum("/api/v1/alerts?" in url for url in requests) == loaded
     unacked = page.locator('#alert-list li[data-acked="false"]').first
     alert_id = unacked.get_attribute("data-alert")
+    unacked.get_by_label("Note for acknowledging", exact=False).fill("valve checked on site")
     unacked.get_by_role("button", name="Acknowledge").click()
     acked = page.locator(f'#alert-list li[data-alert="{alert_id}"]')
     expect(acked).to_have_attribute("data-acked", "true")
     expect(acked).to_contain_text("acknowledged")
+    expect(acked).to_contain_text("valve checked on site")
     # Rules: disable, enable.
     toggle = page.locator(f'#rule-rows tr[data-rule="{rule_id}"] input[type="checkbox"]')
     expect(toggle).to_be_checked()

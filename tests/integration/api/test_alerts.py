@@ -431,3 +431,27 @@ async def test_changing_or_deleting_a_webhook_rule_needs_admin(
     ).status_code == 200
     assert (await client.patch(path, json={"message": "m"}, headers=admin)).status_code == 200
     assert (await client.delete(path, headers=admin)).status_code == 204
+
+
+async def test_an_acknowledgement_keeps_the_operators_note(
+    client: Client, writer: dict[str, str], db: asyncpg.Connection[Any], unique: str
+) -> None:
+    device_id = f"note-{unique}"
+    await make_device(client, writer, device_id)
+    rule = (await client.post(RULES, json=rule_body(device_id=device_id), headers=writer)).json()
+    alert_id = await insert_alert(db, rule["id"], device_id, datetime.now(UTC))
+    ack = f"/api/v1/alerts/{alert_id}/ack"
+    too_long = await client.post(ack, json={"note": "x" * 501}, headers=writer)
+    assert_problem(too_long, 422)
+    assert too_long.json()["errors"][0]["field"] == "note"
+    assert_problem(await client.post(ack, json={"note": "a\u0000b"}, headers=writer), 422)
+    assert_problem(await client.post(ack, json={"note": "ok", "by": "me"}, headers=writer), 422)
+    acked = await client.post(ack, json={"note": "valve replaced"}, headers=writer)
+    assert acked.status_code == 200, acked.text
+    assert acked.json()["ack_note"] == "valve replaced"
+    # Acknowledging again keeps the first note.
+    again = await client.post(ack, json={"note": "something else"}, headers=writer)
+    assert again.json()["ack_note"] == "valve replaced"
+    assert (await client.get(f"/api/v1/alerts/{alert_id}", headers=writer)).json()[
+        "ack_note"
+    ] == "valve replaced"

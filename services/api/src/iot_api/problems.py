@@ -147,8 +147,9 @@ def problem_of(
                         else None,
                     )
                 )
-        if errors and all(e.source == "path" for e in errors):
-            # A path that does not parse (an id that is no UUID, no device id) names nothing.
+        if any(e.source == "path" for e in errors):
+            # A path that does not parse (an id that is no UUID, no device id) names nothing, whatever the
+            # body says.
             status = 404
         missing_param = _MISSING_PARAM_RE.search(str(exc.detail))
         if missing_param is not None:

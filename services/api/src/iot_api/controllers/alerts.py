@@ -13,6 +13,7 @@ from iot_api.problems import problem_responses
 from iot_api.queries import PageRequest, TimeRange
 from iot_api.schemas.alerts import (
     Alert,
+    AlertAck,
     AlertPage,
     AlertRule,
     AlertRuleCreate,
@@ -129,6 +130,9 @@ class AlertController(Controller):
         status_code=200,
         responses=problem_responses(404),
     )
-    async def ack_alert(self, services: AppServices, tenant: Tenant, alert_id: AlertId) -> Alert:
-        """Acknowledge an alert (open or resolved); again is a no-op that keeps the first ``acked_by``."""
-        return await services.alerts.ack(tenant, alert_id)
+    async def ack_alert(
+        self, services: AppServices, tenant: Tenant, alert_id: AlertId, data: JSONBody[AlertAck | None] = None
+    ) -> Alert:
+        """Acknowledge an alert (open or resolved), optionally with a note (``{"note": "..."}``, up to 500
+        characters); again is a no-op that keeps the first ``acked_by`` and note."""
+        return await services.alerts.ack(tenant, alert_id, data.note if data is not None else None)

@@ -20,7 +20,7 @@ _RULE_COLUMNS = (
 )
 _ALERT_COLUMNS = (
     "id, rule_id, device_id, metric, severity, state, message, value, threshold, opened_at, resolved_at,"
-    " acked_at, acked_by"
+    " acked_at, acked_by, ack_note"
 )
 
 
@@ -144,17 +144,18 @@ class AlertRepository:
         return None if row is None else _alert(row)
 
     async def ack(
-        self, tenant_id: uuid.UUID, alert_id: uuid.UUID, principal: str
+        self, tenant_id: uuid.UUID, alert_id: uuid.UUID, principal: str, note: str | None = None
     ) -> tuple[Alert, bool] | None:
         """Acknowledge the alert unless it already is; (alert, whether this call acknowledged it)."""
         row = await self.pool.fetchrow(
             f"""
-            UPDATE alerts SET acked_at = now(), acked_by = $3
+            UPDATE alerts SET acked_at = now(), acked_by = $3, ack_note = $4
             WHERE tenant_id = $1 AND id = $2 AND acked_at IS NULL RETURNING {_ALERT_COLUMNS}
             """,
             tenant_id,
             alert_id,
             principal,
+            note,
         )
         if row is not None:
             return _alert(row), True

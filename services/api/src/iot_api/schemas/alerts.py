@@ -7,7 +7,7 @@ A rule's fields, their limits and the action shapes are ingest's too: they are d
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -102,6 +102,14 @@ class Alert(msgspec.Struct, frozen=True):
     resolved_at: datetime | None
     acked_at: datetime | None
     acked_by: str | None
+    ack_note: str | None = None
+    """What the operator wrote when acknowledging it (``POST .../ack`` with ``{"note": ...}``)."""
+
+
+class AlertAck(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The optional body of ``POST /api/v1/alerts/{id}/ack``."""
+
+    note: Annotated[str, msgspec.Meta(max_length=500, pattern=r"^[^\x00]*$")] | None = None
 
 
 class AlertPage(Page, frozen=True):

@@ -185,9 +185,10 @@ class AlertService:
             lambda alert: (alert.opened_at, alert.id),
         )
 
-    async def ack(self, tenant: TenantScope, alert_id: uuid.UUID) -> Alert:
-        """Acknowledge the alert; acknowledging it again changes nothing and publishes nothing."""
-        result = await self.repo.ack(tenant.tenant_id, alert_id, tenant.principal.subject)
+    async def ack(self, tenant: TenantScope, alert_id: uuid.UUID, note: str | None = None) -> Alert:
+        """Acknowledge the alert, with the operator's note if any; acknowledging it again changes nothing
+        (the first note stays) and publishes nothing."""
+        result = await self.repo.ack(tenant.tenant_id, alert_id, tenant.principal.subject, note)
         if result is None:
             raise NotFound(f"alert '{alert_id}' not found")
         alert, changed = result
