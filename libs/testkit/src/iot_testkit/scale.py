@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from gmqtt.mqtt.constants import MQTTv50
 from iot_testkit.chaos import Platform
 from iot_testkit.fleet import ClientFleet
 from iot_testkit.netbed import Host, NetBed
-from iot_testkit.processes import ServiceProcess
+from iot_testkit.processes import PostgresServer, ServiceProcess
 from iot_testkit.waiting import wait_for, wait_until
 
 HOSTS = ("broker", "db", "redis", "ingest1", "ingest2", "ingest3", "rt1", "rt2", "lb", "pub", "ws")
@@ -69,10 +68,11 @@ backend realtime
 
 
 def postgres_bin() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
-    if not found:
-        raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql")
-    return Path(found[-1]).parent
+    """The machine's PostgreSQL binaries, found as :class:`PostgresServer` finds them."""
+    bindir = PostgresServer.bindir()
+    if bindir is None:
+        raise RuntimeError("no PostgreSQL server binaries (initdb, postgres) on this machine")
+    return bindir
 
 
 def missing_tools() -> str | None:
@@ -80,10 +80,8 @@ def missing_tools() -> str | None:
     for tool in ("haproxy", "mosquitto", "redis-server", "runuser"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
-    try:
-        postgres_bin()
-    except RuntimeError as exc:
-        return str(exc)
+    if PostgresServer.bindir() is None:
+        return "needs PostgreSQL's server binaries (initdb, postgres)"
     return None
 
 
