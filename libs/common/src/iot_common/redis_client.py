@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from iot_common.state import STATE_COPY_SCRIPT
 from iot_common.topics import RedisNames
 
 CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
@@ -157,8 +158,6 @@ async def copy_state(
     """Keep the Redis copy of a device's state and publish its ``state`` event, unless the copy already
     holds this version or a newer one (:data:`iot_common.state.STATE_COPY_SCRIPT`); whether it was newer.
     On a cluster the script (one key, one shard) publishes nothing and the event goes by sharded pub/sub."""
-    from iot_common.state import STATE_COPY_SCRIPT
-
     key = names.state_key(device_id)
     cluster = as_cluster(client)
     if cluster is None:
