@@ -198,6 +198,42 @@ def test_an_empty_share_group_subscribes_without_share_for_a_broker_lacking_shar
     assert default_client_id("", "postgresql://h/db") != default_client_id("unshared", "postgresql://h/db")
 
 
+class Wire:
+    """The consumer's connection to the broker, as its receive path sees it: PUBLISH packets go in as
+    bytes, and the PUBACKs it writes are recorded."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.acked: list[int] = []
+        self.writes = 0
+        self._written = asyncio.Event()
+        self._handler: Any = consumer.client._package_handler
+        self._handler._connection = self
+
+    def send_package(self, package: bytes) -> None:
+        self.writes += 1
+        for at in range(0, len(package), 4):
+            assert package[at : at + 2] == b"\x40\x02"  # PUBACK, remaining length 2
+            self.acked.append(int.from_bytes(package[at + 2 : at + 4], "big"))
+        self._written.set()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def publish(
+        self, mid: int, topic: str, payload: bytes, *, retain: bool = False, dup: bool = False
+    ) -> None:
+        """A QoS 1 PUBLISH as MQTT 5 puts it on the wire (no properties)."""
+        name = topic.encode()
+        body = len(name).to_bytes(2, "big") + name + mid.to_bytes(2, "big") + b"\x00" + payload
+        self._handler._handle_packet(0x32 | (0x08 if dup else 0) | (0x01 if retain else 0), body)
+
+    async def wait_acked(self, count: int) -> list[int]:
+        while len(self.acked) < count:
+            self._written.clear()
+            await asyncio.wait_for(self._written.wait(), 5)
+        return self.acked
+
+
 def make_consumer(flush: Any, quota: DeviceQuota | None = None) -> tuple[Consumer, Batcher[Delivery]]:
     batcher: Batcher[Delivery] = Batcher(flush, max_size=10, max_delay=0.0)
     consumer = Consumer(
@@ -224,9 +260,9 @@ async def test_a_failure_storing_a_message_becomes_a_dead_letter_and_the_message
     consumer, batcher = make_consumer(flush)
     batcher.start()
     try:
-        handler = consumer.client.on_message
-        code = await asyncio.wait_for(handler("devices/telemetry/dev-1", b'{"t": 1}', 1, {"retain": 0}), 5)
-        assert code == 0
+        wire = Wire(consumer)
+        wire.publish(7, "devices/telemetry/dev-1", b'{"t": 1}')
+        assert await wire.wait_acked(1) == [7]
         [[letter]] = flushed
         assert reasons_of(letter) == ["handler_error"]
         assert "the writer broke" in letter.rejects[0].detail
@@ -244,11 +280,13 @@ async def test_a_retained_flag_from_the_broker_makes_a_retained_dead_letter() ->
     consumer, batcher = make_consumer(flush)
     batcher.start()
     try:
-        handler = consumer.client.on_message
-        await handler("devices/telemetry/dev-1", b'{"t": 1}', 1, {"retain": 1, "dup": 0})
-        await handler("devices/telemetry/dev-1", b'{"t": 2}', 1, {"retain": 0, "dup": 0})
+        wire = Wire(consumer)
+        wire.publish(1, "devices/telemetry/dev-1", b'{"t": 1}', retain=True)
+        wire.publish(2, "devices/telemetry/dev-1", b'{"t": 2}', dup=True)
+        assert sorted(await wire.wait_acked(2)) == [1, 2]
         assert [reasons_of(d) for d in flushed] == [["retained"], []]
         assert len(flushed[1].readings) == 1
+        assert [d.redelivered for d in flushed] == [False, True]
     finally:
         await batcher.close()
 
@@ -263,14 +301,15 @@ async def test_messages_waiting_longer_than_the_bound_are_reported_stuck() -> No
 
     consumer, batcher = make_consumer(flush)
     batcher.start()
-    handler = consumer.client.on_message
-    waiting = asyncio.ensure_future(handler("devices/telemetry/d", b'{"t": 1}', 1, {}))
+    wire = Wire(consumer)
+    wire.publish(1, "devices/telemetry/d", b'{"t": 1}')
     await flushing.wait()
     assert consumer.stuck(0.0) == 1
     assert consumer.stuck(3600.0) == 0
     assert consumer.oldest_in_flight_s() >= 0.0
+    assert wire.acked == []
     release.set()
-    assert await waiting == 0
+    assert await wire.wait_acked(1) == [1]
     assert consumer.stuck(0.0) == 0
     assert consumer.oldest_in_flight_s() == 0.0
     await batcher.close()
@@ -288,13 +327,61 @@ async def test_a_message_over_quota_is_acknowledged_at_once_and_dead_lettered_wi
 
     consumer, batcher = make_consumer(flush, DeviceQuota(1, 1, clock=Clock()))
     batcher.start()
-    handler = consumer.client.on_message
-    first = asyncio.ensure_future(handler("devices/telemetry/d", b'{"t": 1}', 1, {}))
+    wire = Wire(consumer)
+    wire.publish(1, "devices/telemetry/d", b'{"t": 1}')
     await flushing.wait()
     # The bucket is empty now: the next message is refused and acknowledged without waiting for a commit.
-    assert await handler("devices/telemetry/d", b'{"t": 2}', 1, {}) == 0
-    assert not first.done()
+    wire.publish(2, "devices/telemetry/d", b'{"t": 2}')
+    assert await wire.wait_acked(1) == [2]
     release.set()
-    assert await first == 0
+    assert await wire.wait_acked(2) == [2, 1]
     await batcher.close()
     assert [reasons_of(d) for d in flushed] == [[], ["rate_limited"]]
+
+
+async def test_the_pubacks_of_a_batch_leave_in_one_write_and_only_on_the_connection_they_came_on() -> None:
+    release = asyncio.Event()
+    batches: list[int] = []
+
+    async def flush(batch: list[Delivery]) -> None:
+        await release.wait()
+        batches.append(len(batch))
+
+    consumer, batcher = make_consumer(flush)
+    batcher.start()
+    wire = Wire(consumer)
+    for mid in range(1, 6):
+        wire.publish(mid, "devices/telemetry/d", b'{"t": %d}' % mid)
+    release.set()
+    assert await wire.wait_acked(5) == [1, 2, 3, 4, 5]
+    assert batches == [5]
+    assert wire.writes == 1
+    # A message whose connection is replaced before its batch commits is not acknowledged on the new one:
+    # the broker redelivers it there.
+    release.clear()
+    wire.publish(6, "devices/telemetry/d", b'{"t": 6}')
+    newer = Wire(consumer)  # a reconnect: gmqtt points its handler at the new connection
+    release.set()
+    newer.publish(6, "devices/telemetry/d", b'{"t": 6}', dup=True)
+    assert await newer.wait_acked(1) == [6]
+    await consumer.wait_idle()
+    assert wire.acked == [1, 2, 3, 4, 5]
+    assert consumer.stuck(0.0) == 0
+    await batcher.close()
+
+
+async def test_a_stopping_consumer_takes_no_message_and_acknowledges_none() -> None:
+    flushed: list[Delivery] = []
+
+    async def flush(batch: list[Delivery]) -> None:
+        flushed.extend(batch)
+
+    consumer, batcher = make_consumer(flush)
+    batcher.start()
+    wire = Wire(consumer)
+    consumer.stop_accepting()
+    wire.publish(1, "devices/telemetry/d", b'{"t": 1}')
+    await consumer.wait_idle()
+    await batcher.close()
+    assert flushed == []
+    assert wire.acked == []

@@ -1,14 +1,15 @@
 """The MQTT edge: a gmqtt client on the shared subscriptions, translating each message into a delivery.
 
-gmqtt runs an ``async`` on_message handler as its own task (``asyncio.ensure_future``) and, with
-``optimistic_acknowledgement=False``, sends the PUBACK from that task's done-callback with the value it
-returns. So many messages wait in one batch at once, and each PUBACK leaves only after its batch commits.
-The broker's in-flight window is the Receive Maximum we announce (``IOT_INGEST_MAX_IN_FLIGHT``).
+Each PUBLISH is handled synchronously (:mod:`iot_ingest.receive`: no task per message): translated, put
+in the batcher, and acknowledged from its batch's done-callback, once the batch is committed; the PUBACKs
+of a batch leave in one write. So many messages wait in one batch at once, and each PUBACK leaves only
+after its batch commits. The broker's in-flight window is the Receive Maximum we announce
+(``IOT_INGEST_MAX_IN_FLIGHT``).
 
-A handler that raises sends no PUBACK, and the message then holds one slot of that window until the
-connection ends (and comes back on the next one): so nothing a device sends may make it raise. Any
-exception while translating a message becomes a dead letter (:func:`translate`), and a failure to store
-one is recorded and acknowledged (:meth:`Consumer._on_message`); only a stopping service withholds PUBACKs.
+A message that is never acknowledged holds one slot of that window until the connection ends (and comes
+back on the next one): so nothing a device sends may leave it unacknowledged. Any exception while
+translating a message becomes a dead letter (:func:`translate`), and a failure to store one is recorded
+and acknowledged (:meth:`Consumer._store_failed`); only a stopping service withholds PUBACKs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from iot_ingest import metrics
 from iot_ingest.batcher import Batcher, BatcherClosed
 from iot_ingest.payload import Limits, Reject, RejectReason, parse_status, parse_telemetry
 from iot_ingest.plan import Delivery, Outcome, payload_excerpt
+from iot_ingest.receive import Link, install
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -60,10 +62,6 @@ _RECEIVED_ACK: Final = metrics.MESSAGES_RECEIVED.labels("command_ack")
 _RECEIVED_STATE: Final = metrics.MESSAGES_RECEIVED.labels("state_reported")
 SUBSCRIBE_RETRY_S: Final = 30.0
 CLIENT_ID_MAX: Final = 64
-
-
-class NotAcknowledged(Exception):
-    """Raised by the handler to withhold the PUBACK: the broker redelivers the message later."""
 
 
 def _client_id_part(text: str) -> str:
@@ -348,7 +346,7 @@ class Consumer:
         )
         self.client = self.mqtt.client
         self.connected = self.mqtt.connected
-        self.client.on_message = self._on_message
+        self.acks = install(self.client, self._receive)
         self.client.on_subscribe = self._on_subscribe
         self.client.on_unsubscribe = self._on_unsubscribe
         self.session_present = False
@@ -369,10 +367,9 @@ class Consumer:
         self.mqtt.quiet = True
 
     async def wait_idle(self) -> None:
-        """Wait until every handler has returned and gmqtt's done-callbacks have written the PUBACKs."""
+        """Wait until every message taken is stored and its PUBACK written (or withheld)."""
         await self._idle.wait()
-        for _ in range(2):
-            await asyncio.sleep(0)
+        self.acks.flush()
 
     def in_flight(self) -> int:
         """Messages received and not yet acknowledged (the ``iot_ingest_in_flight`` gauge)."""
@@ -503,67 +500,78 @@ class Consumer:
             client.subscribe(self.subscriptions)
             self._subscribed = True
 
-    async def _on_message(
-        self, client: Client, topic: str | bytes, payload: bytes, qos: int, properties: Any
-    ) -> int:
-        generation = self._generation
+    def _receive(
+        self, link: Link | None, packet_id: int | None, topic: str, payload: bytes, dup: bool, retain: bool
+    ) -> None:
+        """One PUBLISH (``packet_id`` None: QoS 0), synchronously: translated, queued for its batch, and
+        acknowledged on ``link`` once stored. Never raises."""
         self._last_message = time.monotonic()
         self.received += 1
-        if isinstance(topic, bytes):
-            topic = topic.decode("utf-8", errors="replace")
         if not self._accepting:
-            raise NotAcknowledged("stopping")
-        retained = bool(properties.get("retain")) if isinstance(properties, dict) else False
+            return  # left unacknowledged: the broker keeps it for this session or redelivers it
         delivery = translate(
-            topic, payload, datetime.now(UTC), self._limits, retained=retained, quota=self._quota
+            topic, payload, datetime.now(UTC), self._limits, retained=retain, quota=self._quota
         )
-        if isinstance(properties, dict) and properties.get("dup"):
+        if dup:
             delivery.redelivered = True
+        try:
+            future = self._batcher.submit_nowait(delivery)
+        except BatcherClosed:
+            return
         if (
             delivery.rejects
             and delivery.rejects[0].reason == "rate_limited"
-            and self._batcher.pending < self._max_unawaited
+            and self._batcher.pending <= self._max_unawaited
         ):
             # A flood past its quota: acknowledged at once, its dead letter written with the next batch.
             # Waiting for that commit would let the flood hold the in-flight window, and every other
             # device's messages queue behind it in the broker. Bounded: past max_unawaited waiting items,
             # these wait for their commit like any message.
-            try:
-                future = self._batcher.submit_nowait(delivery)
-            except BatcherClosed:
-                raise NotAcknowledged("stopping") from None
             future.add_done_callback(_unawaited_done)
-            return 0
+            if link is not None and packet_id is not None:
+                self.acks.ack(link, packet_id)
+            return
         token = next(self._tokens)
         self._in_flight[token] = time.monotonic()
         self._idle.clear()
-        try:
-            await self._store(delivery)
-        finally:
-            del self._in_flight[token]
-            if not self._in_flight:
-                self._idle.set()
-        if generation != self._generation:
-            # The connection it came on is gone: the broker redelivers it on the new one with the same
-            # packet id, which a PUBACK sent now might acknowledge before that copy is stored.
-            raise NotAcknowledged("connection replaced")
-        return 0
+        generation = self._generation
+        future.add_done_callback(lambda f: self._stored(f, token, link, packet_id, generation, delivery))
 
-    async def _store(self, delivery: Delivery) -> None:
-        """Submit to the batcher; if storing fails, record the message as a ``handler_error`` dead letter.
+    def _stored(
+        self,
+        future: asyncio.Future[None],
+        token: int,
+        link: Link | None,
+        packet_id: int | None,
+        generation: int,
+        delivery: Delivery,
+    ) -> None:
+        """The batch of a message is committed (or failed): acknowledge it, unless the service stops or
+        the connection it came on is gone (the broker redelivers it on the new one, with the same packet
+        id, which a PUBACK sent now might acknowledge before that copy is stored)."""
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None and not isinstance(exc, BatcherClosed):
+            task = asyncio.create_task(self._store_failed(delivery, exc))
+            task.add_done_callback(lambda t: self._stored(t, token, link, packet_id, generation, delivery))
+            return
+        del self._in_flight[token]
+        if not self._in_flight:
+            self._idle.set()
+        if future.cancelled() or exc is not None:
+            return
+        if link is not None and packet_id is not None and generation == self._generation:
+            self.acks.ack(link, packet_id)
+
+    async def _store_failed(self, delivery: Delivery, exc: BaseException) -> None:
+        """Storing ``delivery`` failed: record the message as a ``handler_error`` dead letter.
 
         The writer retries what PostgreSQL could not take for a while and isolates a message it refuses,
         so this is a last resort for a fault of the code: the message is then acknowledged all the same
         (logged with its payload if even its dead letter cannot be stored), never left holding a slot.
+        Raises :class:`BatcherClosed` when the service stops meanwhile (no PUBACK then).
         """
-        try:
-            await self._batcher.submit(delivery)
-            return
-        except (BatcherClosed, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            metrics.HANDLER_ERRORS.labels("store").inc()
-            error = f"{type(exc).__name__}: {exc}"[:500]
+        metrics.HANDLER_ERRORS.labels("store").inc()
+        error = f"{type(exc).__name__}: {exc}"[:500]
         log.error("storing a message failed, writing it as a dead letter", topic=delivery.topic, error=error)
         letter = Delivery(
             delivery.topic,
@@ -576,13 +584,13 @@ class Consumer:
             await self._batcher.submit(letter)
         except (BatcherClosed, asyncio.CancelledError):
             raise
-        except Exception as exc:
+        except Exception as exc2:
             log.error(
                 "dead letter not stored either; message acknowledged and dropped",
                 topic=delivery.topic,
                 device_id=delivery.device_id,
                 payload=payload_excerpt(delivery.payload),
-                error=f"{type(exc).__name__}: {exc}"[:500],
+                error=f"{type(exc2).__name__}: {exc2}"[:500],
             )
 
 
@@ -593,11 +601,3 @@ def _unawaited_done(future: asyncio.Future[None]) -> None:
     if exc is not None and not isinstance(exc, BatcherClosed):
         metrics.HANDLER_ERRORS.labels("store").inc()
         log.error("rate_limited dead letter not stored", error=f"{type(exc).__name__}: {exc}"[:500])
-
-
-def ignore_not_acknowledged(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Loop exception handler: a withheld PUBACK surfaces in gmqtt's done-callback; it is not an error."""
-    exc = context.get("exception")
-    if isinstance(exc, NotAcknowledged | BatcherClosed | asyncio.CancelledError):
-        return
-    loop.default_exception_handler(context)
