@@ -117,6 +117,7 @@ class DeviceQuota:
         self._refill_s = burst / rate
         self.detail = f"device over its quota of {rate:g} readings/s (burst {burst:g})"
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        self._checked: tuple[str, list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -129,8 +130,8 @@ class DeviceQuota:
             self._buckets[device_id] = bucket
             return bucket
         self._buckets.move_to_end(device_id)
-        tokens, last = bucket
-        bucket[0] = min(self.burst, tokens + (now - last) * self.rate)
+        tokens = bucket[0] + (now - bucket[1]) * self.rate
+        bucket[0] = tokens if tokens < self.burst else self.burst
         bucket[1] = now
         return bucket
 
@@ -144,11 +145,20 @@ class DeviceQuota:
 
     def exhausted(self, device_id: str) -> bool:
         """Whether ``device_id`` has less than one reading left right now."""
-        return self._bucket(device_id, self._clock())[0] < 1
+        bucket = self._bucket(device_id, self._clock())
+        self._checked = (device_id, bucket)
+        return bucket[0] < 1
 
     def take(self, device_id: str, count: int) -> bool:
-        """Take ``count`` readings from the device's bucket; False (and nothing taken) if it lacks them."""
-        bucket = self._bucket(device_id, self._clock())
+        """Take ``count`` readings from the device's bucket; False (and nothing taken) if it lacks them.
+
+        Right after :meth:`exhausted` for the same device (one message: checked, parsed, then charged),
+        the bucket it refilled is charged as it is: one lookup and one refill per message."""
+        checked, self._checked = self._checked, None
+        if checked is not None and checked[0] == device_id:
+            bucket = checked[1]
+        else:
+            bucket = self._bucket(device_id, self._clock())
         if bucket[0] < count:
             return False
         bucket[0] -= count
