@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import NamedTuple
+import struct
+from collections.abc import Sequence
+from typing import Final, NamedTuple
 
 from aiohttp import WSMsgType, web
+from aiohttp.http_websocket import WebSocketWriter
 
 from iot_common.auth import Principal
 from iot_common.logging import get_logger
@@ -34,6 +37,61 @@ MetricFilter = EventFilter | None
 """A subscription's filter; None means every event in full."""
 
 _MAX_REASON_BYTES = 123  # RFC 6455: a close frame's payload is at most 125 bytes, 2 of them the code
+_TEXT_FIN: Final = 0x81  # RFC 6455 5.2: FIN, opcode 1 (text), no RSV bits (no compression)
+_HEADER_7: Final = struct.Struct("!BB").pack
+_HEADER_16: Final = struct.Struct("!BBH").pack
+_HEADER_64: Final = struct.Struct("!BBQ").pack
+
+
+class TextFrames:
+    """Writes a run of queued text frames to a server WebSocket in one transport write (one syscall)
+    instead of one per frame.
+
+    aiohttp writes each frame on its own and has no call for several; this builds the frames as its
+    :class:`WebSocketWriter` does for a server (unmasked, uncompressed: this service's WebSockets never
+    compress) and keeps its flow control (wait while the transport is paused). It relies on that writer's
+    attributes, so :meth:`of` only returns one for the writer it knows; anything else (another aiohttp,
+    a compressing socket) is written frame by frame with ``send_frame``.
+    """
+
+    def __init__(self, writer: WebSocketWriter) -> None:
+        self._writer = writer
+
+    @classmethod
+    def of(cls, ws: web.WebSocketResponse) -> TextFrames | None:
+        writer = getattr(ws, "_writer", None)
+        if type(writer) is not WebSocketWriter or writer.use_mask or writer.compress:
+            return None
+        if not all(hasattr(writer, a) for a in ("_closing", "_output_size", "_limit", "protocol")):
+            return None
+        if not hasattr(writer.protocol, "_paused") or not hasattr(writer.protocol, "_drain_helper"):
+            return None
+        return cls(writer)
+
+    async def write(self, frames: Sequence[bytes]) -> None:
+        writer = self._writer
+        transport = writer.transport
+        if writer._closing or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        parts: list[bytes] = []
+        for frame in frames:
+            size = len(frame)
+            if size < 126:
+                parts.append(_HEADER_7(_TEXT_FIN, size))
+            elif size < 65536:
+                parts.append(_HEADER_16(_TEXT_FIN, 126, size))
+            else:
+                parts.append(_HEADER_64(_TEXT_FIN, 127, size))
+            parts.append(frame)
+        data = b"".join(parts)
+        transport.write(data)
+        # aiohttp's flow control, as in WebSocketWriter.send_frame: past its limit, wait while paused.
+        writer._output_size += len(data)
+        if writer._output_size > writer._limit:
+            writer._output_size = 0
+            protocol = writer.protocol
+            if protocol._paused:
+                await protocol._drain_helper()
 
 
 class Connection:
@@ -151,14 +209,26 @@ class Connection:
 
     async def _write_loop(self) -> None:
         queue, ws = self._queue, self.ws
+        batch = TextFrames.of(ws)
         try:
             while True:
                 frame = await queue.get()
-                await ws.send_frame(frame, WSMsgType.TEXT)
-                sent = 1
-                while not queue.empty():
-                    await ws.send_frame(queue.get_nowait(), WSMsgType.TEXT)
-                    sent += 1
+                if queue.empty():
+                    await ws.send_frame(frame, WSMsgType.TEXT)
+                    sent = 1
+                elif batch is not None:
+                    # Everything queued meanwhile goes out in one write (at most the queue's size).
+                    frames = [frame]
+                    while not queue.empty():
+                        frames.append(queue.get_nowait())
+                    await batch.write(frames)
+                    sent = len(frames)
+                else:
+                    await ws.send_frame(frame, WSMsgType.TEXT)
+                    sent = 1
+                    while not queue.empty():
+                        await ws.send_frame(queue.get_nowait(), WSMsgType.TEXT)
+                        sent += 1
                 metrics.MESSAGES_OUT.inc(sent)
         except (ConnectionError, RuntimeError) as exc:
             # The peer went away; the handler's read loop sees it too and cleans up.

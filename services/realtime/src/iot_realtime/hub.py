@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any, Final
 
+import hiredis
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -47,6 +48,113 @@ _CLIENT_OPTIONS: Final[dict[str, Any]] = {
     "socket_timeout": 10.0,  # a (un)subscribe to a Redis that stopped answering must not hang
     "socket_keepalive": True,
 }
+
+
+READ_SIZE: Final = 1 << 18
+"""Bytes read from the pub/sub socket at once: a burst of messages is parsed and dispatched in one go."""
+_CHANNEL_CACHE_MAX: Final = 100_000
+"""Channel names remembered decoded (device channels seen); past this the cache starts over."""
+
+Reply = list[Any]
+"""A pub/sub reply as Redis sends it: ``[b"message", channel, data]``, ``[b"subscribe", name, count]``...
+(an array in RESP2, a push in RESP3: both parse to a list)."""
+
+
+def bulk_stream(pubsub: PubSub) -> asyncio.StreamReader | None:
+    """The socket stream of ``pubsub``'s connection when the listener can read it in bulk, else None.
+
+    redis-py parses one reply per ``await`` and arms a timeout for each: at thousands of messages a second
+    that is most of this process's CPU. Once subscribed, the connection carries nothing but pub/sub
+    replies, which only the listener reads; redis-py still connects, authenticates and sends the
+    (un)subscribe commands and PINGs on it. None (the caller falls back to ``get_message``) when the
+    connection is not a stream of redis-py's asyncio connection, or when redis-py's parser holds bytes it
+    read ahead (never seen: nothing is pushed before the first subscription, whose reply nobody read).
+    """
+    conn = getattr(pubsub, "connection", None)
+    stream = getattr(conn, "_reader", None)
+    if not isinstance(stream, asyncio.StreamReader):
+        return None
+    parser = getattr(getattr(conn, "_parser", None), "_reader", None)
+    if isinstance(parser, hiredis.Reader) and parser.has_data():
+        return None
+    return stream
+
+
+class _Liveness:
+    """The idle check of one subscribed connection, on a timer of its own (no timeout per read): each
+    ``interval`` without a byte from Redis sends a PING; the third silent interval in a row declares the
+    connection dead and ends its stream, so the listener's read returns and it reconnects."""
+
+    def __init__(self, interval: float, pubsub: PubSub, stream: asyncio.StreamReader) -> None:
+        self.seen = False
+        """Set by the listener on each read; cleared by each tick."""
+        self.dead = False
+        self._interval = interval
+        self._pubsub = pubsub
+        self._stream = stream
+        self._unanswered = 0
+        self._loop = asyncio.get_running_loop()
+        self._pings: set[asyncio.Task[Any]] = set()
+        self._timer = self._loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        if self.seen:
+            self.seen = False
+            self._unanswered = 0
+        else:
+            self._unanswered += 1
+            if self._unanswered > 2:
+                self._kill()
+                return
+            # A silent network loss would otherwise go unseen: the answer (or anything else) counts.
+            ping = self._loop.create_task(self._ping())
+            self._pings.add(ping)
+            ping.add_done_callback(self._pings.discard)
+        self._timer = self._loop.call_later(self._interval, self._tick)
+
+    async def _ping(self) -> None:
+        try:
+            await self._pubsub.ping()
+        except (RedisError, OSError) as exc:
+            log.debug("redis pub/sub ping failed", error=str(exc))
+            self._kill()
+
+    def _kill(self) -> None:
+        self.dead = True
+        transport = getattr(getattr(self._pubsub.connection, "_writer", None), "transport", None)
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+        self._stream.feed_eof()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        for ping in self._pings:
+            ping.cancel()
+
+
+def as_reply(message: dict[str, Any]) -> Reply:
+    """A message parsed by redis-py's ``get_message`` back in the shape Redis sent it."""
+    kind = message["type"].encode()
+    if kind == b"pmessage":
+        return [kind, message["pattern"], message["channel"], message["data"]]
+    return [kind, message["channel"], message["data"]]
+
+
+def forget_unsubscribed(pubsub: PubSub, kind: str, names: Iterable[str]) -> None:
+    """Drop ``names`` from redis-py's own record of ``pubsub``'s subscriptions right after the
+    unsubscribe command went out.
+
+    redis-py clears that record when its ``get_message`` sees the confirmation, which the bulk listener
+    reads itself: without this the record would keep every channel ever unsubscribed on the connection.
+    """
+    held = getattr(pubsub, kind, None)
+    pending = getattr(pubsub, f"pending_unsubscribe_{kind}", None)
+    if not isinstance(held, dict) or not isinstance(pending, set):
+        return
+    for name in names:
+        key = name.encode()
+        held.pop(key, None)
+        pending.discard(key)
 
 
 class _TypeOf(msgspec.Struct):
@@ -116,9 +224,24 @@ class Hub:
         self._confirm_timeout = confirm_timeout
         self._idle_ping_s = idle_ping_s
         self.connected = asyncio.Event()
+        self._channels: dict[bytes, tuple[str, str | None]] = {}
+        """Channel (or pattern) as Redis sends it -> (its name, the device id of a device channel of this
+        deployment, else None): decoded and parsed once, not per message."""
+        self._received = 0
+        """Device events read and not yet counted in the metric (counted once per read)."""
 
     def _make_client(self) -> aioredis.Redis:
         return aioredis.from_url(self._url, **_CLIENT_OPTIONS)
+
+    def _channel(self, raw: bytes) -> tuple[str, str | None]:
+        known = self._channels.get(raw)
+        if known is None:
+            if len(self._channels) >= _CHANNEL_CACHE_MAX:
+                self._channels.clear()
+            name = raw.decode()
+            parsed = self._names.parse_device_channel(name)
+            known = self._channels[raw] = (name, parsed[1] if parsed is not None else None)
+        return known
 
     # -- subscriptions -------------------------------------------------------------------------------
 
@@ -199,8 +322,10 @@ class Hub:
         else:
             if channels:
                 await pubsub.unsubscribe(*channels)
+                forget_unsubscribed(pubsub, "channels", channels)
             if patterns:
                 await pubsub.punsubscribe(*patterns)
+                forget_unsubscribed(pubsub, "patterns", patterns)
 
     # -- listener ------------------------------------------------------------------------------------
 
@@ -240,6 +365,39 @@ class Hub:
             await asyncio.sleep(backoff.next())
 
     async def _listen(self, pubsub: PubSub) -> None:
+        """Read ``pubsub``'s replies until its connection fails; raises what ended it."""
+        stream = bulk_stream(pubsub)
+        if stream is None:
+            await self._listen_per_message(pubsub)
+            return
+        liveness = _Liveness(self._idle_ping_s, pubsub, stream)
+        reader = hiredis.Reader()
+        read, feed, gets, handle = stream.read, reader.feed, reader.gets, self._reply
+        try:
+            while True:
+                chunk = await read(READ_SIZE)
+                if not chunk:
+                    if liveness.dead:
+                        raise ConnectionError("redis did not answer pings")
+                    raise ConnectionError("redis closed the pub/sub connection")
+                liveness.seen = True
+                feed(chunk)
+                # Every complete reply of the chunk, without an await in between (a reply cut at the
+                # chunk's end stays in the reader until the next chunk completes it).
+                reply = gets()
+                while reply is not False:
+                    # An array: RESP2's, or RESP3's push (redis-py's default protocol), a list too.
+                    if isinstance(reply, list):
+                        handle(reply)
+                    else:
+                        self._other(reply)
+                    reply = gets()
+                self._count()
+        finally:
+            liveness.cancel()
+
+    async def _listen_per_message(self, pubsub: PubSub) -> None:
+        """The listener over redis-py's ``get_message`` (a connection :func:`bulk_stream` cannot read)."""
         unanswered = 0
         while True:
             message = await pubsub.get_message(timeout=self._idle_ping_s)
@@ -251,33 +409,55 @@ class Hub:
                 await pubsub.ping()
                 continue
             unanswered = 0
-            self._handle(message)
+            if message["type"] != "pong":
+                self._reply(as_reply(message))
+                self._count()
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "message" or kind == "pmessage":
-            channel = message["channel"].decode()
-            parsed = self._names.parse_device_channel(channel)
-            if parsed is None:
+    @staticmethod
+    def _other(reply: Any) -> None:
+        """A reply that is not an array: a PONG (RESP3), or an error."""
+        if isinstance(reply, Exception):
+            log.warning("redis refused a pub/sub command", error=str(reply))
+
+    def _count(self) -> None:
+        if self._received:
+            metrics.MESSAGES_IN.inc(self._received)
+            self._received = 0
+
+    def _reply(self, reply: Reply) -> None:
+        """Route one pub/sub reply: an event to the local subscribers, a confirmation to its waiters."""
+        kind = reply[0]
+        if kind == b"message":
+            name, device_id = self._channel(reply[1])
+            if device_id is None:
                 return
-            metrics.MESSAGES_IN.inc()
-            if kind == "message":
-                conns = self._subs.get(channel)
-            else:
-                conns = self._wildcard.get(message["pattern"].decode())
+            self._received += 1
+            conns = self._subs.get(name)
             if conns:
-                self.dispatch(parsed[1], message["data"], conns, wildcard=kind == "pmessage")
+                self.dispatch(device_id, reply[2], conns, wildcard=False)
             return
-        if kind == "subscribe" or kind == "psubscribe":
-            name = message["channel"].decode()
+        if kind == b"pmessage":
+            _, device_id = self._channel(reply[2])
+            if device_id is None:
+                return
+            self._received += 1
+            conns = self._wildcard.get(self._channel(reply[1])[0])
+            if conns:
+                self.dispatch(device_id, reply[3], conns, wildcard=True)
+            return
+        if kind == b"subscribe" or kind == b"psubscribe":
+            name = reply[1].decode()
             if name == self._control:
                 self.connected.set()
-            self._listening.add(name)
-            for future in self._waiters.pop(name, ()):
-                if not future.done():
-                    future.set_result(None)
-        elif kind == "unsubscribe" or kind == "punsubscribe":
-            self._listening.discard(message["channel"].decode())
+            self._confirm(name)
+        elif kind == b"unsubscribe" or kind == b"punsubscribe":
+            self._listening.discard(reply[1].decode())
+
+    def _confirm(self, name: str) -> None:
+        self._listening.add(name)
+        for future in self._waiters.pop(name, ()):
+            if not future.done():
+                future.set_result(None)
 
     def dispatch(self, device_id: str, data: bytes, conns: Iterable[Connection], *, wildcard: bool) -> None:
         """Queue ``data`` (an event of ``device_id``) for ``conns``, the local subscribers of the channel or
@@ -394,6 +574,7 @@ class ShardedHub(Hub):
                 await pubsub.ssubscribe(name)
             else:
                 await pubsub.sunsubscribe(name)
+                forget_unsubscribed(pubsub, "shard_channels", [name])
 
     def _control_for(self, node_name: str) -> str:
         """A control channel of this process whose slot the node ``node_name`` owns."""
@@ -458,19 +639,18 @@ class ShardedHub(Hub):
                         await pubsub.connection_pool.disconnect()
             await asyncio.sleep(backoff.next())
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "smessage":
-            channel = message["channel"].decode()
-            data = message["data"]
-            metrics.MESSAGES_IN.inc()
-            conns = self._subs.get(channel)
+    def _reply(self, reply: Reply) -> None:
+        kind = reply[0]
+        if kind == b"smessage":
+            name, device_id = self._channel(reply[1])
+            data = reply[2]
+            self._received += 1
+            conns = self._subs.get(name)
             if conns:
-                parsed = self._names.parse_device_channel(channel)
-                if parsed is not None:
-                    self.dispatch(parsed[1], data, conns, wildcard=False)
+                if device_id is not None:
+                    self.dispatch(device_id, data, conns, wildcard=False)
                 return
-            conns = self._wildcard.get(channel)
+            conns = self._wildcard.get(name)
             if conns:
                 try:
                     device_id = _device_of.decode(data).device_id
@@ -478,18 +658,15 @@ class ShardedHub(Hub):
                     return
                 self.dispatch(device_id, data, conns, wildcard=True)
             return
-        if kind == "ssubscribe":
-            name = message["channel"].decode()
+        if kind == b"ssubscribe":
+            name = reply[1].decode()
             if name in self._controls.values():
                 self._confirmed.add(name)
                 if len(self._confirmed) == len(self._controls):
                     self.connected.set()
-            self._listening.add(name)
-            for future in self._waiters.pop(name, ()):
-                if not future.done():
-                    future.set_result(None)
-        elif kind == "sunsubscribe":
-            name = message["channel"].decode()
+            self._confirm(name)
+        elif kind == b"sunsubscribe":
+            name = reply[1].decode()
             self._listening.discard(name)
             if name in self._controls.values() or (self._wants(name) and name in self._requested):
                 # Not asked for: Redis ended it because its slot moved to another node.
