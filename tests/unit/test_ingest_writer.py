@@ -23,12 +23,23 @@ from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.devices import KnownDevices, TenantLimits
 from iot_ingest.plan import Delivery, Plan
-from iot_ingest.telemetry import INSERT_TELEMETRY, INSERT_TELEMETRY_MARKING_LATE
+from iot_ingest.telemetry import (
+    INSERT_TELEMETRY,
+    INSERT_TELEMETRY_MARKING_LATE,
+    INSERT_TELEMETRY_MARKING_LATE_TOUCHING,
+    INSERT_TELEMETRY_TOUCHING,
+)
 from iot_ingest.tenant_quota import TenantQuota
 from iot_ingest.writer import INSERT_DEAD_LETTERS, MARK_ONLINE_BY_READING, BatchWriter
 from tests.unit.test_tenant_quota import FakeCounters
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+TELEMETRY_STATEMENTS = (
+    INSERT_TELEMETRY,
+    INSERT_TELEMETRY_MARKING_LATE,
+    INSERT_TELEMETRY_TOUCHING,
+    INSERT_TELEMETRY_MARKING_LATE_TOUCHING,
+)
 TENANT = "00000000-0000-0000-0000-00000000000a"
 
 
@@ -72,19 +83,21 @@ class FakeDatabase:
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
         if query == MARK_ONLINE_BY_READING:
+            self.statements += 1
             return []  # no device of these tests is marked offline
         raise AssertionError("every device of these tests is known: no look-up expected")
 
     async def fetchrow(self, query: str, *args: Any) -> dict[str, Any]:
-        """The telemetry statement, which answers its count of new rows: here every row is new."""
+        """The telemetry statement, which answers its count of new rows: here every row is new (and no
+        device of these tests is marked offline)."""
         status = await self.execute(query, *args)
-        return {"n": int(status.rsplit(" ", 1)[1]), "devices": None, "stamps": None}
+        return {"n": int(status.rsplit(" ", 1)[1]), "devices": None, "stamps": None, "woke": []}
 
     async def execute(self, query: str, *args: Any) -> str:
         self.statements += 1
         if self.faults:
             raise self.faults.pop(0)
-        if query in (INSERT_TELEMETRY, INSERT_TELEMETRY_MARKING_LATE):  # readings in the past: the latter
+        if query in TELEMETRY_STATEMENTS:  # readings in the past: the marking ones
             devices, names, _, values, _ = args[:5]
             for device in devices:
                 if device in self.refuses:
@@ -156,6 +169,18 @@ async def test_transient_errors_are_retried_with_backoff_until_the_batch_commits
     assert not any(e["event"] == "batch refused, writing its messages one by one" for e in logs)
     [plan] = output.plans
     assert len(plan.readings) == 2
+
+
+async def test_a_batch_of_readings_is_one_statement_and_its_devices_part_of_it() -> None:
+    """The ordinary batch: its rows and its devices' last-seen time and status in one round trip; with a
+    status message, the devices are written by statements of their own."""
+    db = FakeDatabase()
+    writer = make_writer(db)
+    await writer([delivery("good", 1.0), delivery("odd", 2.0, 1), delivery("good", 3.0, 2)])
+    assert db.statements == 1
+    status = Delivery("devices/status/odd", "odd", T0, b"offline", status="offline")
+    await writer([delivery("good", 4.0, 3), status])
+    assert db.statements == 1 + 4  # telemetry, last seen, status, the readings' devices marked online
 
 
 async def test_a_postgresql_error_about_the_whole_batch_is_retried_never_dead_lettered() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
@@ -299,7 +300,9 @@ class BatchWriter:
         return dropped
 
     async def _write(self, conn: Conn, plan: Plan) -> None:
-        plan.new_rows, plan.fresh = await insert_telemetry(conn, plan.readings)
+        seen = _seen_with_readings(plan)
+        inserted = await insert_telemetry(conn, plan.readings, seen=seen)
+        plan.new_rows, plan.fresh = inserted.new_rows, inserted.fresh
         if plan.reports:
             await self._apply_reports(conn, plan)
         if plan.dead_letters:
@@ -315,6 +318,19 @@ class BatchWriter:
                 [d.received_at for d in letters],
                 [d.tenant_id for d in letters],
             )
+        if seen is not None:
+            # Done by the telemetry statement (the ordinary batch: one round trip for rows and devices).
+            for device_id in inserted.woke:
+                plan.statuses[device_id] = ("online", seen[device_id])
+        else:
+            await self._write_devices(conn, plan)
+        plan.came_online = sorted(d for d, (status, _) in plan.statuses.items() if status == "online")
+        if plan.acks:
+            answered = await conn.fetch(APPLY_ACKS, *ack_columns(plan.acks))
+            plan.command_events = [(r["tenant_id"], command_event(r)) for r in answered]
+
+    async def _write_devices(self, conn: Conn, plan: Plan) -> None:
+        """The devices' last-seen time and status, for a batch with status messages or state reports."""
         # Sorted ids: concurrent replicas lock device rows in the same order and cannot deadlock.
         if plan.last_seen:
             ids = sorted(plan.last_seen)
@@ -331,7 +347,14 @@ class BatchWriter:
                         "online",
                         plan.last_seen.get(device_id) or plan.readings[0].ts,
                     )
-        plan.came_online = sorted(d for d, (status, _) in plan.statuses.items() if status == "online")
-        if plan.acks:
-            answered = await conn.fetch(APPLY_ACKS, *ack_columns(plan.acks))
-            plan.command_events = [(r["tenant_id"], command_event(r)) for r in answered]
+
+
+def _seen_with_readings(plan: Plan) -> dict[str, datetime] | None:
+    """``plan.last_seen`` when the telemetry statement can write the devices' part of the batch too:
+    readings, and no status message nor state report (whose devices' status and last-seen time are
+    written by :meth:`BatchWriter._write_devices`, after the reports, as their own statements)."""
+    if not plan.readings or plan.statuses or plan.reports:
+        return None
+    if plan.last_seen.keys() != {r.device_id for r in plan.readings}:
+        return None
+    return plan.last_seen
