@@ -44,7 +44,8 @@ TENANT = "00000000-0000-0000-0000-00000000000a"
 
 
 class FakeDatabase:
-    """Telemetry rows and dead letters, committed per transaction; savepoints roll back on an error.
+    """Telemetry rows and dead letters, committed per transaction (or per statement, outside one);
+    savepoints roll back on an error.
 
     ``faults`` are raised, one per statement, before the next statements run (a lost connection...);
     a telemetry row of a device in ``refuses`` makes its statement fail with that device's error.
@@ -57,6 +58,7 @@ class FakeDatabase:
         self.faults: list[BaseException] = []
         self.refuses: dict[str, Callable[[], Exception]] = {}
         self.statements = 0
+        self.begins = 0
         self._pending_rows: list[tuple[str, str, float | None]] = []
         self._pending_letters: list[tuple[str | None, str, str]] = []
         self._depth = 0
@@ -68,6 +70,7 @@ class FakeDatabase:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         rows, letters = len(self._pending_rows), len(self._pending_letters)
+        self.begins += self._depth == 0
         self._depth += 1
         try:
             yield
@@ -77,9 +80,12 @@ class FakeDatabase:
         finally:
             self._depth -= 1
         if self._depth == 0:
-            self.telemetry += self._pending_rows
-            self.letters += self._pending_letters
-            self._pending_rows, self._pending_letters = [], []
+            self._commit()
+
+    def _commit(self) -> None:
+        self.telemetry += self._pending_rows
+        self.letters += self._pending_letters
+        self._pending_rows, self._pending_letters = [], []
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
         if query == MARK_ONLINE_BY_READING:
@@ -103,6 +109,8 @@ class FakeDatabase:
                 if device in self.refuses:
                     raise self.refuses[device]()
             self._pending_rows += zip(devices, names, values, strict=True)
+            if self._depth == 0:  # a statement outside a transaction block commits on its own
+                self._commit()
             return f"INSERT 0 {len(devices)}"
         if query == INSERT_DEAD_LETTERS:
             devices, reasons, details, tenants = args[1], args[2], args[3], args[7]
@@ -172,15 +180,19 @@ async def test_transient_errors_are_retried_with_backoff_until_the_batch_commits
 
 
 async def test_a_batch_of_readings_is_one_statement_and_its_devices_part_of_it() -> None:
-    """The ordinary batch: its rows and its devices' last-seen time and status in one round trip; with a
-    status message, the devices are written by statements of their own."""
+    """The ordinary batch: its rows and its devices' last-seen time and status in one round trip, without
+    BEGIN and COMMIT (a statement is a transaction); with a status message, the devices are written by
+    statements of their own, in a transaction."""
     db = FakeDatabase()
     writer = make_writer(db)
     await writer([delivery("good", 1.0), delivery("odd", 2.0, 1), delivery("good", 3.0, 2)])
-    assert db.statements == 1
+    assert (db.statements, db.begins) == (1, 0)
+    assert db.telemetry == [("good", "t", 1.0), ("odd", "t", 2.0), ("good", "t", 3.0)]
     status = Delivery("devices/status/odd", "odd", T0, b"offline", status="offline")
     await writer([delivery("good", 4.0, 3), status])
-    assert db.statements == 1 + 4  # telemetry, last seen, status, the readings' devices marked online
+    # Telemetry, last seen, status, the readings' devices marked online.
+    assert (db.statements, db.begins) == (1 + 4, 1)
+    assert db.telemetry[-1] == ("good", "t", 4.0)
 
 
 async def test_a_postgresql_error_about_the_whole_batch_is_retried_never_dead_lettered() -> None:

@@ -195,38 +195,52 @@ class BatchWriter:
         (``admitted`` keeps the outcome), so a retried batch is not counted twice."""
         known = self._known
         registered: list[str] = []
+        candidates = [
+            d.device_id
+            for d in batch
+            if d.device_id is not None and d.needs_device and not known.known(d.device_id)
+        ]
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                candidates = [
-                    d.device_id
-                    for d in batch
-                    if d.device_id is not None and d.needs_device and not known.known(d.device_id)
-                ]
-                refused = await known.resolve(conn, candidates, self._auto_register, registered)
-                if not admitted:
-                    admitted.append(batch if self._quota is None else await self._quota.apply(batch, known))
-                deliveries = admitted[0]
-                if not isolate:
-                    plan = plan_batch(deliveries, refused, known.tenants)
-                    await self._write(conn, plan)
-                    return plan
-                # One savepoint per message: a message that cannot be stored becomes a dead letter.
-                merged = Plan()
-                for delivery in deliveries:
-                    try:
-                        one = plan_batch([delivery], refused, known.tenants)
-                        async with conn.transaction():
-                            await self._write(conn, one)
-                    except Exception as exc:
-                        if not message_fault(exc):
-                            raise
-                        one = await self._write_instead(conn, delivery, exc)
-                    merged.merge(one)
-                return merged
+            async with self._pool.acquire() as conn:
+                plan: Plan | None = None
+                if not isolate and not candidates:
+                    # Every device known (no look-up): the plan before the transaction, which the
+                    # ordinary batch does without (one statement is a transaction on its own).
+                    plan = plan_batch(await self._admit(batch, admitted), {}, known.tenants)
+                    if _one_statement(plan):
+                        await self._write(conn, plan)
+                        return plan
+                async with conn.transaction():
+                    refused = await known.resolve(conn, candidates, self._auto_register, registered)
+                    deliveries = await self._admit(batch, admitted)
+                    if not isolate:
+                        if plan is None:
+                            plan = plan_batch(deliveries, refused, known.tenants)
+                        await self._write(conn, plan)
+                        return plan
+                    # One savepoint per message: a message that cannot be stored becomes a dead letter.
+                    merged = Plan()
+                    for delivery in deliveries:
+                        try:
+                            one = plan_batch([delivery], refused, known.tenants)
+                            async with conn.transaction():
+                                await self._write(conn, one)
+                        except Exception as exc:
+                            if not message_fault(exc):
+                                raise
+                            one = await self._write_instead(conn, delivery, exc)
+                        merged.merge(one)
+                    return merged
         except BaseException:
             # Rolled back: the devices this attempt registered do not exist.
             known.forget(registered)
             raise
+
+    async def _admit(self, batch: list[Delivery], admitted: list[list[Delivery]]) -> list[Delivery]:
+        """The batch after the tenant quotas, decided on the first attempt and kept in ``admitted``."""
+        if not admitted:
+            admitted.append(batch if self._quota is None else await self._quota.apply(batch, self._known))
+        return admitted[0]
 
     async def _apply_reports(self, conn: Conn, plan: Plan) -> None:
         """Merge each state report into its device's reported state (devices in id order, so concurrent
@@ -347,6 +361,12 @@ class BatchWriter:
                         "online",
                         plan.last_seen.get(device_id) or plan.readings[0].ts,
                     )
+
+
+def _one_statement(plan: Plan) -> bool:
+    """Whether the whole of ``plan`` is written by the telemetry statement (readings only, of known
+    devices): it then runs without ``BEGIN`` and ``COMMIT``, which would cost two more round trips."""
+    return not plan.dead_letters and not plan.acks and _seen_with_readings(plan) is not None
 
 
 def _seen_with_readings(plan: Plan) -> dict[str, datetime] | None:
