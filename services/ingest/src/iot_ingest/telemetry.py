@@ -47,7 +47,7 @@ _TOUCHED = """
     SELECT d.id, d.status, u.seen
     FROM devices d JOIN unnest(${ids}::text[], ${stamps}::timestamptz[]) AS u(id, seen) ON d.id = u.id
     WHERE d.last_seen IS NULL OR d.last_seen < u.seen OR d.status = 'offline'
-    ORDER BY d.id
+    ORDER BY d.id COLLATE "C"
     FOR NO KEY UPDATE OF d
 ), touched AS (
     UPDATE devices d
@@ -60,9 +60,10 @@ _TOUCHED = """
 """The devices' part of :data:`INSERT_TELEMETRY_TOUCHING`: what ``UPDATE_LAST_SEEN`` and
 ``MARK_ONLINE_BY_READING`` (:mod:`iot_ingest.writer`) do, in one ``UPDATE`` (two data-modifying CTEs must
 not update one row in one statement). ``locked`` locks the rows to change in id order (concurrent replicas
-lock device rows in one order and cannot deadlock) and reads their status before the update (the latest
-committed one: ``FOR NO KEY UPDATE`` under READ COMMITTED), so that ``woke`` tells the devices it set
-``online``."""
+lock device rows in one order and cannot deadlock; ``COLLATE "C"``: the code point order in which the
+writer's other statements lock them, whatever the database's collation) and reads their status before the
+update (the latest committed one: ``FOR NO KEY UPDATE`` under READ COMMITTED), so that ``woke`` tells the
+devices it set ``online``."""
 
 
 def _statement(*, late: bool, touch: bool) -> str:
