@@ -298,3 +298,112 @@ async def test_outcomes_tell_the_waiting_sender_what_was_stored_and_why_not(
     await writer([Delivery("/p", "good", now, b"[]", batch[0].readings, outcome=again)])
     assert again.stored == 2
     assert await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id = 'good'") == 2
+
+
+async def _online_writer(
+    database_url: str, redis: aioredis.Redis, unique: str, came_online: list[list[str]]
+) -> tuple[BatchWriter, asyncpg.Pool[Any]]:
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    known = KnownDevices()
+    async with pool.acquire() as conn:
+        await known.load(conn)
+    writer = BatchWriter(
+        pool,
+        known,
+        RedisOutput(redis, RedisNames(f"touch{unique}")),
+        auto_register=False,
+        on_online=lambda devices, _task: came_online.append(devices),
+    )
+    return writer, pool
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["recent", "late"])
+async def test_a_batch_of_readings_moves_last_seen_forward_only_and_wakes_offline_devices(
+    database_url: str, db: asyncpg.Connection[Any], redis: aioredis.Redis, unique: str, late: bool
+) -> None:
+    """The ordinary batch (readings only) writes its devices' last-seen time and status in the telemetry
+    statement: ``last_seen`` never goes back, a device marked ``offline`` is ``online`` again and reported
+    as come online, and a redelivered reading is counted once; readings older than the rollups' cutoff
+    (``late``) take the statement that also marks their minutes."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    stamp = now - timedelta(hours=2) if late else now
+    ids = {k: f"{k}-{unique}" for k in ("sleeper", "ahead", "behind", "awake")}
+    await db.executemany(
+        "INSERT INTO devices (id, status, last_seen) VALUES ($1, $2, $3)",
+        [
+            (ids["sleeper"], "offline", now - timedelta(hours=1)),
+            (ids["ahead"], "offline", now + timedelta(minutes=10)),  # a clock ahead: stays where it is
+            (ids["behind"], "online", now - timedelta(minutes=5)),
+            (ids["awake"], "online", now + timedelta(minutes=10)),
+        ],
+    )
+    came_online: list[list[str]] = []
+    writer, pool = await _online_writer(database_url, redis, unique, came_online)
+
+    def reading(key: str, seconds: int, value: float = 1.0) -> Delivery:
+        ts = stamp + timedelta(seconds=seconds)
+        received = now + timedelta(seconds=seconds)
+        return Delivery(
+            "devices/telemetry/x", ids[key], received, b"{}", readings=[Reading(ids[key], ts, {"t": value})]
+        )
+
+    first = [reading(key, 0) for key in ids] + [reading("behind", 1)]
+    try:
+        await writer(first)
+        # Redelivered with a new reading: only the new one is a new row, and nobody comes online twice.
+        plan = await writer._commit_with_retry([*first, reading("sleeper", 2)])
+        await writer.drain()
+    finally:
+        await pool.close()
+    assert came_online == [sorted([ids["sleeper"], ids["ahead"]])]
+    assert plan.new_rows == 1
+    assert plan.fresh == {(ids["sleeper"], stamp + timedelta(seconds=2))}
+    assert plan.came_online == []
+    rows = {
+        r["id"]: (r["status"], r["last_seen"])
+        for r in await db.fetch(
+            "SELECT id, status, last_seen FROM devices WHERE id = ANY($1::text[])", list(ids.values())
+        )
+    }
+    assert rows == {
+        ids["sleeper"]: ("online", now + timedelta(seconds=2)),
+        ids["ahead"]: ("online", now + timedelta(minutes=10)),
+        ids["behind"]: ("online", now + timedelta(seconds=1)),
+        ids["awake"]: ("online", now + timedelta(minutes=10)),
+    }
+    marks = await db.fetchval(
+        "SELECT count(*) FROM telemetry_rollup_dirty WHERE device_id = ANY($1::text[])", list(ids.values())
+    )
+    assert (marks > 0) == late
+
+
+async def test_a_status_message_in_the_batch_decides_its_devices_status_over_its_readings(
+    database_url: str, db: asyncpg.Connection[Any], redis: aioredis.Redis, unique: str
+) -> None:
+    """A device with a status message and readings in one batch takes the status message's status (its
+    last one), while a device with only readings wakes up: the batch's devices are written as before."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    ids = {k: f"{k}-{unique}" for k in ("leaving", "waking")}
+    await db.executemany(
+        "INSERT INTO devices (id, status, last_seen) VALUES ($1, 'offline', $2)",
+        [(ids["leaving"], now - timedelta(hours=1)), (ids["waking"], now - timedelta(hours=1))],
+    )
+    came_online: list[list[str]] = []
+    writer, pool = await _online_writer(database_url, redis, unique, came_online)
+    readings = [
+        Delivery("devices/telemetry/x", i, now, b"{}", readings=[Reading(i, now, {"t": 1.0})])
+        for i in ids.values()
+    ]
+    will = Delivery(
+        "devices/status/x", ids["leaving"], now + timedelta(seconds=1), b"offline", status="offline"
+    )
+    try:
+        await writer([*readings, will])
+        await writer.drain()
+    finally:
+        await pool.close()
+    assert came_online == [[ids["waking"]]]
+    rows = dict(
+        await db.fetch("SELECT id, status FROM devices WHERE id = ANY($1::text[])", list(ids.values()))
+    )
+    assert rows == {ids["leaving"]: "offline", ids["waking"]: "online"}

@@ -23,17 +23,29 @@ from iot_common.topics import RedisNames
 from iot_ingest import metrics
 from iot_ingest.devices import KnownDevices, TenantLimits
 from iot_ingest.plan import Delivery, Plan
-from iot_ingest.telemetry import INSERT_TELEMETRY, INSERT_TELEMETRY_MARKING_LATE
+from iot_ingest.telemetry import (
+    INSERT_TELEMETRY,
+    INSERT_TELEMETRY_MARKING_LATE,
+    INSERT_TELEMETRY_MARKING_LATE_TOUCHING,
+    INSERT_TELEMETRY_TOUCHING,
+)
 from iot_ingest.tenant_quota import TenantQuota
 from iot_ingest.writer import INSERT_DEAD_LETTERS, MARK_ONLINE_BY_READING, BatchWriter
 from tests.unit.test_tenant_quota import FakeCounters
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+TELEMETRY_STATEMENTS = (
+    INSERT_TELEMETRY,
+    INSERT_TELEMETRY_MARKING_LATE,
+    INSERT_TELEMETRY_TOUCHING,
+    INSERT_TELEMETRY_MARKING_LATE_TOUCHING,
+)
 TENANT = "00000000-0000-0000-0000-00000000000a"
 
 
 class FakeDatabase:
-    """Telemetry rows and dead letters, committed per transaction; savepoints roll back on an error.
+    """Telemetry rows and dead letters, committed per transaction (or per statement, outside one);
+    savepoints roll back on an error.
 
     ``faults`` are raised, one per statement, before the next statements run (a lost connection...);
     a telemetry row of a device in ``refuses`` makes its statement fail with that device's error.
@@ -46,6 +58,7 @@ class FakeDatabase:
         self.faults: list[BaseException] = []
         self.refuses: dict[str, Callable[[], Exception]] = {}
         self.statements = 0
+        self.begins = 0
         self._pending_rows: list[tuple[str, str, float | None]] = []
         self._pending_letters: list[tuple[str | None, str, str]] = []
         self._depth = 0
@@ -57,6 +70,7 @@ class FakeDatabase:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         rows, letters = len(self._pending_rows), len(self._pending_letters)
+        self.begins += self._depth == 0
         self._depth += 1
         try:
             yield
@@ -66,30 +80,37 @@ class FakeDatabase:
         finally:
             self._depth -= 1
         if self._depth == 0:
-            self.telemetry += self._pending_rows
-            self.letters += self._pending_letters
-            self._pending_rows, self._pending_letters = [], []
+            self._commit()
+
+    def _commit(self) -> None:
+        self.telemetry += self._pending_rows
+        self.letters += self._pending_letters
+        self._pending_rows, self._pending_letters = [], []
 
     async def fetch(self, query: str, *args: Any) -> list[Any]:
         if query == MARK_ONLINE_BY_READING:
+            self.statements += 1
             return []  # no device of these tests is marked offline
         raise AssertionError("every device of these tests is known: no look-up expected")
 
     async def fetchrow(self, query: str, *args: Any) -> dict[str, Any]:
-        """The telemetry statement, which answers its count of new rows: here every row is new."""
+        """The telemetry statement, which answers its count of new rows: here every row is new (and no
+        device of these tests is marked offline)."""
         status = await self.execute(query, *args)
-        return {"n": int(status.rsplit(" ", 1)[1]), "devices": None, "stamps": None}
+        return {"n": int(status.rsplit(" ", 1)[1]), "devices": None, "stamps": None, "woke": []}
 
     async def execute(self, query: str, *args: Any) -> str:
         self.statements += 1
         if self.faults:
             raise self.faults.pop(0)
-        if query in (INSERT_TELEMETRY, INSERT_TELEMETRY_MARKING_LATE):  # readings in the past: the latter
+        if query in TELEMETRY_STATEMENTS:  # readings in the past: the marking ones
             devices, names, _, values, _ = args[:5]
             for device in devices:
                 if device in self.refuses:
                     raise self.refuses[device]()
             self._pending_rows += zip(devices, names, values, strict=True)
+            if self._depth == 0:  # a statement outside a transaction block commits on its own
+                self._commit()
             return f"INSERT 0 {len(devices)}"
         if query == INSERT_DEAD_LETTERS:
             devices, reasons, details, tenants = args[1], args[2], args[3], args[7]
@@ -156,6 +177,22 @@ async def test_transient_errors_are_retried_with_backoff_until_the_batch_commits
     assert not any(e["event"] == "batch refused, writing its messages one by one" for e in logs)
     [plan] = output.plans
     assert len(plan.readings) == 2
+
+
+async def test_a_batch_of_readings_is_one_statement_and_its_devices_part_of_it() -> None:
+    """The ordinary batch: its rows and its devices' last-seen time and status in one round trip, without
+    BEGIN and COMMIT (a statement is a transaction); with a status message, the devices are written by
+    statements of their own, in a transaction."""
+    db = FakeDatabase()
+    writer = make_writer(db)
+    await writer([delivery("good", 1.0), delivery("odd", 2.0, 1), delivery("good", 3.0, 2)])
+    assert (db.statements, db.begins) == (1, 0)
+    assert db.telemetry == [("good", "t", 1.0), ("odd", "t", 2.0), ("good", "t", 3.0)]
+    status = Delivery("devices/status/odd", "odd", T0, b"offline", status="offline")
+    await writer([delivery("good", 4.0, 3), status])
+    # Telemetry, last seen, status, the readings' devices marked online.
+    assert (db.statements, db.begins) == (1 + 4, 1)
+    assert db.telemetry[-1] == ("good", "t", 4.0)
 
 
 async def test_a_postgresql_error_about_the_whole_batch_is_retried_never_dead_lettered() -> None:

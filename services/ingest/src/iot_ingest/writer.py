@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
@@ -194,38 +195,52 @@ class BatchWriter:
         (``admitted`` keeps the outcome), so a retried batch is not counted twice."""
         known = self._known
         registered: list[str] = []
+        candidates = [
+            d.device_id
+            for d in batch
+            if d.device_id is not None and d.needs_device and not known.known(d.device_id)
+        ]
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                candidates = [
-                    d.device_id
-                    for d in batch
-                    if d.device_id is not None and d.needs_device and not known.known(d.device_id)
-                ]
-                refused = await known.resolve(conn, candidates, self._auto_register, registered)
-                if not admitted:
-                    admitted.append(batch if self._quota is None else await self._quota.apply(batch, known))
-                deliveries = admitted[0]
-                if not isolate:
-                    plan = plan_batch(deliveries, refused, known.tenants)
-                    await self._write(conn, plan)
-                    return plan
-                # One savepoint per message: a message that cannot be stored becomes a dead letter.
-                merged = Plan()
-                for delivery in deliveries:
-                    try:
-                        one = plan_batch([delivery], refused, known.tenants)
-                        async with conn.transaction():
-                            await self._write(conn, one)
-                    except Exception as exc:
-                        if not message_fault(exc):
-                            raise
-                        one = await self._write_instead(conn, delivery, exc)
-                    merged.merge(one)
-                return merged
+            async with self._pool.acquire() as conn:
+                plan: Plan | None = None
+                if not isolate and not candidates:
+                    # Every device known (no look-up): the plan before the transaction, which the
+                    # ordinary batch does without (one statement is a transaction on its own).
+                    plan = plan_batch(await self._admit(batch, admitted), {}, known.tenants)
+                    if _one_statement(plan):
+                        await self._write(conn, plan)
+                        return plan
+                async with conn.transaction():
+                    refused = await known.resolve(conn, candidates, self._auto_register, registered)
+                    deliveries = await self._admit(batch, admitted)
+                    if not isolate:
+                        if plan is None:
+                            plan = plan_batch(deliveries, refused, known.tenants)
+                        await self._write(conn, plan)
+                        return plan
+                    # One savepoint per message: a message that cannot be stored becomes a dead letter.
+                    merged = Plan()
+                    for delivery in deliveries:
+                        try:
+                            one = plan_batch([delivery], refused, known.tenants)
+                            async with conn.transaction():
+                                await self._write(conn, one)
+                        except Exception as exc:
+                            if not message_fault(exc):
+                                raise
+                            one = await self._write_instead(conn, delivery, exc)
+                        merged.merge(one)
+                    return merged
         except BaseException:
             # Rolled back: the devices this attempt registered do not exist.
             known.forget(registered)
             raise
+
+    async def _admit(self, batch: list[Delivery], admitted: list[list[Delivery]]) -> list[Delivery]:
+        """The batch after the tenant quotas, decided on the first attempt and kept in ``admitted``."""
+        if not admitted:
+            admitted.append(batch if self._quota is None else await self._quota.apply(batch, self._known))
+        return admitted[0]
 
     async def _apply_reports(self, conn: Conn, plan: Plan) -> None:
         """Merge each state report into its device's reported state (devices in id order, so concurrent
@@ -299,7 +314,9 @@ class BatchWriter:
         return dropped
 
     async def _write(self, conn: Conn, plan: Plan) -> None:
-        plan.new_rows, plan.fresh = await insert_telemetry(conn, plan.readings)
+        seen = _seen_with_readings(plan)
+        inserted = await insert_telemetry(conn, plan.readings, seen=seen)
+        plan.new_rows, plan.fresh = inserted.new_rows, inserted.fresh
         if plan.reports:
             await self._apply_reports(conn, plan)
         if plan.dead_letters:
@@ -315,6 +332,19 @@ class BatchWriter:
                 [d.received_at for d in letters],
                 [d.tenant_id for d in letters],
             )
+        if seen is not None:
+            # Done by the telemetry statement (the ordinary batch: one round trip for rows and devices).
+            for device_id in inserted.woke:
+                plan.statuses[device_id] = ("online", seen[device_id])
+        else:
+            await self._write_devices(conn, plan)
+        plan.came_online = sorted(d for d, (status, _) in plan.statuses.items() if status == "online")
+        if plan.acks:
+            answered = await conn.fetch(APPLY_ACKS, *ack_columns(plan.acks))
+            plan.command_events = [(r["tenant_id"], command_event(r)) for r in answered]
+
+    async def _write_devices(self, conn: Conn, plan: Plan) -> None:
+        """The devices' last-seen time and status, for a batch with status messages or state reports."""
         # Sorted ids: concurrent replicas lock device rows in the same order and cannot deadlock.
         if plan.last_seen:
             ids = sorted(plan.last_seen)
@@ -331,7 +361,20 @@ class BatchWriter:
                         "online",
                         plan.last_seen.get(device_id) or plan.readings[0].ts,
                     )
-        plan.came_online = sorted(d for d, (status, _) in plan.statuses.items() if status == "online")
-        if plan.acks:
-            answered = await conn.fetch(APPLY_ACKS, *ack_columns(plan.acks))
-            plan.command_events = [(r["tenant_id"], command_event(r)) for r in answered]
+
+
+def _one_statement(plan: Plan) -> bool:
+    """Whether the whole of ``plan`` is written by the telemetry statement (readings only, of known
+    devices): it then runs without ``BEGIN`` and ``COMMIT``, which would cost two more round trips."""
+    return not plan.dead_letters and not plan.acks and _seen_with_readings(plan) is not None
+
+
+def _seen_with_readings(plan: Plan) -> dict[str, datetime] | None:
+    """``plan.last_seen`` when the telemetry statement can write the devices' part of the batch too:
+    readings, and no status message nor state report (whose devices' status and last-seen time are
+    written by :meth:`BatchWriter._write_devices`, after the reports, as their own statements)."""
+    if not plan.readings or plan.statuses or plan.reports:
+        return None
+    if plan.last_seen.keys() != {r.device_id for r in plan.readings}:
+        return None
+    return plan.last_seen
