@@ -140,11 +140,11 @@ async def test_maintenance_is_skipped_while_another_process_holds_its_lock(
 async def test_a_duplicate_reading_is_stored_once(db: asyncpg.Connection[Any]) -> None:
     ts = datetime.now(UTC).replace(microsecond=123000)
     reading = Reading("dev-dup", ts, {"temperature": 21.5, "state": "ok"})
-    assert await insert_telemetry(db, [reading]) == (2, None)
+    assert await insert_telemetry(db, [reading]) == (2, None, ())
     # A redelivery stores nothing, and says which readings were new (none), so none is published again.
-    assert await insert_telemetry(db, [reading, reading]) == (0, set())
+    assert await insert_telemetry(db, [reading, reading]) == (0, set(), ())
     later = Reading("dev-dup", ts + timedelta(seconds=1), {"temperature": 22.0})
-    assert await insert_telemetry(db, [reading, later]) == (1, {("dev-dup", later.ts)})
+    assert await insert_telemetry(db, [reading, later]) == (1, {("dev-dup", later.ts)}, ())
     rows = await db.fetch(
         "SELECT metric, value, value_text FROM telemetry WHERE device_id = 'dev-dup' ORDER BY ts, metric"
     )
