@@ -65,16 +65,14 @@ class Acks:
         if not pending:
             return
         current = self._current()
-        first = pending[0][0]
-        if all(link is first for link, _ in pending):
-            if first is current and not first.is_closing():
-                first.send_package(b"".join([_PUBACK.pack(_PUBACK_HEADER, 2, mid) for _, mid in pending]))
-                self.written += len(pending)
+        if current is None or current.is_closing():
             return
-        for link, mid in pending:  # rare: PUBACKs of an old connection queued beside the new one's
-            if link is current and not link.is_closing():
-                link.send_package(_PUBACK.pack(_PUBACK_HEADER, 2, mid))
-                self.written += 1
+        # Only the current connection's PUBACKs go out (an old connection's are queued beside them only
+        # around a reconnect), in the order they were queued.
+        mids = [mid for link, mid in pending if link is current]
+        if mids:
+            current.send_package(b"".join([_PUBACK.pack(_PUBACK_HEADER, 2, mid) for mid in mids]))
+            self.written += len(mids)
 
 
 def install(client: Client, receive: Receive) -> Acks:
