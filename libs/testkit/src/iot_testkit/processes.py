@@ -196,9 +196,14 @@ class Broker:
         config = MOSQUITTO_TEST_CONFIG.replace("listener 1883", f"listener {self.port} 127.0.0.1")
         if not anonymous:
             config = config.replace("allow_anonymous true", "allow_anonymous false")
+        self.persistent = persistent
         if persistent:
             config = config.replace("persistence false", "persistence true")
             config += f"persistence_location {self.directory}/\nautosave_interval 1\n"
+            if os.geteuid() == 0:
+                # Started as root, mosquitto drops to the `mosquitto` user, which must be able to save its
+                # database here (else it logs "Permission denied" on every save and restores nothing).
+                shutil.chown(self.directory, "mosquitto", "mosquitto")
         self.config = self.directory / "mosquitto.conf"
         self.config.write_text(config + extra_config.replace("{dir}", str(self.directory)))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -214,9 +219,14 @@ class Broker:
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the broker with ``sig``. A persistent broker stopped with SIGTERM must have saved its
+        database: a restart that restores nothing would lose the sessions under test."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(30)
+            if self.persistent and sig == signal.SIGTERM and not (self.directory / "mosquitto.db").exists():
+                log = (self.directory / "mosquitto.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"Mosquitto saved no database in {self.directory}:\n{log}")
 
     def close(self) -> None:
         """Stop the broker and remove its temporary directory (a given ``directory`` is kept)."""
