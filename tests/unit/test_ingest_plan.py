@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import re
+from datetime import UTC, datetime, timedelta, timezone
 
-from iot_common.messages import CommandAck, Reading
+import msgspec
+
+from iot_common.messages import CommandAck, LatestValue, Reading
 from iot_ingest.consumer import translate
 from iot_ingest.payload import Limits, Reject
 from iot_ingest.plan import (
@@ -88,6 +91,23 @@ def test_sort_keys_order_like_the_instants() -> None:
     keys = [ts_sort_key(ts) for ts in stamps]
     assert keys == sorted(keys)
     assert ts_sort_key(T0) == "2026-03-10T12:00:00000000"
+    # Another zone: the same instant, the same key.
+    assert ts_sort_key(T0.astimezone(timezone(timedelta(hours=5, minutes=30)))) == ts_sort_key(T0)
+
+
+def test_sort_key_is_the_one_the_redis_script_derives_from_the_stored_value() -> None:
+    """The latest-values script compares this key with one it takes from the stored LatestValue's ``ts``
+    (4-digit year, seconds, the fraction padded to 6 digits): the two must agree, early years included."""
+
+    def scripts_key(ts: datetime) -> str:
+        stored = msgspec.json.decode(msgspec.json.encode(LatestValue(1.0, ts)))["ts"]
+        match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.?(\d*)", stored)
+        assert match is not None, stored
+        return match[1] + (match[2] + "000000")[:6]
+
+    early = (datetime(1, 1, 1, tzinfo=UTC), datetime(999, 5, 6, 7, 8, 9, 5, tzinfo=UTC))
+    for ts in (T0, T0 + timedelta(microseconds=120), *early):
+        assert ts_sort_key(ts) == scripts_key(ts)
 
 
 def test_translate_routes_topics() -> None:

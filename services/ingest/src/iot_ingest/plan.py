@@ -248,7 +248,10 @@ def latest_values(readings: list[Reading]) -> dict[str, dict[str, tuple[datetime
 def ts_sort_key(ts: datetime) -> str:
     """A UTC timestamp as ``YYYY-MM-DDTHH:MM:SS`` plus 6 digits of microseconds: compares as text.
 
-    The Redis script that guards the latest-values hash derives the same key from the stored value.
+    The Redis script that guards the latest-values hash derives the same key from the stored value (whose
+    year has 4 digits, as here: ``isoformat`` pads it, strftime's ``%Y`` does not).
     """
-    utc = ts.astimezone(UTC)
-    return f"{utc:%Y-%m-%dT%H:%M:%S}{utc.microsecond:06d}"
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    text = ts.isoformat(timespec="microseconds")  # YYYY-MM-DDTHH:MM:SS.ffffff+00:00
+    return text[:19] + text[20:26]
