@@ -207,8 +207,8 @@ class BatchWriter:
                     # Every device known (no look-up): the plan before the transaction, which the
                     # ordinary batch does without (one statement is a transaction on its own).
                     plan = plan_batch(await self._admit(batch, admitted), {}, known.tenants)
-                    if _one_statement(plan):
-                        await self._write(conn, plan)
+                    if (seen := _one_statement(plan)) is not None:
+                        await self._write(conn, plan, seen)
                         return plan
                 async with conn.transaction():
                     refused = await known.resolve(conn, candidates, self._auto_register, registered)
@@ -216,7 +216,7 @@ class BatchWriter:
                     if not isolate:
                         if plan is None:
                             plan = plan_batch(deliveries, refused, known.tenants)
-                        await self._write(conn, plan)
+                        await self._write(conn, plan, _seen_with_readings(plan))
                         return plan
                     # One savepoint per message: a message that cannot be stored becomes a dead letter.
                     merged = Plan()
@@ -224,7 +224,7 @@ class BatchWriter:
                         try:
                             one = plan_batch([delivery], refused, known.tenants)
                             async with conn.transaction():
-                                await self._write(conn, one)
+                                await self._write(conn, one, _seen_with_readings(one))
                         except Exception as exc:
                             if not message_fault(exc):
                                 raise
@@ -291,7 +291,7 @@ class BatchWriter:
             one = Plan(dead_letters=[candidate])
             try:
                 async with conn.transaction():
-                    await self._write(conn, one)
+                    await self._write(conn, one, None)
             except Exception as again:
                 if not message_fault(again):
                     raise
@@ -313,8 +313,8 @@ class BatchWriter:
             dropped.outcomes.append((delivery.outcome, 0, Reject(reason, safe_text(detail[:1000]))))
         return dropped
 
-    async def _write(self, conn: Conn, plan: Plan) -> None:
-        seen = _seen_with_readings(plan)
+    async def _write(self, conn: Conn, plan: Plan, seen: dict[str, datetime] | None) -> None:
+        """Write ``plan``; ``seen`` is :func:`_seen_with_readings` of it (computed once by the caller)."""
         inserted = await insert_telemetry(conn, plan.readings, seen=seen)
         plan.new_rows, plan.fresh = inserted.new_rows, inserted.fresh
         if plan.reports:
@@ -363,10 +363,13 @@ class BatchWriter:
                     )
 
 
-def _one_statement(plan: Plan) -> bool:
-    """Whether the whole of ``plan`` is written by the telemetry statement (readings only, of known
-    devices): it then runs without ``BEGIN`` and ``COMMIT``, which would cost two more round trips."""
-    return not plan.dead_letters and not plan.acks and _seen_with_readings(plan) is not None
+def _one_statement(plan: Plan) -> dict[str, datetime] | None:
+    """:func:`_seen_with_readings` of ``plan`` when the telemetry statement writes the whole of it
+    (readings only, of known devices), else None: it then runs without ``BEGIN`` and ``COMMIT``, which
+    would cost two more round trips."""
+    if plan.dead_letters or plan.acks:
+        return None
+    return _seen_with_readings(plan)
 
 
 def _seen_with_readings(plan: Plan) -> dict[str, datetime] | None:
