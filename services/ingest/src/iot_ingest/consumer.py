@@ -116,52 +116,54 @@ class DeviceQuota:
         self._clock = clock
         self._refill_s = burst / rate
         self.detail = f"device over its quota of {rate:g} readings/s (burst {burst:g})"
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
-        self._checked: tuple[str, list[float]] | None = None
+        self._buckets: OrderedDict[str, Bucket] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def _bucket(self, device_id: str, now: float) -> list[float]:
+    def bucket(self, device_id: str) -> Bucket:
+        """The device's bucket, refilled up to now: a message that is checked, parsed and then charged
+        (:meth:`Bucket.take`) costs one lookup and one refill."""
+        now = self._clock()
         bucket = self._buckets.get(device_id)
         if bucket is None:
             self._evict(now)
-            bucket = [self.burst, now]
+            bucket = Bucket(self.burst, now)
             self._buckets[device_id] = bucket
             return bucket
         self._buckets.move_to_end(device_id)
-        tokens = bucket[0] + (now - bucket[1]) * self.rate
-        bucket[0] = tokens if tokens < self.burst else self.burst
-        bucket[1] = now
+        tokens = bucket.tokens + (now - bucket.at) * self.rate
+        bucket.tokens = tokens if tokens < self.burst else self.burst
+        bucket.at = now
         return bucket
 
     def _evict(self, now: float) -> None:
         buckets = self._buckets
         while buckets:
-            oldest_id, (_, last) = next(iter(buckets.items()))
-            if now - last < self._refill_s and len(buckets) < self.max_devices:
+            oldest_id, oldest = next(iter(buckets.items()))
+            if now - oldest.at < self._refill_s and len(buckets) < self.max_devices:
                 return
             del buckets[oldest_id]
 
-    def exhausted(self, device_id: str) -> bool:
-        """Whether ``device_id`` has less than one reading left right now."""
-        bucket = self._bucket(device_id, self._clock())
-        self._checked = (device_id, bucket)
-        return bucket[0] < 1
-
     def take(self, device_id: str, count: int) -> bool:
-        """Take ``count`` readings from the device's bucket; False (and nothing taken) if it lacks them.
+        """Take ``count`` readings from the device's bucket; False (and nothing taken) if it lacks them."""
+        return self.bucket(device_id).take(count)
 
-        Right after :meth:`exhausted` for the same device (one message: checked, parsed, then charged),
-        the bucket it refilled is charged as it is: one lookup and one refill per message."""
-        checked, self._checked = self._checked, None
-        if checked is not None and checked[0] == device_id:
-            bucket = checked[1]
-        else:
-            bucket = self._bucket(device_id, self._clock())
-        if bucket[0] < count:
+
+class Bucket:
+    """One device's tokens (readings it may still send) as of ``at`` (the quota's clock)."""
+
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens = tokens
+        self.at = at
+
+    def take(self, count: int) -> bool:
+        """Take ``count`` readings; False (and nothing taken) if the bucket lacks them."""
+        if self.tokens < count:
             return False
-        bucket[0] -= count
+        self.tokens -= count
         return True
 
 
@@ -222,11 +224,16 @@ def _translate(
     device_id = device_id_from_topic(topic, TELEMETRY_PREFIX)
     if device_id is not None:
         _RECEIVED_TELEMETRY.inc()
-        if quota is not None and quota.exhausted(device_id):
-            return _rate_limited(topic, device_id, received_at, payload, quota, 1)
-        parsed = parse_telemetry(device_id, payload, received_at, limits)
-        if quota is not None and not quota.take(device_id, max(1, len(parsed.readings))):
-            return _rate_limited(topic, device_id, received_at, payload, quota, len(parsed.readings))
+        if quota is None:
+            parsed = parse_telemetry(device_id, payload, received_at, limits)
+        else:
+            # Checked before parsing (a flood is not parsed), charged by what the message holds.
+            bucket = quota.bucket(device_id)
+            if bucket.tokens < 1:
+                return _rate_limited(topic, device_id, received_at, payload, quota, 1)
+            parsed = parse_telemetry(device_id, payload, received_at, limits)
+            if not bucket.take(max(1, len(parsed.readings))):
+                return _rate_limited(topic, device_id, received_at, payload, quota, len(parsed.readings))
         return Delivery(topic, device_id, received_at, payload, parsed.readings, parsed.rejects)
     device_id = device_id_from_topic(topic, STATUS_PREFIX)
     if device_id is not None:

@@ -219,11 +219,12 @@ class HttpIngest:
 
     def telemetry(self, device_id: str, path: str, body: bytes, received_at: datetime) -> Converted:
         """A telemetry body: one reading, flat, or an array (backfill) of them."""
-        if self._quota is not None and self._quota.exhausted(device_id):
+        bucket = None if self._quota is None else self._quota.bucket(device_id)
+        if bucket is not None and bucket.tokens < 1:
             raise self._over_quota(1)
         parsed = parse_telemetry(device_id, body, received_at, self._limits)
         count = len(parsed.readings)
-        if self._quota is not None and count and not self._quota.take(device_id, count):
+        if bucket is not None and count and not bucket.take(count):
             raise self._over_quota(count)
         delivery = Delivery(
             path, device_id, received_at, body, parsed.readings, parsed.rejects, outcome=Outcome()
