@@ -158,5 +158,5 @@ async def test_mqtt_connection_retries_its_first_connect_until_stopped() -> None
     connection = MqttConnection("mqtt://127.0.0.1:1", "unit-resilience", log=logger, clean_session=True)  # type: ignore[arg-type]
     assert await asyncio.wait_for(connection.connect(stop), 10) is False
     [(event, fields)] = logger.warnings
-    assert (event, fields["retry_in_s"]) == ("mqtt connect failed, retrying", 0.5)
+    assert (event, fields["retry_in_s"]) == ("mqtt connect failed, retrying", 0.1)
     assert not connection.is_connected

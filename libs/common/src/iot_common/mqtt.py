@@ -20,8 +20,12 @@ from prometheus_client import Gauge
 
 from iot_common.resilience import Backoff, Stopped, retry
 
-RECONNECT_MIN_S: Final = 0.5
-RECONNECT_MAX_S: Final = 30.0
+# Short and capped low: after a broker restart, ingest must be subscribed again before devices publish,
+# because a broker may restore a persistent session without its shared subscriptions (Mosquitto 2.0 does):
+# until ingest subscribes, what devices publish is acknowledged and routed to no one (docs/deploy.md). A
+# retry every 2 s from a few service replicas costs a broker nothing.
+RECONNECT_MIN_S: Final = 0.1
+RECONNECT_MAX_S: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,7 @@ class MqttConnection:
     """One gmqtt client that stays connected to the broker of ``url``.
 
     :meth:`connect` (or :meth:`start`, in the background) retries the first connection with backoff
-    (0.5 s doubling to 30 s); after that gmqtt reconnects by itself after every loss, waiting the same
+    (0.1 s doubling to 2 s); after that gmqtt reconnects by itself after every loss, waiting the same
     backoff, which starts again from 0.5 s once connected. :attr:`connected` is set while the connection
     is up; ``on_connect(client, session_present)`` runs on each new connection (to subscribe), and the
     ``gauge`` (if any) is 1 while connected. ``client_options`` go to :class:`gmqtt.Client`.
