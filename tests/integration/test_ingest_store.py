@@ -407,3 +407,74 @@ async def test_a_status_message_in_the_batch_decides_its_devices_status_over_its
         await db.fetch("SELECT id, status FROM devices WHERE id = ANY($1::text[])", list(ids.values()))
     )
     assert rows == {ids["leaving"]: "offline", ids["waking"]: "online"}
+
+
+class _LoseAfterStatement:
+    """A connection that runs each statement and then reports itself lost, as when the connection to
+    PostgreSQL breaks after the commit but before its answer arrives."""
+
+    def __init__(self, conn: Any, lost: list[bool]) -> None:
+        self._conn = conn
+        self._lost = lost
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        await self._conn.fetchrow(query, *args)
+        self._lost.append(True)
+        raise asyncpg.ConnectionDoesNotExistError("connection lost after the statement ran")
+
+
+class _FirstConnectionLosesItsAnswer:
+    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+        self._pool = pool
+        self.lost: list[bool] = []
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        async with self._pool.acquire() as conn:
+            yield conn if self.lost else _LoseAfterStatement(conn, self.lost)
+
+
+async def test_a_batch_retried_after_a_commit_it_did_not_hear_of_still_publishes_its_readings(
+    database_url: str, db: asyncpg.Connection[Any], redis: aioredis.Redis, unique: str
+) -> None:
+    """The first attempt's statement commits, then the connection is lost before the answer: the retry
+    finds the rows already there. They were stored by this batch and never published, so they are
+    published now (before, WebSocket clients never got them)."""
+    device = f"ambiguous-{unique}"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device)
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    flaky = _FirstConnectionLosesItsAnswer(pool)
+    known = KnownDevices()
+    async with pool.acquire() as conn:
+        await known.load(conn)
+    writer = BatchWriter(
+        flaky,  # type: ignore[arg-type]
+        known,
+        RedisOutput(redis, RedisNames(f"ambiguous{unique}")),
+        auto_register=False,
+        retry_initial_s=0.01,
+        retry_max_s=0.05,
+    )
+    now = datetime.now(UTC).replace(microsecond=0)
+    batch = [
+        Delivery(
+            "devices/telemetry/x",
+            device,
+            now,
+            b"{}",
+            readings=[Reading(device, now + timedelta(seconds=i), {"t": i})],
+        )
+        for i in range(3)
+    ]
+    try:
+        plan = await writer._commit_with_retry(batch)
+        await writer.drain()
+    finally:
+        await pool.close()
+    assert flaky.lost == [True]
+    assert plan.new_rows == 0  # the retry found every row stored by the first attempt
+    assert await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id = $1", device) == 3
+    assert [r.ts for r in plan.published()] == [now + timedelta(seconds=i) for i in range(3)]

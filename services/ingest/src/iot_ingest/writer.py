@@ -147,9 +147,11 @@ class BatchWriter:
         stored becomes a dead letter, and what concerns the whole batch is retried with backoff."""
         isolate = False
         admitted: list[list[Delivery]] = []  # the batch after the tenant quotas: decided once, on attempt 1
+        attempts = 0
 
         async def attempt() -> tuple[Plan, float]:
-            nonlocal isolate
+            nonlocal isolate, attempts
+            attempts += 1
             started = time.perf_counter()
             try:
                 return await self._commit(batch, isolate, admitted), started
@@ -178,6 +180,11 @@ class BatchWriter:
             attempt, Backoff(self._retry_initial_s, self._retry_max_s), on_retry=failed
         )
         self.failing = False
+        if attempts > 1:
+            # A failed attempt may have committed all the same (the connection lost after the commit,
+            # before its answer): its rows are not new to the attempt that succeeded, yet no one published
+            # them. At least once: publish every reading of a retried batch.
+            plan.fresh = None
         plan.settle()
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(batch))
