@@ -251,9 +251,11 @@ def _encodable(text: str) -> bool:
 
 
 def _timestamp(raw: Any) -> datetime:
-    if type(raw) is int and -_MAX_EPOCH_MS < raw < _MAX_EPOCH_MS:
+    kind = type(raw)
+    # Epoch ms in range (NaN and infinities fail the comparison and take the checks below).
+    if (kind is int or kind is float) and -_MAX_EPOCH_MS < raw < _MAX_EPOCH_MS:
         return _EPOCH + timedelta(milliseconds=raw)
-    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
         raise _Invalid("invalid_timestamp", f"ts must be RFC 3339 text or epoch ms, got {_json_type(raw)}")
     if isinstance(raw, str):
         try:
