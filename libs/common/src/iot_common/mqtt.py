@@ -206,7 +206,7 @@ class MqttConnection:
 
     :meth:`connect` (or :meth:`start`, in the background) retries the first connection with backoff
     (0.1 s doubling to 2 s); after that gmqtt reconnects by itself after every loss, waiting the same
-    backoff, which starts again from 0.5 s once connected. :attr:`connected` is set while the connection
+    backoff, which starts again from 0.1 s once connected. :attr:`connected` is set while the connection
     is up; ``on_connect(client, session_present)`` runs on each new connection (to subscribe), and the
     ``gauge`` (if any) is 1 while connected. ``client_options`` go to :class:`gmqtt.Client`.
     """
