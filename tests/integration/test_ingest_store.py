@@ -26,6 +26,7 @@ from iot_common.messages import Reading
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 from iot_ingest import writer as writer_module
+from iot_ingest.app import create_writer_pool
 from iot_ingest.devices import KnownDevices
 from iot_ingest.payload import Reject
 from iot_ingest.plan import DeadLetter, Delivery, Outcome
@@ -478,3 +479,50 @@ async def test_a_batch_retried_after_a_commit_it_did_not_hear_of_still_publishes
     assert plan.new_rows == 0  # the retry found every row stored by the first attempt
     assert await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id = $1", device) == 3
     assert [r.ts for r in plan.published()] == [now + timedelta(seconds=i) for i in range(3)]
+
+
+@pytest.mark.parametrize("pool_kind", ["writer's pool", "default pool"])
+async def test_the_writers_pool_writes_an_ordinary_batch_in_one_round_trip(
+    database_url: str, db: asyncpg.Connection[Any], redis: aioredis.Redis, unique: str, pool_kind: str
+) -> None:
+    """Ingest's writer pool keeps its connection as it is between batches: an ordinary batch is its one
+    statement, without the reset query asyncpg's default pool runs on every release (the other case)."""
+    device = f"trips-{unique}"
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device)
+    if pool_kind == "writer's pool":
+        pool = await create_writer_pool(database_url)
+    else:
+        pool = await create_pool(database_url, min_size=1, max_size=1)
+    statements: list[str] = []
+    async with pool.acquire() as conn:
+        conn.add_query_logger(lambda record: statements.append(record.query))
+    known = KnownDevices()
+    async with pool.acquire() as conn:
+        await known.load(conn)
+    writer = BatchWriter(pool, known, RedisOutput(redis, RedisNames(f"trips{unique}")), auto_register=False)
+    now = datetime.now(UTC)
+    try:
+        for i in range(3):
+            statements.clear()
+            batch = [
+                Delivery(
+                    "devices/telemetry/x",
+                    device,
+                    now,
+                    b"{}",
+                    readings=[Reading(device, now + timedelta(seconds=i), {"t": i})],
+                )
+            ]
+            await writer._commit_with_retry(batch)
+            if i == 0:
+                continue  # the first use of the statement also asks for its types
+            if pool_kind == "writer's pool":
+                assert len(statements) == 1, statements
+                assert "INSERT INTO telemetry" in statements[0]
+            else:
+                assert len(statements) == 2, statements
+                assert "RESET ALL" in statements[1]
+        await writer.drain()
+    finally:
+        await pool.close()
+    assert await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id = $1", device) == 3
