@@ -41,7 +41,7 @@ class Platform:
         self.common = {"IOT_REDIS_PREFIX": self.prefix, "IOT_MQTT_URL": broker}
         self.database_url, self.redis_url, self.unique = database_url, redis_url, unique
         port = free_port()
-        env = {**api_env(database_url, redis_url, port, f"{self.prefix}:api:"), **self.common}
+        env = {**api_env(database_url, redis_url, port, self.prefix), **self.common}
         self.api = service("iot-api", env)
         self.base = f"http://127.0.0.1:{port}"
         self.api.wait_http(f"{self.base}/readyz")
