@@ -35,8 +35,12 @@ down: ## Stop the Compose stack
 image-test: ## As root: build the image and run the Compose stack on a private dockerd, smoke-test it (docs/deploy.md)
 	$(UV) run --frozen python scripts/image_test.py
 
-test: ## Run every test suite (unit, integration, end-to-end)
-	$(PYTEST)
+# make test runs the tests on this many pytest-xdist workers (most of a test's time is spent waiting on
+# processes, brokers and databases, so more workers than cores); 0 runs them in this one process.
+TEST_WORKERS ?= 3
+
+test: ## Run every test suite (unit, integration, end-to-end, deploy, image, scale) on TEST_WORKERS workers
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
 
 test-unit: ## Fast tests, no network
 	$(PYTEST) tests/unit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +19,25 @@ from iot_common.db.partitions import maintain_partitions
 from iot_testkit.backends import MQTT, POSTGRES, REDIS, backend_url, with_database
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+RUN_ORDER_UNDER_XDIST = ("tests/image/", "tests/scale/", "tests/e2e/", "tests/integration/")
+"""Where the tests that take longest are: under pytest-xdist (``make test``: ``--dist loadgroup
+--no-loadscope-reorder``) the workers take tests in collection order, so these go first: tests/image and
+tests/scale (minutes each, isolated: a dockerd and network namespaces of their own) start at once beside
+the rest, and the many short tests fill the workers at the end instead of a long one starting last."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the usual order (fast unit tests are not kept waiting)
+
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid
+        return next(
+            (i for i, p in enumerate(RUN_ORDER_UNDER_XDIST) if path.startswith(p)), len(RUN_ORDER_UNDER_XDIST)
+        )
+
+    items.sort(key=rank)  # stable: the order within each directory is kept
 
 
 @pytest.fixture(scope="session")

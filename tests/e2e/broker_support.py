@@ -101,7 +101,7 @@ def start_platform(
     wait_ingest: bool = True,
 ) -> Platform:
     """``iot-api`` and ``iot-ingest`` as their own broker users; ``name`` (unique per test) makes their
-    cache namespace, share group and client id. Ingest's ``/readyz`` (connected and subscribed: its user
+    Redis prefix, share group and client id. Ingest's ``/readyz`` (connected and subscribed: its user
     works with its role) is waited for unless ``wait_ingest`` is false."""
     api_port, ingest_port = free_port(), free_port()
     api = service(
@@ -111,7 +111,7 @@ def start_platform(
             "IOT_REDIS_URL": redis_url,
             "IOT_API_PORT": str(api_port),
             "IOT_BOOTSTRAP_API_KEY": bootstrap_key,
-            "IOT_API_CACHE_NAMESPACE": f"iot:{name}:",
+            "IOT_REDIS_PREFIX": name,
             "IOT_API_ROLLUP_INTERVAL_S": "0",
             "IOT_MQTT_URL": f"mqtt://api:{PASSWORDS['MQTT_API_PASSWORD']}@127.0.0.1:{broker}",
             "IOT_MQTT_ADMIN_URL": f"mqtt://admin:{PASSWORDS['MQTT_ADMIN_PASSWORD']}@127.0.0.1:{broker}",
@@ -122,6 +122,7 @@ def start_platform(
         {
             "IOT_DATABASE_URL": database_url,
             "IOT_REDIS_URL": redis_url,
+            "IOT_REDIS_PREFIX": name,
             "IOT_MQTT_URL": f"mqtt://ingest:{PASSWORDS['MQTT_INGEST_PASSWORD']}@127.0.0.1:{broker}",
             "IOT_MQTT_SHARE_GROUP": name,
             "IOT_MQTT_CLIENT_ID": f"ingest-{name}",

@@ -31,15 +31,16 @@ BOOTSTRAP_KEY = "iotk_e2ebootstrap_" + "s" * 24
 AUTH = {"X-API-Key": BOOTSTRAP_KEY}
 
 
-def api_env(database_url: str, redis_url: str, port: int, namespace: str) -> dict[str, str]:
+def api_env(database_url: str, redis_url: str, port: int, prefix: str) -> dict[str, str]:
+    """``prefix``: the API's Redis keys and channels (its cache under ``{prefix}:api:``), of one test."""
     return {
         "IOT_DATABASE_URL": database_url,
         "IOT_REDIS_URL": redis_url,
+        "IOT_REDIS_PREFIX": prefix,
         "IOT_API_PORT": str(port),
         "IOT_BOOTSTRAP_API_KEY": BOOTSTRAP_KEY,
         "IOT_BOOTSTRAP_ADMIN_EMAIL": "ops@example.com",
         "IOT_BOOTSTRAP_ADMIN_PASSWORD": "e2e-password",
-        "IOT_API_CACHE_NAMESPACE": namespace,
         "IOT_API_RATE_LIMIT_PER_MINUTE": "100000",
     }
 
@@ -48,7 +49,7 @@ def test_api_process_serves_devices_and_stops_cleanly(
     service: Start, database_url: str, redis_url: str, unique: str
 ) -> None:
     port = free_port()
-    proc = service("iot-api", api_env(database_url, redis_url, port, f"iot:e2e:{unique}:"))
+    proc = service("iot-api", api_env(database_url, redis_url, port, f"e2e{unique}"))
     base = f"http://127.0.0.1:{port}"
     proc.wait_http(f"{base}/readyz")
     with httpx.Client(base_url=base, timeout=10) as http:
@@ -79,7 +80,7 @@ def api_base_url(
     schemathesis_database: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     port = free_port()
-    env = api_env(schemathesis_database, redis_url, port, f"iot:st:{uuid.uuid4().hex[:8]}:")
+    env = api_env(schemathesis_database, redis_url, port, f"st{uuid.uuid4().hex[:8]}")
     proc = ServiceProcess("iot-api", env, Path(tmp_path_factory.mktemp("schemathesis"))).start()
     try:
         proc.wait_http(f"http://127.0.0.1:{port}/readyz")

@@ -83,7 +83,7 @@ def platform(service: Start, database_url: str, redis_url: str, unique: str) -> 
             "IOT_REDIS_URL": redis_url,
             "IOT_MQTT_URL": mqtt_url,
             "IOT_CORS_ORIGINS": f"http://127.0.0.1:{api_port}",
-            "IOT_API_CACHE_NAMESPACE": f"console{unique}:",
+            "IOT_REDIS_PREFIX": f"console{unique}",
         }
         api = service(
             "iot-api",

@@ -130,7 +130,7 @@ def test_dashboard_shows_live_data_alerts_and_sends_commands(
             # The page's origin: the static server, the API serving it, or the Ingress (the realtime
             # service checks it).
             "IOT_CORS_ORIGINS": f"{static_origin},http://127.0.0.1:{api_port},{proxy_origin}",
-            "IOT_API_CACHE_NAMESPACE": f"dash{unique}:",
+            "IOT_REDIS_PREFIX": f"dash{unique}",
         }
         api = service(
             "iot-api",

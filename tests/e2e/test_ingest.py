@@ -27,13 +27,16 @@ from iot_testkit.waiting import wait_for
 
 
 class Ingest:
-    """Starts ``iot-ingest`` processes against one database, broker and share group."""
+    """Starts ``iot-ingest`` processes against one database, broker, share group and Redis prefix (the
+    group's name: replicas of other tests on the shared Redis are no members of this group)."""
 
     def __init__(self, start: Start, database_url: str, redis_url: str, mqtt_url: str, group: str) -> None:
         self._start = start
+        self.names = RedisNames(group)
         self.env = {
             "IOT_DATABASE_URL": database_url,
             "IOT_REDIS_URL": redis_url,
+            "IOT_REDIS_PREFIX": group,
             "IOT_MQTT_URL": mqtt_url,
             "IOT_MQTT_SHARE_GROUP": group,
             "IOT_INGEST_BATCH_DELAY_MS": "20",
@@ -276,7 +279,7 @@ async def test_reading_reaches_its_redis_channel_and_latest_hash_newest_value_wi
     await register(db, [device])
     ingest.start(f"ingest-{unique}")
     pubsub = redis.pubsub()
-    await pubsub.subscribe(RedisNames().device_channel(DEFAULT_TENANT_ID, device))
+    await pubsub.subscribe(ingest.names.device_channel(DEFAULT_TENANT_ID, device))
     await pubsub.get_message(timeout=1)
     now_ms = int(time.time() * 1000)
     newer = b'{"ts": %d, "metrics": {"temperature": 22.5, "state": "ok"}}' % now_ms
@@ -291,13 +294,13 @@ async def test_reading_reaches_its_redis_channel_and_latest_hash_newest_value_wi
     assert body["type"] == "telemetry"
     assert body["device_id"] == device
     assert body["metrics"] == {"temperature": 22.5, "state": "ok"}
-    latest = await redis.hgetall(f"iot:latest:{device}")
+    latest = await redis.hgetall(ingest.names.latest_key(device))
     assert json.loads(latest[b"temperature"])["value"] == 22.5
     # An older reading arriving later is stored and published, but does not overwrite newer latest values.
     await publish_async(broker, [device], 1, payload=lambda *_: older)
     event = await pubsub.get_message(ignore_subscribe_messages=True, timeout=30)
     assert event is not None
-    latest = await redis.hgetall(f"iot:latest:{device}")
+    latest = await redis.hgetall(ingest.names.latest_key(device))
     assert json.loads(latest[b"temperature"])["value"] == 22.5
     assert json.loads(latest[b"humidity"])["value"] == 40.0
     assert await telemetry_rows(db) == 4
@@ -308,7 +311,7 @@ async def test_reading_reaches_its_redis_channel_and_latest_hash_newest_value_wi
     assert json.loads(event["data"])["status"] == "offline"
     assert await db.fetchval("SELECT status FROM devices WHERE id = $1", device) == "offline"
     await pubsub.aclose()
-    await redis.delete(f"iot:latest:{device}")
+    await redis.delete(ingest.names.latest_key(device))
 
 
 async def test_auto_register_accepts_unknown_devices(

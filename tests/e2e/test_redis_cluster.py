@@ -44,6 +44,9 @@ from .realtime_support import Realtime, open_ws, start_realtime, subscribe, toke
 
 TENANT = str(DEFAULT_TENANT_ID)
 
+# One worker runs this module under pytest-xdist (make test), so its cluster (module scope) starts once.
+pytestmark = pytest.mark.xdist_group("e2e-redis-cluster")
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisClusterServer]:

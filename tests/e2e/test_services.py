@@ -41,6 +41,7 @@ def test_service_serves_health_and_stops_on_signal(
             "IOT_DATABASE_URL": database_url,
             "IOT_REDIS_URL": redis_url,
             "IOT_MQTT_URL": mqtt_url,
+            "IOT_REDIS_PREFIX": f"test-{unique}",
             "IOT_MQTT_SHARE_GROUP": f"test-{unique}",
             port_var: str(port),
         },

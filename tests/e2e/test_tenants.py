@@ -124,7 +124,7 @@ async def test_each_tenant_sees_its_own_devices_events_alerts_and_dead_letters(
     api_port = free_port()
     api: ServiceProcess = service(
         "iot-api",
-        {**api_env(database_url, redis_url, api_port, f"{prefix}:api:"), "IOT_REDIS_PREFIX": prefix},
+        api_env(database_url, redis_url, api_port, prefix),
     )
     api_base = f"http://127.0.0.1:{api_port}"
     api.wait_http(f"{api_base}/readyz")

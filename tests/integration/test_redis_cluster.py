@@ -29,6 +29,9 @@ from iot_testkit.waiting import wait_for
 
 TENANT = str(DEFAULT_TENANT_ID)
 
+# One worker runs this module under pytest-xdist (make test), so its cluster (module scope) starts once.
+pytestmark = pytest.mark.xdist_group("integration-redis-cluster")
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisClusterServer]:

@@ -1,8 +1,9 @@
 """Fixtures for the API's integration tests: the Litestar app on a fresh database, the shared Redis and
 Mosquitto.
 
-Each test gets its own database and its own cache namespace in Redis, so tests never see each other's
-cached pages, sessions or rate-limit counters.
+Each test gets its own database, its own Redis prefix (``IOT_REDIS_PREFIX``: its keys and pub/sub channels)
+and its own cache namespace in Redis, so tests never see each other's cached pages, sessions, rate-limit
+counters or events, even when several run at once (``make test``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from litestar.testing import AsyncTestClient
 from iot_api.app import create_app
 from iot_api.main import serve
 from iot_api.settings import ApiSettings
+from iot_common.topics import RedisNames
 from iot_testkit.processes import JWT_SECRET, free_port
 from iot_testkit.waiting import wait_for
 
@@ -32,6 +34,7 @@ def api_settings(database_url: str, redis_url: str, mqtt_url: str, unique: str) 
     return ApiSettings(
         database_url=database_url,
         redis_url=redis_url,
+        redis_prefix=f"t{unique}",
         mqtt_url=mqtt_url,
         log_format="json",
         jwt_secret=JWT_SECRET,
@@ -42,6 +45,12 @@ def api_settings(database_url: str, redis_url: str, mqtt_url: str, unique: str) 
         api_rollup_interval_s=0,
         cors_origins=["https://dashboard.example.com"],
     )
+
+
+@pytest.fixture
+def redis_names(api_settings: ApiSettings) -> RedisNames:
+    """The Redis keys and channels of this test's API (its own ``IOT_REDIS_PREFIX``)."""
+    return api_settings.redis_names()
 
 
 ClientFactory = Callable[..., Any]

@@ -1,5 +1,5 @@
 """Alert rules and alerts against the real database and Redis: CRUD, filters, pagination, errors, scopes,
-the ``iot:rules-changed`` publication and the ``alert`` event an acknowledgement publishes."""
+the ``{prefix}:rules-changed`` publication and the ``alert`` event an acknowledgement publishes."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
 from tests.integration.api.test_devices import assert_problem
 
-NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
-
 Client = AsyncTestClient[Any]
 RULES = "/api/v1/alert-rules"
 
@@ -40,9 +38,9 @@ async def next_message(pubsub: Any, timeout: float = 5.0) -> bytes:
 
 
 @pytest.fixture
-async def rules_channel(redis: aioredis.Redis) -> AsyncIterator[Any]:
+async def rules_channel(redis: aioredis.Redis, redis_names: RedisNames) -> AsyncIterator[Any]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(NAMES.rules_changed)
+    await pubsub.subscribe(redis_names.rules_changed)
     await pubsub.get_message(timeout=2)  # the subscription confirmation
     yield pubsub
     await pubsub.aclose()
@@ -314,6 +312,7 @@ async def test_ack_is_idempotent_and_publishes_an_alert_event(
     reader: dict[str, str],
     db: asyncpg.Connection[Any],
     redis: aioredis.Redis,
+    redis_names: RedisNames,
     unique: str,
 ) -> None:
     device_id = f"dev-{unique}"
@@ -321,7 +320,7 @@ async def test_ack_is_idempotent_and_publishes_an_alert_event(
     rule = (await client.post(RULES, json=rule_body(device_id=device_id), headers=writer)).json()
     alert_id = await insert_alert(db, rule["id"], device_id, datetime.now(UTC))
     pubsub = redis.pubsub()
-    await pubsub.subscribe(NAMES.device_channel(DEFAULT_TENANT_ID, device_id))
+    await pubsub.subscribe(redis_names.device_channel(DEFAULT_TENANT_ID, device_id))
     await pubsub.get_message(timeout=2)
     try:
         assert_problem(await client.post(f"/api/v1/alerts/{alert_id}/ack", headers=reader), 403)

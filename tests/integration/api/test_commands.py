@@ -27,8 +27,6 @@ from tests.integration.api.conftest import ClientFactory
 from tests.integration.api.test_alerts import make_device, next_message
 from tests.integration.api.test_devices import assert_problem
 
-NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
-
 Client = AsyncTestClient[Any]
 
 
@@ -68,9 +66,9 @@ async def device(client: Client, writer: dict[str, str], mqtt_url: str, unique: 
 
 
 @pytest.fixture
-async def events(redis: aioredis.Redis, unique: str) -> AsyncIterator[Any]:
+async def events(redis: aioredis.Redis, redis_names: RedisNames, unique: str) -> AsyncIterator[Any]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(NAMES.device_channel(DEFAULT_TENANT_ID, f"dev-{unique}"))
+    await pubsub.subscribe(redis_names.device_channel(DEFAULT_TENANT_ID, f"dev-{unique}"))
     await pubsub.get_message(timeout=2)
     yield pubsub
     await pubsub.aclose()

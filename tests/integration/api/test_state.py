@@ -24,7 +24,6 @@ from iot_common.topics import RedisNames, state_desired_topic
 from tests.integration.api.test_alerts import make_device, next_message
 from tests.integration.api.test_devices import assert_problem
 
-NAMES = RedisNames()
 Client = AsyncTestClient[Any]
 
 
@@ -61,9 +60,9 @@ async def device_id(client: Client, writer: dict[str, str], unique: str) -> str:
 
 
 @pytest.fixture
-async def events(redis: aioredis.Redis, device_id: str) -> AsyncIterator[Any]:
+async def events(redis: aioredis.Redis, redis_names: RedisNames, device_id: str) -> AsyncIterator[Any]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(NAMES.device_channel(DEFAULT_TENANT_ID, device_id))
+    await pubsub.subscribe(redis_names.device_channel(DEFAULT_TENANT_ID, device_id))
     await pubsub.get_message(timeout=2)
     yield pubsub
     await pubsub.aclose()
@@ -183,6 +182,7 @@ async def test_a_device_that_connects_later_gets_only_the_latest(
     device_id: str,
     mqtt_url: str,
     redis: aioredis.Redis,
+    redis_names: RedisNames,
 ) -> None:
     path = f"/api/v1/devices/{device_id}/state"
     for i in range(3):
@@ -198,7 +198,7 @@ async def test_a_device_that_connects_later_gets_only_the_latest(
 
     # Deleted, then created again: no retained desired message, no state, no Redis copy left behind.
     assert (await client.delete(f"/api/v1/devices/{device_id}", headers=admin)).status_code == 204
-    assert await redis.exists(NAMES.state_key(device_id)) == 0
+    assert await redis.exists(redis_names.state_key(device_id)) == 0
     await make_device(client, writer, device_id)
     assert (await client.get(path, headers=writer)).json()["version"] == 0
     again = StateDevice(device_id)

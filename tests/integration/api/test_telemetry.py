@@ -17,8 +17,6 @@ from iot_common.topics import RedisNames
 from iot_ingest.telemetry import insert_telemetry
 from tests.integration.api.test_devices import assert_problem
 
-NAMES = RedisNames()  # the default IOT_REDIS_PREFIX of the services here
-
 Client = AsyncTestClient[Any]
 HOUR0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=5)
 
@@ -230,7 +228,12 @@ async def test_telemetry_errors(client: Client, writer: dict[str, str], unique: 
 
 
 async def test_latest_from_redis_then_database(
-    client: Client, writer: dict[str, str], unique: str, database_url: str, redis: aioredis.Redis
+    client: Client,
+    writer: dict[str, str],
+    unique: str,
+    database_url: str,
+    redis: aioredis.Redis,
+    redis_names: RedisNames,
 ) -> None:
     device_id = f"l-{unique}"
     other = f"l2-{unique}"
@@ -247,7 +250,7 @@ async def test_latest_from_redis_then_database(
     }
     now = datetime.now(UTC)
     await redis.hset(
-        NAMES.latest_key(device_id), "temp", msgspec.json.encode(LatestValue(value=42.5, ts=now))
+        redis_names.latest_key(device_id), "temp", msgspec.json.encode(LatestValue(value=42.5, ts=now))
     )
     try:
         cached = (await client.get(f"/api/v1/devices/{device_id}/latest", headers=writer)).json()
@@ -262,7 +265,7 @@ async def test_latest_from_redis_then_database(
         assert [(i["device_id"], i["source"]) for i in items] == [(device_id, "cache"), (other, "database")]
         assert items[1]["metrics"] == {}
     finally:
-        await redis.delete(NAMES.latest_key(device_id))
+        await redis.delete(redis_names.latest_key(device_id))
     assert_problem(await client.get(f"/api/v1/devices/x-{unique}/latest", headers=writer), 404)
     assert_problem(await client.get("/api/v1/telemetry/latest", headers=writer), 422, "device_id")
 

@@ -235,7 +235,12 @@ def permitted(credential: str, permission: str) -> bool:
 
 
 async def seed_tenant_a(
-    client: Client, admin: dict[str, str], db: asyncpg.Connection[Any], redis: aioredis.Redis, unique: str
+    client: Client,
+    admin: dict[str, str],
+    db: asyncpg.Connection[Any],
+    redis: aioredis.Redis,
+    redis_names: RedisNames,
+    unique: str,
 ) -> tuple[TenantA, TenantCredentials]:
     a = await tenant_with_credentials(client, admin, f"a-{unique}")
     device = f"a-dev-{unique}"
@@ -267,7 +272,7 @@ async def seed_tenant_a(
     await db.execute(
         "INSERT INTO telemetry (device_id, metric, ts, value) VALUES ($1, 'temp', $2, 42.5)", device, now
     )
-    await redis.hset(RedisNames().latest_key(device), "temp", msgspec.json.encode(LatestValue(42.5, now)))
+    await redis.hset(redis_names.latest_key(device), "temp", msgspec.json.encode(LatestValue(42.5, now)))
     await db.execute(
         "INSERT INTO ingest_rejects (topic, device_id, reason, payload) VALUES ($1, $2, 'invalid_json', $3)",
         f"devices/telemetry/{device}",
@@ -336,10 +341,11 @@ async def test_no_route_gives_tenant_b_the_data_of_tenant_a(
     admin: dict[str, str],
     db: asyncpg.Connection[Any],
     redis: aioredis.Redis,
+    redis_names: RedisNames,
     unique: str,
     with_header: bool,
 ) -> None:
-    a, _ = await seed_tenant_a(client, admin, db, redis, unique)
+    a, _ = await seed_tenant_a(client, admin, db, redis, redis_names, unique)
     b = await tenant_with_credentials(client, admin, f"b-{unique}")
     before = await snapshot(db, a.ids["tenant"])
     missing = {

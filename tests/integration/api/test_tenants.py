@@ -276,7 +276,12 @@ async def test_the_audit_log_records_every_change_of_the_tenant(
 
 
 async def test_a_device_id_taken_again_by_another_tenant_starts_without_history(
-    client: Client, admin: dict[str, str], unique: str, db: asyncpg.Connection[Any], redis: aioredis.Redis
+    client: Client,
+    admin: dict[str, str],
+    unique: str,
+    db: asyncpg.Connection[Any],
+    redis: aioredis.Redis,
+    redis_names: RedisNames,
 ) -> None:
     a = await tenant_key(client, admin, await new_tenant(client, admin, f"old-{unique}"), "write")
     b = await tenant_key(client, admin, await new_tenant(client, admin, f"new-{unique}"), "write")
@@ -289,7 +294,7 @@ async def test_a_device_id_taken_again_by_another_tenant_starts_without_history(
     await db.execute(
         "INSERT INTO telemetry (device_id, metric, ts, value) VALUES ($1, 't', $2, 1)", device, now
     )
-    await redis.hset(RedisNames().latest_key(device), "t", msgspec.json.encode(LatestValue(1.0, now)))
+    await redis.hset(redis_names.latest_key(device), "t", msgspec.json.encode(LatestValue(1.0, now)))
     assert (await client.get(f"/api/v1/devices/{device}/latest", headers=a)).json()["metrics"] != {}
 
     assert (await client.delete(f"/api/v1/devices/{device}", headers=a)).status_code == 204
