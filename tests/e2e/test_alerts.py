@@ -283,6 +283,12 @@ async def test_command_answers_update_the_command_and_are_published(
     assert (rows[ok]["state"], rows[ok]["result"], rows[ok]["error"]) == ("acked", {"uptime": 3}, None)
     assert (rows[bad]["state"], rows[bad]["error"]) == ("failed", "sensor busy")
     assert rows[stale]["state"] == "expired"
+
+    async def answer_refused() -> bool:
+        # The malformed answer, sent last, may be in a batch committed after the events above arrived.
+        return bool(await db.fetchval("SELECT count(*) FROM ingest_rejects"))
+
+    await wait_for(answer_refused, 30, "the malformed answer dead-lettered")
     letters = await db.fetch("SELECT reason, topic FROM ingest_rejects")
     assert [(r["reason"], r["topic"]) for r in letters] == [
         ("invalid_command_ack", f"devices/commands/{device}/ack")
