@@ -79,6 +79,10 @@ class Channel:
 
     async def __aenter__(self) -> Channel:
         await self.pubsub.subscribe(self.channel)
+        # Once Redis confirms, every event published on the channel reaches this client.
+        confirmed = await self.pubsub.get_message(timeout=10.0)
+        assert confirmed is not None, "no subscribe confirmation from Redis"
+        assert confirmed["type"] == "subscribe", confirmed
         self._task = asyncio.create_task(self._collect())
         return self
 
@@ -259,10 +263,11 @@ async def test_command_answers_update_the_command_and_are_published(
         "INSERT INTO commands (device_id, name, params, state, expires_at) "
         "VALUES ($1, $2, '{}'::jsonb, $3, now() + $4 * interval '1 second') RETURNING id::text"
     )
-    ok = await db.fetchval(insert, device, "reboot", "sent", 600)
-    bad = await db.fetchval(insert, device, "calibrate", "pending", 600)
-    stale = await db.fetchval(insert, device, "update", "sent", -1)
+    # Subscribed first: the expiry job may expire the stale command as soon as it is inserted.
     async with Channel(redis, ingest.names, device) as channel:
+        ok = await db.fetchval(insert, device, "reboot", "sent", 600)
+        bad = await db.fetchval(insert, device, "calibrate", "pending", 600)
+        stale = await db.fetchval(insert, device, "update", "sent", -1)
         await send(
             broker,
             f"{device}/ack",
