@@ -460,16 +460,7 @@ async def test_a_batch_retried_after_a_commit_it_did_not_hear_of_still_publishes
         retry_max_s=0.05,
     )
     now = datetime.now(UTC).replace(microsecond=0)
-    batch = [
-        Delivery(
-            "devices/telemetry/x",
-            device,
-            now,
-            b"{}",
-            readings=[Reading(device, now + timedelta(seconds=i), {"t": i})],
-        )
-        for i in range(3)
-    ]
+    batch = [delivery(device, i, now + timedelta(seconds=i)) for i in range(3)]
     try:
         plan = await writer._commit_with_retry(batch)
         await writer.drain()
@@ -504,16 +495,7 @@ async def test_the_writers_pool_writes_an_ordinary_batch_in_one_round_trip(
     try:
         for i in range(3):
             statements.clear()
-            batch = [
-                Delivery(
-                    "devices/telemetry/x",
-                    device,
-                    now,
-                    b"{}",
-                    readings=[Reading(device, now + timedelta(seconds=i), {"t": i})],
-                )
-            ]
-            await writer._commit_with_retry(batch)
+            await writer._commit_with_retry([delivery(device, i, now + timedelta(seconds=i))])
             if i == 0:
                 continue  # the first use of the statement also asks for its types
             if pool_kind == "writer's pool":
