@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -68,6 +71,34 @@ async def test_retry_raises_what_it_may_not_retry_and_gives_up_after_its_attempt
     with pytest.raises(ValueError, match="bad data"):
         await retry(refused, Backoff(0.001), attempts=3)
     assert calls == 4
+
+
+async def test_a_retry_that_succeeds_at_once_frees_its_callbacks_without_the_cycle_collector() -> None:
+    """Ingest retries every batch: before, tenacity's reference cycles kept each batch alive until a
+    cycle collection, which then took up to 95 ms at 1,000 msg/s."""
+
+    class Batch:
+        pass
+
+    gc.disable()
+    try:
+        batch = Batch()
+        freed = weakref.ref(batch)
+
+        async def operation() -> int:
+            return 1
+
+        def naming(batch: Batch) -> Callable[[Exception, float], None]:
+            def on_retry(exc: Exception, delay: float) -> None:  # as ingest's: it names the batch
+                log.warning("retrying", batch=batch, error=str(exc), delay=delay)
+
+            return on_retry
+
+        assert await retry(operation, Backoff(0.001), on_retry=naming(batch)) == 1
+        del batch
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 async def test_retry_stops_waiting_when_told_to_and_tries_no_more() -> None:
