@@ -508,3 +508,58 @@ async def test_the_writers_pool_writes_an_ordinary_batch_in_one_round_trip(
     finally:
         await pool.close()
     assert await db.fetchval("SELECT count(*) FROM telemetry WHERE device_id = $1", device) == 3
+
+
+class _CountingConnection(aioredis.Connection):
+    """A Redis connection that counts what it sends: one call per command or per pipeline."""
+
+    sends = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def test_the_redis_step_of_a_batch_is_one_round_trip_and_publishes_its_readings(
+    database_url: str, db: asyncpg.Connection[Any], redis_url: str, unique: str
+) -> None:
+    """A batch's latest values and events go to Redis in one pipeline, sent once: before, redis-py asked
+    ``SCRIPT EXISTS`` before each pipeline holding its scripts, a second round trip per batch."""
+    device = f"rtrips-{unique}"
+    names = RedisNames(f"rtrips{unique}")
+    await db.execute("INSERT INTO devices (id) VALUES ($1)", device)
+    counting = aioredis.Redis(
+        connection_pool=aioredis.ConnectionPool.from_url(redis_url, connection_class=_CountingConnection)
+    )
+    listener = aioredis.from_url(redis_url)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(names.device_channel(DEFAULT_TENANT_ID, device))
+    assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+    pool = await create_writer_pool(database_url)
+    known = KnownDevices()
+    async with pool.acquire() as conn:
+        await known.load(conn)
+    writer = BatchWriter(pool, known, RedisOutput(counting, names), auto_register=False)
+    now = datetime.now(UTC).replace(microsecond=0)
+    try:
+        for i in range(3):
+            _CountingConnection.sends = 0
+            await writer([delivery(device, i, now + timedelta(seconds=i))])
+            await writer.drain()
+            if i == 0:
+                continue  # the first batch also opens the connection (its handshake)
+            assert _CountingConnection.sends == 1, f"batch {i}: {_CountingConnection.sends} sends"
+        received = []
+        for _ in range(3):
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            assert message is not None
+            received.append(message["data"])
+        latest = await listener.hget(names.latest_key(device), "t")
+    finally:
+        await pool.close()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await listener.aclose()
+        await counting.aclose()
+    assert all(f'"t":{i}'.encode() in m for i, m in enumerate(received)), received
+    assert latest is not None
+    assert b'"value":2' in latest, latest
