@@ -27,12 +27,39 @@ JWT_SECRET = secrets.token_urlsafe(48)
 """``IOT_JWT_SECRET`` of every service a test or benchmark starts: random per run (there is no default)."""
 
 
+_FIRST_PRIVATE_PORT = 10000
+"""The ports :func:`free_port` picks from: here up to the ephemeral range."""
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    """A TCP port that nothing is bound to right now, below the kernel's ephemeral range.
+
+    Not one the kernel hands out for port 0: outgoing connections take their local ports from that
+    range too, and one of them (to PostgreSQL, Redis, the broker, from any process) could take the port
+    before the service started on it binds it ("address already in use", seen in ``make bench-e2e``).
+    """
+    low = _ephemeral_low()
+    if low > _FIRST_PRIVATE_PORT + 1000:
+        for _ in range(200):
+            port = _FIRST_PRIVATE_PORT + secrets.randbelow(low - _FIRST_PRIVATE_PORT)
+            with socket.socket() as s:
+                try:
+                    s.bind(("0.0.0.0", port))  # every address: the services bind them all
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        picked: int = s.getsockname()[1]
+        return picked
 
 
 def start_listening(

@@ -1,0 +1,17 @@
+"""The ports tests and benchmarks start services on."""
+
+from __future__ import annotations
+
+import socket
+
+from iot_testkit.processes import _ephemeral_low, free_port
+
+
+def test_a_free_port_is_below_the_ephemeral_range_and_can_be_bound() -> None:
+    """Outgoing connections take their local ports from the ephemeral range: a service's port picked
+    there could be taken before the service binds it."""
+    ports = {free_port() for _ in range(20)}
+    assert all(10000 <= port < _ephemeral_low() for port in ports), ports
+    assert len(ports) > 1  # picked at random: parallel test workers rarely pick the same one
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", ports.pop()))
