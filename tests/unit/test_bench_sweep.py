@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from iot_testkit.sweep import Losses, bisect_knee, cpu_us_per_message, handled, knee_bounds, losses
 
@@ -86,3 +87,17 @@ def test_cpu_used_counts_processes_started_in_between_and_never_negative_time() 
     before = {1: 10.0, 2: 5.0}  # 2 exits in between
     after = {1: 12.5, 3: 0.75}  # 3 starts in between (a new backend): all its time is in the interval
     assert cpu_used(before, after) == 3.25
+
+
+def test_cpu_used_counts_the_last_stretch_of_a_child_that_exited_and_was_waited_for() -> None:
+    """A PostgreSQL backend (2, a child of the postmaster 1) exits in between: its whole life, 5.5 s,
+    reaches the postmaster's children time; 5.0 s of it were before the first reading."""
+    from iot_testkit.measure import cpu_seconds, cpu_used
+
+    before = {1: 10.0, -1: 0.0, 2: 5.0, -2: 0.0}
+    after = {1: 10.5, -1: 5.5, 3: 0.25, -3: 0.0}
+    assert cpu_used(before, after) == 0.5 + 0.5 + 0.25
+    # A real process: its own time and its exited children's, each under its key.
+    mine = cpu_seconds([os.getpid()])
+    assert mine[os.getpid()] > 0
+    assert mine[-os.getpid()] >= 0
