@@ -25,6 +25,7 @@ from iot_api.cache import Cache
 from iot_api.events import EventPublisher
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
+from iot_testkit.channels import subscribe_confirmed
 from iot_testkit.loadgen import device_ids, publish_async
 from iot_testkit.processes import free_port, mosquitto
 from tests.e2e.test_ingest import Ingest, Start, scrape, wait_for
@@ -78,11 +79,7 @@ class Channel:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Channel:
-        await self.pubsub.subscribe(self.channel)
-        # Once Redis confirms, every event published on the channel reaches this client.
-        confirmed = await self.pubsub.get_message(timeout=10.0)
-        assert confirmed is not None, "no subscribe confirmation from Redis"
-        assert confirmed["type"] == "subscribe", confirmed
+        await subscribe_confirmed(self.pubsub, self.channel)
         self._task = asyncio.create_task(self._collect())
         return self
 

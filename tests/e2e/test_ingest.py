@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
+from iot_testkit.channels import subscribe_confirmed
 from iot_testkit.chaos import TcpProxy
 from iot_testkit.loadgen import device_ids, publish_async, telemetry_payload
 from iot_testkit.metrics import scrape
@@ -279,8 +280,7 @@ async def test_reading_reaches_its_redis_channel_and_latest_hash_newest_value_wi
     await register(db, [device])
     ingest.start(f"ingest-{unique}")
     pubsub = redis.pubsub()
-    await pubsub.subscribe(ingest.names.device_channel(DEFAULT_TENANT_ID, device))
-    await pubsub.get_message(timeout=1)
+    await subscribe_confirmed(pubsub, ingest.names.device_channel(DEFAULT_TENANT_ID, device))
     now_ms = int(time.time() * 1000)
     newer = b'{"ts": %d, "metrics": {"temperature": 22.5, "state": "ok"}}' % now_ms
     older = b'{"ts": %d, "metrics": {"temperature": 10.0, "humidity": 40}}' % (now_ms - 60_000)

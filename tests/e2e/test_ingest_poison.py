@@ -24,6 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from iot_common.tenancy import DEFAULT_TENANT_ID
+from iot_testkit.channels import subscribe_confirmed
 from iot_testkit.chaos import TcpProxy
 from iot_testkit.loadgen import publish_async
 from iot_testkit.metrics import scrape
@@ -75,7 +76,7 @@ async def test_a_poison_flood_from_one_device_is_dead_lettered_and_never_stalls_
     )
     kinds = poison_kinds(evil)
     pubsub = redis.pubsub()
-    await pubsub.subscribe(ingest.names.device_channel(DEFAULT_TENANT_ID, good))
+    await subscribe_confirmed(pubsub, ingest.names.device_channel(DEFAULT_TENANT_ID, good))
     delays_ms: list[float] = []
 
     async def listen() -> None:

@@ -34,6 +34,7 @@ from iot_ingest.plan import Delivery
 from iot_ingest.presence import QueueFlush
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.writer import BatchWriter
+from iot_testkit.channels import subscribe_confirmed
 from iot_testkit.waiting import wait_for
 
 HOUR = timedelta(hours=1)
@@ -141,8 +142,7 @@ async def test_the_flush_publishes_in_order_once_even_from_two_replicas(
     for i in range(20):
         await queue(db, device, f"c{i:02d}")
     pubsub = redis.pubsub()
-    await pubsub.subscribe(names.device_channel(DEFAULT_TENANT_ID, device))
-    assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+    await subscribe_confirmed(pubsub, names.device_channel(DEFAULT_TENANT_ID, device))
     broker = Broker()
     # Slow PUBACKs for every other command: two replicas flushing side by side would publish out of order.
     broker.delays = {f"c{i:02d}": 0.03 for i in range(0, 20, 2)}

@@ -25,6 +25,7 @@ from iot_ingest.payload import Limits
 from iot_ingest.plan import Delivery
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.writer import BatchWriter
+from iot_testkit.channels import subscribe_confirmed
 
 NOW = datetime.now(UTC)
 
@@ -59,8 +60,7 @@ async def test_reports_merge_in_order_and_publish_after_commit(
     writer: BatchWriter, db: asyncpg.Connection[Any], redis: aioredis.Redis, names: RedisNames
 ) -> None:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(names.device_channel(DEFAULT_TENANT_ID, "thermo"))
-    await pubsub.get_message(timeout=2)
+    await subscribe_confirmed(pubsub, names.device_channel(DEFAULT_TENANT_ID, "thermo"))
     batch = [
         report("thermo", {"reported": {"a": 1, "b": {"c": 1}}, "version": 4}),
         report("other", {"reported": {"x": 1}}),

@@ -33,6 +33,7 @@ from iot_ingest.plan import DeadLetter, Delivery, Outcome
 from iot_ingest.redis_output import RedisOutput
 from iot_ingest.tenant_quota import TenantQuota
 from iot_ingest.writer import BatchWriter
+from iot_testkit.channels import subscribe_confirmed
 
 
 @pytest.fixture
@@ -533,8 +534,7 @@ async def test_the_redis_step_of_a_batch_is_one_round_trip_and_publishes_its_rea
     )
     listener = aioredis.from_url(redis_url)
     pubsub = listener.pubsub()
-    await pubsub.subscribe(names.device_channel(DEFAULT_TENANT_ID, device))
-    assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+    await subscribe_confirmed(pubsub, names.device_channel(DEFAULT_TENANT_ID, device))
     pool = await create_writer_pool(database_url)
     known = KnownDevices()
     async with pool.acquire() as conn:

@@ -18,6 +18,7 @@ from litestar.testing import AsyncTestClient
 from iot_common.messages import AlertEvent, decode_event
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames
+from iot_testkit.channels import subscribe_confirmed
 from tests.integration.api.test_devices import assert_problem
 
 Client = AsyncTestClient[Any]
@@ -40,8 +41,7 @@ async def next_message(pubsub: Any, timeout: float = 5.0) -> bytes:
 @pytest.fixture
 async def rules_channel(redis: aioredis.Redis, redis_names: RedisNames) -> AsyncIterator[Any]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(redis_names.rules_changed)
-    await pubsub.get_message(timeout=2)  # the subscription confirmation
+    await subscribe_confirmed(pubsub, redis_names.rules_changed)
     yield pubsub
     await pubsub.aclose()
 
@@ -320,8 +320,7 @@ async def test_ack_is_idempotent_and_publishes_an_alert_event(
     rule = (await client.post(RULES, json=rule_body(device_id=device_id), headers=writer)).json()
     alert_id = await insert_alert(db, rule["id"], device_id, datetime.now(UTC))
     pubsub = redis.pubsub()
-    await pubsub.subscribe(redis_names.device_channel(DEFAULT_TENANT_ID, device_id))
-    await pubsub.get_message(timeout=2)
+    await subscribe_confirmed(pubsub, redis_names.device_channel(DEFAULT_TENANT_ID, device_id))
     try:
         assert_problem(await client.post(f"/api/v1/alerts/{alert_id}/ack", headers=reader), 403)
         acked = await client.post(f"/api/v1/alerts/{alert_id}/ack", headers=writer)

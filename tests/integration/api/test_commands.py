@@ -21,6 +21,7 @@ from iot_api.state import services_of
 from iot_common.messages import CommandEvent, CommandMessage, decode_event
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames, command_topic
+from iot_testkit.channels import subscribe_confirmed
 from iot_testkit.processes import free_port, mosquitto
 from iot_testkit.waiting import wait_for
 from tests.integration.api.conftest import ClientFactory
@@ -68,8 +69,7 @@ async def device(client: Client, writer: dict[str, str], mqtt_url: str, unique: 
 @pytest.fixture
 async def events(redis: aioredis.Redis, redis_names: RedisNames, unique: str) -> AsyncIterator[Any]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(redis_names.device_channel(DEFAULT_TENANT_ID, f"dev-{unique}"))
-    await pubsub.get_message(timeout=2)
+    await subscribe_confirmed(pubsub, redis_names.device_channel(DEFAULT_TENANT_ID, f"dev-{unique}"))
     yield pubsub
     await pubsub.aclose()
 

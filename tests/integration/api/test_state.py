@@ -21,6 +21,7 @@ from iot_common.messages import StateEvent, decode_event
 from iot_common.state import MAX_STATE_BYTES, MAX_STATE_DEPTH, DesiredMessage
 from iot_common.tenancy import DEFAULT_TENANT_ID
 from iot_common.topics import RedisNames, state_desired_topic
+from iot_testkit.channels import subscribe_confirmed
 from tests.integration.api.test_alerts import make_device, next_message
 from tests.integration.api.test_devices import assert_problem
 
@@ -62,8 +63,7 @@ async def device_id(client: Client, writer: dict[str, str], unique: str) -> str:
 @pytest.fixture
 async def events(redis: aioredis.Redis, redis_names: RedisNames, device_id: str) -> AsyncIterator[Any]:
     pubsub = redis.pubsub()
-    await pubsub.subscribe(redis_names.device_channel(DEFAULT_TENANT_ID, device_id))
-    await pubsub.get_message(timeout=2)
+    await subscribe_confirmed(pubsub, redis_names.device_channel(DEFAULT_TENANT_ID, device_id))
     yield pubsub
     await pubsub.aclose()
 
