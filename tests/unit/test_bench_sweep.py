@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
+
 from iot_testkit.sweep import Losses, bisect_knee, cpu_us_per_message, handled, knee_bounds, losses
 
 
@@ -97,6 +99,9 @@ def test_cpu_used_counts_the_last_stretch_of_a_child_that_exited_and_was_waited_
     before = {1: 10.0, -1: 0.0, 2: 5.0, -2: 0.0}
     after = {1: 10.5, -1: 5.5, 3: 0.25, -3: 0.0}
     assert cpu_used(before, after) == 0.5 + 0.5 + 0.25
+    # Backend 2 exited before the first reading of the postmaster and after that of itself: its life is in
+    # neither; an autovacuum worker's 0.2 s reached the postmaster: never less than what was seen.
+    assert cpu_used({1: 100.0, -1: 50.0, 2: 30.0}, {1: 100.1, -1: 50.2}) == pytest.approx(0.1)
     # A real process: its own time and its exited children's, each under its key.
     mine = cpu_seconds([os.getpid()])
     assert mine[os.getpid()] > 0

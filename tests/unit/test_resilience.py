@@ -80,6 +80,7 @@ async def test_a_retry_that_succeeds_at_once_frees_its_callbacks_without_the_cyc
     class Batch:
         pass
 
+    enabled = gc.isenabled()
     gc.disable()
     try:
         batch = Batch()
@@ -98,7 +99,8 @@ async def test_a_retry_that_succeeds_at_once_frees_its_callbacks_without_the_cyc
         del batch
         assert freed() is None
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 async def test_retry_stops_waiting_when_told_to_and_tries_no_more() -> None:

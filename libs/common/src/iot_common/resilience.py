@@ -104,7 +104,7 @@ async def retry(
     try:
         return await operation()
     except Exception as exc:
-        if attempts == 1 or not retry_on(exc):
+        if (attempts is not None and attempts <= 1) or not retry_on(exc):
             raise
         first_failure = exc
 

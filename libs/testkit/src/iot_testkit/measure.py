@@ -37,11 +37,13 @@ def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
     (its parent) has waited for exited children meanwhile, their whole lives are in that parent's
     children time, so the part ``before`` already held is taken back out; otherwise its last stretch is
     lost (it must not count as negative time). Without that, a backend that asyncpg replaced during a step
-    (after 50,000 queries) took its last stretch along."""
-    used = sum(t - before.get(pid, 0.0) for pid, t in after.items())
-    if any(pid < 0 and t > before.get(pid, 0.0) for pid, t in after.items()):
-        used -= sum(t for pid, t in before.items() if pid > 0 and pid not in after)
-    return used
+    (after 50,000 queries) took its last stretch along. What is taken back is at most what the children
+    time grew by: a process that exited between the reading of its parent and its own is in neither
+    reading, and must not take away time another child brought."""
+    used = sum(t - before.get(pid, 0.0) for pid, t in after.items() if pid > 0)
+    reaped = sum(t - before.get(pid, 0.0) for pid, t in after.items() if pid < 0)
+    exited = sum(t for pid, t in before.items() if pid > 0 and pid not in after)
+    return used + reaped - min(exited, reaped)
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:

@@ -29,6 +29,8 @@ JWT_SECRET = secrets.token_urlsafe(48)
 
 _FIRST_PRIVATE_PORT = 10000
 """The ports :func:`free_port` picks from: here up to the ephemeral range."""
+_handed_out: set[int] = set()
+"""Ports :func:`free_port` has returned in this process: several are often picked before any is bound."""
 
 
 def _ephemeral_low() -> int:
@@ -50,12 +52,15 @@ def free_port() -> int:
     if low > _FIRST_PRIVATE_PORT + 1000:
         for _ in range(200):
             port = _FIRST_PRIVATE_PORT + secrets.randbelow(low - _FIRST_PRIVATE_PORT)
+            if port in _handed_out:
+                continue
             with socket.socket() as s:
                 try:
                     s.bind(("0.0.0.0", port))  # every address: the services bind them all
                 except OSError:
                     continue
-                return port
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         picked: int = s.getsockname()[1]
