@@ -17,7 +17,7 @@ async def subscribe_confirmed(pubsub: PubSub, *channels: str, timeout: float = 1
     deadline = time.monotonic() + timeout
     while waiting:
         left = deadline - time.monotonic()
-        message = await pubsub.get_message(timeout=max(left, 0.0)) if left > 0 else None
+        message = await pubsub.get_message(timeout=left) if left > 0 else None
         if message is None:
             raise AssertionError(
                 f"Redis did not confirm the subscription to {sorted(waiting)} in {timeout} s"
